@@ -1,0 +1,258 @@
+//! The alignment step of LLaVA-style stage-1 pretraining: visual tokens from
+//! the projector, followed by caption tokens, through the FROZEN decoder;
+//! cross-entropy on the caption tokens only; the exact gradient of the
+//! projector; AdamW on the projector.
+//!
+//! The gradient is assembled in two halves. The decoder's hand-written
+//! backward gives dL/d(visual tokens) without forming any weight gradient;
+//! candle's autograd then carries it through the small projector via the
+//! surrogate `sum(visual_tokens * stop_grad(dL/d visual_tokens))`, whose
+//! parameter gradient equals dL/d(projector parameters) by the chain rule.
+//!
+//! Sequence layout (LLaVA's `plain` template by default):
+//!   [bos?] [prefix tokens] [visual tokens] [caption tokens] [suffix tokens] [pad...]
+//! Loss on caption and suffix tokens only; sequences are right-padded.
+
+use candle_core::Tensor;
+
+use crate::error::{ModelError, Result};
+use crate::llm::decoder::{FrozenDecoder, LossTargets};
+use crate::optim::AdamW;
+use crate::projector::Projector;
+use crate::tokenizer::TextTokenizer;
+
+/// How an image-caption pair becomes one token sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptionTemplate {
+    /// Put the tokenizer's BOS first (when it has one).
+    pub add_bos: bool,
+    /// Text before the image (not scored).
+    pub prefix: String,
+    /// Text after the caption (scored, like LLaVA's `plain` separator).
+    pub suffix: String,
+    /// Captions longer than this many tokens (suffix included) are cut.
+    pub max_caption_tokens: usize,
+}
+
+impl CaptionTemplate {
+    /// LLaVA's `plain` pretraining template: image, caption, newline.
+    pub fn plain() -> Self {
+        Self {
+            add_bos: true,
+            prefix: String::new(),
+            suffix: "\n".to_string(),
+            max_caption_tokens: 64,
+        }
+    }
+}
+
+/// Caption token ids ready to batch: the tokenised prefix shared by every
+/// sample, and per sample the scored ids (caption + suffix).
+#[derive(Debug, Clone)]
+pub struct TokenizedCaptions {
+    pub prefix: Vec<u32>,
+    pub captions: Vec<Vec<u32>>,
+    pub pad_id: u32,
+}
+
+impl TokenizedCaptions {
+    /// Tokenises `captions` under `template`. An empty caption is an error
+    /// (the data layer skips such records before they get here).
+    pub fn new(
+        tokenizer: &TextTokenizer,
+        template: &CaptionTemplate,
+        captions: &[&str],
+    ) -> Result<Self> {
+        let mut prefix = Vec::new();
+        if template.add_bos {
+            if let Some(bos) = tokenizer.bos_id() {
+                prefix.push(bos);
+            }
+        }
+        if !template.prefix.is_empty() {
+            prefix.extend(tokenizer.encode(&template.prefix)?);
+        }
+        let suffix = if template.suffix.is_empty() {
+            Vec::new()
+        } else {
+            tokenizer.encode(&template.suffix)?
+        };
+        let mut out = Vec::with_capacity(captions.len());
+        for caption in captions {
+            let mut ids = tokenizer.encode(caption)?;
+            if ids.is_empty() {
+                return Err(ModelError::InvalidInput(format!(
+                    "caption {caption:?} has no tokens"
+                )));
+            }
+            ids.extend(&suffix);
+            ids.truncate(template.max_caption_tokens.max(1));
+            out.push(ids);
+        }
+        Ok(Self {
+            prefix,
+            captions: out,
+            pad_id: tokenizer.pad_id(),
+        })
+    }
+}
+
+/// One batch laid out for the decoder.
+#[derive(Debug, Clone)]
+pub struct AlignmentBatch {
+    /// Vision features (batch, n_patch, d_v), already pooled if configured.
+    pub features: Tensor,
+    /// Embeddings of the shared prefix (batch, prefix_len, d_llm), if any.
+    prefix_embeds: Option<Tensor>,
+    /// Embeddings of the padded caption ids (batch, max_len, d_llm).
+    caption_embeds: Tensor,
+    targets: LossTargets,
+}
+
+impl AlignmentBatch {
+    /// Lays out `features` and `tokens` for `decoder`.
+    pub fn new(
+        decoder: &FrozenDecoder,
+        features: Tensor,
+        tokens: &TokenizedCaptions,
+    ) -> Result<Self> {
+        let (b, n_vis, _) = features.dims3()?;
+        if tokens.captions.len() != b {
+            return Err(ModelError::InvalidInput(format!(
+                "{b} images but {} captions",
+                tokens.captions.len()
+            )));
+        }
+        let device = decoder.device();
+        let p = tokens.prefix.len();
+        let max_len = tokens.captions.iter().map(Vec::len).max().unwrap_or(0);
+        if max_len == 0 {
+            return Err(ModelError::InvalidInput("empty batch".to_string()));
+        }
+        let time = p + n_vis + max_len;
+        let mut padded = Vec::with_capacity(b * max_len);
+        let mut positions = Vec::new();
+        let mut labels = Vec::new();
+        for (row, ids) in tokens.captions.iter().enumerate() {
+            padded.extend(ids);
+            padded.extend(std::iter::repeat_n(tokens.pad_id, max_len - ids.len()));
+            for (j, &id) in ids.iter().enumerate() {
+                // The token at sequence position s is predicted at s - 1.
+                let s = p + n_vis + j;
+                positions.push((row * time + s - 1) as u32);
+                labels.push(id);
+            }
+        }
+        let caption_ids = Tensor::from_vec(padded, (b, max_len), device)?;
+        let caption_embeds = decoder.embed_tokens(&caption_ids)?;
+        let prefix_embeds = if p == 0 {
+            None
+        } else {
+            let ids: Vec<u32> = (0..b).flat_map(|_| tokens.prefix.iter().copied()).collect();
+            Some(decoder.embed_tokens(&Tensor::from_vec(ids, (b, p), device)?)?)
+        };
+        let n = labels.len();
+        let targets = LossTargets {
+            positions: Tensor::from_vec(positions, n, device)?,
+            labels: Tensor::from_vec(labels, n, device)?,
+        };
+        Ok(Self {
+            features: features.to_dtype(decoder.dtype())?,
+            prefix_embeds,
+            caption_embeds,
+            targets,
+        })
+    }
+
+    /// Number of scored caption tokens.
+    pub fn num_target_tokens(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.features.dims().first().copied().unwrap_or(0)
+    }
+
+    /// True when the batch holds no sample.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn prefix_len(&self) -> usize {
+        self.prefix_embeds
+            .as_ref()
+            .and_then(|t| t.dims().get(1).copied())
+            .unwrap_or(0)
+    }
+
+    /// The decoder input with `visual` in place of the image.
+    fn inputs(&self, visual: &Tensor) -> Result<Tensor> {
+        let mut parts = Vec::with_capacity(3);
+        if let Some(prefix) = &self.prefix_embeds {
+            parts.push(prefix.clone());
+        }
+        parts.push(visual.clone());
+        parts.push(self.caption_embeds.clone());
+        Ok(Tensor::cat(&parts, 1)?)
+    }
+}
+
+/// Loss and projector gradients for one batch.
+#[derive(Debug)]
+pub struct StepOutput {
+    /// Mean caption cross-entropy per token.
+    pub loss: f64,
+    /// Scored tokens in the batch.
+    pub tokens: usize,
+    /// Gradient of each projector parameter, in parameter order.
+    pub grads: Vec<Option<Tensor>>,
+}
+
+/// Mean caption loss of `projector` on `batch` (no gradient).
+pub fn caption_loss(
+    decoder: &FrozenDecoder,
+    projector: &Projector,
+    batch: &AlignmentBatch,
+) -> Result<f64> {
+    let visual = projector.forward(&batch.features)?.detach();
+    decoder.caption_loss(&batch.inputs(&visual)?, &batch.targets)
+}
+
+/// Loss and exact projector gradient for `batch`.
+pub fn loss_and_grads(
+    decoder: &FrozenDecoder,
+    projector: &Projector,
+    batch: &AlignmentBatch,
+) -> Result<StepOutput> {
+    let visual = projector.forward(&batch.features)?;
+    let inputs = batch.inputs(&visual.detach())?;
+    let (loss, d_inputs) = decoder.caption_loss_and_input_grad(&inputs, &batch.targets)?;
+    let n_vis = visual.dims()[1];
+    let d_visual = d_inputs.narrow(1, batch.prefix_len(), n_vis)?.detach();
+    let surrogate = (&visual * &d_visual)?.sum_all()?;
+    let grad_store = surrogate.backward()?;
+    let grads = projector
+        .named_params()
+        .iter()
+        .map(|(_, var)| grad_store.get(var.as_tensor()).cloned())
+        .collect();
+    Ok(StepOutput {
+        loss,
+        tokens: batch.num_target_tokens(),
+        grads,
+    })
+}
+
+/// One optimisation step: loss, gradient, AdamW update with `lr`.
+pub fn train_step(
+    decoder: &FrozenDecoder,
+    projector: &Projector,
+    optimizer: &mut AdamW,
+    batch: &AlignmentBatch,
+    lr: f64,
+) -> Result<StepOutput> {
+    let out = loss_and_grads(decoder, projector, batch)?;
+    optimizer.step(&out.grads, lr)?;
+    Ok(out)
+}

@@ -1,0 +1,190 @@
+//! Text tokenization for the frozen decoder: a Hugging Face `tokenizer.json`,
+//! or a byte-level BPE rebuilt from a GGUF file's metadata.
+//!
+//! Padding and truncation stored in a tokenizer.json are switched off: the
+//! alignment batcher pads itself and must see every caption token
+//! (STACK.md, pitfall 9).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+use tokenizers::Tokenizer;
+
+use crate::error::{ModelError, Result};
+
+/// A tokenizer plus the special ids alignment needs.
+#[derive(Debug, Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    origin: PathBuf,
+    bos_id: Option<u32>,
+    eos_id: Option<u32>,
+    pad_id: Option<u32>,
+}
+
+/// The byte-level BPE description found in GGUF metadata
+/// (`tokenizer.ggml.*`, model `gpt2`).
+#[derive(Debug, Clone)]
+pub struct GgufBpeSpec {
+    pub tokens: Vec<String>,
+    pub merges: Vec<String>,
+    /// llama.cpp token types; 3 marks control tokens such as `<|im_start|>`.
+    pub token_types: Vec<i32>,
+    /// `tokenizer.ggml.pre`, e.g. `smollm`, selecting the pre-tokenizer.
+    pub pre: Option<String>,
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    pub pad_id: Option<u32>,
+}
+
+const CONTROL_TOKEN: i32 = 3;
+
+impl TextTokenizer {
+    /// Reads a Hugging Face `tokenizer.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let mut inner = Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| ModelError::Tokenizer {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
+        let bos_id = find(&["<s>", "<|begin_of_text|>", "<|endoftext|>"]);
+        let eos_id = find(&["</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>"]);
+        Ok(Self {
+            pad_id: None,
+            inner,
+            origin: path.to_path_buf(),
+            bos_id,
+            eos_id,
+        })
+    }
+
+    /// Rebuilds a GPT-2-style byte-level BPE from GGUF metadata, the way
+    /// llama.cpp interprets it: digits split individually, then byte-level
+    /// pre-tokenization without a prefix space; control tokens are special.
+    pub fn from_gguf_bpe(path: &Path, spec: &GgufBpeSpec) -> Result<Self> {
+        let err = |message: String| ModelError::Tokenizer {
+            path: path.to_path_buf(),
+            message,
+        };
+        if spec.tokens.is_empty() {
+            return Err(err("tokenizer.ggml.tokens is empty".to_string()));
+        }
+        match spec.pre.as_deref() {
+            None | Some("smollm") | Some("default") | Some("gpt2") => {}
+            Some(other) => {
+                return Err(err(format!(
+                    "pre-tokenizer `{other}` is not supported (supported: smollm, gpt2, default)"
+                )))
+            }
+        }
+        let mut vocab = serde_json::Map::with_capacity(spec.tokens.len());
+        for (id, token) in spec.tokens.iter().enumerate() {
+            vocab.insert(token.clone(), json!(id));
+        }
+        let mut merges = Vec::with_capacity(spec.merges.len());
+        for (line, merge) in spec.merges.iter().enumerate() {
+            let (a, b) = merge
+                .split_once(' ')
+                .ok_or_else(|| err(format!("merge {line} `{merge}` is not `left right`")))?;
+            merges.push(json!([a, b]));
+        }
+        let added: Vec<serde_json::Value> = spec
+            .tokens
+            .iter()
+            .enumerate()
+            .filter(|(id, _)| spec.token_types.get(*id) == Some(&CONTROL_TOKEN))
+            .map(|(id, token)| {
+                json!({"id": id, "content": token, "single_word": false, "lstrip": false,
+                       "rstrip": false, "normalized": false, "special": true})
+            })
+            .collect();
+        let description = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+            ]},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": merges}
+        });
+        let inner = Tokenizer::from_bytes(description.to_string().as_bytes())
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Self {
+            inner,
+            origin: path.to_path_buf(),
+            bos_id: spec.bos_id,
+            eos_id: spec.eos_id,
+            pad_id: spec.pad_id,
+        })
+    }
+
+    /// Takes the model config's ids where the tokenizer did not name them.
+    pub fn fill_missing_ids(&mut self, bos: Option<u32>, eos: Option<u32>) {
+        self.bos_id = self.bos_id.or(bos);
+        self.eos_id = self.eos_id.or(eos);
+    }
+
+    /// Token ids of `text`, with no special tokens added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenizer {
+                path: self.origin.clone(),
+                message: format!("cannot encode {text:?}: {e}"),
+            })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens kept.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| ModelError::Tokenizer {
+                path: self.origin.clone(),
+                message: format!("cannot decode {ids:?}: {e}"),
+            })
+    }
+
+    /// Number of tokens, special ones included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Beginning-of-sequence id, if the tokenizer has one.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_id
+    }
+
+    /// End-of-sequence id, if the tokenizer has one.
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_id
+    }
+
+    /// Padding id: the declared one, else end-of-sequence, else 0. Padding
+    /// is never scored and, being right-aligned under a causal mask, never
+    /// attended to, so any valid id serves.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id.or(self.eos_id).unwrap_or(0)
+    }
+
+    /// The underlying Hugging Face tokenizer (e.g. to save it as JSON).
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+}

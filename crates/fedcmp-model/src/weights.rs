@@ -1,0 +1,156 @@
+//! A named set of f32 tensors read from one checkpoint (safetensors, GGUF or a
+//! torch pickle), with lookups that check shapes and name the file on error.
+//!
+//! Every loader in this crate produces a [`WeightMap`]; every model is built
+//! from one by `take`-ing the tensors it needs, so missing or misshapen
+//! tensors are reported the same way whatever the file format.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{ModelError, Result};
+
+/// Tensors by name, all f32 on one device, plus where they came from.
+#[derive(Debug, Clone)]
+pub struct WeightMap {
+    origin: PathBuf,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl WeightMap {
+    /// Wraps tensors read from `origin` (a file or a folder).
+    pub fn new(origin: impl Into<PathBuf>, tensors: HashMap<String, Tensor>) -> Self {
+        Self {
+            origin: origin.into(),
+            tensors,
+        }
+    }
+
+    /// Reads one or more safetensors files (a sharded checkpoint lists its
+    /// shards in `model.safetensors.index.json`), converting every tensor to
+    /// f32 on `device`.
+    pub fn from_safetensors(files: &[PathBuf], origin: &Path, device: &Device) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for file in files {
+            let loaded = candle_core::safetensors::load(file, device)
+                .map_err(|e| ModelError::format(file, "safetensors", e.to_string()))?;
+            for (name, tensor) in loaded {
+                tensors.insert(name, tensor.to_dtype(DType::F32)?);
+            }
+        }
+        Ok(Self::new(origin, tensors))
+    }
+
+    /// The file or folder these tensors came from.
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// True when there are no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Whether a tensor of that name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Tensor names, sorted (for messages and tests).
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// The tensor `name`, which must have exactly `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let tensor = self.get_any(name, &format!("shape {shape:?}"))?;
+        if tensor.dims() != shape {
+            return Err(ModelError::ShapeMismatch {
+                path: self.origin.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: tensor.dims().to_vec(),
+            });
+        }
+        Ok(tensor)
+    }
+
+    /// The tensor `name`, whatever its shape; `what` says what was expected.
+    pub fn get_any(&self, name: &str, what: &str) -> Result<Tensor> {
+        self.tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.origin.clone(),
+                name: name.to_string(),
+                what: what.to_string(),
+            })
+    }
+
+    /// Inserts or replaces a tensor (used by format adapters, e.g. to
+    /// un-permute GGUF's rotary layout).
+    pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) {
+        self.tensors.insert(name.into(), tensor);
+    }
+
+    /// Removes and returns a tensor.
+    pub fn remove(&mut self, name: &str) -> Option<Tensor> {
+        self.tensors.remove(name)
+    }
+}
+
+/// The safetensors files of a Hugging Face folder: the shards named in
+/// `model.safetensors.index.json` when it exists, else `model.safetensors`.
+pub fn safetensors_files(folder: &Path) -> Result<Vec<PathBuf>> {
+    let index = folder.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::format(&index, "safetensors index", e.to_string()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(serde_json::Value::as_object)
+            .ok_or_else(|| ModelError::config(&index, "weight_map", "missing or not an object"))?;
+        let mut shards: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let files: Vec<PathBuf> = shards.iter().map(|s| folder.join(s)).collect();
+        if let Some(missing) = files.iter().find(|f| !f.exists()) {
+            return Err(ModelError::format(
+                &index,
+                "safetensors index",
+                format!("shard {} is listed but does not exist", missing.display()),
+            ));
+        }
+        return Ok(files);
+    }
+    let single = folder.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(ModelError::io(
+        folder,
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no model.safetensors or model.safetensors.index.json in this folder",
+        ),
+    ))
+}
+
+/// Reads every tensor of a Hugging Face folder (single or sharded).
+pub fn load_hf_folder_weights(folder: &Path, device: &Device) -> Result<WeightMap> {
+    let files = safetensors_files(folder)?;
+    WeightMap::from_safetensors(&files, folder, device)
+}

@@ -1,0 +1,462 @@
+//! The alignment step is right: the projector gradient matches central finite
+//! differences (and is never silently zero), the decoder's hand-written input
+//! gradient matches finite differences, training lowers the loss, and the
+//! Hugging Face and GGUF paths compute the same model.
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use fedcmp_model::alignment::{
+    caption_loss, loss_and_grads, train_step, AlignmentBatch, TokenizedCaptions,
+};
+use fedcmp_model::llm::config::DecoderConfig;
+use fedcmp_model::llm::decoder::{FrozenDecoder, LossTargets};
+use fedcmp_model::llm::gguf::{load_gguf_decoder, write_llama_gguf};
+use fedcmp_model::llm::hf::load_hf_decoder;
+use fedcmp_model::llm::synthetic::random_decoder_weights;
+use fedcmp_model::optim::{AdamW, AdamWConfig, WarmupCosine};
+use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
+use fedcmp_model::tokenizer::{GgufBpeSpec, TextTokenizer};
+use fedcmp_model::{ModelError, WeightMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const VOCAB: usize = 64;
+
+fn tiny_decoder(config: DecoderConfig, dtype: DType) -> Result<FrozenDecoder> {
+    let weights = random_decoder_weights(&config, 7, &Device::Cpu)?;
+    Ok(FrozenDecoder::from_weights(config, &weights)?.to_dtype(dtype)?)
+}
+
+fn random_tensor(shape: &[usize], seed: u64, dtype: DType) -> Result<Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let data: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+/// Three captions of unequal length (so padding is exercised) after a
+/// two-token prefix (so the visual tokens sit mid-sequence).
+fn tokens() -> TokenizedCaptions {
+    TokenizedCaptions {
+        prefix: vec![1, 5],
+        captions: vec![vec![3, 4, 5], vec![7, 8], vec![9, 10, 11, 12, 13]],
+        pad_id: 0,
+    }
+}
+
+fn set_element(t: &Tensor, index: usize, value: f64) -> Result<Tensor> {
+    let mut data: Vec<f64> = t.flatten_all()?.to_vec1()?;
+    data[index] = value;
+    Ok(Tensor::from_vec(data, t.dims(), t.device())?)
+}
+
+/// ||a - b|| / ||b|| over whole vectors: robust to individual tiny entries.
+fn relative_error(a: &[f64], b: &[f64]) -> f64 {
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>();
+    let norm: f64 = b.iter().map(|y| y * y).sum::<f64>();
+    (diff / norm.max(1e-300)).sqrt()
+}
+
+fn check_projector_gradient(config: DecoderConfig, kind: ProjectorKind) -> Result<()> {
+    let decoder = tiny_decoder(config, DType::F64)?;
+    let d_v = 6;
+    let projector = Projector::new(
+        ProjectorConfig {
+            kind,
+            input_dim: d_v,
+            output_dim: decoder.config().hidden_size,
+            pool: 1,
+        },
+        3,
+        DType::F64,
+        &Device::Cpu,
+    )?;
+    let features = random_tensor(&[3, 4, d_v], 11, DType::F64)?;
+    let batch = AlignmentBatch::new(&decoder, features, &tokens())?;
+    assert_eq!(batch.num_target_tokens(), 10);
+    let out = loss_and_grads(&decoder, &projector, &batch)?;
+    assert!(out.loss.is_finite() && out.loss > 0.0);
+    let h = 1e-5;
+    for ((name, var), grad) in projector.named_params().iter().zip(&out.grads) {
+        let grad = grad
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("{name} got no gradient at all"))?;
+        let analytic: Vec<f64> = grad.flatten_all()?.to_vec1()?;
+        let norm = analytic.iter().map(|g| g * g).sum::<f64>().sqrt();
+        assert!(norm > 1e-6, "{name}: gradient is (near) zero: {norm}");
+        let original = var.as_tensor().copy()?;
+        let values: Vec<f64> = original.flatten_all()?.to_vec1()?;
+        let mut numeric = Vec::with_capacity(values.len());
+        for (i, &v) in values.iter().enumerate() {
+            var.set(&set_element(&original, i, v + h)?)?;
+            let plus = caption_loss(&decoder, &projector, &batch)?;
+            var.set(&set_element(&original, i, v - h)?)?;
+            let minus = caption_loss(&decoder, &projector, &batch)?;
+            numeric.push((plus - minus) / (2.0 * h));
+        }
+        var.set(&original)?;
+        let err = relative_error(&analytic, &numeric);
+        println!(
+            "{kind} {name}: |grad| = {norm:.3e}, relative error vs finite differences = {err:.2e}"
+        );
+        assert!(err < 1e-6, "{name}: relative error {err:.3e}");
+    }
+    Ok(())
+}
+
+#[test]
+fn projector_gradient_matches_finite_differences_mlp2x_gelu() -> Result<()> {
+    check_projector_gradient(DecoderConfig::tiny(VOCAB), ProjectorKind::Mlp2xGelu)
+}
+
+#[test]
+fn projector_gradient_matches_finite_differences_linear_qwen2_biases_untied_head() -> Result<()> {
+    let mut config = DecoderConfig::tiny(VOCAB);
+    config.attention_bias = true;
+    config.tie_word_embeddings = false;
+    config.num_kv_heads = 1;
+    check_projector_gradient(config, ProjectorKind::Linear)
+}
+
+/// The decoder's own backward, isolated: d loss / d input embeddings at
+/// every position, including the prefix and the padding.
+#[test]
+fn decoder_input_gradient_matches_finite_differences() -> Result<()> {
+    let decoder = tiny_decoder(DecoderConfig::tiny(VOCAB), DType::F64)?;
+    let (b, t, d) = (2, 7, decoder.config().hidden_size);
+    let inputs = random_tensor(&[b, t, d], 5, DType::F64)?;
+    let targets = LossTargets {
+        positions: Tensor::new(&[2u32, 3, 5, 7 + 1, 7 + 4], &Device::Cpu)?,
+        labels: Tensor::new(&[3u32, 9, 60, 1, 2], &Device::Cpu)?,
+    };
+    let (_, grad) = decoder.caption_loss_and_input_grad(&inputs, &targets)?;
+    let analytic: Vec<f64> = grad.flatten_all()?.to_vec1()?;
+    let values: Vec<f64> = inputs.flatten_all()?.to_vec1()?;
+    let h = 1e-5;
+    let mut numeric = Vec::new();
+    for i in 0..values.len() {
+        let plus = decoder.caption_loss(&set_element(&inputs, i, values[i] + h)?, &targets)?;
+        let minus = decoder.caption_loss(&set_element(&inputs, i, values[i] - h)?, &targets)?;
+        numeric.push((plus - minus) / (2.0 * h));
+    }
+    let err = relative_error(&analytic, &numeric);
+    println!("decoder input gradient: relative error {err:.2e}");
+    assert!(err < 1e-6, "relative error {err:.3e}");
+    // Causality: positions after the last scored one get exactly zero.
+    let last_row = grad.narrow(0, 1, 1)?.narrow(1, 5, 2)?;
+    assert_eq!(last_row.abs()?.sum_all()?.to_scalar::<f64>()?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn padding_does_not_change_the_loss_of_real_tokens() -> Result<()> {
+    let decoder = tiny_decoder(DecoderConfig::tiny(VOCAB), DType::F64)?;
+    let projector = Projector::new(
+        ProjectorConfig {
+            kind: ProjectorKind::Linear,
+            input_dim: 6,
+            output_dim: 32,
+            pool: 1,
+        },
+        3,
+        DType::F64,
+        &Device::Cpu,
+    )?;
+    let features = random_tensor(&[1, 4, 6], 11, DType::F64)?;
+    let alone = TokenizedCaptions {
+        prefix: vec![1],
+        captions: vec![vec![3, 4]],
+        pad_id: 0,
+    };
+    let loss_alone = caption_loss(
+        &decoder,
+        &projector,
+        &AlignmentBatch::new(&decoder, features.clone(), &alone)?,
+    )?;
+    // Same sample next to a longer one: it gets padded, the per-token mean
+    // over both must equal the weighted mean of the two alone.
+    let longer = TokenizedCaptions {
+        prefix: vec![1],
+        captions: vec![vec![9, 10, 11, 12, 13, 14]],
+        pad_id: 0,
+    };
+    let features2 = random_tensor(&[1, 4, 6], 12, DType::F64)?;
+    let loss_longer = caption_loss(
+        &decoder,
+        &projector,
+        &AlignmentBatch::new(&decoder, features2.clone(), &longer)?,
+    )?;
+    let both = TokenizedCaptions {
+        prefix: vec![1],
+        captions: vec![vec![3, 4], vec![9, 10, 11, 12, 13, 14]],
+        pad_id: 0,
+    };
+    let loss_both = caption_loss(
+        &decoder,
+        &projector,
+        &AlignmentBatch::new(&decoder, Tensor::cat(&[features, features2], 0)?, &both)?,
+    )?;
+    let expected = (2.0 * loss_alone + 6.0 * loss_longer) / 8.0;
+    assert!(
+        (loss_both - expected).abs() < 1e-10,
+        "{loss_both} vs {expected}"
+    );
+    Ok(())
+}
+
+#[test]
+fn adamw_steps_lower_the_loss_on_a_fixed_batch() -> Result<()> {
+    let decoder = tiny_decoder(DecoderConfig::tiny(VOCAB), DType::F32)?;
+    let projector = Projector::new(
+        ProjectorConfig {
+            kind: ProjectorKind::Mlp2xGelu,
+            input_dim: 6,
+            output_dim: 32,
+            pool: 1,
+        },
+        3,
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    let features = random_tensor(&[3, 4, 6], 11, DType::F32)?;
+    let batch = AlignmentBatch::new(&decoder, features, &tokens())?;
+    let mut optimizer = AdamW::new(projector.vars(), AdamWConfig::default())?;
+    let first = caption_loss(&decoder, &projector, &batch)?;
+    let mut last = first;
+    for _ in 0..20 {
+        last = train_step(&decoder, &projector, &mut optimizer, &batch, 1e-2)?.loss;
+    }
+    let after = caption_loss(&decoder, &projector, &batch)?;
+    println!("loss {first:.4} -> {after:.4} (last step {last:.4})");
+    assert!(after < first - 0.1, "loss did not fall: {first} -> {after}");
+    assert_eq!(optimizer.state().step, 20);
+    Ok(())
+}
+
+/// One AdamW step from zero moments moves each coordinate by
+/// lr * g / (|g| + eps) (bias correction makes m_hat = g, v_hat = g^2), and
+/// weight decay shrinks theta by lr * wd * theta first.
+#[test]
+fn adamw_first_step_matches_closed_form() -> Result<()> {
+    let theta = Tensor::new(&[1.0f64, -2.0, 0.5], &Device::Cpu)?;
+    let var = candle_core::Var::from_tensor(&theta)?;
+    let config = AdamWConfig {
+        weight_decay: 0.1,
+        ..AdamWConfig::default()
+    };
+    let mut opt = AdamW::new(vec![var.clone()], config)?;
+    let g = Tensor::new(&[0.3f64, -4.0, 1e-3], &Device::Cpu)?;
+    opt.step(&[Some(g.clone())], 0.01)?;
+    let got: Vec<f64> = var.as_tensor().to_vec1()?;
+    let (t, g): (Vec<f64>, Vec<f64>) = (theta.to_vec1()?, g.to_vec1()?);
+    for i in 0..3 {
+        let expected = t[i] * (1.0 - 0.01 * 0.1) - 0.01 * g[i] / (g[i].abs() + 1e-8);
+        assert!(
+            (got[i] - expected).abs() < 1e-12,
+            "{i}: {} vs {expected}",
+            got[i]
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn warmup_cosine_schedule_has_llava_shape() {
+    let s = WarmupCosine {
+        peak_lr: 1e-3,
+        total_samples: 1000,
+        warmup_ratio: 0.03,
+    };
+    assert!((s.lr_at(15) - 0.5e-3).abs() < 1e-12);
+    assert!((s.lr_at(30) - 1e-3).abs() < 1e-12);
+    let mid = 30 + (1000 - 30) / 2;
+    assert!((s.lr_at(mid) - 0.5e-3).abs() < 1e-9);
+    assert!(s.lr_at(1000).abs() < 1e-15);
+    assert!(s.lr_at(400) > s.lr_at(600));
+}
+
+/// GPT-2's reversible byte -> printable-character map, written from its
+/// definition, so the test vocabulary below is a real byte-level vocabulary.
+fn bytes_to_unicode() -> Vec<char> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars: Vec<u32> = printable.clone();
+    let mut extra = 0;
+    for byte in 0..256u32 {
+        if !printable.contains(&byte) {
+            printable.push(byte);
+            chars.push(256 + extra);
+            extra += 1;
+        }
+    }
+    let mut table = vec!['\0'; 256];
+    for (b, c) in printable.iter().zip(chars) {
+        table[*b as usize] = char::from_u32(c).unwrap_or('?');
+    }
+    table
+}
+
+fn tiny_bpe_spec() -> GgufBpeSpec {
+    let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into()];
+    tokens.extend(bytes_to_unicode().into_iter().map(String::from));
+    let merges = vec!["h e".to_string(), "l l".to_string(), "he ll".to_string()];
+    tokens.extend(["he".into(), "ll".into(), "hell".into()]);
+    let mut token_types = vec![3, 3];
+    token_types.extend(std::iter::repeat_n(1, tokens.len() - 2));
+    GgufBpeSpec {
+        tokens,
+        merges,
+        token_types,
+        pre: Some("smollm".into()),
+        bos_id: Some(1),
+        eos_id: Some(0),
+        pad_id: None,
+    }
+}
+
+#[test]
+fn gguf_tokenizer_applies_merges_digits_and_control_tokens() -> Result<()> {
+    let spec = tiny_bpe_spec();
+    let tok = TextTokenizer::from_gguf_bpe(std::path::Path::new("tiny.gguf"), &spec)?;
+    let id = |s: &str| spec.tokens.iter().position(|t| t == s).map(|i| i as u32);
+    let hell = id("hell").ok_or_else(|| anyhow::anyhow!("no hell"))?;
+    let o = id("o").ok_or_else(|| anyhow::anyhow!("no o"))?;
+    assert_eq!(tok.encode("hello")?, vec![hell, o]);
+    // Digits are split one by one even where byte-level BPE would not.
+    let digits: Vec<u32> = "123".chars().filter_map(|c| id(&c.to_string())).collect();
+    assert_eq!(tok.encode("123")?, digits);
+    // A control token is one id, never split into bytes.
+    assert_eq!(tok.encode("<|im_start|>hello")?, vec![1, hell, o]);
+    assert_eq!(tok.decode(&tok.encode("hello 42")?)?, "hello 42");
+    Ok(())
+}
+
+fn write_hf_folder(
+    dir: &std::path::Path,
+    config: &DecoderConfig,
+    weights: &WeightMap,
+) -> Result<()> {
+    let json = serde_json::json!({
+        "model_type": "llama",
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "vocab_size": config.vocab_size,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "tie_word_embeddings": config.tie_word_embeddings,
+    });
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    let tensors: HashMap<String, Tensor> = weights
+        .names()
+        .into_iter()
+        .map(|n| Ok((n.to_string(), weights.get_any(n, "")?)))
+        .collect::<Result<_>>()?;
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    Ok(())
+}
+
+/// The same weights saved as a Hugging Face folder and as a GGUF file (with
+/// llama.cpp's q/k row permutation) give the same logits; loading the GGUF
+/// without undoing the permutation would not (checked by comparing against
+/// a deliberately wrong layout).
+#[test]
+fn hf_and_gguf_paths_compute_the_same_model() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = DecoderConfig::tiny(tiny_bpe_spec().tokens.len());
+    config.tie_word_embeddings = false;
+    let weights = random_decoder_weights(&config, 21, &Device::Cpu)?;
+    write_hf_folder(dir.path(), &config, &weights)?;
+    let gguf_path = dir.path().join("tiny.gguf");
+    write_llama_gguf(&gguf_path, &config, &weights, &tiny_bpe_spec())?;
+
+    let hf = load_hf_decoder(dir.path(), &Device::Cpu)?;
+    let gguf = load_gguf_decoder(&gguf_path, &Device::Cpu)?;
+    assert_eq!(gguf.decoder.config().num_layers, config.num_layers);
+    assert!(!gguf.decoder.config().tie_word_embeddings);
+    let ids = Tensor::new(&[[1u32, 40, 77, 99, 3, 200, 5]], &Device::Cpu)?;
+    let a = hf.logits(&hf.embed_tokens(&ids)?)?;
+    let b = gguf.decoder.logits(&gguf.decoder.embed_tokens(&ids)?)?;
+    let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff < 1e-5, "HF vs GGUF logits differ by {diff}");
+
+    // A model whose q/k rows are in the wrong (interleaved) layout differs.
+    let mut wrong = weights.clone();
+    for i in 0..config.num_layers {
+        let name = format!("model.layers.{i}.self_attn.q_proj.weight");
+        let q = weights.get_any(&name, "")?;
+        let (rows, cols) = q.dims2()?;
+        let hd = config.head_dim;
+        let permuted = q
+            .reshape((config.num_heads, 2, hd / 2, cols))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((rows, cols))?;
+        wrong.insert(name, permuted);
+    }
+    let wrong = FrozenDecoder::from_weights(config.clone(), &wrong)?;
+    let c = wrong.logits(&wrong.embed_tokens(&ids)?)?;
+    let wrong_diff = (&a - &c)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(
+        wrong_diff > 1e-3,
+        "the rotary layout made no difference: {wrong_diff}"
+    );
+    Ok(())
+}
+
+#[test]
+fn loader_errors_name_the_file_and_tensor() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = DecoderConfig::tiny(VOCAB);
+    let mut weights = random_decoder_weights(&config, 1, &Device::Cpu)?;
+    weights.remove("model.layers.1.mlp.up_proj.weight");
+    write_hf_folder(dir.path(), &config, &weights)?;
+    let err = load_hf_decoder(dir.path(), &Device::Cpu)
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("a missing tensor loaded"))?;
+    let msg = err.to_string();
+    assert!(msg.contains("model.layers.1.mlp.up_proj.weight"), "{msg}");
+    assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+
+    let mut weights = random_decoder_weights(&config, 1, &Device::Cpu)?;
+    weights.insert(
+        "model.norm.weight",
+        Tensor::zeros(config.hidden_size + 1, DType::F32, &Device::Cpu)?,
+    );
+    write_hf_folder(dir.path(), &config, &weights)?;
+    match load_hf_decoder(dir.path(), &Device::Cpu) {
+        Err(ModelError::ShapeMismatch {
+            name,
+            expected,
+            got,
+            ..
+        }) => {
+            assert_eq!(name, "model.norm.weight");
+            assert_eq!(expected, vec![config.hidden_size]);
+            assert_eq!(got, vec![config.hidden_size + 1]);
+        }
+        other => anyhow::bail!("expected a shape mismatch, got {other:?}"),
+    }
+
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "gpt_neox"}"#,
+    )?;
+    match load_hf_decoder(dir.path(), &Device::Cpu) {
+        Err(ModelError::UnsupportedArchitecture { arch, path, .. }) => {
+            assert_eq!(arch, "gpt_neox");
+            assert!(path.ends_with("config.json"));
+        }
+        other => anyhow::bail!("expected unsupported architecture, got {other:?}"),
+    }
+    Ok(())
+}
