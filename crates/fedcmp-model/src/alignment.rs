@@ -256,3 +256,45 @@ pub fn train_step(
     optimizer.step(&out.grads, lr)?;
     Ok(out)
 }
+
+/// Greedy decoding of a caption for one image: `features` (1, n, d_v),
+/// `prefix` the template's prefix ids. Stops at any of `stop_ids` or after
+/// `max_new_tokens`. Recomputes the whole sequence per token (no KV cache):
+/// captions are short and this is for people to read, not a hot path.
+pub fn generate_caption(
+    decoder: &FrozenDecoder,
+    projector: &Projector,
+    features: &Tensor,
+    prefix: &[u32],
+    stop_ids: &[u32],
+    max_new_tokens: usize,
+) -> Result<Vec<u32>> {
+    let device = decoder.device();
+    let visual = projector
+        .forward(&features.to_dtype(decoder.dtype())?)?
+        .detach();
+    let mut parts = Vec::new();
+    if !prefix.is_empty() {
+        let ids = Tensor::from_vec(prefix.to_vec(), (1, prefix.len()), device)?;
+        parts.push(decoder.embed_tokens(&ids)?);
+    }
+    parts.push(visual);
+    let mut inputs = Tensor::cat(&parts, 1)?;
+    let mut out = Vec::new();
+    for _ in 0..max_new_tokens {
+        let logits = decoder.logits(&inputs)?;
+        let t = logits.dims()[1];
+        let next = logits
+            .narrow(1, t - 1, 1)?
+            .flatten_all()?
+            .argmax(0)?
+            .to_scalar::<u32>()?;
+        if stop_ids.contains(&next) {
+            break;
+        }
+        out.push(next);
+        let embedded = decoder.embed_tokens(&Tensor::new(&[[next]], device)?)?;
+        inputs = Tensor::cat(&[inputs, embedded], 1)?;
+    }
+    Ok(out)
+}

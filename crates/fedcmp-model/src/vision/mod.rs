@@ -1,0 +1,65 @@
+//! Frozen vision encoders: image pixels in, a sequence of patch features out.
+//!
+//! Each backbone lives in its own file; they all implement [`VisionEncoder`],
+//! which is what the feature cache and the alignment step see. Encoders are
+//! inference-only (the projector is the only trainable part), so they may use
+//! candle's fused ops freely.
+
+pub mod legacy_pth;
+pub mod mobilenet_v2;
+pub mod vit;
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+
+/// Per-channel normalisation applied after scaling pixels to [0, 1].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Normalization {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Normalization {
+    /// torchvision's ImageNet statistics.
+    pub const IMAGENET: Self = Self {
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    };
+    /// OpenAI CLIP's statistics.
+    pub const CLIP: Self = Self {
+        mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+        std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
+    };
+    /// SigLIP's statistics (maps [0, 1] to [-1, 1]).
+    pub const SIGLIP: Self = Self {
+        mean: [0.5, 0.5, 0.5],
+        std: [0.5, 0.5, 0.5],
+    };
+}
+
+/// What an encoder expects of its input images.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InputSpec {
+    /// Square side length in pixels after resize and center crop.
+    pub image_size: usize,
+    pub normalization: Normalization,
+}
+
+/// A frozen image encoder producing LLaVA-style patch features.
+pub trait VisionEncoder: Send + Sync + std::fmt::Debug {
+    /// A stable string naming the architecture, the weights and the feature
+    /// choice; the feature cache keys on it.
+    fn identity(&self) -> String;
+    /// Input size and normalisation.
+    fn input_spec(&self) -> InputSpec;
+    /// Width of one patch feature (d_v).
+    fn feature_dim(&self) -> usize;
+    /// Patch tokens per image (n_patch).
+    fn num_patches(&self) -> usize;
+    /// Side of the square patch grid, when the tokens form one (pooling needs it).
+    fn grid_side(&self) -> Option<usize>;
+    /// `pixels`: (batch, 3, size, size) f32, already normalised.
+    /// Returns (batch, num_patches, feature_dim) f32.
+    fn encode(&self, pixels: &Tensor) -> Result<Tensor>;
+}
