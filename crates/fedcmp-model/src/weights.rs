@@ -154,3 +154,44 @@ pub fn load_hf_folder_weights(folder: &Path, device: &Device) -> Result<WeightMa
     let files = safetensors_files(folder)?;
     WeightMap::from_safetensors(&files, folder, device)
 }
+
+/// 64-bit FNV-1a: small and dependency-free, enough to key a feature cache
+/// (it tells checkpoints apart; it does not authenticate them).
+#[derive(Debug, Clone)]
+pub(crate) struct Fnv1a(u64);
+
+impl Fnv1a {
+    pub(crate) fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 ^= u64::from(byte);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    pub(crate) fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fnv1a;
+
+    #[test]
+    fn fnv1a_matches_published_vectors() {
+        // From the FNV reference test suite (Fowler, Noll, Vo).
+        for (input, expected) in [
+            ("", 0xcbf2_9ce4_8422_2325u64),
+            ("a", 0xaf63_dc4c_8601_ec8c),
+            ("foobar", 0x8594_4171_f739_67e8),
+        ] {
+            let mut h = Fnv1a::new();
+            h.update(input.as_bytes());
+            assert_eq!(h.finish(), expected, "{input:?}");
+        }
+    }
+}

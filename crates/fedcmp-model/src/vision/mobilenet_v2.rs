@@ -22,6 +22,7 @@ use std::path::Path;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
+use crate::weights::Fnv1a;
 use crate::error::{ModelError, Result};
 use crate::vision::legacy_pth::load_legacy_pth;
 use crate::vision::{InputSpec, Normalization, VisionEncoder};
@@ -678,27 +679,6 @@ pub fn weight_shapes() -> Vec<(String, Vec<usize>)> {
     out
 }
 
-/// 64-bit FNV-1a: small and dependency-free, enough to key a feature cache
-/// (it tells checkpoints apart; it does not authenticate them).
-#[derive(Debug)]
-struct Fnv1a(u64);
-
-impl Fnv1a {
-    fn new() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn update(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 ^= u64::from(byte);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
 
 #[cfg(test)]
 mod tests {

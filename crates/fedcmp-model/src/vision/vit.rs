@@ -39,6 +39,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, D};
 use serde_json::{Map, Value};
 
+use crate::weights::Fnv1a;
 use crate::error::{ModelError, Result};
 use crate::vision::{InputSpec, Normalization, VisionEncoder};
 use crate::weights::WeightMap;
@@ -928,22 +929,3 @@ fn fingerprint(files: &[PathBuf], config: &VitConfig) -> Result<u64> {
     Ok(hash.finish())
 }
 
-/// 64-bit FNV-1a; small and dependency-free, enough for a cache key.
-struct Fnv1a(u64);
-
-impl Fnv1a {
-    fn new() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn update(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 ^= u64::from(byte);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}

@@ -28,7 +28,7 @@ fn smollm2_path() -> Result<PathBuf> {
 }
 
 fn reference() -> Result<Value> {
-    let text = include_str!("fixtures/smollm2_reference.json");
+    let text = include_str!("../fixtures/smollm2_reference.json");
     Ok(serde_json::from_str(text)?)
 }
 
