@@ -117,8 +117,7 @@ fn align_step(args: &AlignStepArgs) -> Result<()> {
     let batch = AlignmentBatch::new(&decoder, features, &tokens)?;
     let mut optimizer = AdamW::new(projector.vars(), AdamWConfig::default())?;
     println!(
-        "candle {}: batch {}  visual {}x{}  caption lengths {:?} (padded to {})  seq {}  threads {}",
-        "0.11.1",
+        "candle 0.11.1: batch {}  visual {}x{}  caption lengths {:?} (padded to {})  seq {}  threads {}",
         args.batch,
         args.visual_tokens,
         args.visual_dim,

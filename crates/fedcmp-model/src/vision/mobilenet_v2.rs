@@ -22,10 +22,10 @@ use std::path::Path;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
-use crate::weights::Fnv1a;
 use crate::error::{ModelError, Result};
 use crate::vision::legacy_pth::load_legacy_pth;
 use crate::vision::{InputSpec, Normalization, VisionEncoder};
+use crate::weights::Fnv1a;
 use crate::weights::WeightMap;
 
 /// torchvision's inverted-residual table: expansion `t`, output channels
@@ -678,7 +678,6 @@ pub fn weight_shapes() -> Vec<(String, Vec<usize>)> {
     out.push(("classifier.1.bias".into(), vec![NUM_CLASSES]));
     out
 }
-
 
 #[cfg(test)]
 mod tests {

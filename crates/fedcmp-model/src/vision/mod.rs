@@ -29,7 +29,7 @@ impl Normalization {
     /// OpenAI CLIP's statistics.
     pub const CLIP: Self = Self {
         mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
-        std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
+        std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
     };
     /// SigLIP's statistics (maps [0, 1] to [-1, 1]).
     pub const SIGLIP: Self = Self {

@@ -39,9 +39,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, D};
 use serde_json::{Map, Value};
 
-use crate::weights::Fnv1a;
 use crate::error::{ModelError, Result};
 use crate::vision::{InputSpec, Normalization, VisionEncoder};
+use crate::weights::Fnv1a;
 use crate::weights::WeightMap;
 
 /// Which family of pre-LayerNorm ViT a checkpoint holds.
@@ -928,4 +928,3 @@ fn fingerprint(files: &[PathBuf], config: &VitConfig) -> Result<u64> {
     }
     Ok(hash.finish())
 }
-

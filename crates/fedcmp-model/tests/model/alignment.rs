@@ -136,9 +136,9 @@ fn decoder_input_gradient_matches_finite_differences() -> Result<()> {
     let values: Vec<f64> = inputs.flatten_all()?.to_vec1()?;
     let h = 1e-5;
     let mut numeric = Vec::new();
-    for i in 0..values.len() {
-        let plus = decoder.caption_loss(&set_element(&inputs, i, values[i] + h)?, &targets)?;
-        let minus = decoder.caption_loss(&set_element(&inputs, i, values[i] - h)?, &targets)?;
+    for (i, &v) in values.iter().enumerate() {
+        let plus = decoder.caption_loss(&set_element(&inputs, i, v + h)?, &targets)?;
+        let minus = decoder.caption_loss(&set_element(&inputs, i, v - h)?, &targets)?;
         numeric.push((plus - minus) / (2.0 * h));
     }
     let err = relative_error(&analytic, &numeric);
