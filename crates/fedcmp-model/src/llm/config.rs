@@ -118,11 +118,9 @@ impl DecoderConfig {
             num_layers: need(raw.num_hidden_layers, "num_hidden_layers")?,
             num_heads,
             num_kv_heads: raw.num_key_value_heads.unwrap_or(num_heads),
-            head_dim: raw.head_dim.unwrap_or(if num_heads == 0 {
-                0
-            } else {
-                hidden_size / num_heads
-            }),
+            head_dim: raw
+                .head_dim
+                .unwrap_or(hidden_size.checked_div(num_heads).unwrap_or(0)),
             vocab_size: need(raw.vocab_size, "vocab_size")?,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: raw.rope_theta.unwrap_or(10_000.0),

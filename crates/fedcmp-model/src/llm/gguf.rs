@@ -196,11 +196,7 @@ pub fn load_gguf_decoder(path: &Path, device: &Device) -> Result<GgufDecoder> {
         .unwrap_or(num_heads);
     let head_dim = meta
         .usize(&key("attention.key_length"))
-        .unwrap_or(if num_heads == 0 {
-            0
-        } else {
-            hidden_size / num_heads
-        });
+        .unwrap_or(hidden_size.checked_div(num_heads).unwrap_or(0));
     let vocab_size = embed_info.shape.dims().first().copied().unwrap_or(0);
     let config = DecoderConfig {
         family,
