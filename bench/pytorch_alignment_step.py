@@ -191,6 +191,7 @@ def main():
                 "forward_median_s": round(statistics.median(fwd), 5),
                 "backward_median_s": round(statistics.median(bwd), 5),
                 "optimizer_median_s": round(statistics.median(opt), 6),
+                "step_s": [round(t, 4) for t in total],
                 "loss_first": round(losses[0], 5),
                 "loss_last": round(losses[-1], 5),
             }

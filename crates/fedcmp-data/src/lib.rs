@@ -8,6 +8,7 @@
 
 pub mod idx;
 pub mod preprocess;
+pub mod record;
 pub mod templates;
 
 use std::path::PathBuf;

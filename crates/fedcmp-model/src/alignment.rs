@@ -24,8 +24,9 @@ use crate::tokenizer::TextTokenizer;
 /// How an image-caption pair becomes one token sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaptionTemplate {
-    /// Put the tokenizer's BOS first (when it has one).
-    pub add_bos: bool,
+    /// Put BOS first: None follows the tokenizer (as LLaVA does: BOS only
+    /// where the tokenizer itself adds one), Some forces it on or off.
+    pub add_bos: Option<bool>,
     /// Text before the image (not scored).
     pub prefix: String,
     /// Text after the caption (scored, like LLaVA's `plain` separator).
@@ -38,7 +39,7 @@ impl CaptionTemplate {
     /// LLaVA's `plain` pretraining template: image, caption, newline.
     pub fn plain() -> Self {
         Self {
-            add_bos: true,
+            add_bos: None,
             prefix: String::new(),
             suffix: "\n".to_string(),
             max_caption_tokens: 64,
@@ -64,7 +65,7 @@ impl TokenizedCaptions {
         captions: &[&str],
     ) -> Result<Self> {
         let mut prefix = Vec::new();
-        if template.add_bos {
+        if template.add_bos.unwrap_or(tokenizer.adds_bos()) {
             if let Some(bos) = tokenizer.bos_id() {
                 prefix.push(bos);
             }

@@ -13,7 +13,7 @@ use fedcmp_model::alignment::{
 use fedcmp_model::llm::config::DecoderConfig;
 use fedcmp_model::llm::decoder::{FrozenDecoder, LossTargets};
 use fedcmp_model::llm::gguf::{load_gguf_decoder, write_llama_gguf};
-use fedcmp_model::llm::hf::load_hf_decoder;
+use fedcmp_model::llm::hf::{load_hf_decoder, load_hf_decoder_and_tokenizer};
 use fedcmp_model::llm::synthetic::random_decoder_weights;
 use fedcmp_model::optim::{AdamW, AdamWConfig, WarmupCosine};
 use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
@@ -315,6 +315,7 @@ fn tiny_bpe_spec() -> GgufBpeSpec {
         bos_id: Some(1),
         eos_id: Some(0),
         pad_id: None,
+        add_bos: false,
     }
 }
 
@@ -458,5 +459,62 @@ fn loader_errors_name_the_file_and_tensor() -> Result<()> {
         }
         other => anyhow::bail!("expected unsupported architecture, got {other:?}"),
     }
+    Ok(())
+}
+
+/// A tokenizer with more tokens than the model's embedding has rows would
+/// index past the embedding: the loader refuses it, naming tokenizer.json.
+#[test]
+fn tokenizer_larger_than_the_embedding_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = DecoderConfig::tiny(VOCAB);
+    write_hf_folder(
+        dir.path(),
+        &config,
+        &random_decoder_weights(&config, 1, &Device::Cpu)?,
+    )?;
+    let spec = tiny_bpe_spec();
+    assert!(spec.tokens.len() > VOCAB);
+    let tok = TextTokenizer::from_gguf_bpe(std::path::Path::new("tiny"), &spec)?;
+    tok.inner()
+        .save(dir.path().join("tokenizer.json"), false)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    match load_hf_decoder_and_tokenizer(dir.path(), &Device::Cpu) {
+        Err(ModelError::VocabMismatch {
+            path,
+            tokenizer,
+            model,
+        }) => {
+            assert!(path.ends_with("tokenizer.json"));
+            assert_eq!((tokenizer, model), (spec.tokens.len(), VOCAB));
+        }
+        other => anyhow::bail!("expected a vocabulary mismatch, got {other:?}"),
+    }
+    Ok(())
+}
+
+/// Pooling 4x4 patches by 2 averages each 2x2 block of the row-major grid.
+#[test]
+fn projector_pooling_averages_grid_blocks() -> Result<()> {
+    let projector = Projector::new(
+        ProjectorConfig {
+            kind: ProjectorKind::Linear,
+            input_dim: 2,
+            output_dim: 3,
+            pool: 2,
+        },
+        0,
+        DType::F64,
+        &Device::Cpu,
+    )?;
+    // Patch (r, c) carries (r*4 + c, -(r*4 + c)).
+    let data: Vec<f64> = (0..16).flat_map(|i| [i as f64, -(i as f64)]).collect();
+    let features = Tensor::from_vec(data, (1, 16, 2), &Device::Cpu)?;
+    let pooled = projector.pool_features(&features, Some(4))?;
+    assert_eq!(pooled.dims(), &[1, 4, 2]);
+    let got: Vec<f64> = pooled.flatten_all()?.to_vec1()?;
+    // Block (0,0) = patches 0, 1, 4, 5 -> mean 2.5; (0,1) = 2, 3, 6, 7 -> 4.5 ...
+    assert_eq!(got, vec![2.5, -2.5, 4.5, -4.5, 10.5, -10.5, 12.5, -12.5]);
+    assert!(projector.pool_features(&features, Some(3)).is_err());
     Ok(())
 }

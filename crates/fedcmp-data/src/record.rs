@@ -1,0 +1,164 @@
+//! The one record type every corpus reader produces: an image (a file on
+//! disk or decoded pixels held in memory), its caption, an optional class
+//! label, the source (domain) it belongs to, and a stable id.
+//!
+//! Readers never fail a whole run over one bad record: they skip it and
+//! count it in a [`SkipReport`] by kind, with the file and line of the first
+//! few, for the end-of-run summary.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Decoded pixels kept in memory (IDX digits, CSV digits, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawImage {
+    pub width: u32,
+    pub height: u32,
+    /// 1 (grayscale) or 3 (RGB), interleaved, row-major.
+    pub channels: u8,
+    pub pixels: Vec<u8>,
+}
+
+/// Where a record's image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSource {
+    /// An encoded image file (PNG, JPEG, WebP), decoded when needed.
+    File(PathBuf),
+    /// Pixels already in memory, shared cheaply between clones.
+    Raw(Arc<RawImage>),
+}
+
+/// One image-caption pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Stable across runs and machines: `<source>/<id within the source>`.
+    pub id: String,
+    pub image: ImageSource,
+    pub caption: String,
+    /// Class index within the source, where the source has labels.
+    pub label: Option<u32>,
+    /// The source (domain) name, e.g. `fashion-mnist`.
+    pub source: String,
+}
+
+/// Why a record was skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SkipKind {
+    /// The image file does not exist.
+    MissingImage,
+    /// The image file exists but cannot be decoded (truncated, corrupt,
+    /// unsupported format).
+    UndecodableImage,
+    /// The caption is empty or whitespace.
+    EmptyCaption,
+    /// A line or entry of a manifest cannot be parsed.
+    MalformedRecord,
+}
+
+impl fmt::Display for SkipKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::MissingImage => "missing image",
+            Self::UndecodableImage => "undecodable image",
+            Self::EmptyCaption => "empty caption",
+            Self::MalformedRecord => "malformed record",
+        })
+    }
+}
+
+/// Where a skipped record was found, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkipExample {
+    pub kind: SkipKind,
+    pub file: PathBuf,
+    /// 1-based line (JSONL, CSV) or entry index (JSON array), when known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+/// Skipped records by kind, with the first few examples of each kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SkipReport {
+    counts: BTreeMap<SkipKind, usize>,
+    examples: Vec<SkipExample>,
+}
+
+impl SkipReport {
+    /// Examples kept per kind; the counts are always complete.
+    pub const EXAMPLES_PER_KIND: usize = 5;
+
+    /// Counts one skipped record.
+    pub fn skip(
+        &mut self,
+        kind: SkipKind,
+        file: impl Into<PathBuf>,
+        line: Option<usize>,
+        message: impl Into<String>,
+    ) {
+        let count = self.counts.entry(kind).or_insert(0);
+        *count += 1;
+        if *count <= Self::EXAMPLES_PER_KIND {
+            self.examples.push(SkipExample {
+                kind,
+                file: file.into(),
+                line,
+                message: message.into(),
+            });
+        }
+    }
+
+    /// Adds another report's counts and examples.
+    pub fn merge(&mut self, other: SkipReport) {
+        for (kind, n) in other.counts {
+            *self.counts.entry(kind).or_insert(0) += n;
+        }
+        for ex in other.examples {
+            let kept = self.examples.iter().filter(|e| e.kind == ex.kind).count();
+            if kept < Self::EXAMPLES_PER_KIND {
+                self.examples.push(ex);
+            }
+        }
+    }
+
+    /// Skipped records of `kind`.
+    pub fn count(&self, kind: SkipKind) -> usize {
+        self.counts.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// All skipped records.
+    pub fn total(&self) -> usize {
+        self.counts.values().sum()
+    }
+
+    /// Counts by kind, in a fixed order.
+    pub fn counts(&self) -> &BTreeMap<SkipKind, usize> {
+        &self.counts
+    }
+
+    /// The first few examples of each kind.
+    pub fn examples(&self) -> &[SkipExample] {
+        &self.examples
+    }
+}
+
+/// Records from one or more sources, with what was skipped and the class
+/// names of labelled sources.
+#[derive(Debug, Clone, Default)]
+pub struct Corpus {
+    pub records: Vec<Record>,
+    pub skipped: SkipReport,
+    /// Source name -> class names by label index.
+    pub label_names: BTreeMap<String, Vec<String>>,
+}
+
+impl Corpus {
+    /// Appends another corpus (sources must not collide; ids stay unique
+    /// because they are prefixed by the source).
+    pub fn extend(&mut self, other: Corpus) {
+        self.records.extend(other.records);
+        self.skipped.merge(other.skipped);
+        self.label_names.extend(other.label_names);
+    }
+}
