@@ -24,9 +24,12 @@ use crate::tokenizer::TextTokenizer;
 /// How an image-caption pair becomes one token sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaptionTemplate {
-    /// Put BOS first: None follows the tokenizer (as LLaVA does: BOS only
-    /// where the tokenizer itself adds one), Some forces it on or off.
-    pub add_bos: Option<bool>,
+    /// Put the tokenizer's BOS first, when it declares one. LLaVA's LLaMA
+    /// tokenizers always do; SmolLM2's does not add it by itself, but a fixed
+    /// first token (the position the decoder uses as an attention sink)
+    /// aligned faster here: held-out loss 4.24 with it vs 4.59 without
+    /// (`fedcmp align --lr 1e-3`, 60 steps, seed 0).
+    pub add_bos: bool,
     /// Text before the image (not scored).
     pub prefix: String,
     /// Text after the caption (scored, like LLaVA's `plain` separator).
@@ -39,7 +42,7 @@ impl CaptionTemplate {
     /// LLaVA's `plain` pretraining template: image, caption, newline.
     pub fn plain() -> Self {
         Self {
-            add_bos: None,
+            add_bos: true,
             prefix: String::new(),
             suffix: "\n".to_string(),
             max_caption_tokens: 64,
@@ -65,7 +68,7 @@ impl TokenizedCaptions {
         captions: &[&str],
     ) -> Result<Self> {
         let mut prefix = Vec::new();
-        if template.add_bos.unwrap_or(tokenizer.adds_bos()) {
+        if template.add_bos {
             if let Some(bos) = tokenizer.bos_id() {
                 prefix.push(bos);
             }

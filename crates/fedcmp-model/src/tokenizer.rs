@@ -20,7 +20,6 @@ pub struct TextTokenizer {
     bos_id: Option<u32>,
     eos_id: Option<u32>,
     pad_id: Option<u32>,
-    adds_bos: bool,
 }
 
 /// The byte-level BPE description found in GGUF metadata
@@ -36,8 +35,6 @@ pub struct GgufBpeSpec {
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
     pub pad_id: Option<u32>,
-    /// `tokenizer.ggml.add_bos_token`: whether the model expects BOS first.
-    pub add_bos: bool,
 }
 
 const CONTROL_TOKEN: i32 = 3;
@@ -59,22 +56,12 @@ impl TextTokenizer {
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let bos_id = find(&["<s>", "<|begin_of_text|>", "<|endoftext|>"]);
         let eos_id = find(&["</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>"]);
-        // Whether the tokenizer's own post-processor prepends BOS tells how
-        // the model was trained to see sequences start.
-        let adds_bos = match (inner.encode("a", true), inner.encode("a", false)) {
-            (Ok(with), Ok(without)) => {
-                with.get_ids().len() > without.get_ids().len()
-                    && with.get_ids().first().copied() == bos_id
-            }
-            _ => false,
-        };
         Ok(Self {
             pad_id: None,
             inner,
             origin: path.to_path_buf(),
             bos_id,
             eos_id,
-            adds_bos,
         })
     }
 
@@ -143,7 +130,6 @@ impl TextTokenizer {
             bos_id: spec.bos_id,
             eos_id: spec.eos_id,
             pad_id: spec.pad_id,
-            adds_bos: spec.add_bos,
         })
     }
 
@@ -183,12 +169,6 @@ impl TextTokenizer {
     /// Beginning-of-sequence id, if the tokenizer has one.
     pub fn bos_id(&self) -> Option<u32> {
         self.bos_id
-    }
-
-    /// Whether sequences for this model start with BOS (the tokenizer's
-    /// post-processor adds it, or GGUF's `add_bos_token` says so).
-    pub fn adds_bos(&self) -> bool {
-        self.adds_bos
     }
 
     /// End-of-sequence id, if the tokenizer has one.

@@ -50,8 +50,10 @@ pub struct AlignArgs {
     /// Images per step.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// Peak learning rate (LLaVA stage 1 uses 1e-3), warm-up 3% then cosine.
-    #[arg(long, default_value_t = 1e-3)]
+    /// Peak learning rate, warm-up 3% then cosine. LLaVA uses 1e-3 at batch
+    /// 256; at batch 8 and 60 steps 3e-4 did best of {1e-4, 3e-4, 1e-3}
+    /// (held-out loss 4.35, 3.82, 4.24).
+    #[arg(long, default_value_t = 3e-4)]
     pub lr: f64,
     /// Projector kind: linear or mlp2x_gelu.
     #[arg(long, default_value = "mlp2x_gelu")]

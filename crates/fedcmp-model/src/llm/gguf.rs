@@ -272,11 +272,6 @@ pub fn load_gguf_decoder(path: &Path, device: &Device) -> Result<GgufDecoder> {
         bos_id: config.bos_token_id,
         eos_id: config.eos_token_id,
         pad_id: meta.opt_u32("tokenizer.ggml.padding_token_id"),
-        add_bos: content
-            .metadata
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false),
     };
     let tokenizer = TextTokenizer::from_gguf_bpe(path, &spec)?;
     if tokenizer.vocab_size() > config.vocab_size {
@@ -348,10 +343,6 @@ pub fn write_llama_gguf(
             ),
         ),
     ];
-    metadata.push((
-        "tokenizer.ggml.add_bos_token".into(),
-        Value::Bool(tokenizer.add_bos),
-    ));
     if let Some(pre) = &tokenizer.pre {
         metadata.push(("tokenizer.ggml.pre".into(), Value::String(pre.clone())));
     }

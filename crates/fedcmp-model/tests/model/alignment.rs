@@ -315,7 +315,6 @@ fn tiny_bpe_spec() -> GgufBpeSpec {
         bos_id: Some(1),
         eos_id: Some(0),
         pad_id: None,
-        add_bos: false,
     }
 }
 
