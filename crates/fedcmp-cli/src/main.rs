@@ -34,6 +34,11 @@ enum Command {
         #[command(subcommand)]
         action: commands::assets::AssetsAction,
     },
+    /// The federated scenarios: list them, or show how one deals its data.
+    Scenario {
+        #[command(subcommand)]
+        action: commands::scenario::ScenarioAction,
+    },
     /// Centralized alignment of a projector between MobileNetV2 and SmolLM2
     /// on Fashion-MNIST with template captions (the current main job).
     Align(commands::align::AlignArgs),
@@ -50,6 +55,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Some(Command::Assets { action }) => commands::assets::run(cli.cache_dir, action),
+        Some(Command::Scenario { action }) => commands::scenario::run(cli.cache_dir, action),
         Some(Command::Align(args)) => commands::align::run(cli.cache_dir, args),
         None => commands::align::run(cli.cache_dir, commands::align::AlignArgs::default()),
     };

@@ -73,7 +73,8 @@ impl fmt::Display for SkipKind {
 pub struct SkipExample {
     pub kind: SkipKind,
     pub file: PathBuf,
-    /// 1-based line (JSONL, CSV) or entry index (JSON array), when known.
+    /// 1-based line the record starts on, when known (for a JSON array the
+    /// entry's first line; the message also gives the entry's index).
     pub line: Option<usize>,
     pub message: String,
 }

@@ -2,3 +2,5 @@
 
 pub mod align;
 pub mod assets;
+pub mod plot;
+pub mod scenario;

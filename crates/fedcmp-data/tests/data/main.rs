@@ -1,0 +1,4 @@
+mod cache;
+mod corpus;
+mod partition;
+mod scenario;
