@@ -173,26 +173,39 @@ impl Scenario {
         names
     }
 
-    /// The key whose skew the partition creates (for summaries).
-    pub fn summary_key(&self) -> PartitionKey {
-        fn key(spec: &PartitionSpec) -> PartitionKey {
+    /// The key a Dirichlet partition skews over, if the partition has one.
+    fn dirichlet_key(&self) -> Option<PartitionKey> {
+        fn key(spec: &PartitionSpec) -> Option<PartitionKey> {
             match spec {
-                PartitionSpec::Dirichlet { key, .. } => *key,
+                PartitionSpec::Dirichlet { key, .. } => Some(*key),
                 PartitionSpec::PowerLaw { inner, .. } => key(inner),
-                PartitionSpec::BySource { .. } => PartitionKey::Source,
-                PartitionSpec::Iid {} => PartitionKey::Concept,
+                PartitionSpec::BySource { .. } | PartitionSpec::Iid {} => None,
             }
         }
         key(&self.partition)
     }
 
+    /// The key summaries report skew over: the Dirichlet key, the source
+    /// for by-source, else (source, concept).
+    pub fn summary_key(&self) -> PartitionKey {
+        match (&self.partition, self.dirichlet_key()) {
+            (_, Some(key)) => key,
+            (PartitionSpec::BySource { .. }, None) => PartitionKey::Source,
+            _ => PartitionKey::SourceConcept,
+        }
+    }
+
+    /// Only a partition dealt by concept needs clusters for unlabelled
+    /// records (the k-means runs over encoded images, so it is not free).
     fn needs_clusters(&self) -> bool {
         matches!(
-            self.summary_key(),
-            PartitionKey::Cluster
-                | PartitionKey::Concept
-                | PartitionKey::SourceCluster
-                | PartitionKey::SourceConcept
+            self.dirichlet_key(),
+            Some(
+                PartitionKey::Cluster
+                    | PartitionKey::Concept
+                    | PartitionKey::SourceCluster
+                    | PartitionKey::SourceConcept
+            )
         )
     }
 }

