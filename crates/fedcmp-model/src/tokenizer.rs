@@ -39,6 +39,55 @@ pub struct GgufBpeSpec {
 
 const CONTROL_TOKEN: i32 = 3;
 
+/// GPT-2's reversible byte -> printable-character map (printable bytes map
+/// to themselves, the others to U+0100 onwards), from its definition.
+pub fn gpt2_byte_chars() -> Vec<char> {
+    let mut bytes: Vec<u32> = (u32::from(b'!')..=u32::from(b'~'))
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars = bytes.clone();
+    let mut extra = 0;
+    for byte in 0..256u32 {
+        if !bytes.contains(&byte) {
+            bytes.push(byte);
+            chars.push(256 + extra);
+            extra += 1;
+        }
+    }
+    let mut table = vec!['?'; 256];
+    for (b, c) in bytes.iter().zip(chars) {
+        table[*b as usize] = char::from_u32(c).unwrap_or('?');
+    }
+    table
+}
+
+impl GgufBpeSpec {
+    /// A complete byte-level BPE: the `control` tokens (ids 0..), the 256
+    /// byte tokens, then one token per merge. Any text encodes; tests and
+    /// tiny generated models use it.
+    pub fn byte_level(control: &[&str], merges: &[(&str, &str)]) -> Self {
+        let mut tokens: Vec<String> = control.iter().map(|t| t.to_string()).collect();
+        tokens.extend(gpt2_byte_chars().into_iter().map(String::from));
+        let mut merge_lines = Vec::with_capacity(merges.len());
+        for (a, b) in merges {
+            merge_lines.push(format!("{a} {b}"));
+            tokens.push(format!("{a}{b}"));
+        }
+        let mut token_types = vec![CONTROL_TOKEN; control.len()];
+        token_types.resize(tokens.len(), 1);
+        Self {
+            tokens,
+            merges: merge_lines,
+            token_types,
+            pre: Some("smollm".into()),
+            bos_id: (control.len() > 1).then_some(1),
+            eos_id: (!control.is_empty()).then_some(0),
+            pad_id: None,
+        }
+    }
+}
+
 impl TextTokenizer {
     /// Reads a Hugging Face `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self> {

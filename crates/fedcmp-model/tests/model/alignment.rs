@@ -277,45 +277,11 @@ fn warmup_cosine_schedule_has_llava_shape() {
     assert!(s.lr_at(400) > s.lr_at(600));
 }
 
-/// GPT-2's reversible byte -> printable-character map, written from its
-/// definition, so the test vocabulary below is a real byte-level vocabulary.
-fn bytes_to_unicode() -> Vec<char> {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut chars: Vec<u32> = printable.clone();
-    let mut extra = 0;
-    for byte in 0..256u32 {
-        if !printable.contains(&byte) {
-            printable.push(byte);
-            chars.push(256 + extra);
-            extra += 1;
-        }
-    }
-    let mut table = vec!['\0'; 256];
-    for (b, c) in printable.iter().zip(chars) {
-        table[*b as usize] = char::from_u32(c).unwrap_or('?');
-    }
-    table
-}
-
 fn tiny_bpe_spec() -> GgufBpeSpec {
-    let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into()];
-    tokens.extend(bytes_to_unicode().into_iter().map(String::from));
-    let merges = vec!["h e".to_string(), "l l".to_string(), "he ll".to_string()];
-    tokens.extend(["he".into(), "ll".into(), "hell".into()]);
-    let mut token_types = vec![3, 3];
-    token_types.extend(std::iter::repeat_n(1, tokens.len() - 2));
-    GgufBpeSpec {
-        tokens,
-        merges,
-        token_types,
-        pre: Some("smollm".into()),
-        bos_id: Some(1),
-        eos_id: Some(0),
-        pad_id: None,
-    }
+    GgufBpeSpec::byte_level(
+        &["<|endoftext|>", "<|im_start|>"],
+        &[("h", "e"), ("l", "l"), ("he", "ll")],
+    )
 }
 
 #[test]

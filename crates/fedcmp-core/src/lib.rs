@@ -1,0 +1,45 @@
+//! fedcmp-core: the types every federated component shares, and nothing
+//! heavy: no candle, no tokio, no network.
+//!
+//! - [`params`]: a projector's parameters as named f32 tensors (what travels);
+//! - [`update`]: client ids, the typed instruction a client gets each round,
+//!   and the update it sends back;
+//! - [`metrics`]: named numbers a round reports.
+
+pub mod metrics;
+pub mod params;
+pub mod update;
+
+pub use metrics::RoundMetrics;
+pub use params::{ParamSet, ParamTensor};
+pub use update::{ClientId, ClientInstruction, ClientUpdate, LocalObjective};
+
+/// Errors from combining parameter sets and updates.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CoreError {
+    #[error("parameter `{name}`: shape {got:?} does not match {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("parameter sets differ: `{got}` where `{expected}` was expected (position {position})")]
+    NameMismatch {
+        position: usize,
+        expected: String,
+        got: String,
+    },
+    #[error("parameter sets have {expected} and {got} entries")]
+    LengthMismatch { expected: usize, got: usize },
+    #[error("parameter `{name}`: {len} values cannot have shape {shape:?}")]
+    BadTensor {
+        name: String,
+        shape: Vec<usize>,
+        len: usize,
+    },
+    #[error("invalid value: {0}")]
+    Invalid(String),
+}
+
+/// Shorthand used throughout the crate.
+pub type Result<T, E = CoreError> = std::result::Result<T, E>;
