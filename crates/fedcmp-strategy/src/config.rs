@@ -1,0 +1,143 @@
+//! Which strategy to run, with its hyper-parameters: a serde enum tagged by
+//! `name` (kebab-case fields, unknown fields rejected, every field
+//! defaulted), validated with messages that name the field, and built into
+//! a boxed [`Strategy`].
+//!
+//! ```toml
+//! [strategy]
+//! name = "fedadam"
+//! server-lr = 0.01
+//! beta1 = 0.9
+//! ```
+//!
+//! Names: `fedavg`, `fedprox`, `fedavgm`, `fedadagrad`, `fedadam`,
+//! `fedyogi`, `scaffold`, `fednova`, `ties`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::fedavg::FedAvgConfig;
+use crate::fedavgm::FedAvgMConfig;
+use crate::fednova::FedNovaConfig;
+use crate::fedopt::{FedAdagradConfig, FedAdaptiveConfig};
+use crate::fedprox::FedProxConfig;
+use crate::scaffold::ScaffoldConfig;
+use crate::ties::TiesConfig;
+use crate::{fedavg, fedavgm, fednova, fedopt, fedprox, scaffold, ties};
+use crate::{Result, Strategy, StrategyError};
+
+/// Every config name, in a stable order (for help texts).
+pub const NAMES: &[&str] = &[
+    fedavg::NAME,
+    fedprox::NAME,
+    fedavgm::NAME,
+    fedopt::FEDADAGRAD,
+    fedopt::FEDADAM,
+    fedopt::FEDYOGI,
+    scaffold::NAME,
+    fednova::NAME,
+    ties::NAME,
+];
+
+/// A strategy and its hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", deny_unknown_fields)]
+pub enum StrategyConfig {
+    #[serde(rename = "fedavg")]
+    FedAvg(FedAvgConfig),
+    #[serde(rename = "fedprox")]
+    FedProx(FedProxConfig),
+    #[serde(rename = "fedavgm")]
+    FedAvgM(FedAvgMConfig),
+    #[serde(rename = "fedadagrad")]
+    FedAdagrad(FedAdagradConfig),
+    #[serde(rename = "fedadam")]
+    FedAdam(FedAdaptiveConfig),
+    #[serde(rename = "fedyogi")]
+    FedYogi(FedAdaptiveConfig),
+    #[serde(rename = "scaffold")]
+    Scaffold(ScaffoldConfig),
+    #[serde(rename = "fednova")]
+    FedNova(FedNovaConfig),
+    #[serde(rename = "ties")]
+    Ties(TiesConfig),
+    // ----------------------------------------------------------------
+    // Issue 5 adds Fed-CMP here (ALGORITHMS.md §3-4), one variant each:
+    //   `fed-cmp`  = canonical-merge aggregator (CRA) + orthogonal-momentum
+    //                server optimiser (OPM),
+    //   `cra-only` = the same with beta = 0,
+    //   `opm-only` = the same with energy = 1 and tau -> infinity,
+    // built in `build` below as `Composed::new(name, Plain, <CRA>, <OPM>)`
+    // where CRA implements `Aggregator<Output = CanonicalUpdate>` and OPM
+    // implements `ServerOptimizer<CanonicalUpdate>`; add them to `NAMES`.
+    // ----------------------------------------------------------------
+}
+
+impl Default for StrategyConfig {
+    fn default() -> Self {
+        StrategyConfig::FedAvg(FedAvgConfig::default())
+    }
+}
+
+impl StrategyConfig {
+    /// The config name (`fedavg`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            StrategyConfig::FedAvg(_) => fedavg::NAME,
+            StrategyConfig::FedProx(_) => fedprox::NAME,
+            StrategyConfig::FedAvgM(_) => fedavgm::NAME,
+            StrategyConfig::FedAdagrad(_) => fedopt::FEDADAGRAD,
+            StrategyConfig::FedAdam(_) => fedopt::FEDADAM,
+            StrategyConfig::FedYogi(_) => fedopt::FEDYOGI,
+            StrategyConfig::Scaffold(_) => scaffold::NAME,
+            StrategyConfig::FedNova(_) => fednova::NAME,
+            StrategyConfig::Ties(_) => ties::NAME,
+        }
+    }
+
+    /// Checks every hyper-parameter (and the federation size).
+    pub fn validate(&self, num_clients: usize) -> Result<()> {
+        self.build(num_clients).map(|_| ())
+    }
+
+    /// Builds the strategy for a federation of `num_clients` clients (N,
+    /// which SCAFFOLD needs), after validation.
+    pub fn build(&self, num_clients: usize) -> Result<Box<dyn Strategy>> {
+        Ok(match self {
+            StrategyConfig::FedAvg(c) => Box::new(fedavg::fedavg(c)?),
+            StrategyConfig::FedProx(c) => Box::new(fedprox::fedprox(c)?),
+            StrategyConfig::FedAvgM(c) => Box::new(fedavgm::fedavgm(c)?),
+            StrategyConfig::FedAdagrad(c) => Box::new(fedopt::fedadagrad(c)?),
+            StrategyConfig::FedAdam(c) => Box::new(fedopt::fedadam(c)?),
+            StrategyConfig::FedYogi(c) => Box::new(fedopt::fedyogi(c)?),
+            StrategyConfig::Scaffold(c) => Box::new(scaffold::scaffold(c, num_clients)?),
+            StrategyConfig::FedNova(c) => Box::new(fednova::fednova(c)?),
+            StrategyConfig::Ties(c) => Box::new(ties::ties(c)?),
+        })
+    }
+}
+
+/// `value` must be finite and > 0.
+pub(crate) fn positive(field: &str, value: f64) -> Result<()> {
+    check(field, value, value.is_finite() && value > 0.0, "> 0")
+}
+
+/// `value` must be finite and >= 0.
+pub(crate) fn non_negative(field: &str, value: f64) -> Result<()> {
+    check(field, value, value.is_finite() && value >= 0.0, ">= 0")
+}
+
+/// `value` must be in [0, 1).
+pub(crate) fn unit_interval(field: &str, value: f64) -> Result<()> {
+    check(field, value, (0.0..1.0).contains(&value), "in [0, 1)")
+}
+
+fn check(field: &str, value: f64, ok: bool, rule: &str) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(StrategyError::Config {
+            field: field.to_string(),
+            reason: format!("must be {rule}, got {value}"),
+        })
+    }
+}

@@ -1,0 +1,311 @@
+#!/usr/bin/env python3
+"""Independent numpy reference for fedcmp-strategy's golden test.
+
+Written from the papers' equations (not from the Rust code): every
+algorithm below is a few lines of float64 numpy. It builds one small
+deterministic federation and writes golden.json next to this file:
+
+- a projector of one 3x4 matrix `w` and one 3-vector bias `b` (15 values,
+  flattened `w` row-major then `b`, the order of the parameter set);
+- N = 5 clients, 3 participating per round, 3 rounds, with unequal sample
+  counts and unequal local step counts; updates listed out of id order;
+- every algorithm (and a few hyper-parameter variants) run for the 3
+  rounds, so that server optimiser state matters.
+
+The global model is f32 (as in the system): each round's new global is
+rounded to float32 before the clients start from it, and client parameters
+are float32. Deltas and all server math are float64; optimiser state stays
+float64 here (the Rust side stores it as f32; the tolerance covers that).
+
+Run:  python3 reference.py   (numpy only; writes golden.json)
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+
+N_CLIENTS = 5
+LAYOUT = [("w", [3, 4]), ("b", [3])]
+P = 15
+PARTICIPANTS = [[2, 0, 1], [3, 1, 4], [0, 4, 2]]  # update order as sent
+SAMPLES = {0: [10, 40, 25, 7, 18], 1: [12, 33, 20, 5, 30], 2: [9, 28, 16, 11, 21]}
+STEPS = {0: [2, 8, 5, 3, 4], 1: [3, 7, 4, 1, 6], 2: [2, 6, 5, 2, 3]}
+
+rng = np.random.default_rng(20240611)
+GLOBAL0 = rng.normal(0.0, 0.5, P).astype(np.float32)
+# Client deltas (float64), fixed across algorithms: a shared direction per
+# round, client noise, and one client partly against the others, so that
+# cosines and TIES sign conflicts are non-trivial.
+DELTAS = {}
+CONTROL_DELTAS = {}
+LOSSES = {}
+for r, clients in enumerate(PARTICIPANTS):
+    shared = rng.normal(0.0, 0.05, P)
+    for i, k in enumerate(clients):
+        noise = rng.normal(0.0, 0.04, P)
+        sign = -0.6 if i == 2 else 1.0
+        DELTAS[(r, k)] = sign * shared + noise
+        CONTROL_DELTAS[(r, k)] = rng.normal(0.0, 0.1, P).astype(np.float32)
+        LOSSES[(r, k)] = float(2.0 + rng.uniform(-0.5, 0.5))
+
+
+def f32(x):
+    return np.asarray(x, dtype=np.float64).astype(np.float32)
+
+
+def split(flat):
+    """Flat values -> per-tensor lists, in layout order."""
+    out, o = [], 0
+    for _, shape in LAYOUT:
+        n = int(np.prod(shape))
+        out.append([float(v) for v in flat[o : o + n]])
+        o += n
+    return out
+
+
+def sign(x):
+    return np.sign(x)  # sign(0) = 0
+
+
+# ---- server algorithms, one function per paper ----------------------------
+# Each takes (state dict, x float64 from the f32 global, round data) and
+# returns (aggregated update Delta, new x float64, extra metrics).
+
+
+def weighted_mean(ds, w):
+    return sum(wi * di for wi, di in zip(w, ds))
+
+
+def fedavg(cfg, st, x, rd):
+    # McMahan et al. 2017 with a server lr: x + eta * sum p_k d_k.
+    delta = weighted_mean(rd["d"], rd["p"])
+    return delta, x + cfg["server-lr"] * delta, {}
+
+
+def fedavgm(cfg, st, x, rd):
+    # Hsu et al. 2019: v = beta v + Delta; x += eta v (nesterov: beta v + Delta).
+    delta = weighted_mean(rd["d"], rd["p"])
+    beta = cfg["momentum"]
+    v = beta * st.get("v", np.zeros(P)) + delta
+    st["v"] = v
+    step = beta * v + delta if cfg.get("nesterov", False) else v
+    return delta, x + cfg["server-lr"] * step, {"momentum_norm": np.linalg.norm(v)}
+
+
+def fedopt(rule):
+    # Reddi et al. 2021, Algorithm 2 (no bias correction), v_{-1} = tau^2.
+    def run(cfg, st, x, rd):
+        delta = weighted_mean(rd["d"], rd["p"])
+        b1, tau = cfg["beta1"], cfg["tau"]
+        b2 = cfg.get("beta2", 0.0)
+        m = b1 * st.get("m", np.zeros(P)) + (1 - b1) * delta
+        v_prev = st.get("v", np.full(P, tau * tau))
+        d2 = delta * delta
+        if rule == "adagrad":
+            v = v_prev + d2
+        elif rule == "adam":
+            v = b2 * v_prev + (1 - b2) * d2
+        else:  # yogi
+            v = v_prev - (1 - b2) * d2 * sign(v_prev - d2)
+            st.setdefault("yogi_branches", set()).update(np.sign(v_prev - d2).tolist())
+        st["m"], st["v"] = m, v
+        x_new = x + cfg["server-lr"] * m / (np.sqrt(v) + tau)
+        return delta, x_new, {"momentum_norm": np.linalg.norm(m)}
+
+    return run
+
+
+def scaffold(cfg, st, x, rd):
+    # Karimireddy et al. 2020, Alg. 1: x += eta_g mean(dy); c += |S|/N mean(dc).
+    s = len(rd["d"])
+    w = rd["p"] if cfg.get("weighting") == "samples" else [1.0 / s] * s
+    delta = weighted_mean(rd["d"], w)
+    c = st.get("c", np.zeros(P)) + (s / N_CLIENTS) * np.mean(rd["dc"], axis=0)
+    st["c"] = c
+    return delta, x + cfg["server-lr"] * delta, {"control_norm": np.linalg.norm(c)}
+
+
+def fednova(cfg, st, x, rd):
+    # Wang et al. 2020: x - tau_eff sum p_i d_i, d_i = (x - x_i)/tau_i.
+    p, tau = np.array(rd["p"]), np.array(rd["tau"], dtype=np.float64)
+    tau_eff = float(np.dot(p, tau))
+    d_norm = [-(di) / ti for di, ti in zip(rd["d"], tau)]  # (x - x_i)/tau_i
+    delta = -tau_eff * sum(pi * di for pi, di in zip(p, d_norm))
+    return delta, x + cfg["server-lr"] * delta, {"tau_eff": tau_eff}
+
+
+def ties(cfg, st, x, rd):
+    # Yadav et al. 2023: trim top-k% (whole vector), elect sign of the sum,
+    # disjoint mean of the values agreeing with the elected sign.
+    keep = min(P, max(1, math.ceil(cfg["top-k-percent"] * P / 100)))
+    trimmed = []
+    for d in rd["d"]:
+        order = np.argsort(-np.abs(d), kind="stable")[:keep]
+        t = np.zeros(P)
+        t[order] = d[order]
+        trimmed.append(t)
+    trimmed = np.array(trimmed)
+    elected = sign(trimmed.sum(axis=0))
+    agree = (sign(trimmed) == elected) & (elected != 0)
+    count = agree.sum(axis=0)
+    merged = np.where(count > 0, (trimmed * agree).sum(axis=0) / np.maximum(count, 1), 0.0)
+    s = sign(trimmed)
+    conflict = ((s > 0).any(axis=0) & (s < 0).any(axis=0)).mean()
+    extra = {"ties_kept": keep, "ties_sign_conflict_fraction": float(conflict)}
+    return merged, x + cfg["server-lr"] * merged, extra
+
+
+CASES = [
+    ("fedavg", {"name": "fedavg", "server-lr": 1.0}, fedavg),
+    ("fedavg-lr", {"name": "fedavg", "server-lr": 0.7}, fedavg),
+    ("fedprox", {"name": "fedprox", "mu": 0.1, "server-lr": 1.0}, fedavg),
+    ("fedavgm", {"name": "fedavgm", "server-lr": 1.0, "momentum": 0.9}, fedavgm),
+    (
+        "fedavgm-nesterov",
+        {"name": "fedavgm", "server-lr": 0.5, "momentum": 0.8, "nesterov": True},
+        fedavgm,
+    ),
+    (
+        "fedadagrad",
+        {"name": "fedadagrad", "server-lr": 0.1, "beta1": 0.9, "tau": 0.01},
+        fedopt("adagrad"),
+    ),
+    (
+        "fedadam",
+        {"name": "fedadam", "server-lr": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 0.01},
+        fedopt("adam"),
+    ),
+    (
+        "fedyogi",
+        {"name": "fedyogi", "server-lr": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 0.05},
+        fedopt("yogi"),
+    ),
+    ("scaffold", {"name": "scaffold", "server-lr": 1.0}, scaffold),
+    (
+        "scaffold-samples",
+        {"name": "scaffold", "server-lr": 0.8, "weighting": "samples"},
+        scaffold,
+    ),
+    ("fednova", {"name": "fednova", "server-lr": 1.0}, fednova),
+    ("ties", {"name": "ties", "top-k-percent": 50, "server-lr": 1.0}, ties),
+]
+
+
+def common_metrics(rd, ids):
+    ds, p = rd["d"], rd["p"]
+    k = len(ds)
+    norms = [float(np.linalg.norm(d)) for d in ds]
+    cos = np.zeros((k, k))
+    for i in range(k):
+        for j in range(k):
+            if i == j:
+                cos[i, j] = 1.0 if norms[i] > 0 else 0.0
+            elif norms[i] > 0 and norms[j] > 0:
+                cos[i, j] = float(np.dot(ds[i], ds[j]) / (norms[i] * norms[j]))
+    pairs = [cos[i, j] for i in range(k) for j in range(i + 1, k)]
+    scalars = {
+        "clients": k,
+        "samples": float(sum(rd["n"])),
+        "loss": float(np.dot(p, rd["loss"])),
+        "mean_delta_norm": float(np.linalg.norm(weighted_mean(ds, p))),
+        "client_delta_norm_mean": float(np.mean(norms)),
+        "cosine_mean": float(np.mean(pairs)),
+        "cosine_min": float(np.min(pairs)),
+    }
+    series = {
+        "client_ids": [float(c) for c in ids],
+        "client_weights": [float(v) for v in p],
+        "client_delta_norms": norms,
+        "cosine_matrix": [float(v) for v in cos.reshape(-1)],
+    }
+    return scalars, series
+
+
+def run_case(cid, cfg, algo):
+    st = {}
+    x32 = GLOBAL0.copy()
+    rounds = []
+    for r, clients in enumerate(PARTICIPANTS):
+        updates = []
+        for k in clients:
+            params = f32(x32.astype(np.float64) + DELTAS[(r, k)])
+            updates.append(
+                {
+                    "client": k,
+                    "num_samples": SAMPLES[r][k],
+                    "num_steps": STEPS[r][k],
+                    "lr_sum": 0.01 * STEPS[r][k],
+                    "mean_loss": LOSSES[(r, k)],
+                    "params": split(params),
+                    "control_delta": split(CONTROL_DELTAS[(r, k)])
+                    if cfg["name"] == "scaffold"
+                    else None,
+                    "_params": params,
+                }
+            )
+        ids = sorted(clients)  # the server's order: by client id
+        by_id = {u["client"]: u for u in updates}
+        x = x32.astype(np.float64)
+        n = np.array([by_id[k]["num_samples"] for k in ids], dtype=np.float64)
+        rd = {
+            "d": [by_id[k]["_params"].astype(np.float64) - x for k in ids],
+            "n": n,
+            "p": n / n.sum(),
+            "tau": [by_id[k]["num_steps"] for k in ids],
+            "loss": [by_id[k]["mean_loss"] for k in ids],
+            "dc": [CONTROL_DELTAS[(r, k)].astype(np.float64) for k in ids],
+        }
+        c_before = st.get("c")
+        delta, x_new, extra = algo(cfg, st, x, rd)
+        x32_new = f32(x_new)
+        scalars, series = common_metrics(rd, ids)
+        scalars["aggregate_norm"] = float(np.linalg.norm(delta))
+        scalars["server_step_norm"] = float(np.linalg.norm(x32_new.astype(np.float64) - x))
+        scalars.update({k: float(v) for k, v in extra.items()})
+        expected = {"params": split(x_new), "scalars": scalars, "series": series}
+        if cfg["name"] == "fedprox":
+            expected["objective"] = {"proximal_mu": cfg["mu"]}
+        if cfg["name"] == "scaffold":
+            expected["server_control_before"] = None if c_before is None else split(c_before)
+            expected["server_control"] = split(st["c"])
+        for u in updates:
+            del u["_params"]
+        rounds.append({"round": r, "updates": updates, "expected": expected})
+        x32 = x32_new
+    if cid == "fedyogi":
+        # Both branches of Yogi's sign must have been exercised.
+        assert {-1.0, 1.0} <= st["yogi_branches"], st["yogi_branches"]
+    return {"id": cid, "config": cfg, "rounds": rounds}
+
+
+def dumps(obj, indent=0):
+    """JSON with one line per list of numbers (short, diff-friendly)."""
+    pad, inner = " " * indent, " " * (indent + 1)
+    if isinstance(obj, dict):
+        items = [f"{inner}{json.dumps(k)}: {dumps(v, indent + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}" if items else "{}"
+    if isinstance(obj, list) and all(not isinstance(v, (list, dict)) for v in obj):
+        return json.dumps(obj)
+    if isinstance(obj, list):
+        return "[\n" + ",\n".join(inner + dumps(v, indent + 1) for v in obj) + "\n" + pad + "]"
+    return json.dumps(obj)
+
+
+def main():
+    golden = {
+        "generator": "crates/fedcmp-strategy/tests/golden/reference.py",
+        "num_clients": N_CLIENTS,
+        "layout": [[name, shape] for name, shape in LAYOUT],
+        "global0": split(GLOBAL0),
+        "cases": [run_case(cid, cfg, algo) for cid, cfg, algo in CASES],
+    }
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden.json")
+    with open(path, "w") as f:
+        f.write(dumps(golden) + "\n")
+    print(f"wrote {path}: {len(golden['cases'])} cases")
+
+
+if __name__ == "__main__":
+    main()

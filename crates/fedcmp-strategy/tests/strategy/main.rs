@@ -1,0 +1,9 @@
+//! The strategy crate's integration tests, in one binary: golden values
+//! from the independent numpy reference (`tests/golden/`), properties every
+//! strategy must have, error cases, configuration.
+
+mod common;
+mod config;
+mod errors;
+mod golden;
+mod properties;
