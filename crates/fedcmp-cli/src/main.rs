@@ -39,6 +39,8 @@ enum Command {
         #[command(subcommand)]
         action: commands::scenario::ScenarioAction,
     },
+    /// One federated run of a scenario with a strategy (simulation).
+    Run(commands::run::RunArgs),
     /// Centralized alignment of a projector between MobileNetV2 and SmolLM2
     /// on Fashion-MNIST with template captions (the current main job).
     Align(commands::align::AlignArgs),
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Assets { action }) => commands::assets::run(cli.cache_dir, action),
         Some(Command::Scenario { action }) => commands::scenario::run(cli.cache_dir, action),
+        Some(Command::Run(args)) => commands::run::run(cli.cache_dir, args),
         Some(Command::Align(args)) => commands::align::run(cli.cache_dir, args),
         None => commands::align::run(cli.cache_dir, commands::align::AlignArgs::default()),
     };

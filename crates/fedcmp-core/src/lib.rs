@@ -23,7 +23,9 @@ pub enum CoreError {
         expected: Vec<usize>,
         got: Vec<usize>,
     },
-    #[error("parameter sets differ: `{got}` where `{expected}` was expected (position {position})")]
+    #[error(
+        "parameter sets differ: `{got}` where `{expected}` was expected (position {position})"
+    )]
     NameMismatch {
         position: usize,
         expected: String,

@@ -140,7 +140,9 @@ impl ParamSet {
 
     /// All values, concatenated in order (for norms and cosines).
     pub fn flat(&self) -> impl Iterator<Item = f32> + '_ {
-        self.entries.iter().flat_map(|(_, t)| t.data.iter().copied())
+        self.entries
+            .iter()
+            .flat_map(|(_, t)| t.data.iter().copied())
     }
 }
 
@@ -154,7 +156,10 @@ mod tests {
                 .iter()
                 .map(|(n, s)| {
                     let len = s.iter().product();
-                    Ok((n.to_string(), ParamTensor::new(n, s.clone(), vec![1.0; len])?))
+                    Ok((
+                        n.to_string(),
+                        ParamTensor::new(n, s.clone(), vec![1.0; len])?,
+                    ))
                 })
                 .collect::<Result<_>>()?,
         )
@@ -170,7 +175,10 @@ mod tests {
             Err(CoreError::ShapeMismatch { ref name, .. }) if name == "w"
         ));
         let c = set(&[("b", vec![2]), ("w", vec![2, 3])])?;
-        assert!(matches!(a.check_same_layout(&c), Err(CoreError::NameMismatch { position: 0, .. })));
+        assert!(matches!(
+            a.check_same_layout(&c),
+            Err(CoreError::NameMismatch { position: 0, .. })
+        ));
         assert!(ParamTensor::new("x", vec![2, 2], vec![0.0; 3]).is_err());
         assert!(set(&[("w", vec![1]), ("w", vec![1])]).is_err());
         assert_eq!(a.num_values(), 8);

@@ -4,4 +4,5 @@ pub mod align;
 pub mod assets;
 pub mod backbones;
 pub mod plot;
+pub mod run;
 pub mod scenario;

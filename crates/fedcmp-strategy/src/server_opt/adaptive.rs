@@ -70,7 +70,7 @@ impl Adaptive {
         match self.rule {
             AdaptiveRule::Adagrad => v + d2,
             AdaptiveRule::Adam => self.beta2 * v + (1.0 - self.beta2) * d2,
-            AdaptiveRule::Yogi => v + (1.0 - self.beta2) * d2 * ops::sign(v - d2),
+            AdaptiveRule::Yogi => v - (1.0 - self.beta2) * d2 * ops::sign(v - d2),
         }
     }
 }

@@ -1,0 +1,366 @@
+//! `fedcmp run`: one federated pretraining run of a scenario with a
+//! strategy, in simulation. Writes a run folder (resolved settings, metrics
+//! per round as JSONL, the final projector and a summary) and shows round,
+//! clients, loss, samples/s and ETA while it runs.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::Args;
+use fedcmp_assets::cache_root;
+use fedcmp_core::{ClientId, ParamSet};
+use fedcmp_model::alignment::CaptionTemplate;
+use fedcmp_model::optim::{AdamWConfig, WarmupCosine};
+use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
+use fedcmp_model::vision::VisionEncoder;
+use fedcmp_runtime::client::{ClientData, LocalConfig, LocalTrainer, Sample};
+use fedcmp_runtime::convert::{param_to_tensor, projector_params};
+use fedcmp_runtime::engine::{run as run_engine, EngineConfig};
+use fedcmp_runtime::eval::Evaluator;
+use fedcmp_runtime::transport::InProcess;
+use fedcmp_strategy::config::StrategyConfig;
+
+use super::backbones;
+use crate::progress::bar;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Scenario: a built-in name (iid, concept-skew, domain-silos, cross-device) or a TOML file.
+    #[arg(long, default_value = "domain-silos")]
+    pub scenario: String,
+    /// Strategy name (fedavg, fedprox, fedavgm, fedadagrad, fedadam, fedyogi, scaffold, fednova,
+    /// ties), or an inline TOML table with its options, e.g. '{ name = "fedprox", mu = 0.01 }'.
+    #[arg(long, default_value = "fedavg")]
+    pub strategy: String,
+    /// Stop after this many rounds (default: when every shard is consumed once).
+    #[arg(long)]
+    pub rounds: Option<u64>,
+    /// Local optimiser steps per round.
+    #[arg(long, default_value_t = 4)]
+    pub local_steps: usize,
+    /// Samples per local step.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Peak learning rate of the global warm-up + cosine schedule.
+    #[arg(long, default_value_t = 3e-4)]
+    pub lr: f64,
+    /// Reset each client's AdamW moments every round.
+    #[arg(long)]
+    pub reset_optimizer: bool,
+    /// Evaluate the global projector on the validation split every N rounds.
+    #[arg(long, default_value_t = 5)]
+    pub eval_every: u64,
+    /// Projector kind: linear or mlp2x_gelu.
+    #[arg(long, default_value = "mlp2x_gelu")]
+    pub projector: ProjectorKind,
+    /// Encoder input size in pixels.
+    #[arg(long, default_value_t = 112)]
+    pub image_size: usize,
+    /// Seed of client sampling, dropouts, shuffles and initialisation (the
+    /// scenario's own seed fixes the data split).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Folder for run folders.
+    #[arg(long, default_value = "runs")]
+    pub out: PathBuf,
+    /// Decoder LLM: a .gguf file or a Hugging Face folder (default: SmolLM2-135M).
+    #[arg(long)]
+    pub llm: Option<PathBuf>,
+}
+
+fn parse_strategy(text: &str) -> Result<StrategyConfig> {
+    let trimmed = text.trim();
+    let toml_text = if trimmed.starts_with('{') {
+        // An inline table: turn `{ a = 1, b = 2 }` into top-level keys.
+        let inner = trimmed.trim_start_matches('{').trim_end_matches('}');
+        format!("x = {{{inner}}}")
+    } else {
+        format!("x = {{ name = \"{trimmed}\" }}")
+    };
+    #[derive(serde::Deserialize)]
+    struct Wrapper {
+        x: StrategyConfig,
+    }
+    let wrapper: Wrapper = toml::from_str(&toml_text)
+        .with_context(|| format!("--strategy {text:?} is not a known strategy configuration"))?;
+    Ok(wrapper.x)
+}
+
+/// Appends one JSON line and flushes, so a crash loses at most the line
+/// being written.
+fn append_jsonl(file: &mut std::fs::File, value: &impl serde::Serialize) -> Result<()> {
+    serde_json::to_writer(&mut *file, value)?;
+    file.write_all(b"\n")?;
+    file.flush()?;
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn save_projector(params: &ParamSet, path: &Path) -> Result<()> {
+    let tensors = params
+        .entries()
+        .iter()
+        .map(|(name, p)| Ok((name.clone(), param_to_tensor(p, DType::F32)?)))
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    let tmp = path.with_extension("partial");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
+    let strategy_config = parse_strategy(&args.strategy)?;
+    if args.local_steps == 0 || args.batch_size == 0 {
+        bail!("--local-steps and --batch-size must be positive");
+    }
+    let root = cache_root(cache_dir)?;
+    let federation = super::scenario::resolve(&root, &args.scenario)?;
+    let (scenario, _) = fedcmp_data::scenario::Scenario::load(&args.scenario)?;
+    let loaded = backbones::load(&root, args.llm.as_ref(), args.image_size)?;
+    let mut cache = loaded.feature_cache(&root)?;
+    let keys = backbones::cache_features(&mut cache, &loaded.encoder, &federation.corpus.records)?;
+    let sample = |i: usize| -> Option<Sample> {
+        keys[i].clone().map(|key| Sample {
+            key,
+            caption: federation.corpus.records[i].caption.clone(),
+        })
+    };
+    let clients: Vec<ClientData> = federation
+        .plan
+        .shards
+        .iter()
+        .enumerate()
+        .map(|(c, shard)| ClientData {
+            id: ClientId(c as u32),
+            samples: shard.iter().filter_map(|&i| sample(i)).collect(),
+        })
+        .collect();
+    let validation: Vec<Sample> = federation
+        .plan
+        .splits
+        .validation
+        .iter()
+        .filter_map(|&i| sample(i))
+        .collect();
+    let test: Vec<Sample> = federation
+        .plan
+        .splits
+        .test
+        .iter()
+        .filter_map(|&i| sample(i))
+        .collect();
+    let budget: u64 = clients.iter().map(|c| c.samples.len() as u64).sum();
+    if budget == 0 {
+        bail!("scenario {} leaves no training sample", scenario.name);
+    }
+
+    let backbones::Backbones {
+        decoder,
+        tokenizer,
+        encoder,
+    } = loaded;
+    let decoder = Arc::new(decoder);
+    let tokenizer = Arc::new(tokenizer);
+    let make_projector = || -> Result<Projector> {
+        Ok(Projector::new(
+            ProjectorConfig {
+                kind: args.projector,
+                input_dim: encoder.feature_dim(),
+                output_dim: decoder.config().hidden_size,
+                pool: 1,
+            },
+            args.seed,
+            DType::F32,
+            &Device::Cpu,
+        )?)
+    };
+    let template = CaptionTemplate::plain();
+    let local = LocalConfig {
+        local_steps: args.local_steps,
+        batch_size: args.batch_size,
+        epochs: 1,
+        reset_optimizer: args.reset_optimizer,
+        adamw: AdamWConfig::default(),
+        seed: args.seed,
+    };
+    let trainer = LocalTrainer::new(
+        decoder.clone(),
+        tokenizer.clone(),
+        template.clone(),
+        make_projector()?,
+        local,
+    )?;
+    let num_clients = clients.len();
+    let shard_sizes: Vec<usize> = clients.iter().map(|c| c.samples.len()).collect();
+    let mut transport = InProcess::new(trainer, &cache, clients);
+    let mut strategy = strategy_config.build(num_clients)?;
+    let per_round = scenario
+        .participation
+        .clients_per_round
+        .map_or(num_clients, |k| k.get());
+    let engine = EngineConfig {
+        max_rounds: args.rounds.unwrap_or(u64::MAX),
+        clients_per_round: scenario.participation.clients_per_round.map(|k| k.get()),
+        dropout: scenario.participation.dropout,
+        seed: args.seed,
+        eval_every: args.eval_every.max(1),
+        schedule: WarmupCosine {
+            peak_lr: args.lr,
+            total_samples: budget,
+            warmup_ratio: 0.03,
+        },
+    };
+
+    let run_name = format!("{}-{}-s{}", scenario.name, strategy.name(), args.seed);
+    let dir = args.out.join(&run_name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let settings = serde_json::json!({
+        "scenario": scenario,
+        "strategy": strategy_config,
+        "local_steps": args.local_steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "reset_optimizer": args.reset_optimizer,
+        "eval_every": args.eval_every,
+        "projector": args.projector.to_string(),
+        "image_size": args.image_size,
+        "seed": args.seed,
+        "llm": args.llm,
+        "vision": encoder.identity(),
+        "clients": num_clients,
+        "shard_sizes": shard_sizes,
+        "budget_samples": budget,
+        "validation_samples": validation.len(),
+        "test_samples": test.len(),
+    });
+    write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&settings)?.as_bytes(),
+    )?;
+    let mut metrics_file = std::fs::File::create(dir.join("metrics.jsonl"))?;
+
+    let work = make_projector()?;
+    let initial = projector_params(&work)?;
+    let validator = Evaluator {
+        decoder: &decoder,
+        tokenizer: &tokenizer,
+        template: &template,
+        cache: &cache,
+        samples: &validation,
+        batch_size: 16,
+    };
+    let init_val = validator.nll_of(&work, &initial)?;
+    println!(
+        "run {run_name}: {num_clients} clients ({per_round} per round), {budget} training samples, \
+         {} validation, {} test; initial validation NLL {init_val:.4}",
+        validation.len(),
+        test.len()
+    );
+    // Rounds until the largest shard is consumed under full participation,
+    // or until the budget is at partial participation: an estimate for the bar.
+    let per_client_round = (args.local_steps * args.batch_size) as u64;
+    let longest = shard_sizes.iter().max().copied().unwrap_or(0) as u64;
+    let estimate = longest
+        .div_ceil(per_client_round)
+        .max(budget.div_ceil(per_client_round * per_round as u64))
+        .min(args.rounds.unwrap_or(u64::MAX));
+    let progress = bar(estimate, "round");
+    let started = Instant::now();
+    let mut last_val = init_val;
+    let mut evaluate = |p: &ParamSet| validator.nll_of(&work, p);
+    let mut write_error = None;
+    let summary = run_engine(
+        &engine,
+        strategy.as_mut(),
+        &mut transport,
+        initial,
+        &mut evaluate,
+        &mut |record| {
+            if let Some(v) = record.val_loss {
+                last_val = v;
+            }
+            if record.round > progress.length().unwrap_or(0) {
+                progress.set_length(record.round);
+            }
+            progress.set_position(record.round);
+            let rate = record.samples_total as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            progress.set_message(format!(
+                "clients {}/{}  loss {:.3}  val {:.3}  {:.1} samples/s",
+                record.answered.len(),
+                record.sampled.len(),
+                record.train_loss,
+                last_val,
+                rate
+            ));
+            if let Err(e) = append_jsonl(&mut metrics_file, record) {
+                write_error.get_or_insert(e);
+            }
+        },
+    )?;
+    progress.finish_and_clear();
+    if let Some(e) = write_error {
+        return Err(e.context(format!("writing {}", dir.join("metrics.jsonl").display())));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    save_projector(&summary.final_params, &dir.join("projector.safetensors"))?;
+    let tester = Evaluator {
+        samples: &test,
+        ..validator
+    };
+    let init_test = tester.nll_of(&work, &projector_params(&make_projector()?)?)?;
+    let final_test = tester.nll_of(&work, &summary.final_params)?;
+    let one_pass = summary
+        .consumed
+        .iter()
+        .zip(&shard_sizes)
+        .all(|((_, n), size)| *n as usize == *size);
+    let result = serde_json::json!({
+        "rounds": summary.rounds,
+        "stop": summary.stop,
+        "samples_total": summary.samples_total,
+        "seconds": secs,
+        "validation_nll": { "init": init_val, "final": summary.final_val_loss },
+        "test_nll": { "init": init_test, "final": final_test },
+        "consumed_per_client": summary.consumed.iter().map(|(c, n)| (c.0, *n)).collect::<Vec<_>>(),
+        "one_pass_complete": one_pass,
+    });
+    write_atomic(
+        &dir.join("summary.json"),
+        serde_json::to_string_pretty(&result)?.as_bytes(),
+    )?;
+    println!(
+        "{} rounds ({:?}), {} samples in {secs:.0} s ({:.1} samples/s)",
+        summary.rounds,
+        summary.stop,
+        summary.samples_total,
+        summary.samples_total as f64 / secs.max(1e-9)
+    );
+    println!("{:>14} {:>10} {:>10}", "caption NLL", "init", "final");
+    println!(
+        "{:>14} {:>10.4} {:>10.4}",
+        "validation",
+        init_val,
+        summary.final_val_loss.unwrap_or(f64::NAN)
+    );
+    println!("{:>14} {:>10.4} {:>10.4}", "test", init_test, final_test);
+    println!(
+        "every client consumed its shard once: {}",
+        if one_pass {
+            "yes"
+        } else {
+            "no (stopped early)"
+        }
+    );
+    println!("run folder: {}", dir.display());
+    Ok(())
+}
