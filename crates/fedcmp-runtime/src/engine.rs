@@ -64,8 +64,8 @@ pub struct RoundRecord {
     /// Samples consumed in this round and in the whole run so far.
     pub samples: u64,
     pub samples_total: u64,
-    /// Learning rate at the start of the round.
-    pub lr: f64,
+    /// Learning rate of the schedule once this round's samples are consumed.
+    pub lr_end: f64,
     /// Sample-weighted mean of the clients' training losses.
     pub train_loss: f64,
     /// Validation caption NLL per token of the new global model, when
@@ -73,6 +73,15 @@ pub struct RoundRecord {
     pub val_loss: Option<f64>,
     pub seconds: f64,
     pub metrics: RoundMetrics,
+}
+
+/// Where a run starts.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// Round 0 with these initial parameters.
+    Fresh(ParamSet),
+    /// After the rounds recorded in a checkpoint.
+    Resume(EngineState),
 }
 
 /// Why the loop stopped.
@@ -98,21 +107,70 @@ pub struct RunSummary {
 /// Computes a validation loss for a global model.
 pub type Evaluate<'a> = dyn FnMut(&ParamSet) -> Result<f64> + 'a;
 
-/// Drives rounds until the data is consumed or `max_rounds` is reached.
+/// The round loop's own state between rounds: with the strategy's state
+/// and the clients' states it is everything a resumed run needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineState {
+    /// Rounds completed.
+    pub round: u64,
+    pub samples_total: u64,
+    /// Position of the sampling/dropout RNG stream (ChaCha8 word position).
+    pub rng_word_pos: u128,
+    pub global: ParamSet,
+    pub last_val: Option<f64>,
+}
+
+/// Saves a checkpoint from the engine's, the strategy's and the clients'
+/// states (the runtime's checkpoint module writes them to disk).
+pub type SaveCheckpoint<'a> =
+    dyn FnMut(&EngineState, &dyn Strategy, &dyn Transport) -> Result<()> + 'a;
+
+/// Called after every `every` rounds (and after the last) with everything
+/// to save.
+pub struct CheckpointHook<'a> {
+    pub every: u64,
+    pub save: &'a mut SaveCheckpoint<'a>,
+}
+
+impl std::fmt::Debug for CheckpointHook<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointHook")
+            .field("every", &self.every)
+            .finish()
+    }
+}
+
+fn rng_for(config: &EngineConfig) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(config.seed ^ 0x5eed_c11e_47f0_0d01)
+}
+
+/// Drives rounds until the data is consumed or `max_rounds` is reached,
+/// starting from `initial` (a fresh run) or from a saved [`EngineState`]
+/// (the strategy and the transport's clients must have been restored from
+/// the same checkpoint).
 pub fn run(
     config: &EngineConfig,
     strategy: &mut dyn Strategy,
     transport: &mut dyn Transport,
-    initial: ParamSet,
+    start: Start,
     evaluate: &mut Evaluate<'_>,
     observe: &mut dyn FnMut(&RoundRecord),
+    mut checkpoint: Option<CheckpointHook<'_>>,
 ) -> Result<RunSummary> {
     config.validate()?;
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x5eed_c11e_47f0_0d01);
-    let mut global = initial;
-    let mut samples_total = 0u64;
-    let mut round = 0u64;
-    let mut last_val = None;
+    let mut rng = rng_for(config);
+    let (mut global, mut samples_total, mut round, mut last_val) = match start {
+        Start::Fresh(initial) => (initial, 0u64, 0u64, None),
+        Start::Resume(state) => {
+            rng.set_word_pos(state.rng_word_pos);
+            (
+                state.global,
+                state.samples_total,
+                state.round,
+                state.last_val,
+            )
+        }
+    };
     let stop = loop {
         let mut active = transport.active_clients();
         if active.is_empty() {
@@ -146,7 +204,6 @@ pub fn run(
             round_start_samples: samples_total,
         };
         let updates = transport.run_round(&plan)?;
-        let lr = config.schedule.lr_at(samples_total);
         let round_samples: u64 = updates.iter().map(|u| u.num_samples).sum();
         let train_loss = if round_samples > 0 {
             updates
@@ -181,13 +238,26 @@ pub fn run(
             answered: updates.iter().map(|u| u.client.0).collect(),
             samples: round_samples,
             samples_total,
-            lr,
+            lr_end: config.schedule.lr_at(samples_total),
             train_loss,
             val_loss,
             seconds: started.elapsed().as_secs_f64(),
             metrics,
         };
         observe(&record);
+        if let Some(hook) = checkpoint.as_mut() {
+            let last = exhausted || round == config.max_rounds;
+            if round.is_multiple_of(hook.every.max(1)) || last {
+                let state = EngineState {
+                    round,
+                    samples_total,
+                    rng_word_pos: rng.get_word_pos(),
+                    global: global.clone(),
+                    last_val,
+                };
+                (hook.save)(&state, &*strategy, &*transport)?;
+            }
+        }
     };
     Ok(RunSummary {
         rounds: round,

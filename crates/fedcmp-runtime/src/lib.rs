@@ -10,6 +10,7 @@
 //! - [`engine`]: the round loop: sample, instruct, train, aggregate,
 //!   evaluate, record.
 
+pub mod checkpoint;
 pub mod client;
 pub mod convert;
 pub mod engine;

@@ -8,7 +8,7 @@ use fedcmp_data::cache::FeatureCache;
 use fedcmp_model::optim::WarmupCosine;
 
 use crate::client::{ClientData, ClientState, LocalTrainer, RoundContext};
-use crate::Result;
+use crate::{Result, RuntimeError};
 
 /// Everything a client needs for one round besides its own data and state.
 #[derive(Debug, Clone)]
@@ -28,6 +28,11 @@ pub trait Transport {
     fn active_clients(&self) -> Vec<ClientId>;
     /// Samples each client has consumed so far, by client id.
     fn consumed(&self) -> Vec<(ClientId, u64)>;
+    /// The state of the clients this process holds (for checkpoints); a
+    /// network transport's clients checkpoint themselves and return none.
+    fn client_states(&self) -> Vec<(ClientId, ClientState)>;
+    /// Restores states saved by [`Transport::client_states`].
+    fn restore_client_states(&mut self, states: Vec<(ClientId, ClientState)>) -> Result<()>;
 }
 
 /// All clients in this process, trained one after another by one shared
@@ -55,11 +60,6 @@ impl<'a> InProcess<'a> {
             cache,
             clients,
         }
-    }
-
-    /// Each client's state (for checkpoints).
-    pub fn states(&self) -> Vec<(ClientId, &ClientState)> {
-        self.clients.iter().map(|(d, s)| (d.id, s)).collect()
     }
 }
 
@@ -106,5 +106,35 @@ impl Transport for InProcess<'_> {
             .iter()
             .map(|(d, s)| (d.id, s.consumed))
             .collect()
+    }
+
+    fn client_states(&self) -> Vec<(ClientId, ClientState)> {
+        self.clients
+            .iter()
+            .map(|(d, s)| (d.id, s.clone()))
+            .collect()
+    }
+
+    fn restore_client_states(&mut self, states: Vec<(ClientId, ClientState)>) -> Result<()> {
+        if states.len() != self.clients.len() {
+            return Err(RuntimeError::Config(format!(
+                "checkpoint holds {} clients, this federation has {}",
+                states.len(),
+                self.clients.len()
+            )));
+        }
+        for ((data, state), (id, saved)) in self.clients.iter_mut().zip(states) {
+            if data.id != id || saved.order.len() != data.samples.len() {
+                return Err(RuntimeError::Config(format!(
+                    "checkpoint client {} ({} samples) does not match client {} ({} samples)",
+                    id.0,
+                    saved.order.len(),
+                    data.id.0,
+                    data.samples.len()
+                )));
+            }
+            *state = saved;
+        }
+        Ok(())
     }
 }

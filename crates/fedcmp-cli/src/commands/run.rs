@@ -17,11 +17,12 @@ use fedcmp_model::alignment::CaptionTemplate;
 use fedcmp_model::optim::{AdamWConfig, WarmupCosine};
 use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
 use fedcmp_model::vision::VisionEncoder;
+use fedcmp_runtime::checkpoint::{self, Checkpoint};
 use fedcmp_runtime::client::{ClientData, LocalConfig, LocalTrainer, Sample};
 use fedcmp_runtime::convert::{param_to_tensor, projector_params};
-use fedcmp_runtime::engine::{run as run_engine, EngineConfig};
+use fedcmp_runtime::engine::{run as run_engine, CheckpointHook, EngineConfig, EngineState, Start};
 use fedcmp_runtime::eval::Evaluator;
-use fedcmp_runtime::transport::InProcess;
+use fedcmp_runtime::transport::{InProcess, Transport};
 use fedcmp_strategy::config::StrategyConfig;
 
 use super::backbones;
@@ -67,6 +68,14 @@ pub struct RunArgs {
     /// Folder for run folders.
     #[arg(long, default_value = "runs")]
     pub out: PathBuf,
+    /// Save a checkpoint every N rounds (and after the last); an interrupted
+    /// run resumes from the newest one when started again with the same
+    /// settings.
+    #[arg(long, default_value_t = 5)]
+    pub checkpoint_every: u64,
+    /// Start over even if the run folder holds a checkpoint.
+    #[arg(long)]
+    pub fresh: bool,
     /// Decoder LLM: a .gguf file or a Hugging Face folder (default: SmolLM2-135M).
     #[arg(long)]
     pub llm: Option<PathBuf>,
@@ -243,11 +252,49 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
         "validation_samples": validation.len(),
         "test_samples": test.len(),
     });
-    write_atomic(
-        &dir.join("config.json"),
-        serde_json::to_string_pretty(&settings)?.as_bytes(),
-    )?;
-    let mut metrics_file = std::fs::File::create(dir.join("metrics.jsonl"))?;
+    let settings_text = serde_json::to_string_pretty(&settings)?;
+    let checkpoints = dir.join("checkpoints");
+    let saved = if args.fresh {
+        None
+    } else {
+        checkpoint::load_latest(&checkpoints)?
+    };
+    if let Some(saved) = &saved {
+        let previous = std::fs::read_to_string(dir.join("config.json")).unwrap_or_default();
+        if previous != settings_text {
+            bail!(
+                "{} holds a checkpoint of a run with other settings; rerun with the same \
+                 settings to resume it, pass --fresh to start over, or choose another --out",
+                dir.display()
+            );
+        }
+        println!("resuming {run_name} after round {}", saved.engine.round);
+    } else {
+        write_atomic(&dir.join("config.json"), settings_text.as_bytes())?;
+    }
+    let metrics_path = dir.join("metrics.jsonl");
+    if let Some(saved) = &saved {
+        // Rounds after the checkpoint will be run again: drop their lines.
+        let text = std::fs::read_to_string(&metrics_path).unwrap_or_default();
+        let kept: String = text
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("round").and_then(serde_json::Value::as_u64))
+                    .is_some_and(|r| r <= saved.engine.round)
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        write_atomic(&metrics_path, kept.as_bytes())?;
+    }
+    let mut metrics_file = if saved.is_some() {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&metrics_path)?
+    } else {
+        std::fs::File::create(&metrics_path)?
+    };
 
     let work = make_projector()?;
     let initial = projector_params(&work)?;
@@ -279,11 +326,36 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
     let mut last_val = init_val;
     let mut evaluate = |p: &ParamSet| validator.nll_of(&work, p);
     let mut write_error = None;
+    let start = match saved {
+        Some(saved) => {
+            strategy.load_state(saved.strategy)?;
+            transport.restore_client_states(saved.clients)?;
+            progress.set_position(saved.engine.round);
+            if let Some(v) = saved.engine.last_val {
+                last_val = v;
+            }
+            Start::Resume(saved.engine)
+        }
+        None => Start::Fresh(initial),
+    };
+    let mut save = |engine: &EngineState,
+                    strategy: &dyn fedcmp_strategy::Strategy,
+                    transport: &dyn Transport| {
+        checkpoint::save(
+            &checkpoints,
+            &Checkpoint {
+                engine: engine.clone(),
+                strategy: strategy.state(),
+                clients: transport.client_states(),
+            },
+        )
+        .map(|_| ())
+    };
     let summary = run_engine(
         &engine,
         strategy.as_mut(),
         &mut transport,
-        initial,
+        start,
         &mut evaluate,
         &mut |record| {
             if let Some(v) = record.val_loss {
@@ -306,6 +378,10 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
                 write_error.get_or_insert(e);
             }
         },
+        Some(CheckpointHook {
+            every: args.checkpoint_every.max(1),
+            save: &mut save,
+        }),
     )?;
     progress.finish_and_clear();
     if let Some(e) = write_error {
@@ -339,11 +415,8 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
         serde_json::to_string_pretty(&result)?.as_bytes(),
     )?;
     println!(
-        "{} rounds ({:?}), {} samples in {secs:.0} s ({:.1} samples/s)",
-        summary.rounds,
-        summary.stop,
-        summary.samples_total,
-        summary.samples_total as f64 / secs.max(1e-9)
+        "{} rounds ({:?}), {} samples in total; this session took {secs:.0} s",
+        summary.rounds, summary.stop, summary.samples_total
     );
     println!("{:>14} {:>10} {:>10}", "caption NLL", "init", "final");
     println!(
