@@ -4,7 +4,6 @@
 //! interrupted encode resumes from its complete shards.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -12,41 +11,8 @@ use candle_core::{Device, Tensor};
 use fedcmp_data::cache::{CacheEvent, FeatureCache};
 use fedcmp_data::preprocess::Preprocess;
 use fedcmp_data::record::{ImageSource, RawImage, Record, SkipKind};
-use fedcmp_model::vision::{InputSpec, Normalization, VisionEncoder};
-
-/// A stand-in encoder: 8x8 input, four 4x4 patches, each patch's channel
-/// means as a 3-wide feature. Counts the images it encodes.
-#[derive(Debug, Default)]
-struct CountingEncoder {
-    images: AtomicUsize,
-}
-
-impl VisionEncoder for CountingEncoder {
-    fn identity(&self) -> String {
-        "counting-test-encoder".into()
-    }
-    fn input_spec(&self) -> InputSpec {
-        InputSpec {
-            image_size: 8,
-            normalization: Normalization::IMAGENET,
-        }
-    }
-    fn feature_dim(&self) -> usize {
-        3
-    }
-    fn num_patches(&self) -> usize {
-        4
-    }
-    fn grid_side(&self) -> Option<usize> {
-        Some(2)
-    }
-    fn encode(&self, pixels: &Tensor) -> fedcmp_model::Result<Tensor> {
-        let b = pixels.dims()[0];
-        self.images.fetch_add(b, Ordering::SeqCst);
-        let pooled = pixels.avg_pool2d(4)?; // (b, 3, 2, 2)
-        Ok(pooled.reshape((b, 3, 4))?.transpose(1, 2)?.contiguous()?)
-    }
-}
+use fedcmp_model::vision::patch_means::PatchMeans;
+use fedcmp_model::vision::VisionEncoder;
 
 fn raw(seed: u8) -> ImageSource {
     let pixels: Vec<u8> = (0..8 * 8).map(|i| (i as u8).wrapping_mul(seed)).collect();
@@ -91,7 +57,7 @@ fn preprocess() -> Preprocess {
 fn second_pass_runs_the_encoder_zero_times() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let records = corpus(dir.path())?;
-    let encoder = CountingEncoder::default();
+    let encoder = PatchMeans::new(8)?;
     let root = dir.path().join("cache");
 
     let mut cache = FeatureCache::open(&root, &encoder, preprocess())?.with_shard_size(2);
@@ -123,12 +89,12 @@ fn second_pass_runs_the_encoder_zero_times() -> Result<()> {
     assert_eq!(features.dims(), &[4, 3]);
 
     // A new process (a fresh handle) over the same corpus: nothing encoded.
-    let encoder2 = CountingEncoder::default();
+    let encoder2 = PatchMeans::new(8)?;
     let mut again = FeatureCache::open(&root, &encoder2, preprocess())?;
     let second = again.ensure(&records, &encoder2, 4, &mut |_| {})?;
     assert_eq!(second.encoded, 0);
     assert_eq!(again.encoder_passes(), 0);
-    assert_eq!(encoder2.images.load(Ordering::SeqCst), 0);
+    assert_eq!(encoder2.encoded(), 0);
     assert_eq!(second.reused, 7);
     assert_eq!(second.keys, first.keys);
     let keys: Vec<_> = second.keys.iter().flatten().collect();
@@ -147,7 +113,7 @@ fn second_pass_runs_the_encoder_zero_times() -> Result<()> {
 fn features_match_the_encoder_up_to_f16_rounding() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let records = vec![record(1, raw(7))];
-    let encoder = CountingEncoder::default();
+    let encoder = PatchMeans::new(8)?;
     let mut cache = FeatureCache::open(dir.path(), &encoder, preprocess())?;
     let report = cache.ensure(&records, &encoder, 4, &mut |_| {})?;
     let key = report.keys[0]
@@ -167,7 +133,7 @@ fn features_match_the_encoder_up_to_f16_rounding() -> Result<()> {
 fn other_preprocessing_is_another_cache() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let records = vec![record(1, raw(5)), record(2, raw(6))];
-    let encoder = CountingEncoder::default();
+    let encoder = PatchMeans::new(8)?;
     let mut a = FeatureCache::open(dir.path(), &encoder, preprocess())?;
     a.ensure(&records, &encoder, 4, &mut |_| {})?;
     let other = Preprocess::square(8, [0.4; 3], [0.25; 3]);
@@ -181,7 +147,7 @@ fn other_preprocessing_is_another_cache() -> Result<()> {
 fn interrupted_encoding_resumes_from_complete_shards() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let records: Vec<Record> = (1..=6).map(|i| record(i, raw(i as u8 + 10))).collect();
-    let encoder = CountingEncoder::default();
+    let encoder = PatchMeans::new(8)?;
     let mut cache = FeatureCache::open(dir.path(), &encoder, preprocess())?.with_shard_size(2);
     cache.ensure(&records, &encoder, 2, &mut |_| {})?;
     let cache_dir = cache.dir().to_path_buf();
@@ -201,7 +167,7 @@ fn interrupted_encoding_resumes_from_complete_shards() -> Result<()> {
     // And one complete shard got corrupted on disk.
     std::fs::write(&shards[0], b"garbage")?;
 
-    let encoder2 = CountingEncoder::default();
+    let encoder2 = PatchMeans::new(8)?;
     let mut resumed = FeatureCache::open(dir.path(), &encoder2, preprocess())?;
     let report = resumed.ensure(&records, &encoder2, 2, &mut |_| {})?;
     assert_eq!(

@@ -7,6 +7,7 @@
 
 pub mod legacy_pth;
 pub mod mobilenet_v2;
+pub mod patch_means;
 pub mod vit;
 
 use candle_core::Tensor;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use fedcmp_core::{ClientId, ParamSet};
 use fedcmp_data::cache::FeatureCache;
 use fedcmp_data::preprocess::Preprocess;
@@ -17,7 +17,7 @@ use fedcmp_model::llm::synthetic::random_decoder_weights;
 use fedcmp_model::optim::{AdamWConfig, WarmupCosine};
 use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
 use fedcmp_model::tokenizer::{GgufBpeSpec, TextTokenizer};
-use fedcmp_model::vision::{InputSpec, Normalization, VisionEncoder};
+use fedcmp_model::vision::patch_means::PatchMeans;
 use fedcmp_runtime::checkpoint::{self, Checkpoint};
 use fedcmp_runtime::client::{ClientData, LocalConfig, LocalTrainer, Sample};
 use fedcmp_runtime::convert::projector_params;
@@ -25,40 +25,6 @@ use fedcmp_runtime::engine::{run, CheckpointHook, EngineConfig, RunSummary, Star
 use fedcmp_runtime::eval::Evaluator;
 use fedcmp_runtime::transport::{InProcess, Transport};
 use fedcmp_strategy::config::StrategyConfig;
-
-/// 8x8 images -> four 4x4 patches, channel means: a deterministic stand-in
-/// for a vision tower.
-#[derive(Debug)]
-struct PatchMeans;
-
-impl VisionEncoder for PatchMeans {
-    fn identity(&self) -> String {
-        "patch-means-8px".into()
-    }
-    fn input_spec(&self) -> InputSpec {
-        InputSpec {
-            image_size: 8,
-            normalization: Normalization::IMAGENET,
-        }
-    }
-    fn feature_dim(&self) -> usize {
-        3
-    }
-    fn num_patches(&self) -> usize {
-        4
-    }
-    fn grid_side(&self) -> Option<usize> {
-        Some(2)
-    }
-    fn encode(&self, pixels: &Tensor) -> fedcmp_model::Result<Tensor> {
-        let b = pixels.dims()[0];
-        Ok(pixels
-            .avg_pool2d(4)?
-            .reshape((b, 3, 4))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    }
-}
 
 struct Fixture {
     decoder: Arc<FrozenDecoder>,
@@ -97,7 +63,7 @@ fn fixture() -> Result<Fixture> {
             }
         })
         .collect();
-    let encoder = PatchMeans;
+    let encoder = PatchMeans::new(8)?;
     let mut cache = FeatureCache::open(
         dir.path(),
         &encoder,
