@@ -20,7 +20,7 @@ pub struct PatchMeans {
 impl PatchMeans {
     /// An encoder for `image_size` x `image_size` inputs.
     pub fn new(image_size: usize) -> Result<Self> {
-        if image_size == 0 || image_size % 2 != 0 {
+        if image_size == 0 || !image_size.is_multiple_of(2) {
             return Err(ModelError::InvalidInput(format!(
                 "PatchMeans needs an even image size, got {image_size}"
             )));
