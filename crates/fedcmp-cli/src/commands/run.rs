@@ -76,6 +76,11 @@ pub struct RunArgs {
     /// Start over even if the run folder holds a checkpoint.
     #[arg(long)]
     pub fresh: bool,
+    /// The centralized reference instead of a federation: every client's
+    /// shard pooled into one, trained with the same optimiser, schedule and
+    /// sample budget (the upper bound a federation tries to reach).
+    #[arg(long)]
+    pub centralized: bool,
     /// Decoder LLM: a .gguf file or a Hugging Face folder (default: SmolLM2-135M).
     #[arg(long)]
     pub llm: Option<PathBuf>,
@@ -129,6 +134,9 @@ fn save_projector(params: &ParamSet, path: &Path) -> Result<()> {
 
 pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
     let strategy_config = parse_strategy(&args.strategy)?;
+    if args.centralized && !matches!(strategy_config, StrategyConfig::FedAvg(_)) {
+        bail!("--centralized trains one pooled model; leave --strategy at fedavg");
+    }
     if args.local_steps == 0 || args.batch_size == 0 {
         bail!("--local-steps and --batch-size must be positive");
     }
@@ -168,6 +176,18 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
         .iter()
         .filter_map(|&i| sample(i))
         .collect();
+    let (clients, participation) = if args.centralized {
+        let pooled = ClientData {
+            id: ClientId(0),
+            samples: clients.into_iter().flat_map(|c| c.samples).collect(),
+        };
+        (
+            vec![pooled],
+            fedcmp_data::scenario::Participation::default(),
+        )
+    } else {
+        (clients, scenario.participation.clone())
+    };
     let budget: u64 = clients.iter().map(|c| c.samples.len() as u64).sum();
     if budget == 0 {
         bail!("scenario {} leaves no training sample", scenario.name);
@@ -213,14 +233,13 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
     let shard_sizes: Vec<usize> = clients.iter().map(|c| c.samples.len()).collect();
     let mut transport = InProcess::new(trainer, &cache, clients);
     let mut strategy = strategy_config.build(num_clients)?;
-    let per_round = scenario
-        .participation
+    let per_round = participation
         .clients_per_round
         .map_or(num_clients, |k| k.get());
     let engine = EngineConfig {
         max_rounds: args.rounds.unwrap_or(u64::MAX),
-        clients_per_round: scenario.participation.clients_per_round.map(|k| k.get()),
-        dropout: scenario.participation.dropout,
+        clients_per_round: participation.clients_per_round.map(|k| k.get()),
+        dropout: participation.dropout,
         seed: args.seed,
         eval_every: args.eval_every.max(1),
         schedule: WarmupCosine {
@@ -230,12 +249,18 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
         },
     };
 
-    let run_name = format!("{}-{}-s{}", scenario.name, strategy.name(), args.seed);
+    let method = if args.centralized {
+        "centralized"
+    } else {
+        strategy.name()
+    };
+    let run_name = format!("{}-{method}-s{}", scenario.name, args.seed);
     let dir = args.out.join(&run_name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let settings = serde_json::json!({
         "scenario": scenario,
         "strategy": strategy_config,
+        "centralized": args.centralized,
         "local_steps": args.local_steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
