@@ -79,8 +79,13 @@ pub struct RunArgs {
     /// The centralized reference instead of a federation: every client's
     /// shard pooled into one, trained with the same optimiser, schedule and
     /// sample budget (the upper bound a federation tries to reach).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "local_only")]
     pub centralized: bool,
+    /// The local-only reference: each client trains alone on its shard (its
+    /// own schedule over its own samples); reports every client's projector
+    /// on the held-out splits and their mean (the lower bound).
+    #[arg(long)]
+    pub local_only: bool,
     /// Decoder LLM: a .gguf file or a Hugging Face folder (default: SmolLM2-135M).
     #[arg(long)]
     pub llm: Option<PathBuf>,
@@ -222,6 +227,100 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
         adamw: AdamWConfig::default(),
         seed: args.seed,
     };
+    if args.local_only {
+        let validator = Evaluator {
+            decoder: &decoder,
+            tokenizer: &tokenizer,
+            template: &template,
+            cache: &cache,
+            samples: &validation,
+            batch_size: 16,
+        };
+        let tester = Evaluator {
+            samples: &test,
+            ..validator
+        };
+        let work = make_projector()?;
+        let dir = args
+            .out
+            .join(format!("{}-local-only-s{}", scenario.name, args.seed));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let progress = bar(clients.len() as u64, "client");
+        let mut rows = Vec::new();
+        for client in clients {
+            let size = client.samples.len() as u64;
+            let id = client.id;
+            let trainer = LocalTrainer::new(
+                decoder.clone(),
+                tokenizer.clone(),
+                template.clone(),
+                make_projector()?,
+                local,
+            )?;
+            let mut transport = InProcess::new(trainer, &cache, vec![client]);
+            let mut strategy = StrategyConfig::default().build(1)?;
+            let engine = EngineConfig {
+                max_rounds: args.rounds.unwrap_or(u64::MAX),
+                clients_per_round: None,
+                dropout: 0.0,
+                seed: args.seed,
+                eval_every: u64::MAX,
+                schedule: WarmupCosine {
+                    peak_lr: args.lr,
+                    total_samples: size.max(1),
+                    warmup_ratio: 0.03,
+                },
+            };
+            let summary = run_engine(
+                &engine,
+                strategy.as_mut(),
+                &mut transport,
+                Start::Fresh(projector_params(&make_projector()?)?),
+                &mut |p: &ParamSet| validator.nll_of(&work, p),
+                &mut |_| {},
+                None,
+            )?;
+            let val = match summary.final_val_loss {
+                Some(v) => v,
+                None => validator.nll_of(&work, &summary.final_params)?,
+            };
+            let test_nll = tester.nll_of(&work, &summary.final_params)?;
+            progress.inc(1);
+            progress.set_message(format!("client {} val {val:.3}", id.0));
+            rows.push(serde_json::json!({
+                "client": id.0, "samples": summary.samples_total,
+                "validation_nll": val, "test_nll": test_nll,
+            }));
+        }
+        progress.finish_and_clear();
+        let mean = |key: &str| {
+            rows.iter().filter_map(|r| r[key].as_f64()).sum::<f64>() / rows.len().max(1) as f64
+        };
+        let (val_mean, test_mean) = (mean("validation_nll"), mean("test_nll"));
+        println!(
+            "{:>8} {:>8} {:>12} {:>10}",
+            "client", "samples", "validation", "test"
+        );
+        for r in &rows {
+            println!(
+                "{:>8} {:>8} {:>12.4} {:>10.4}",
+                r["client"],
+                r["samples"],
+                r["validation_nll"].as_f64().unwrap_or(f64::NAN),
+                r["test_nll"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+        println!("{:>8} {:>8} {val_mean:>12.4} {test_mean:>10.4}", "mean", "");
+        let result = serde_json::json!({
+            "clients": rows, "validation_nll_mean": val_mean, "test_nll_mean": test_mean,
+        });
+        write_atomic(
+            &dir.join("summary.json"),
+            serde_json::to_string_pretty(&result)?.as_bytes(),
+        )?;
+        println!("run folder: {}", dir.display());
+        return Ok(());
+    }
     let trainer = LocalTrainer::new(
         decoder.clone(),
         tokenizer.clone(),
