@@ -304,8 +304,8 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
         for r in &rows {
             println!(
                 "{:>8} {:>8} {:>12.4} {:>10.4}",
-                r["client"],
-                r["samples"],
+                r["client"].as_u64().unwrap_or(0),
+                r["samples"].as_u64().unwrap_or(0),
                 r["validation_nll"].as_f64().unwrap_or(f64::NAN),
                 r["test_nll"].as_f64().unwrap_or(f64::NAN)
             );
