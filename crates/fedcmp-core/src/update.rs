@@ -30,6 +30,10 @@ pub struct ClientInstruction {
     pub round: u64,
     pub client: ClientId,
     pub objective: LocalObjective,
+    /// A straggler's budget: at most this many local steps this round
+    /// (None = the client's configured number).
+    #[serde(default)]
+    pub max_local_steps: Option<u32>,
 }
 
 /// A client's answer after local training.

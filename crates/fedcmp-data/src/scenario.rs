@@ -27,16 +27,33 @@ pub struct Participation {
     /// Clients sampled per round; all of them when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clients_per_round: Option<NonZeroUsize>,
+    /// Or: this fraction of the clients with data left, rounded up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<f64>,
+    /// At least this many clients per round (when that many remain).
+    #[serde(default = "one")]
+    pub min_clients: usize,
     /// Probability that a sampled client drops out of the round.
     #[serde(default)]
     pub dropout: f64,
+    /// Probability that a client that stays is a straggler: it completes
+    /// only half of its local steps (rounded up) before reporting.
+    #[serde(default)]
+    pub stragglers: f64,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for Participation {
     fn default() -> Self {
         Self {
             clients_per_round: None,
+            fraction: None,
+            min_clients: 1,
             dropout: 0.0,
+            stragglers: 0.0,
         }
     }
 }
@@ -125,6 +142,20 @@ impl Scenario {
                 "participation.dropout = {} must be in [0, 1)",
                 p.dropout
             )));
+        }
+        if !(0.0..1.0).contains(&p.stragglers) {
+            return Err(bad(format!(
+                "participation.stragglers = {} must be in [0, 1)",
+                p.stragglers
+            )));
+        }
+        if let Some(f) = p.fraction {
+            if !(f > 0.0 && f <= 1.0) || p.clients_per_round.is_some() {
+                return Err(bad(format!(
+                    "participation.fraction = {f} must be in (0, 1] and not combined with \
+                     clients-per-round"
+                )));
+            }
         }
         if let Some(k) = p.clients_per_round {
             if k > scenario.clients {

@@ -253,7 +253,12 @@ impl LocalTrainer {
         let mut losses = Vec::new();
         let mut consumed = 0u64;
         let mut lr_sum = 0.0;
-        for _ in 0..self.config.local_steps {
+        let steps = instruction
+            .max_local_steps
+            .map_or(self.config.local_steps, |k| {
+                (k as usize).min(self.config.local_steps)
+            });
+        for _ in 0..steps {
             let batch = self.next_batch(data, state);
             if batch.is_empty() {
                 break;

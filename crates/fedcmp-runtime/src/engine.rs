@@ -19,10 +19,19 @@ use crate::{Result, RuntimeError};
 pub struct EngineConfig {
     /// Stop after this many rounds even if data remains.
     pub max_rounds: u64,
-    /// Clients sampled per round; all active ones when None.
+    /// Clients sampled per round; all active ones when None (see also
+    /// `fraction`).
     pub clients_per_round: Option<usize>,
+    /// Sample this fraction of the active clients instead (rounded up).
+    pub fraction: Option<f64>,
+    /// Sample at least this many (when that many are active).
+    pub min_clients: usize,
     /// Probability that a sampled client drops out of a round.
     pub dropout: f64,
+    /// Probability that a client that stays is a straggler, and the local
+    /// steps a straggler completes.
+    pub stragglers: f64,
+    pub straggler_steps: u32,
     pub seed: u64,
     /// Evaluate the global model every this many rounds (and after the last).
     pub eval_every: u64,
@@ -47,6 +56,19 @@ impl EngineConfig {
                 "clients per round must be positive".into(),
             ));
         }
+        if let Some(f) = self.fraction {
+            if !(f > 0.0 && f <= 1.0) {
+                return Err(RuntimeError::Config(format!(
+                    "fraction {f} must be in (0, 1]"
+                )));
+            }
+        }
+        if !(0.0..1.0).contains(&self.stragglers) {
+            return Err(RuntimeError::Config(format!(
+                "stragglers {} must be in [0, 1)",
+                self.stragglers
+            )));
+        }
         if self.eval_every == 0 {
             return Err(RuntimeError::Config("eval-every must be positive".into()));
         }
@@ -60,6 +82,8 @@ pub struct RoundRecord {
     pub round: u64,
     pub sampled: Vec<u32>,
     pub dropped: Vec<u32>,
+    /// Clients told to stop early this round (simulated stragglers).
+    pub stragglers: Vec<u32>,
     pub answered: Vec<u32>,
     /// Samples consumed in this round and in the whole run so far.
     pub samples: u64,
@@ -182,7 +206,13 @@ pub fn run(
         round += 1;
         let started = std::time::Instant::now();
         active.sort_unstable();
-        let sampled: Vec<ClientId> = match config.clients_per_round {
+        let wanted = match (config.clients_per_round, config.fraction) {
+            (Some(k), _) => Some(k),
+            (None, Some(f)) => Some((f * active.len() as f64).ceil() as usize),
+            (None, None) => None,
+        }
+        .map(|k| k.max(config.min_clients));
+        let sampled: Vec<ClientId> = match wanted {
             Some(k) if k < active.len() => {
                 let mut chosen: Vec<ClientId> =
                     active.choose_multiple(&mut rng, k).copied().collect();
@@ -196,7 +226,17 @@ pub fn run(
         let (kept, dropped): (Vec<ClientId>, Vec<ClientId>) = sampled
             .iter()
             .partition(|_| rng.random::<f64>() >= config.dropout);
-        let instructions = strategy.configure_round(round, &kept);
+        // Likewise one draw per kept client, straggler or not.
+        let straggling: Vec<bool> = kept
+            .iter()
+            .map(|_| rng.random::<f64>() < config.stragglers)
+            .collect();
+        let mut instructions = strategy.configure_round(round, &kept);
+        for (instruction, slow) in instructions.iter_mut().zip(&straggling) {
+            if *slow {
+                instruction.max_local_steps = Some(config.straggler_steps.max(1));
+            }
+        }
         let plan = RoundPlan {
             global: &global,
             instructions,
@@ -235,6 +275,12 @@ pub fn run(
             round,
             sampled: sampled.iter().map(|c| c.0).collect(),
             dropped: dropped.iter().map(|c| c.0).collect(),
+            stragglers: kept
+                .iter()
+                .zip(&straggling)
+                .filter(|(_, s)| **s)
+                .map(|(c, _)| c.0)
+                .collect(),
             answered: updates.iter().map(|u| u.client.0).collect(),
             samples: round_samples,
             samples_total,

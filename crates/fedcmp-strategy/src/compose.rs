@@ -169,6 +169,7 @@ where
                 round,
                 client,
                 objective: self.protocol.objective(round, client),
+                max_local_steps: None,
             })
             .collect()
     }

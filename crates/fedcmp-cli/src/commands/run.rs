@@ -262,7 +262,11 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
             let engine = EngineConfig {
                 max_rounds: args.rounds.unwrap_or(u64::MAX),
                 clients_per_round: None,
+                fraction: None,
+                min_clients: 1,
                 dropout: 0.0,
+                stragglers: 0.0,
+                straggler_steps: 1,
                 seed: args.seed,
                 eval_every: u64::MAX,
                 schedule: WarmupCosine {
@@ -332,13 +336,22 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
     let shard_sizes: Vec<usize> = clients.iter().map(|c| c.samples.len()).collect();
     let mut transport = InProcess::new(trainer, &cache, clients);
     let mut strategy = strategy_config.build(num_clients)?;
-    let per_round = participation
-        .clients_per_round
-        .map_or(num_clients, |k| k.get());
+    let per_round = participation.clients_per_round.map_or_else(
+        || {
+            participation
+                .fraction
+                .map_or(num_clients, |f| (f * num_clients as f64).ceil() as usize)
+        },
+        |k| k.get(),
+    );
     let engine = EngineConfig {
         max_rounds: args.rounds.unwrap_or(u64::MAX),
         clients_per_round: participation.clients_per_round.map(|k| k.get()),
+        fraction: participation.fraction,
+        min_clients: participation.min_clients,
         dropout: participation.dropout,
+        stragglers: participation.stragglers,
+        straggler_steps: args.local_steps.div_ceil(2) as u32,
         seed: args.seed,
         eval_every: args.eval_every.max(1),
         schedule: WarmupCosine {

@@ -203,8 +203,9 @@ fn print_federation(scenario: &Scenario, f: &Federation) {
     );
     if let Some(k) = scenario.participation.clients_per_round {
         println!(
-            "each round: {k} of {} clients sampled, each dropping out with probability {}",
-            scenario.clients, scenario.participation.dropout
+            "each round: {k} of {} clients sampled, each dropping out with probability {} \
+             and straggling (half the local steps) with probability {}",
+            scenario.clients, scenario.participation.dropout, scenario.participation.stragglers
         );
     }
 }

@@ -156,7 +156,11 @@ fn run_with(
     let engine = EngineConfig {
         max_rounds,
         clients_per_round: partial.map(|p| p.0),
+        fraction: None,
+        min_clients: 1,
         dropout: partial.map_or(0.0, |p| p.1),
+        stragglers: partial.map_or(0.0, |p| p.1),
+        straggler_steps: 1,
         seed: 5,
         eval_every: 1,
         schedule: WarmupCosine {
@@ -203,20 +207,29 @@ fn run_with(
             None => Ok(()),
         }
     };
-    let mut val = Vec::new();
+    let mut records = Vec::new();
     let summary = run(
         &engine,
         strategy.as_mut(),
         &mut transport,
         start,
         &mut |p: &ParamSet| evaluator.nll_of(&work, p),
-        &mut |r| val.push(r.val_loss),
+        &mut |r| records.push(r.clone()),
         Some(CheckpointHook {
             every: 1,
             save: &mut save,
         }),
     )?;
+    let val = records.iter().map(|r| r.val_loss).collect();
+    LAST_RECORDS.with(|cell| *cell.borrow_mut() = records);
     Ok((summary, val))
+}
+
+thread_local! {
+    /// The round records of the thread's last `run_with` (for tests that
+    /// look at sampling, dropouts and stragglers).
+    static LAST_RECORDS: std::cell::RefCell<Vec<fedcmp_runtime::engine::RoundRecord>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 const STRATEGIES: [&str; 9] = [
@@ -324,5 +337,38 @@ fn checkpoint_round_trip_is_exact() -> Result<()> {
         .clients
         .iter()
         .all(|(_, c)| c.control.is_some() && c.optimizer.is_some()));
+    Ok(())
+}
+
+/// Stragglers report after fewer local steps: with straggler steps = 1 a
+/// straggling client consumes one batch instead of two in that round.
+#[test]
+fn stragglers_and_dropouts_follow_the_configured_rates() -> Result<()> {
+    let f = fixture()?;
+    let (summary, _) = run_with(&f, "fednova", 6, Some((3, 0.3)), None, None)?;
+    let records = LAST_RECORDS.with(|cell| cell.borrow().clone());
+    assert_eq!(records.len() as u64, summary.rounds);
+    let dropped: usize = records.iter().map(|r| r.dropped.len()).sum();
+    let straggled: usize = records.iter().map(|r| r.stragglers.len()).sum();
+    assert!(
+        dropped > 0 && straggled > 0,
+        "dropped {dropped}, straggled {straggled}"
+    );
+    for r in &records {
+        for s in &r.stragglers {
+            assert!(!r.dropped.contains(s), "a dropped client cannot straggle");
+            assert!(r.answered.contains(s) || r.samples == 0);
+        }
+        // Two full steps of 2 samples per normal client, one per straggler,
+        // unless a shard ran out.
+        let full =
+            (r.answered.len() - r.stragglers.len()) as u64 * 4 + r.stragglers.len() as u64 * 2;
+        assert!(
+            r.samples <= full,
+            "round {}: {} > {full}",
+            r.round,
+            r.samples
+        );
+    }
     Ok(())
 }
