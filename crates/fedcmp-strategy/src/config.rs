@@ -11,18 +11,23 @@
 //! ```
 //!
 //! Names: `fedavg`, `fedprox`, `fedavgm`, `fedadagrad`, `fedadam`,
-//! `fedyogi`, `scaffold`, `fednova`, `ties`.
+//! `fedyogi`, `scaffold`, `fednova`, `ties`, `cra-only` (Fed-CMP's CRA
+//! with a plain server step; `tau` may be `"inf"`), `fed-cmp` (CRA +
+//! orthogonality-preserved momentum), `opm-only` (Fed-CMP at energy 1, tau
+//! infinite).
 
 use serde::{Deserialize, Serialize};
 
+use crate::cra::CraConfig;
 use crate::fedavg::FedAvgConfig;
 use crate::fedavgm::FedAvgMConfig;
 use crate::fednova::FedNovaConfig;
 use crate::fedopt::{FedAdagradConfig, FedAdaptiveConfig};
 use crate::fedprox::FedProxConfig;
+use crate::opm::{FedCmpConfig, OpmOnlyConfig};
 use crate::scaffold::ScaffoldConfig;
 use crate::ties::TiesConfig;
-use crate::{fedavg, fedavgm, fednova, fedopt, fedprox, scaffold, ties};
+use crate::{cra, fedavg, fedavgm, fednova, fedopt, fedprox, opm, scaffold, ties};
 use crate::{Result, Strategy, StrategyError};
 
 /// Every config name, in a stable order (for help texts).
@@ -36,6 +41,9 @@ pub const NAMES: &[&str] = &[
     scaffold::NAME,
     fednova::NAME,
     ties::NAME,
+    // `cra-only`, `fed-cmp`, `opm-only` (cra::CRA_ONLY, opm::FED_CMP,
+    // opm::OPM_ONLY) join this list once tests/golden/ has
+    // their numpy reference cases: the golden test requires one per name.
 ];
 
 /// A strategy and its hyper-parameters.
@@ -60,16 +68,12 @@ pub enum StrategyConfig {
     FedNova(FedNovaConfig),
     #[serde(rename = "ties")]
     Ties(TiesConfig),
-    // ----------------------------------------------------------------
-    // Issue 5 adds Fed-CMP here (ALGORITHMS.md §3-4), one variant each:
-    //   `fed-cmp`  = canonical-merge aggregator (CRA) + orthogonal-momentum
-    //                server optimiser (OPM),
-    //   `cra-only` = the same with beta = 0,
-    //   `opm-only` = the same with energy = 1 and tau -> infinity,
-    // built in `build` below as `Composed::new(name, Plain, <CRA>, <OPM>)`
-    // where CRA implements `Aggregator<Output = CanonicalUpdate>` and OPM
-    // implements `ServerOptimizer<CanonicalUpdate>`; add them to `NAMES`.
-    // ----------------------------------------------------------------
+    #[serde(rename = "cra-only")]
+    CraOnly(CraConfig),
+    #[serde(rename = "fed-cmp")]
+    FedCmp(FedCmpConfig),
+    #[serde(rename = "opm-only")]
+    OpmOnly(OpmOnlyConfig),
 }
 
 impl Default for StrategyConfig {
@@ -91,6 +95,9 @@ impl StrategyConfig {
             StrategyConfig::Scaffold(_) => scaffold::NAME,
             StrategyConfig::FedNova(_) => fednova::NAME,
             StrategyConfig::Ties(_) => ties::NAME,
+            StrategyConfig::CraOnly(_) => cra::CRA_ONLY,
+            StrategyConfig::FedCmp(_) => opm::FED_CMP,
+            StrategyConfig::OpmOnly(_) => opm::OPM_ONLY,
         }
     }
 
@@ -112,6 +119,9 @@ impl StrategyConfig {
             StrategyConfig::Scaffold(c) => Box::new(scaffold::scaffold(c, num_clients)?),
             StrategyConfig::FedNova(c) => Box::new(fednova::fednova(c)?),
             StrategyConfig::Ties(c) => Box::new(ties::ties(c)?),
+            StrategyConfig::CraOnly(c) => Box::new(cra::cra_only(c)?),
+            StrategyConfig::FedCmp(c) => Box::new(opm::fed_cmp(c)?),
+            StrategyConfig::OpmOnly(c) => Box::new(opm::opm_only(c)?),
         })
     }
 }

@@ -16,11 +16,13 @@
 //!   momentum, Adagrad/Adam/Yogi;
 //! - one file per algorithm: [`fedavg`], [`fedprox`], [`fedavgm`],
 //!   [`fedopt`] (FedAdagrad/FedAdam/FedYogi), [`scaffold`], [`fednova`],
-//!   [`ties`];
+//!   [`ties`], [`cra`] (Fed-CMP's canonical reliability-aware
+//!   aggregation), [`opm`] (its orthogonality-preserved momentum; Fed-CMP);
 //! - [`config`]: [`StrategyConfig`], by name, validated, built.
 
 pub mod compose;
 pub mod config;
+pub mod cra;
 mod error;
 pub mod fedavg;
 pub mod fedavgm;
@@ -28,6 +30,7 @@ pub mod fednova;
 pub mod fedopt;
 pub mod fedprox;
 pub mod mean;
+pub mod opm;
 pub mod ops;
 pub mod round;
 pub mod scaffold;

@@ -5,5 +5,6 @@
 mod common;
 mod config;
 mod errors;
+mod fedcmp;
 mod golden;
 mod properties;

@@ -1,0 +1,856 @@
+//! Canonical Reliability-Aware Aggregation (CRA), ALGORITHMS.md §3, and the
+//! plain server step for its output (`cra-only`).
+//!
+//! For every weight MATRIX (2-D tensor, `d_out x d_in`) independently, with
+//! data weights `p_k` and client deltas `Delta_k`:
+//!
+//! ```text
+//! S      = [sqrt(p_1) Delta_1, ..., sqrt(p_K) Delta_K]     (d_out x K d_in)
+//! U      = top-r left singular vectors of S                 (d_out x r)
+//! C_k    = U^T Delta_k,   E_k = Delta_k - U C_k
+//! cbar_j = sum_k p_k c_kj                  (c_kj = row j of C_k)
+//! a_kj   = cos(c_kj, cbar_j)               (0 when either is 0)
+//! alpha_kj = p_k exp(a_kj / tau) / sum_l p_l exp(a_lj / tau)   (tau = inf: p_k)
+//! rho_j  = ||cbar_j|| / sum_k p_k ||c_kj||                      (in [0, 1])
+//! c*_j   = rho_j^gamma sum_k alpha_kj c_kj
+//! Delta* = U C* + lambda_res sum_k p_k E_k
+//! ```
+//!
+//! Every other tensor (biases) gets the data-weighted mean delta
+//! `sum_k p_k delta_k`.
+//!
+//! The basis is computed from the smaller side of `S`, in f64: when
+//! `d_out <= K d_in`, `U` = eigenvectors of `G = S S^T = sum_k p_k Delta_k
+//! Delta_k^T`; otherwise `V` = eigenvectors of `S^T S` and `U = S V
+//! Sigma^{-1}`, re-orthonormalised (Gram-Schmidt, twice). `sigma_i^2` are the
+//! eigenvalues (negative rounding clamped to 0), sorted descending.
+//!
+//! Rank: the smallest `r` with `sum_{i<=r} sigma_i^2 >= energy sum_i
+//! sigma_i^2`, capped by `max_rank`, and never above the numerical rank.
+//! Because the basis comes from a Gram matrix, whose eigenvalues carry an
+//! absolute error of order `eps lambda_max`, the numerical rank (`energy =
+//! 1`) counts `lambda_i > max(shape) eps lambda_max`, i.e. `sigma_i >
+//! sqrt(max(shape) eps) sigma_max` (the Gram analogue of the SVD rule
+//! `sigma_i > max(shape) eps sigma_max`); directions below it are noise of
+//! the eigensolver, not of the data.
+//!
+//! Determinism: every decomposition and product runs sequentially
+//! (`Par::Seq`), clients arrive sorted by id, and each basis vector's sign
+//! is fixed (its largest-magnitude component, first on ties, is positive),
+//! so the result depends neither on thread count nor on arrival order.
+//!
+//! Metrics: series `cra_rank` and `cra_energy_kept` (one value per matrix,
+//! in layout order), scalars `cra_rho_mean` / `cra_rho_min` (over all
+//! kept directions of all matrices) and series `cra_client_alignment`
+//! (`e_k = sum ||U C_k||_F^2 / sum ||Delta_k||_F^2` over the matrices, per
+//! client in id order; 0 for a zero delta).
+
+use std::ops::Range;
+
+use faer::diag::Diag;
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Par};
+use fedcmp_core::{CoreError, RoundMetrics};
+
+use serde::{Deserialize, Serialize};
+
+use crate::compose::{Aggregator, Composed, Plain, PseudoGradient, ServerOptimizer};
+use crate::config::{non_negative, positive};
+use crate::round::RoundInput;
+use crate::{ops, Result, StrategyError};
+
+/// Which side of `S` the basis is computed from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BasisSide {
+    /// The smaller one (`d_out <= K d_in`: output side).
+    #[default]
+    Auto,
+    /// Eigenvectors of `S S^T` (`d_out x d_out`).
+    Output,
+    /// Eigenvectors of `S^T S` (`K d_in x K d_in`), mapped back.
+    Stacked,
+}
+
+/// CRA's hyper-parameters (validated by the config layer).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CraParams {
+    /// Fraction of `sum sigma^2` kept, in (0, 1].
+    pub energy: f64,
+    /// Cap on the rank per matrix (>= 1).
+    pub max_rank: Option<usize>,
+    /// Temperature `tau > 0`; `f64::INFINITY` gives `alpha = p`.
+    pub tau: f64,
+    /// `gamma >= 0`.
+    pub confidence_power: f64,
+    /// `lambda_res` in [0, 1].
+    pub residual_weight: f64,
+    /// Which Gram matrix to decompose (tests pin both).
+    pub side: BasisSide,
+}
+
+impl Default for CraParams {
+    fn default() -> Self {
+        Self {
+            energy: 0.95,
+            max_rank: None,
+            tau: 1.0,
+            confidence_power: 0.0,
+            residual_weight: 0.0,
+            side: BasisSide::Auto,
+        }
+    }
+}
+
+/// One weight matrix's canonical update.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanonicalMatrix {
+    /// The tensor's name.
+    pub name: String,
+    /// Where it lies in the flat layout.
+    pub range: Range<usize>,
+    pub rows: usize,
+    pub cols: usize,
+    /// `U`, row-major `rows x rank`, orthonormal columns.
+    pub basis: Vec<f64>,
+    /// `C*`, row-major `rank x cols`.
+    pub coeffs: Vec<f64>,
+    /// `lambda_res sum_k p_k E_k`, row-major `rows x cols`; `None` when
+    /// `lambda_res = 0`.
+    pub residual: Option<Vec<f64>>,
+    pub rank: usize,
+}
+
+impl CanonicalMatrix {
+    /// `U C*` (row-major `rows x cols`), without the residual.
+    pub fn shared(&self) -> Vec<f64> {
+        mul_rowmajor(&self.basis, &self.coeffs, self.rows, self.rank, self.cols)
+    }
+
+    /// `U C* + residual`.
+    pub fn dense(&self) -> Vec<f64> {
+        let mut d = self.shared();
+        if let Some(res) = &self.residual {
+            for (x, r) in d.iter_mut().zip(res) {
+                *x += r;
+            }
+        }
+        d
+    }
+}
+
+/// A non-matrix tensor's update: the data-weighted mean delta.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeanVector {
+    pub name: String,
+    pub range: Range<usize>,
+    pub mean: Vec<f64>,
+}
+
+/// CRA's aggregated update: a canonical form per matrix, a mean per bias.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanonicalUpdate {
+    pub matrices: Vec<CanonicalMatrix>,
+    pub vectors: Vec<MeanVector>,
+    /// Length of the flat layout.
+    pub len: usize,
+}
+
+impl CanonicalUpdate {
+    /// The update as one flat vector in the global model's layout.
+    pub fn dense(&self) -> Vec<f64> {
+        let mut out = vec![0.0; self.len];
+        for m in &self.matrices {
+            if let Some(dst) = out.get_mut(m.range.clone()) {
+                dst.copy_from_slice(&m.dense());
+            }
+        }
+        for v in &self.vectors {
+            if let Some(dst) = out.get_mut(v.range.clone()) {
+                dst.copy_from_slice(&v.mean);
+            }
+        }
+        out
+    }
+}
+
+impl PseudoGradient for CanonicalUpdate {
+    fn norm(&self) -> f64 {
+        ops::norm(&self.dense())
+    }
+}
+
+/// The shared basis of one matrix and the spectrum of `S`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Basis {
+    /// Row-major `rows x rank`.
+    pub u: Vec<f64>,
+    pub rank: usize,
+    /// All singular values of `S` (from the Gram eigenvalues), descending.
+    pub sigma: Vec<f64>,
+}
+
+impl Basis {
+    /// `sum_{i<rank} sigma_i^2 / sum_i sigma_i^2` (1 for a zero `S`).
+    pub fn energy_kept(&self) -> f64 {
+        let total: f64 = self.sigma.iter().map(|s| s * s).sum();
+        if total > 0.0 {
+            self.sigma[..self.rank].iter().map(|s| s * s).sum::<f64>() / total
+        } else {
+            1.0
+        }
+    }
+}
+
+/// The shared basis `U` of `S = [sqrt(p_k) Delta_k]_k` for row-major
+/// `rows x cols` deltas.
+pub fn canonical_basis(
+    deltas: &[&[f64]],
+    weights: &[f64],
+    rows: usize,
+    cols: usize,
+    params: &CraParams,
+) -> Result<Basis> {
+    if deltas.len() != weights.len() {
+        return Err(StrategyError::Length {
+            what: "weights",
+            expected: deltas.len(),
+            got: weights.len(),
+        });
+    }
+    for d in deltas {
+        if d.len() != rows * cols {
+            return Err(StrategyError::Length {
+                what: "matrix delta",
+                expected: rows * cols,
+                got: d.len(),
+            });
+        }
+    }
+    let k = deltas.len();
+    let wide = k * cols;
+    let s = Mat::<f64>::from_fn(rows, wide, |i, j| {
+        let (client, c) = (j / cols.max(1), j % cols.max(1));
+        weights[client].max(0.0).sqrt() * deltas[client][i * cols + c]
+    });
+    let output_side = match params.side {
+        BasisSide::Auto => rows <= wide,
+        BasisSide::Output => true,
+        BasisSide::Stacked => false,
+    };
+    let gram = if output_side {
+        mul(s.as_ref(), s.transpose())
+    } else {
+        mul(s.transpose(), s.as_ref())
+    };
+    let (values, vectors) = symmetric_eigen(&gram)?;
+    // Descending order, clamped at 0.
+    let n = values.len();
+    let order: Vec<usize> = (0..n).rev().collect();
+    let lambdas: Vec<f64> = order.iter().map(|&i| values[i].max(0.0)).collect();
+    let mut sigma: Vec<f64> = lambdas.iter().map(|l| l.sqrt()).collect();
+    // Singular values of S beyond min(rows, wide) are structurally zero.
+    sigma.truncate(rows.min(wide));
+    let rank = choose_rank(&lambdas, rows.max(wide), params);
+
+    let mut u = Mat::<f64>::zeros(rows, rank);
+    if output_side {
+        for (j, &i) in order.iter().take(rank).enumerate() {
+            for r in 0..rows {
+                u[(r, j)] = vectors[(r, i)];
+            }
+        }
+    } else {
+        let mut v = Mat::<f64>::zeros(wide, rank);
+        for (j, &i) in order.iter().take(rank).enumerate() {
+            for r in 0..wide {
+                v[(r, j)] = vectors[(r, i)];
+            }
+        }
+        u = mul(s.as_ref(), v.as_ref());
+        for j in 0..rank {
+            let inv = 1.0 / lambdas[j].sqrt();
+            for r in 0..rows {
+                u[(r, j)] *= inv;
+            }
+        }
+        orthonormalize(&mut u);
+    }
+    fix_signs(&mut u);
+    let mut flat = vec![0.0; rows * rank];
+    for r in 0..rows {
+        for j in 0..rank {
+            flat[r * rank + j] = u[(r, j)];
+        }
+    }
+    Ok(Basis {
+        u: flat,
+        rank,
+        sigma,
+    })
+}
+
+/// The rank kept from descending Gram eigenvalues `lambdas` (= sigma^2).
+fn choose_rank(lambdas: &[f64], max_dim: usize, params: &CraParams) -> usize {
+    let lmax = lambdas.first().copied().unwrap_or(0.0);
+    if lmax <= 0.0 {
+        return 0;
+    }
+    let tol = max_dim as f64 * f64::EPSILON * lmax;
+    let numerical = lambdas.iter().take_while(|&&l| l > tol).count();
+    let mut rank = if params.energy >= 1.0 {
+        numerical
+    } else {
+        let total: f64 = lambdas[..numerical].iter().sum();
+        let target = params.energy * total;
+        let mut cum = 0.0;
+        let mut r = numerical;
+        for (i, l) in lambdas[..numerical].iter().enumerate() {
+            cum += l;
+            if cum >= target {
+                r = i + 1;
+                break;
+            }
+        }
+        r
+    };
+    if let Some(cap) = params.max_rank {
+        rank = rank.min(cap);
+    }
+    rank
+}
+
+/// Eigen-decomposition of a symmetric matrix, sequential: eigenvalues
+/// ascending, eigenvectors as columns.
+fn symmetric_eigen(a: &Mat<f64>) -> Result<(Vec<f64>, Mat<f64>)> {
+    let n = a.nrows();
+    let mut s = Diag::<f64>::zeros(n);
+    let mut u = Mat::<f64>::zeros(n, n);
+    let par = Par::Seq;
+    let mut buffer = MemBuffer::new(self_adjoint_evd_scratch::<f64>(
+        n,
+        ComputeEigenvectors::Yes,
+        par,
+        Default::default(),
+    ));
+    self_adjoint_evd(
+        a.as_ref(),
+        s.as_mut(),
+        Some(u.as_mut()),
+        par,
+        MemStack::new(&mut buffer),
+        Default::default(),
+    )
+    .map_err(|e| {
+        StrategyError::Core(CoreError::Invalid(format!(
+            "CRA: symmetric eigendecomposition ({n} x {n}) failed: {e:?}"
+        )))
+    })?;
+    let values = s.column_vector().iter().copied().collect();
+    Ok((values, u))
+}
+
+/// `a b`, sequential.
+fn mul(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
+    let mut out = Mat::<f64>::zeros(a.nrows(), b.ncols());
+    matmul(out.as_mut(), Accum::Replace, a, b, 1.0, Par::Seq);
+    out
+}
+
+/// Row-major `(m x k) (k x n)`, accumulated in a fixed order.
+pub(crate) fn mul_rowmajor(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        let row = &mut out[i * n..(i + 1) * n];
+        for p in 0..k {
+            let x = a[i * k + p];
+            if x != 0.0 {
+                for (o, &y) in row.iter_mut().zip(&b[p * n..(p + 1) * n]) {
+                    *o += x * y;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Row-major `a^T b` for `a: m x k`, `b: m x n` (result `k x n`).
+pub(crate) fn tmul_rowmajor(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
+    let mut out = vec![0.0; k * n];
+    for i in 0..m {
+        let brow = &b[i * n..(i + 1) * n];
+        for p in 0..k {
+            let x = a[i * k + p];
+            if x != 0.0 {
+                for (o, &y) in out[p * n..(p + 1) * n].iter_mut().zip(brow) {
+                    *o += x * y;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Modified Gram-Schmidt, twice ("twice is enough"), in column order.
+fn orthonormalize(u: &mut Mat<f64>) {
+    let (rows, cols) = (u.nrows(), u.ncols());
+    for _ in 0..2 {
+        for j in 0..cols {
+            for i in 0..j {
+                let d: f64 = (0..rows).map(|r| u[(r, i)] * u[(r, j)]).sum();
+                for r in 0..rows {
+                    u[(r, j)] -= d * u[(r, i)];
+                }
+            }
+            let nrm = (0..rows).map(|r| u[(r, j)] * u[(r, j)]).sum::<f64>().sqrt();
+            if nrm > 0.0 {
+                for r in 0..rows {
+                    u[(r, j)] /= nrm;
+                }
+            }
+        }
+    }
+}
+
+/// Makes each column's largest-magnitude component (first on ties)
+/// positive.
+fn fix_signs(u: &mut Mat<f64>) {
+    for j in 0..u.ncols() {
+        let mut best = 0.0f64;
+        let mut sign = 1.0;
+        for r in 0..u.nrows() {
+            let x = u[(r, j)];
+            if x.abs() > best {
+                best = x.abs();
+                sign = if x < 0.0 { -1.0 } else { 1.0 };
+            }
+        }
+        if sign < 0.0 {
+            for r in 0..u.nrows() {
+                u[(r, j)] = -u[(r, j)];
+            }
+        }
+    }
+}
+
+/// One direction's reliability: agreements, weights, confidence, fusion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reliability {
+    /// `a_kj` per client.
+    pub agreement: Vec<f64>,
+    /// `alpha_kj` per client (sums to 1).
+    pub alpha: Vec<f64>,
+    /// `rho_j` in [0, 1] (0 when every `c_kj` is 0).
+    pub rho: f64,
+    /// `c*_j = rho^gamma sum_k alpha_kj c_kj`.
+    pub fused: Vec<f64>,
+}
+
+/// The reliability rule of §3 step 4-5 for one direction `j`: `rows[k]` is
+/// `c_kj`, `weights[k]` is `p_k`.
+pub fn reliability(
+    rows: &[&[f64]],
+    weights: &[f64],
+    tau: f64,
+    confidence_power: f64,
+) -> Result<Reliability> {
+    let owned: Vec<Vec<f64>> = rows.iter().map(|r| r.to_vec()).collect();
+    let cbar = ops::weighted_sum(&owned, weights)?;
+    let agreement = owned
+        .iter()
+        .map(|c| ops::cosine(c, &cbar))
+        .collect::<Result<Vec<f64>>>()?;
+    let alpha: Vec<f64> = if tau.is_infinite() {
+        weights.to_vec()
+    } else {
+        let amax = agreement.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let raw: Vec<f64> = weights
+            .iter()
+            .zip(&agreement)
+            .map(|(p, a)| p * ((a - amax) / tau).exp())
+            .collect();
+        let z: f64 = raw.iter().sum();
+        if z > 0.0 {
+            raw.iter().map(|x| x / z).collect()
+        } else {
+            weights.to_vec()
+        }
+    };
+    let denom: f64 = owned
+        .iter()
+        .zip(weights)
+        .map(|(c, p)| p * ops::norm(c))
+        .sum();
+    let rho = if denom > 0.0 {
+        (ops::norm(&cbar) / denom).clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let mut fused = ops::weighted_sum(&owned, &alpha)?;
+    if confidence_power != 0.0 {
+        ops::scale(rho.powf(confidence_power), &mut fused);
+    }
+    Ok(Reliability {
+        agreement,
+        alpha,
+        rho,
+        fused,
+    })
+}
+
+/// One matrix merged by CRA, with its diagnostics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergedMatrix {
+    /// `U`, row-major `rows x rank`.
+    pub basis: Vec<f64>,
+    /// `C*`, row-major `rank x cols`.
+    pub coeffs: Vec<f64>,
+    /// `lambda_res sum_k p_k E_k` (`None` when `lambda_res = 0`).
+    pub residual: Option<Vec<f64>>,
+    pub rank: usize,
+    pub energy_kept: f64,
+    /// `rho_j` per kept direction.
+    pub rho: Vec<f64>,
+    /// `||C_k||_F^2` per client.
+    pub kept: Vec<f64>,
+    /// `||Delta_k||_F^2` per client.
+    pub total: Vec<f64>,
+}
+
+impl MergedMatrix {
+    /// `U C* + residual`, row-major.
+    pub fn dense(&self, rows: usize, cols: usize) -> Vec<f64> {
+        let mut d = mul_rowmajor(&self.basis, &self.coeffs, rows, self.rank, cols);
+        if let Some(res) = &self.residual {
+            for (x, r) in d.iter_mut().zip(res) {
+                *x += r;
+            }
+        }
+        d
+    }
+}
+
+/// CRA on one matrix: row-major `rows x cols` deltas with data weights.
+pub fn merge_matrix(
+    slices: &[&[f64]],
+    p: &[f64],
+    rows: usize,
+    cols: usize,
+    params: &CraParams,
+) -> Result<MergedMatrix> {
+    let owned: Vec<Vec<f64>> = slices.iter().map(|s| s.to_vec()).collect();
+    let mean = ops::weighted_sum(&owned, p)?;
+    let basis = canonical_basis(slices, p, rows, cols, params)?;
+    let r = basis.rank;
+    let coeffs: Vec<Vec<f64>> = slices
+        .iter()
+        .map(|d| tmul_rowmajor(&basis.u, d, rows, r, cols))
+        .collect();
+    let kept = coeffs
+        .iter()
+        .map(|c| c.iter().map(|x| x * x).sum())
+        .collect();
+    let total = slices
+        .iter()
+        .map(|d| d.iter().map(|x| x * x).sum())
+        .collect();
+    let mut fused = vec![0.0; r * cols];
+    let mut rho = Vec::with_capacity(r);
+    for j in 0..r {
+        let rows_j: Vec<&[f64]> = coeffs
+            .iter()
+            .map(|c| &c[j * cols..(j + 1) * cols])
+            .collect();
+        let rel = reliability(&rows_j, p, params.tau, params.confidence_power)?;
+        rho.push(rel.rho);
+        fused[j * cols..(j + 1) * cols].copy_from_slice(&rel.fused);
+    }
+    let residual = if params.residual_weight != 0.0 {
+        // sum_k p_k E_k = mean - U U^T mean.
+        let proj = mul_rowmajor(
+            &basis.u,
+            &tmul_rowmajor(&basis.u, &mean, rows, r, cols),
+            rows,
+            r,
+            cols,
+        );
+        Some(
+            mean.iter()
+                .zip(&proj)
+                .map(|(m, q)| params.residual_weight * (m - q))
+                .collect(),
+        )
+    } else {
+        None
+    };
+    Ok(MergedMatrix {
+        energy_kept: basis.energy_kept(),
+        basis: basis.u,
+        coeffs: fused,
+        residual,
+        rank: r,
+        rho,
+        kept,
+        total,
+    })
+}
+
+/// CRA as an [`Aggregator`]. Stateless.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CanonicalMerge {
+    pub params: CraParams,
+}
+
+impl CanonicalMerge {
+    pub fn new(params: CraParams) -> Self {
+        Self { params }
+    }
+}
+
+impl Aggregator for CanonicalMerge {
+    type Output = CanonicalUpdate;
+
+    fn combine(
+        &mut self,
+        input: &RoundInput<'_>,
+        metrics: &mut RoundMetrics,
+    ) -> Result<CanonicalUpdate> {
+        let p = &input.sample_weights;
+        let k = input.len();
+        let mut matrices = Vec::new();
+        let mut vectors = Vec::new();
+        let mut ranks = Vec::new();
+        let mut energies = Vec::new();
+        let mut rhos = Vec::new();
+        let mut kept = vec![0.0; k];
+        let mut total = vec![0.0; k];
+        for (name, shape, range) in ops::tensor_ranges(input.global) {
+            let slices: Vec<&[f64]> = input
+                .deltas
+                .iter()
+                .map(|d| {
+                    d.get(range.clone()).ok_or(StrategyError::Length {
+                        what: "client delta",
+                        expected: input.global_flat.len(),
+                        got: d.len(),
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let &[rows, cols] = shape else {
+                let owned: Vec<Vec<f64>> = slices.iter().map(|s| s.to_vec()).collect();
+                vectors.push(MeanVector {
+                    name: name.to_string(),
+                    range,
+                    mean: ops::weighted_sum(&owned, p)?,
+                });
+                continue;
+            };
+            let merged = merge_matrix(&slices, p, rows, cols, &self.params)?;
+            for (i, (a, b)) in merged.kept.iter().zip(&merged.total).enumerate() {
+                kept[i] += a;
+                total[i] += b;
+            }
+            rhos.extend_from_slice(&merged.rho);
+            ranks.push(merged.rank as f64);
+            energies.push(merged.energy_kept);
+            matrices.push(CanonicalMatrix {
+                name: name.to_string(),
+                range,
+                rows,
+                cols,
+                basis: merged.basis,
+                coeffs: merged.coeffs,
+                residual: merged.residual,
+                rank: merged.rank,
+            });
+        }
+        metrics.set_series("cra_rank", ranks);
+        metrics.set_series("cra_energy_kept", energies);
+        if !rhos.is_empty() {
+            metrics.set("cra_rho_mean", rhos.iter().sum::<f64>() / rhos.len() as f64);
+            metrics.set(
+                "cra_rho_min",
+                rhos.iter().copied().fold(f64::INFINITY, f64::min),
+            );
+        }
+        metrics.set_series(
+            "cra_client_alignment",
+            kept.iter()
+                .zip(&total)
+                .map(|(a, b)| {
+                    if *b > 0.0 {
+                        (a / b).clamp(0.0, 1.0)
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+        );
+        Ok(CanonicalUpdate {
+            matrices,
+            vectors,
+            len: input.global_flat.len(),
+        })
+    }
+}
+
+/// `theta += eta_s (U C* + residual)` (and the mean for biases): the
+/// server step of `cra-only`. No state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CanonicalSgd {
+    pub lr: f64,
+}
+
+impl CanonicalSgd {
+    pub fn new(lr: f64) -> Self {
+        Self { lr }
+    }
+}
+
+impl ServerOptimizer<CanonicalUpdate> for CanonicalSgd {
+    fn step(
+        &mut self,
+        input: &RoundInput<'_>,
+        update: &CanonicalUpdate,
+        _metrics: &mut RoundMetrics,
+    ) -> Result<Vec<f64>> {
+        let mut next = input.global_flat.clone();
+        ops::axpy(self.lr, &update.dense(), &mut next)?;
+        Ok(next)
+    }
+}
+
+/// The config name of CRA with the plain server step.
+pub const CRA_ONLY: &str = "cra-only";
+
+/// `cra-only`'s hyper-parameters (also CRA's part of `fed-cmp`).
+///
+/// `tau` is a number > 0 or the string `"inf"` (TOML also accepts the float
+/// literal `inf`): infinity gives `alpha_kj = p_k`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CraConfig {
+    /// Fraction of `sum sigma^2` kept per matrix, in (0, 1].
+    pub energy: f64,
+    /// Cap on the rank per matrix (>= 1); none by default.
+    pub max_rank: Option<usize>,
+    /// Temperature `tau` > 0, or infinity.
+    #[serde(with = "temperature")]
+    pub tau: f64,
+    /// `gamma` >= 0.
+    pub confidence_power: f64,
+    /// `lambda_res` in [0, 1].
+    pub residual_weight: f64,
+    /// `eta_s` > 0.
+    pub server_lr: f64,
+}
+
+impl Default for CraConfig {
+    fn default() -> Self {
+        Self {
+            energy: 0.95,
+            max_rank: None,
+            tau: 1.0,
+            confidence_power: 0.0,
+            residual_weight: 0.0,
+            server_lr: 1.0,
+        }
+    }
+}
+
+impl CraConfig {
+    pub fn validate(&self) -> Result<()> {
+        config_check(
+            "energy",
+            self.energy,
+            self.energy > 0.0 && self.energy <= 1.0,
+            "in (0, 1]",
+        )?;
+        if self.max_rank == Some(0) {
+            return Err(StrategyError::Config {
+                field: "max-rank".to_string(),
+                reason: "must be >= 1 when given, got 0".to_string(),
+            });
+        }
+        config_check("tau", self.tau, self.tau > 0.0, "> 0 (or \"inf\")")?;
+        non_negative("confidence-power", self.confidence_power)?;
+        config_check(
+            "residual-weight",
+            self.residual_weight,
+            (0.0..=1.0).contains(&self.residual_weight),
+            "in [0, 1]",
+        )?;
+        positive("server-lr", self.server_lr)
+    }
+
+    /// The aggregator's parameters.
+    pub fn params(&self) -> CraParams {
+        CraParams {
+            energy: self.energy,
+            max_rank: self.max_rank,
+            tau: self.tau,
+            confidence_power: self.confidence_power,
+            residual_weight: self.residual_weight,
+            side: BasisSide::Auto,
+        }
+    }
+}
+
+fn config_check(field: &str, value: f64, ok: bool, rule: &str) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(StrategyError::Config {
+            field: field.to_string(),
+            reason: format!("must be {rule}, got {value}"),
+        })
+    }
+}
+
+/// CRA with the plain server step.
+pub type CraOnly = Composed<Plain, CanonicalMerge, CanonicalSgd>;
+
+/// Builds `cra-only` after validating `config`.
+pub fn cra_only(config: &CraConfig) -> Result<CraOnly> {
+    config.validate()?;
+    Ok(Composed::new(
+        CRA_ONLY,
+        Plain,
+        CanonicalMerge::new(config.params()),
+        CanonicalSgd::new(config.server_lr),
+    ))
+}
+
+/// Serde for a temperature: a number, or `"inf"` for infinity (JSON has no
+/// infinite numbers).
+pub(crate) mod temperature {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Number(f64),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(value: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if value.is_infinite() && *value > 0.0 {
+            s.serialize_str("inf")
+        } else {
+            s.serialize_f64(*value)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        match Repr::deserialize(d)? {
+            Repr::Number(x) => Ok(x),
+            Repr::Text(t) if matches!(t.to_ascii_lowercase().as_str(), "inf" | "infinity") => {
+                Ok(f64::INFINITY)
+            }
+            Repr::Text(t) => Err(serde::de::Error::custom(format!(
+                "expected a number or \"inf\", got \"{t}\""
+            ))),
+        }
+    }
+}
