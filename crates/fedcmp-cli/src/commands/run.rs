@@ -227,19 +227,20 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
         adamw: AdamWConfig::default(),
         seed: args.seed,
     };
+    // One scorer per held-out split, shared by both paths below.
+    let validator = Evaluator {
+        decoder: &decoder,
+        tokenizer: &tokenizer,
+        template: &template,
+        cache: &cache,
+        samples: &validation,
+        batch_size: 16,
+    };
+    let tester = Evaluator {
+        samples: &test,
+        ..validator
+    };
     if args.local_only {
-        let validator = Evaluator {
-            decoder: &decoder,
-            tokenizer: &tokenizer,
-            template: &template,
-            cache: &cache,
-            samples: &validation,
-            batch_size: 16,
-        };
-        let tester = Evaluator {
-            samples: &test,
-            ..validator
-        };
         let work = make_projector()?;
         let dir = args
             .out
@@ -435,14 +436,6 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
 
     let work = make_projector()?;
     let initial = projector_params(&work)?;
-    let validator = Evaluator {
-        decoder: &decoder,
-        tokenizer: &tokenizer,
-        template: &template,
-        cache: &cache,
-        samples: &validation,
-        batch_size: 16,
-    };
     let init_val = validator.nll_of(&work, &initial)?;
     println!(
         "run {run_name}: {num_clients} clients ({per_round} per round), {budget} training samples, \
@@ -526,10 +519,6 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
     }
     let secs = started.elapsed().as_secs_f64();
     save_projector(&summary.final_params, &dir.join("projector.safetensors"))?;
-    let tester = Evaluator {
-        samples: &test,
-        ..validator
-    };
     let init_test = tester.nll_of(&work, &projector_params(&make_projector()?)?)?;
     let final_test = tester.nll_of(&work, &summary.final_params)?;
     let one_pass = summary
