@@ -41,9 +41,9 @@ pub const NAMES: &[&str] = &[
     scaffold::NAME,
     fednova::NAME,
     ties::NAME,
-    // `cra-only`, `fed-cmp`, `opm-only` (cra::CRA_ONLY, opm::FED_CMP,
-    // opm::OPM_ONLY) join this list once tests/golden/ has
-    // their numpy reference cases: the golden test requires one per name.
+    cra::CRA_ONLY,
+    opm::FED_CMP,
+    opm::OPM_ONLY,
 ];
 
 /// A strategy and its hyper-parameters.

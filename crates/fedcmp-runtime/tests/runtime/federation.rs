@@ -232,7 +232,7 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
-const STRATEGIES: [&str; 9] = [
+const STRATEGIES: [&str; 12] = [
     "fedavg",
     "fedprox",
     "fedavgm",
@@ -242,6 +242,9 @@ const STRATEGIES: [&str; 9] = [
     "scaffold",
     "fednova",
     "ties",
+    "cra-only",
+    "fed-cmp",
+    "opm-only",
 ];
 
 #[test]
@@ -264,6 +267,39 @@ fn every_strategy_runs_three_rounds_deterministically() -> Result<()> {
         // 3 rounds x 2 steps x 2 samples, capped by each shard.
         let consumed: Vec<u64> = a.consumed.iter().map(|(_, n)| *n).collect();
         assert_eq!(consumed, vec![10, 8, 12], "{name}");
+    }
+    Ok(())
+}
+
+/// Fed-CMP's interference diagnostics reach the metrics stream every round
+/// (ALGORITHMS.md §6): rank and energy per matrix, rho, e_k per client,
+/// momentum norm and dropped fraction, all within their ranges.
+#[test]
+fn fed_cmp_reports_its_diagnostics_every_round() -> Result<()> {
+    let f = fixture()?;
+    run_once(&f, "fed-cmp", 3)?;
+    let records = LAST_RECORDS.with(|cell| cell.borrow().clone());
+    assert_eq!(records.len(), 3);
+    let matrices = projector_params(&projector(&f)?)?
+        .entries()
+        .iter()
+        .filter(|(_, t)| t.shape.len() == 2)
+        .count();
+    for r in &records {
+        let m = &r.metrics;
+        let ranks = &m.series["cra_rank"];
+        assert_eq!(ranks.len(), matrices, "round {}", r.round);
+        assert!(ranks.iter().all(|&k| k >= 1.0), "{ranks:?}");
+        assert!(m.series["cra_energy_kept"]
+            .iter()
+            .all(|e| (0.95 - 1e-9..=1.0 + 1e-9).contains(e)));
+        let alignment = &m.series["cra_client_alignment"];
+        assert_eq!(alignment.len(), r.answered.len());
+        assert!(alignment.iter().all(|e| (0.0..=1.0).contains(e)));
+        let (rho_min, rho_mean) = (m.scalars["cra_rho_min"], m.scalars["cra_rho_mean"]);
+        assert!(0.0 <= rho_min && rho_min <= rho_mean && rho_mean <= 1.0);
+        assert!(m.scalars["momentum_norm"] > 0.0);
+        assert!((0.0..=1.0).contains(&m.scalars["opm_dropped_fraction"]));
     }
     Ok(())
 }
@@ -294,7 +330,7 @@ fn one_pass_consumes_every_shard_exactly_once_and_learns() -> Result<()> {
 #[test]
 fn kill_and_resume_is_bit_identical() -> Result<()> {
     let f = fixture()?;
-    for strategy in ["fedavg", "fedadam", "scaffold", "fedavgm"] {
+    for strategy in ["fedavg", "fedadam", "scaffold", "fedavgm", "fed-cmp"] {
         let partial = Some((2, 0.2));
         let (straight, straight_val) = run_with(&f, strategy, 5, partial, None, None)?;
 

@@ -157,6 +157,129 @@ def ties(cfg, st, x, rd):
     return merged, x + cfg["server-lr"] * merged, extra
 
 
+# ---- Fed-CMP (ALGORITHMS.md sections 3 and 4), from the spec's equations ----
+W_SHAPE = LAYOUT[0][1]
+W_LEN = W_SHAPE[0] * W_SHAPE[1]
+
+
+def cra_matrix(cfg, ds, p):
+    """CRA on one matrix: ds are (d_out x d_in) deltas, p the data weights.
+
+    The basis is the exact thin SVD of S = [sqrt(p_k) Delta_k]_k (the Rust
+    side uses a Gram eigendecomposition; this checks that they agree)."""
+    s = np.concatenate([np.sqrt(pk) * d for pk, d in zip(p, ds)], axis=1)
+    u, sig, _ = np.linalg.svd(s, full_matrices=False)
+    energy = cfg.get("energy", 0.95)
+    numerical = int(np.sum(sig > max(s.shape) * np.finfo(float).eps * sig[0]))
+    if energy >= 1.0:
+        r = numerical
+    else:
+        cum = np.cumsum(sig[:numerical] ** 2)
+        r = int(np.argmax(cum >= energy * cum[-1])) + 1
+    if cfg.get("max-rank") is not None:
+        r = min(r, cfg["max-rank"])
+    u = u[:, :r]
+    tau = cfg.get("tau", 1.0)
+    tau = math.inf if tau == "inf" else tau
+    gamma = cfg.get("confidence-power", 0.0)
+    lam = cfg.get("residual-weight", 0.0)
+    coeffs = [u.T @ d for d in ds]  # C_k, r x d_in
+    fused = np.zeros((r, ds[0].shape[1]))
+    rho = []
+    for j in range(r):
+        rows = [c[j] for c in coeffs]
+        cbar = sum(pk * c for pk, c in zip(p, rows))
+
+        def cos(a, b):
+            na, nb = np.linalg.norm(a), np.linalg.norm(b)
+            return 0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb))
+
+        agree = np.array([cos(c, cbar) for c in rows])
+        if math.isinf(tau):
+            alpha = np.array(p)
+        else:
+            w = np.array(p) * np.exp(agree / tau)
+            alpha = w / w.sum()
+        rho_j = np.linalg.norm(cbar) / sum(pk * np.linalg.norm(c) for pk, c in zip(p, rows))
+        rho.append(rho_j)
+        fused[j] = rho_j**gamma * sum(a * c for a, c in zip(alpha, rows))
+    residual = lam * sum(pk * (d - u @ c) for pk, d, c in zip(p, ds, coeffs))
+    alignment_num = [float(np.sum((u @ c) ** 2)) for c in coeffs]
+    alignment_den = [float(np.sum(d**2)) for d in ds]
+    energy_kept = float(np.sum(sig[:r] ** 2) / np.sum(sig**2))
+    return {
+        "u": u,
+        "c_star": fused,
+        "residual": residual,
+        "rank": r,
+        "energy_kept": energy_kept,
+        "rho": rho,
+        "align": (alignment_num, alignment_den),
+    }
+
+
+def cra_round(cfg, rd):
+    """CRA on the round: the matrix `w` merged canonically, the bias `b` by
+    the weighted mean. Returns (merged matrix parts, bias mean, metrics)."""
+    ds = [d[:W_LEN].reshape(W_SHAPE) for d in rd["d"]]
+    m = cra_matrix(cfg, ds, rd["p"])
+    bias = weighted_mean([d[W_LEN:] for d in rd["d"]], rd["p"])
+    num, den = m["align"]
+    extra = {"cra_rho_mean": float(np.mean(m["rho"])), "cra_rho_min": float(np.min(m["rho"]))}
+    series = {
+        "cra_rank": [float(m["rank"])],
+        "cra_energy_kept": [m["energy_kept"]],
+        "cra_client_alignment": [a / b if b > 0 else 0.0 for a, b in zip(num, den)],
+    }
+    return m, bias, extra, series
+
+
+def cra_only(cfg, st, x, rd):
+    # Section 3 with the plain server step: x + eta (U C* + residual).
+    m, bias, extra, series = cra_round(cfg, rd)
+    delta = np.concatenate([(m["u"] @ m["c_star"] + m["residual"]).reshape(-1), bias])
+    extra["_series"] = series
+    return delta, x + cfg.get("server-lr", 1.0) * delta, extra
+
+
+def fed_cmp(cfg, st, x, rd):
+    # Section 4: momentum (U_m, K_m) transported onto the new basis.
+    m, bias, extra, series = cra_round(cfg, rd)
+    beta, lr = cfg.get("beta", 0.9), cfg.get("server-lr", 1.0)
+    nesterov = cfg.get("nesterov", False)
+    u, c_star = m["u"], m["c_star"]
+    dropped = 0.0
+    if "u_m" in st:
+        k_tilde = (u.T @ st["u_m"]) @ st["k_m"]
+        old = float(np.sum(st["k_m"] ** 2))
+        dropped = 1.0 - float(np.sum(k_tilde**2)) / old if old > 0 else 0.0
+        st.setdefault("dropped", []).append(dropped)
+    else:
+        k_tilde = np.zeros_like(c_star)
+    k = beta * k_tilde + c_star
+    v = beta * st.get("v", np.zeros(P - W_LEN)) + bias
+    # The server keeps its state in f32 (as the Rust side stores it).
+    st["u_m"], st["k_m"], st["v"] = (
+        u.astype(np.float32).astype(np.float64),
+        k.astype(np.float32).astype(np.float64),
+        v.astype(np.float32).astype(np.float64),
+    )
+    applied_k = beta * k + c_star if nesterov else k
+    applied_v = beta * v + bias if nesterov else v
+    step = np.concatenate([(u @ applied_k + m["residual"]).reshape(-1), applied_v])
+    delta = np.concatenate([(u @ c_star + m["residual"]).reshape(-1), bias])
+    extra["momentum_norm"] = math.sqrt(float(np.sum(k**2) + np.sum(v**2)))
+    extra["opm_dropped_fraction"] = min(max(dropped, 0.0), 1.0)
+    extra["_series"] = series
+    return delta, x + lr * step, extra
+
+
+def opm_only(cfg, st, x, rd):
+    # The ablation: energy 1, tau infinite, gamma 0 (FedAvgM in the span).
+    full = dict(cfg, energy=1.0, tau="inf")
+    return fed_cmp(full, st, x, rd)
+
+
 CASES = [
     ("fedavg", {"name": "fedavg", "server-lr": 1.0}, fedavg),
     ("fedavg-lr", {"name": "fedavg", "server-lr": 0.7}, fedavg),
@@ -190,6 +313,36 @@ CASES = [
     ),
     ("fednova", {"name": "fednova", "server-lr": 1.0}, fednova),
     ("ties", {"name": "ties", "top-k-percent": 50, "server-lr": 1.0}, ties),
+    ("cra-only", {"name": "cra-only"}, cra_only),
+    (
+        "cra-only-knobs",
+        {
+            "name": "cra-only",
+            "energy": 0.8,
+            "tau": 0.5,
+            "confidence-power": 2.0,
+            "residual-weight": 0.3,
+            "server-lr": 0.9,
+        },
+        cra_only,
+    ),
+    ("cra-only-tau-inf", {"name": "cra-only", "tau": "inf", "max-rank": 2}, cra_only),
+    ("fed-cmp", {"name": "fed-cmp"}, fed_cmp),
+    (
+        "fed-cmp-knobs",
+        {
+            "name": "fed-cmp",
+            "energy": 0.7,
+            "tau": 0.25,
+            "confidence-power": 1.0,
+            "residual-weight": 0.5,
+            "server-lr": 0.8,
+            "beta": 0.7,
+            "nesterov": True,
+        },
+        fed_cmp,
+    ),
+    ("opm-only", {"name": "opm-only", "server-lr": 1.0, "beta": 0.9}, opm_only),
 ]
 
 
@@ -263,6 +416,7 @@ def run_case(cid, cfg, algo):
         scalars, series = common_metrics(rd, ids)
         scalars["aggregate_norm"] = float(np.linalg.norm(delta))
         scalars["server_step_norm"] = float(np.linalg.norm(x32_new.astype(np.float64) - x))
+        series.update(extra.pop("_series", {}))
         scalars.update({k: float(v) for k, v in extra.items()})
         expected = {"params": split(x_new), "scalars": scalars, "series": series}
         if cfg["name"] == "fedprox":
@@ -274,6 +428,9 @@ def run_case(cid, cfg, algo):
             del u["_params"]
         rounds.append({"round": r, "updates": updates, "expected": expected})
         x32 = x32_new
+    if cid == "fed-cmp-knobs":
+        # The transport must have dropped part of the old momentum.
+        assert max(st["dropped"]) > 1e-3, st["dropped"]
     if cid == "fedyogi":
         # Both branches of Yogi's sign must have been exercised.
         assert {-1.0, 1.0} <= st["yogi_branches"], st["yogi_branches"]
