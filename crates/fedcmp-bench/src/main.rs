@@ -7,9 +7,15 @@
 //!     RAYON_NUM_THREADS=2 cargo run --release -p fedcmp-bench -- align-step
 //!     bash bench/alignment_step.sh        # this and PyTorch in one run
 //!
+//! `server-step`: Fed-CMP's server aggregation at LLaVA-1.5-7B projector
+//! size against numpy/LAPACK (bash bench/server_step.sh; see
+//! server_step.rs).
+//!
 //! The step = projector forward, frozen decoder forward + caption loss,
 //! decoder input-gradient backward, projector backward, AdamW update. The
 //! LAST line printed is one JSON object, like the PyTorch script's.
+
+mod server_step;
 
 use std::time::Instant;
 
@@ -34,6 +40,8 @@ struct Cli {
 enum Command {
     /// One alignment step at SmolLM2-135M size against PyTorch's shapes.
     AlignStep(AlignStepArgs),
+    /// Fed-CMP's server step at LLaVA-1.5-7B projector size.
+    ServerStep(server_step::ServerStepArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -170,5 +178,6 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::AlignStep(args) => align_step(&args),
+        Command::ServerStep(args) => server_step::run(&args),
     }
 }

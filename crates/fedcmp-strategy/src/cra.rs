@@ -21,7 +21,8 @@
 //!
 //! The basis is computed from the smaller side of `S`, in f64: when
 //! `d_out <= K d_in`, `U` = eigenvectors of `G = S S^T = sum_k p_k Delta_k
-//! Delta_k^T`; otherwise `V` = eigenvectors of `S^T S` and `U = S V
+//! Delta_k^T` (accumulated client by client, lower triangle only, `S`
+//! never formed); otherwise `V` = eigenvectors of `S^T S` and `U = S V
 //! Sigma^{-1}`, re-orthonormalised (Gram-Schmidt, twice). `sigma_i^2` are the
 //! eigenvalues (negative rounding clamped to 0), sorted descending.
 //!
@@ -34,10 +35,27 @@
 //! `sigma_i > max(shape) eps sigma_max`); directions below it are noise of
 //! the eigensolver, not of the data.
 //!
-//! Determinism: every decomposition and product runs sequentially
-//! (`Par::Seq`), clients arrive sorted by id, and each basis vector's sign
-//! is fixed (its largest-magnitude component, first on ties, is positive),
-//! so the result depends neither on thread count nor on arrival order.
+//! Large output-side Gram matrices (dimension >= [`REFINED_MIN_DIM`], energy
+//! < 1; the `eigensolver` knob) use the refined solver: an f32
+//! eigendecomposition picks the wanted directions, one f64 subspace step
+//! and a Rayleigh-Ritz projection make them f64-accurate, and the rank is
+//! chosen from the f64 Ritz values against the exact `trace(G)` (Ritz
+//! values are lower bounds, so the energy kept is at least `energy`).
+//! Where the spectrum has a gap at the cut it matches the exact solver to
+//! 1e-7 (tested); where the cut falls inside a cluster of near-equal
+//! eigenvalues, the basis there is fixed by the data only up to the f32
+//! rounding of the clients' parameters divided by the tiny gap, for any
+//! solver, and the two differ accordingly (1.9e-4 relative on the
+//! LLaVA-size benchmark, BENCHMARKS.md). It declines (exact solver) when
+//! the wanted rank is most of the dimension.
+//!
+//! Determinism: products and the eigendecomposition run through
+//! [`crate::dense`] (parallel, split into a fixed number of pieces, so the
+//! bits do not depend on the thread count), directions are fused in
+//! parallel but each one sequentially, clients arrive sorted by id, and
+//! each basis vector's sign is fixed (its largest-magnitude component,
+//! first on ties, is positive): the result depends neither on thread count
+//! nor on arrival order.
 //!
 //! Metrics: series `cra_rank` and `cra_energy_kept` (one value per matrix,
 //! in layout order), scalars `cra_rho_mean` / `cra_rho_min` (over all
@@ -47,19 +65,16 @@
 
 use std::ops::Range;
 
-use faer::diag::Diag;
-use faer::dyn_stack::{MemBuffer, MemStack};
-use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par};
-use fedcmp_core::{CoreError, RoundMetrics};
+use faer::Mat;
+use fedcmp_core::RoundMetrics;
+use rayon::prelude::*;
 
 use serde::{Deserialize, Serialize};
 
 use crate::compose::{Aggregator, Composed, Plain, PseudoGradient, ServerOptimizer};
 use crate::config::{non_negative, positive};
 use crate::round::RoundInput;
-use crate::{ops, Result, StrategyError};
+use crate::{dense, ops, Result, StrategyError};
 
 /// Which side of `S` the basis is computed from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -72,6 +87,28 @@ pub enum BasisSide {
     /// Eigenvectors of `S^T S` (`K d_in x K d_in`), mapped back.
     Stacked,
 }
+
+/// How the top eigenvectors of the output-side Gram matrix are computed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Eigensolver {
+    /// `Refined` for Gram matrices of dimension >= [`REFINED_MIN_DIM`] when
+    /// `energy < 1`, `Exact` otherwise.
+    #[default]
+    Auto,
+    /// The full f64 eigendecomposition.
+    Exact,
+    /// f32 eigendecomposition, then one f64 subspace-iteration step and
+    /// Rayleigh-Ritz on the wanted directions (see
+    /// [`dense::refined_top_eigen`]); the rank is chosen from the f64 Ritz
+    /// values against the exact total energy `trace(G)`. Falls back to
+    /// `Exact` when `energy = 1` (the numerical rank needs the whole exact
+    /// spectrum) or when the wanted rank is most of the dimension.
+    Refined,
+}
+
+/// The Gram dimension from which `Eigensolver::Auto` refines.
+pub const REFINED_MIN_DIM: usize = 1024;
 
 /// CRA's hyper-parameters (validated by the config layer).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -88,6 +125,7 @@ pub struct CraParams {
     pub residual_weight: f64,
     /// Which Gram matrix to decompose (tests pin both).
     pub side: BasisSide,
+    pub eigensolver: Eigensolver,
 }
 
 impl Default for CraParams {
@@ -99,6 +137,7 @@ impl Default for CraParams {
             confidence_power: 0.0,
             residual_weight: 0.0,
             side: BasisSide::Auto,
+            eigensolver: Eigensolver::Auto,
         }
     }
 }
@@ -124,19 +163,24 @@ pub struct CanonicalMatrix {
 
 impl CanonicalMatrix {
     /// `U C*` (row-major `rows x cols`), without the residual.
-    pub fn shared(&self) -> Vec<f64> {
-        mul_rowmajor(&self.basis, &self.coeffs, self.rows, self.rank, self.cols)
+    pub fn shared(&self) -> Result<Vec<f64>> {
+        dense::mul_rowmajor(&self.basis, &self.coeffs, self.rows, self.rank, self.cols)
     }
 
     /// `U C* + residual`.
-    pub fn dense(&self) -> Vec<f64> {
-        let mut d = self.shared();
+    pub fn dense(&self) -> Result<Vec<f64>> {
+        let mut d = self.shared()?;
         if let Some(res) = &self.residual {
-            for (x, r) in d.iter_mut().zip(res) {
-                *x += r;
-            }
+            ops::axpy(1.0, res, &mut d)?;
         }
-        d
+        Ok(d)
+    }
+
+    /// `||U C* + residual||_F^2` without forming it: `U` is orthonormal and
+    /// the residual lies outside its span, so the parts are orthogonal.
+    pub fn norm_sq(&self) -> f64 {
+        let sq = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>();
+        sq(&self.coeffs) + self.residual.as_deref().map_or(0.0, sq)
     }
 }
 
@@ -159,11 +203,12 @@ pub struct CanonicalUpdate {
 
 impl CanonicalUpdate {
     /// The update as one flat vector in the global model's layout.
-    pub fn dense(&self) -> Vec<f64> {
+    pub fn dense(&self) -> Result<Vec<f64>> {
         let mut out = vec![0.0; self.len];
         for m in &self.matrices {
+            let values = m.dense()?;
             if let Some(dst) = out.get_mut(m.range.clone()) {
-                dst.copy_from_slice(&m.dense());
+                dst.copy_from_slice(&values);
             }
         }
         for v in &self.vectors {
@@ -171,13 +216,19 @@ impl CanonicalUpdate {
                 dst.copy_from_slice(&v.mean);
             }
         }
-        out
+        Ok(out)
     }
 }
 
 impl PseudoGradient for CanonicalUpdate {
     fn norm(&self) -> f64 {
-        ops::norm(&self.dense())
+        let matrices: f64 = self.matrices.iter().map(CanonicalMatrix::norm_sq).sum();
+        let vectors: f64 = self
+            .vectors
+            .iter()
+            .map(|v| v.mean.iter().map(|x| x * x).sum::<f64>())
+            .sum();
+        (matrices + vectors).sqrt()
     }
 }
 
@@ -187,14 +238,21 @@ pub struct Basis {
     /// Row-major `rows x rank`.
     pub u: Vec<f64>,
     pub rank: usize,
-    /// All singular values of `S` (from the Gram eigenvalues), descending.
+    /// All singular values of `S` (from the Gram eigenvalues), descending;
+    /// with the refined solver, those beyond the refined ones are the f32
+    /// approximations.
     pub sigma: Vec<f64>,
+    /// `sum_i sigma_i^2 = ||S||_F^2` (exactly `trace(G)` with the refined
+    /// solver).
+    pub total_energy: f64,
+    /// Whether the refined solver produced it (else the exact one).
+    pub refined: bool,
 }
 
 impl Basis {
-    /// `sum_{i<rank} sigma_i^2 / sum_i sigma_i^2` (1 for a zero `S`).
+    /// `sum_{i<rank} sigma_i^2 / ||S||_F^2` (1 for a zero `S`).
     pub fn energy_kept(&self) -> f64 {
-        let total: f64 = self.sigma.iter().map(|s| s * s).sum();
+        let total = self.total_energy;
         if total > 0.0 {
             self.sigma[..self.rank].iter().map(|s| s * s).sum::<f64>() / total
         } else {
@@ -230,21 +288,35 @@ pub fn canonical_basis(
     }
     let k = deltas.len();
     let wide = k * cols;
-    let s = Mat::<f64>::from_fn(rows, wide, |i, j| {
-        let (client, c) = (j / cols.max(1), j % cols.max(1));
-        weights[client].max(0.0).sqrt() * deltas[client][i * cols + c]
-    });
     let output_side = match params.side {
         BasisSide::Auto => rows <= wide,
         BasisSide::Output => true,
         BasisSide::Stacked => false,
     };
-    let gram = if output_side {
-        mul(s.as_ref(), s.transpose())
-    } else {
-        mul(s.transpose(), s.as_ref())
+    // S is only formed on the stacked side, where it is the small one.
+    let stacked = (!output_side).then(|| {
+        Mat::<f64>::from_fn(rows, wide, |i, j| {
+            let (client, c) = (j / cols.max(1), j % cols.max(1));
+            weights[client].max(0.0).sqrt() * deltas[client][i * cols + c]
+        })
+    });
+    let mut gram = match &stacked {
+        None => dense::weighted_gram_lower(deltas, weights, rows, cols)?,
+        Some(s) => dense::mul(s.transpose(), s.as_ref()),
     };
-    let (values, vectors) = symmetric_eigen(&gram)?;
+    let refine = match params.eigensolver {
+        Eigensolver::Exact => false,
+        Eigensolver::Refined => true,
+        Eigensolver::Auto => rows >= REFINED_MIN_DIM,
+    };
+    if output_side && refine && params.energy < 1.0 {
+        dense::symmetrize_from_lower(&mut gram);
+        if let Some(basis) = refined_basis(&gram, rows, wide, params)? {
+            return Ok(basis);
+        }
+    }
+    let (values, vectors) = dense::symmetric_eigen(gram.as_ref())?;
+    drop(gram);
     // Descending order, clamped at 0.
     let n = values.len();
     let order: Vec<usize> = (0..n).rev().collect();
@@ -254,41 +326,80 @@ pub fn canonical_basis(
     sigma.truncate(rows.min(wide));
     let rank = choose_rank(&lambdas, rows.max(wide), params);
 
-    let mut u = Mat::<f64>::zeros(rows, rank);
-    if output_side {
-        for (j, &i) in order.iter().take(rank).enumerate() {
-            for r in 0..rows {
-                u[(r, j)] = vectors[(r, i)];
+    // Eigenvalues come ascending: the top `rank` vectors are the last
+    // columns, taken in descending order.
+    let top = |len: usize| Mat::<f64>::from_fn(len, rank, |r, j| vectors[(r, order[j])]);
+    let mut u = match &stacked {
+        None => top(rows),
+        Some(s) => {
+            let mut u = dense::mul(s.as_ref(), top(wide).as_ref());
+            for j in 0..rank {
+                let inv = 1.0 / lambdas[j].sqrt();
+                for r in 0..rows {
+                    u[(r, j)] *= inv;
+                }
             }
+            dense::orthonormalize(&mut u);
+            u
         }
-    } else {
-        let mut v = Mat::<f64>::zeros(wide, rank);
-        for (j, &i) in order.iter().take(rank).enumerate() {
-            for r in 0..wide {
-                v[(r, j)] = vectors[(r, i)];
-            }
-        }
-        u = mul(s.as_ref(), v.as_ref());
-        for j in 0..rank {
-            let inv = 1.0 / lambdas[j].sqrt();
-            for r in 0..rows {
-                u[(r, j)] *= inv;
-            }
-        }
-        orthonormalize(&mut u);
-    }
-    fix_signs(&mut u);
-    let mut flat = vec![0.0; rows * rank];
-    for r in 0..rows {
-        for j in 0..rank {
-            flat[r * rank + j] = u[(r, j)];
-        }
-    }
+    };
+    dense::fix_signs(&mut u);
     Ok(Basis {
-        u: flat,
+        u: dense::to_row_major(u.as_ref()),
+        rank,
+        total_energy: lambdas.iter().sum(),
+        sigma,
+        refined: false,
+    })
+}
+
+/// The basis by [`Eigensolver::Refined`] from the full Gram matrix `g`
+/// (`rows x rows`); `None` to fall back to the exact solver.
+fn refined_basis(
+    g: &Mat<f64>,
+    rows: usize,
+    wide: usize,
+    params: &CraParams,
+) -> Result<Option<Basis>> {
+    let total: f64 = (0..rows).map(|i| g[(i, i)]).sum();
+    let wanted = |lambda32: &[f64]| choose_rank(lambda32, rows.max(wide), params);
+    let Some(dense::TopEigen {
+        values: ritz,
+        vectors,
+        rest,
+    }) = dense::refined_top_eigen(g.as_ref(), wanted)?
+    else {
+        return Ok(None);
+    };
+    // Ritz values are lower bounds of the eigenvalues (Cauchy interlacing),
+    // so the rank reaching `energy` of the exact total here keeps at least
+    // that energy; if the refined directions do not reach it, fall back.
+    let target = params.energy * total;
+    let mut cum = 0.0;
+    let by_energy = ritz
+        .iter()
+        .position(|l| {
+            cum += l;
+            cum >= target
+        })
+        .map(|i| i + 1);
+    let rank = match (by_energy, params.max_rank) {
+        (Some(r), cap) => r.min(cap.unwrap_or(usize::MAX)),
+        // The energy rank lies beyond the refined directions, the cap within.
+        (None, Some(cap)) if cap <= ritz.len() => cap,
+        (None, _) => return Ok(None),
+    };
+    let mut u = Mat::<f64>::from_fn(rows, rank, |r, j| vectors[(r, j)]);
+    dense::fix_signs(&mut u);
+    let mut sigma: Vec<f64> = ritz.iter().chain(&rest).map(|l| l.sqrt()).collect();
+    sigma.truncate(rows.min(wide));
+    Ok(Some(Basis {
+        u: dense::to_row_major(u.as_ref()),
         rank,
         sigma,
-    })
+        total_energy: total,
+        refined: true,
+    }))
 }
 
 /// The rank kept from descending Gram eigenvalues `lambdas` (= sigma^2).
@@ -321,119 +432,6 @@ fn choose_rank(lambdas: &[f64], max_dim: usize, params: &CraParams) -> usize {
     rank
 }
 
-/// Eigen-decomposition of a symmetric matrix, sequential: eigenvalues
-/// ascending, eigenvectors as columns.
-fn symmetric_eigen(a: &Mat<f64>) -> Result<(Vec<f64>, Mat<f64>)> {
-    let n = a.nrows();
-    let mut s = Diag::<f64>::zeros(n);
-    let mut u = Mat::<f64>::zeros(n, n);
-    let par = Par::Seq;
-    let mut buffer = MemBuffer::new(self_adjoint_evd_scratch::<f64>(
-        n,
-        ComputeEigenvectors::Yes,
-        par,
-        Default::default(),
-    ));
-    self_adjoint_evd(
-        a.as_ref(),
-        s.as_mut(),
-        Some(u.as_mut()),
-        par,
-        MemStack::new(&mut buffer),
-        Default::default(),
-    )
-    .map_err(|e| {
-        StrategyError::Core(CoreError::Invalid(format!(
-            "CRA: symmetric eigendecomposition ({n} x {n}) failed: {e:?}"
-        )))
-    })?;
-    let values = s.column_vector().iter().copied().collect();
-    Ok((values, u))
-}
-
-/// `a b`, sequential.
-fn mul(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
-    let mut out = Mat::<f64>::zeros(a.nrows(), b.ncols());
-    matmul(out.as_mut(), Accum::Replace, a, b, 1.0, Par::Seq);
-    out
-}
-
-/// Row-major `(m x k) (k x n)`, accumulated in a fixed order.
-pub(crate) fn mul_rowmajor(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
-    let mut out = vec![0.0; m * n];
-    for i in 0..m {
-        let row = &mut out[i * n..(i + 1) * n];
-        for p in 0..k {
-            let x = a[i * k + p];
-            if x != 0.0 {
-                for (o, &y) in row.iter_mut().zip(&b[p * n..(p + 1) * n]) {
-                    *o += x * y;
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Row-major `a^T b` for `a: m x k`, `b: m x n` (result `k x n`).
-pub(crate) fn tmul_rowmajor(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
-    let mut out = vec![0.0; k * n];
-    for i in 0..m {
-        let brow = &b[i * n..(i + 1) * n];
-        for p in 0..k {
-            let x = a[i * k + p];
-            if x != 0.0 {
-                for (o, &y) in out[p * n..(p + 1) * n].iter_mut().zip(brow) {
-                    *o += x * y;
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Modified Gram-Schmidt, twice ("twice is enough"), in column order.
-fn orthonormalize(u: &mut Mat<f64>) {
-    let (rows, cols) = (u.nrows(), u.ncols());
-    for _ in 0..2 {
-        for j in 0..cols {
-            for i in 0..j {
-                let d: f64 = (0..rows).map(|r| u[(r, i)] * u[(r, j)]).sum();
-                for r in 0..rows {
-                    u[(r, j)] -= d * u[(r, i)];
-                }
-            }
-            let nrm = (0..rows).map(|r| u[(r, j)] * u[(r, j)]).sum::<f64>().sqrt();
-            if nrm > 0.0 {
-                for r in 0..rows {
-                    u[(r, j)] /= nrm;
-                }
-            }
-        }
-    }
-}
-
-/// Makes each column's largest-magnitude component (first on ties)
-/// positive.
-fn fix_signs(u: &mut Mat<f64>) {
-    for j in 0..u.ncols() {
-        let mut best = 0.0f64;
-        let mut sign = 1.0;
-        for r in 0..u.nrows() {
-            let x = u[(r, j)];
-            if x.abs() > best {
-                best = x.abs();
-                sign = if x < 0.0 { -1.0 } else { 1.0 };
-            }
-        }
-        if sign < 0.0 {
-            for r in 0..u.nrows() {
-                u[(r, j)] = -u[(r, j)];
-            }
-        }
-    }
-}
-
 /// One direction's reliability: agreements, weights, confidence, fusion.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reliability {
@@ -455,15 +453,27 @@ pub fn reliability(
     tau: f64,
     confidence_power: f64,
 ) -> Result<Reliability> {
-    let owned: Vec<Vec<f64>> = rows.iter().map(|r| r.to_vec()).collect();
-    let cbar = ops::weighted_sum(&owned, weights)?;
-    let agreement = owned
+    if rows.len() != weights.len() {
+        return Err(StrategyError::Length {
+            what: "weights",
+            expected: rows.len(),
+            got: weights.len(),
+        });
+    }
+    let width = rows.first().map_or(0, |r| r.len());
+    let mut cbar = vec![0.0; width];
+    for (row, &p) in rows.iter().zip(weights) {
+        ops::axpy(p, row, &mut cbar)?;
+    }
+    let agreement = rows
         .iter()
         .map(|c| ops::cosine(c, &cbar))
         .collect::<Result<Vec<f64>>>()?;
     let alpha: Vec<f64> = if tau.is_infinite() {
         weights.to_vec()
     } else {
+        // Shifted by the largest agreement so that a small tau cannot
+        // overflow; the shift cancels in the normalisation.
         let amax = agreement.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let raw: Vec<f64> = weights
             .iter()
@@ -477,7 +487,7 @@ pub fn reliability(
             weights.to_vec()
         }
     };
-    let denom: f64 = owned
+    let denom: f64 = rows
         .iter()
         .zip(weights)
         .map(|(c, p)| p * ops::norm(c))
@@ -487,7 +497,10 @@ pub fn reliability(
     } else {
         0.0
     };
-    let mut fused = ops::weighted_sum(&owned, &alpha)?;
+    let mut fused = vec![0.0; width];
+    for (row, &a) in rows.iter().zip(&alpha) {
+        ops::axpy(a, row, &mut fused)?;
+    }
     if confidence_power != 0.0 {
         ops::scale(rho.powf(confidence_power), &mut fused);
     }
@@ -520,14 +533,12 @@ pub struct MergedMatrix {
 
 impl MergedMatrix {
     /// `U C* + residual`, row-major.
-    pub fn dense(&self, rows: usize, cols: usize) -> Vec<f64> {
-        let mut d = mul_rowmajor(&self.basis, &self.coeffs, rows, self.rank, cols);
+    pub fn dense(&self, rows: usize, cols: usize) -> Result<Vec<f64>> {
+        let mut d = dense::mul_rowmajor(&self.basis, &self.coeffs, rows, self.rank, cols)?;
         if let Some(res) = &self.residual {
-            for (x, r) in d.iter_mut().zip(res) {
-                *x += r;
-            }
+            ops::axpy(1.0, res, &mut d)?;
         }
-        d
+        Ok(d)
     }
 }
 
@@ -539,14 +550,18 @@ pub fn merge_matrix(
     cols: usize,
     params: &CraParams,
 ) -> Result<MergedMatrix> {
-    let owned: Vec<Vec<f64>> = slices.iter().map(|s| s.to_vec()).collect();
-    let mean = ops::weighted_sum(&owned, p)?;
     let basis = canonical_basis(slices, p, rows, cols, params)?;
     let r = basis.rank;
+    let u = dense::view(&basis.u, rows, r)?;
     let coeffs: Vec<Vec<f64>> = slices
         .iter()
-        .map(|d| tmul_rowmajor(&basis.u, d, rows, r, cols))
-        .collect();
+        .map(|d| {
+            Ok(dense::mul_to_row_major(
+                u.transpose(),
+                dense::view(d, rows, cols)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
     let kept = coeffs
         .iter()
         .map(|c| c.iter().map(|x| x * x).sum())
@@ -555,29 +570,38 @@ pub fn merge_matrix(
         .iter()
         .map(|d| d.iter().map(|x| x * x).sum())
         .collect();
-    let mut fused = vec![0.0; r * cols];
+    // Directions are independent: in parallel, each one sequential, so the
+    // result does not depend on the thread count.
+    let directions: Vec<Reliability> = (0..r)
+        .into_par_iter()
+        .map(|j| {
+            let rows_j: Vec<&[f64]> = coeffs
+                .iter()
+                .map(|c| &c[j * cols..(j + 1) * cols])
+                .collect();
+            reliability(&rows_j, p, params.tau, params.confidence_power)
+        })
+        .collect::<Result<_>>()?;
+    drop(coeffs);
+    let mut fused = Vec::with_capacity(r * cols);
     let mut rho = Vec::with_capacity(r);
-    for j in 0..r {
-        let rows_j: Vec<&[f64]> = coeffs
-            .iter()
-            .map(|c| &c[j * cols..(j + 1) * cols])
-            .collect();
-        let rel = reliability(&rows_j, p, params.tau, params.confidence_power)?;
-        rho.push(rel.rho);
-        fused[j * cols..(j + 1) * cols].copy_from_slice(&rel.fused);
+    for d in directions {
+        rho.push(d.rho);
+        fused.extend_from_slice(&d.fused);
     }
     let residual = if params.residual_weight != 0.0 {
         // sum_k p_k E_k = mean - U U^T mean.
-        let proj = mul_rowmajor(
-            &basis.u,
-            &tmul_rowmajor(&basis.u, &mean, rows, r, cols),
-            rows,
-            r,
-            cols,
+        let mut mean = vec![0.0; rows * cols];
+        for (d, &w) in slices.iter().zip(p) {
+            ops::axpy(w, d, &mut mean)?;
+        }
+        let inside = dense::mul_to_row_major(
+            u,
+            dense::mul(u.transpose(), dense::view(&mean, rows, cols)?).as_ref(),
         );
         Some(
             mean.iter()
-                .zip(&proj)
+                .zip(inside)
                 .map(|(m, q)| params.residual_weight * (m - q))
                 .collect(),
         )
@@ -716,7 +740,7 @@ impl ServerOptimizer<CanonicalUpdate> for CanonicalSgd {
         _metrics: &mut RoundMetrics,
     ) -> Result<Vec<f64>> {
         let mut next = input.global_flat.clone();
-        ops::axpy(self.lr, &update.dense(), &mut next)?;
+        ops::axpy(self.lr, &update.dense()?, &mut next)?;
         Ok(next)
     }
 }
@@ -744,6 +768,8 @@ pub struct CraConfig {
     pub residual_weight: f64,
     /// `eta_s` > 0.
     pub server_lr: f64,
+    /// `auto` (default), `exact` or `refined`: see [`Eigensolver`].
+    pub eigensolver: Eigensolver,
 }
 
 impl Default for CraConfig {
@@ -755,6 +781,7 @@ impl Default for CraConfig {
             confidence_power: 0.0,
             residual_weight: 0.0,
             server_lr: 1.0,
+            eigensolver: Eigensolver::Auto,
         }
     }
 }
@@ -793,6 +820,7 @@ impl CraConfig {
             confidence_power: self.confidence_power,
             residual_weight: self.residual_weight,
             side: BasisSide::Auto,
+            eigensolver: self.eigensolver,
         }
     }
 }

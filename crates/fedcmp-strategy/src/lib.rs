@@ -23,6 +23,7 @@
 pub mod compose;
 pub mod config;
 pub mod cra;
+pub mod dense;
 mod error;
 pub mod fedavg;
 pub mod fedavgm;

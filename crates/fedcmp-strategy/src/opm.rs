@@ -31,7 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::compose::{Composed, Plain, ServerOptimizer};
 use crate::config::{positive, unit_interval};
-use crate::cra::{mul_rowmajor, tmul_rowmajor, CanonicalMerge, CanonicalUpdate, CraConfig};
+use crate::cra::{CanonicalMerge, CanonicalUpdate, CraConfig};
+use crate::dense::{mul_rowmajor, tmul_rowmajor};
 use crate::round::RoundInput;
 use crate::{ops, Result, StrategyError, StrategyState};
 
@@ -121,8 +122,8 @@ impl ServerOptimizer<CanonicalUpdate> for OrthogonalMomentum {
                 }
                 let (u_m, k_m) = (widen(u_m), widen(k_m));
                 old_energy += k_m.iter().map(|x| x * x).sum::<f64>();
-                let overlap = tmul_rowmajor(&m.basis, &u_m, rows, r, rm);
-                let tilde = mul_rowmajor(&overlap, &k_m, r, rm, cols);
+                let overlap = tmul_rowmajor(&m.basis, &u_m, rows, r, rm)?;
+                let tilde = mul_rowmajor(&overlap, &k_m, r, rm, cols)?;
                 kept_energy += tilde.iter().map(|x| x * x).sum::<f64>();
                 k_t = tilde;
             }
@@ -136,7 +137,7 @@ impl ServerOptimizer<CanonicalUpdate> for OrthogonalMomentum {
             } else {
                 k_t.clone()
             };
-            let mut step = mul_rowmajor(&m.basis, &applied, rows, r, cols);
+            let mut step = mul_rowmajor(&m.basis, &applied, rows, r, cols)?;
             if let Some(res) = &m.residual {
                 ops::axpy(1.0, res, &mut step)?;
             }
@@ -295,6 +296,7 @@ pub fn opm_only(config: &OpmOnlyConfig) -> Result<FedCmp> {
             confidence_power: 0.0,
             residual_weight: 0.0,
             server_lr: config.server_lr,
+            eigensolver: crate::cra::Eigensolver::Exact,
         },
         beta: config.beta,
         nesterov: config.nesterov,

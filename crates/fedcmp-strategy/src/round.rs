@@ -22,6 +22,8 @@
 
 use fedcmp_core::{ClientId, ClientUpdate, ParamSet, RoundMetrics};
 
+use rayon::prelude::*;
+
 use crate::{ops, Result, StrategyError};
 
 /// A round's updates, validated and sorted by client id, with deltas.
@@ -60,32 +62,40 @@ impl<'a> RoundInput<'a> {
                 });
             }
         }
-        for u in &sorted {
-            global.check_same_layout(&u.params).map_err(|detail| {
-                StrategyError::LayoutMismatch {
-                    client: u.client,
-                    detail,
+        // Each client's checks are independent: in parallel, then the first
+        // failure in client order is reported.
+        sorted
+            .par_iter()
+            .map(|u| -> Result<()> {
+                global.check_same_layout(&u.params).map_err(|detail| {
+                    StrategyError::LayoutMismatch {
+                        client: u.client,
+                        detail,
+                    }
+                })?;
+                if let Some(parameter) = ops::first_non_finite(&u.params) {
+                    return Err(StrategyError::NonFinite {
+                        client: u.client,
+                        parameter: parameter.to_string(),
+                    });
                 }
-            })?;
-            if let Some(parameter) = ops::first_non_finite(&u.params) {
-                return Err(StrategyError::NonFinite {
-                    client: u.client,
-                    parameter: parameter.to_string(),
-                });
-            }
-            if !u.mean_loss.is_finite() {
-                return Err(StrategyError::NonFinite {
-                    client: u.client,
-                    parameter: "mean_loss".to_string(),
-                });
-            }
-        }
+                if !u.mean_loss.is_finite() {
+                    return Err(StrategyError::NonFinite {
+                        client: u.client,
+                        parameter: "mean_loss".to_string(),
+                    });
+                }
+                Ok(())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .collect::<Result<()>>()?;
         let counts: Vec<u64> = sorted.iter().map(|u| u.num_samples).collect();
         let sample_weights =
             ops::sample_weights(&counts).ok_or(StrategyError::NoSamples { round })?;
         let global_flat = ops::flatten(global);
         let deltas = sorted
-            .iter()
+            .par_iter()
             .map(|u| ops::delta(&global_flat, &u.params))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -127,14 +137,23 @@ impl<'a> RoundInput<'a> {
         );
         let losses: Vec<f64> = self.updates.iter().map(|u| u.mean_loss).collect();
         m.set("loss", ops::weighted_mean(&losses, &self.sample_weights)?);
-        let mean = ops::weighted_sum(&self.deltas, &self.sample_weights)?;
-        m.set("mean_delta_norm", ops::norm(&mean));
-        let norms: Vec<f64> = self.deltas.iter().map(|d| ops::norm(d)).collect();
+        // One pass over the deltas: every norm and cosine comes from the
+        // Gram matrix, ||sum_k p_k Delta_k||^2 = p^T G p.
+        let gram = ops::gram(&self.deltas)?;
+        let p = &self.sample_weights;
+        let mut mean_sq = 0.0;
+        for i in 0..k {
+            for j in 0..k {
+                mean_sq += p[i] * p[j] * gram[i * k + j];
+            }
+        }
+        m.set("mean_delta_norm", mean_sq.max(0.0).sqrt());
+        let norms: Vec<f64> = (0..k).map(|i| gram[i * k + i].sqrt()).collect();
         m.set(
             "client_delta_norm_mean",
             norms.iter().sum::<f64>() / k as f64,
         );
-        let cos = ops::cosine_matrix(&self.deltas)?;
+        let cos = ops::cosine_from_gram(&gram, k);
         if k >= 2 {
             let pairs: Vec<f64> = (0..k)
                 .flat_map(|i| (i + 1..k).map(move |j| (i, j)))

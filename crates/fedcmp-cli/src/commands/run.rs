@@ -34,7 +34,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "domain-silos")]
     pub scenario: String,
     /// Strategy name (fedavg, fedprox, fedavgm, fedadagrad, fedadam, fedyogi, scaffold, fednova,
-    /// ties), or an inline TOML table with its options, e.g. '{ name = "fedprox", mu = 0.01 }'.
+    /// ties, fed-cmp, cra-only, opm-only), or an inline TOML table with its options, e.g.
+    /// '{ name = "fed-cmp", energy = 0.9, beta = 0.8 }'.
     #[arg(long, default_value = "fedavg")]
     pub strategy: String,
     /// Stop after this many rounds (default: when every shard is consumed once).

@@ -73,6 +73,11 @@ pub fn all_configs() -> TestResult<Vec<StrategyConfig>> {
         r#"{"name": "scaffold", "weighting": "samples", "server-lr": 0.5}"#,
         r#"{"name": "fednova"}"#,
         r#"{"name": "ties", "top-k-percent": 50}"#,
+        r#"{"name": "cra-only"}"#,
+        r#"{"name": "cra-only", "energy": 0.8, "tau": 0.5, "residual-weight": 0.5}"#,
+        r#"{"name": "fed-cmp"}"#,
+        r#"{"name": "fed-cmp", "nesterov": true, "confidence-power": 1.0}"#,
+        r#"{"name": "opm-only", "beta": 0.5}"#,
     ]
     .iter()
     .map(|j| config(j))
