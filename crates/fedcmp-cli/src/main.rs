@@ -1,9 +1,9 @@
 //! The `fedcmp` command-line program: clap arguments -> typed settings ->
 //! library calls; progress bars and tables are rendered here and only here.
 //!
-//! With no subcommand it runs the main job (currently a short centralized
-//! alignment on real backbones and images; it becomes the federated default
-//! scenario with issue 6).
+//! With no subcommand it runs the main job: the S3 domain-silos scenario on
+//! real backbones and images, Fed-CMP and FedAvg side by side with the
+//! untrained and centralized references (`compare`, sized to ~10 minutes).
 
 mod commands;
 mod progress;
@@ -41,8 +41,10 @@ enum Command {
     },
     /// One federated run of a scenario with a strategy (simulation).
     Run(commands::run::RunArgs),
+    /// Methods x scenarios with fair tuning, seeds, and a report (resumable).
+    Compare(Box<commands::compare::CompareArgs>),
     /// Centralized alignment of a projector between MobileNetV2 and SmolLM2
-    /// on Fashion-MNIST with template captions (the current main job).
+    /// on Fashion-MNIST with template captions (a quick single-domain check).
     Align(commands::align::AlignArgs),
 }
 
@@ -60,8 +62,9 @@ fn main() -> ExitCode {
         Some(Command::Assets { action }) => commands::assets::run(cli.cache_dir, action),
         Some(Command::Scenario { action }) => commands::scenario::run(cli.cache_dir, action),
         Some(Command::Run(args)) => commands::run::run(cli.cache_dir, args),
+        Some(Command::Compare(args)) => commands::compare::run(cli.cache_dir, *args),
         Some(Command::Align(args)) => commands::align::run(cli.cache_dir, args),
-        None => commands::align::run(cli.cache_dir, commands::align::AlignArgs::default()),
+        None => commands::compare::run(cli.cache_dir, commands::compare::main_job_args()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -152,14 +152,35 @@ pub struct Corpus {
     pub skipped: SkipReport,
     /// Source name -> class names by label index.
     pub label_names: BTreeMap<String, Vec<String>>,
+    /// Source name -> the caption template zero-shot prompts use (the
+    /// domain's first template, with `{label}`), for labelled sources.
+    pub prompt_templates: BTreeMap<String, String>,
 }
 
 impl Corpus {
+    /// One zero-shot prompt per class of `source` (its prompt template, or
+    /// `"A photo of {label}."` for a manifest with string labels, filled
+    /// with each class's first name), or None for a source without labels.
+    pub fn class_prompts(&self, source: &str) -> Option<Vec<String>> {
+        let names = self.label_names.get(source)?;
+        let template = self
+            .prompt_templates
+            .get(source)
+            .map_or("A photo of {label}.", String::as_str);
+        Some(
+            names
+                .iter()
+                .map(|n| crate::templates::fill(template, n))
+                .collect(),
+        )
+    }
+
     /// Appends another corpus (sources must not collide; ids stay unique
     /// because they are prefixed by the source).
     pub fn extend(&mut self, other: Corpus) {
         self.records.extend(other.records);
         self.skipped.merge(other.skipped);
         self.label_names.extend(other.label_names);
+        self.prompt_templates.extend(other.prompt_templates);
     }
 }

@@ -257,6 +257,16 @@ pub struct Federation {
 pub type ClusterFn<'a> = dyn FnMut(&Corpus, &[usize], usize) -> Result<Vec<u32>> + 'a;
 
 impl Scenario {
+    /// Caps every source at `limit` records (keeping a smaller limit it
+    /// already has): the same scenario on less data, for quick or
+    /// budgeted runs.
+    pub fn cap_sources(&mut self, limit: NonZeroUsize) {
+        for source in &mut self.sources {
+            let common = source.common_mut();
+            common.limit = Some(common.limit.map_or(limit, |l| l.min(limit)));
+        }
+    }
+
     /// Reads the sources and deals the training split to the clients.
     /// `clusters` is called only when the partition key uses concepts and
     /// some source has unlabelled records.

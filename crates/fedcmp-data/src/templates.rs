@@ -69,13 +69,7 @@ impl CaptionTemplates {
         let names = &self.classes.get(label)?.names;
         let name = &names[rng.random_range(0..names.len())];
         let template = &self.templates[rng.random_range(0..self.templates.len())];
-        let mut caption = template.replace("{label}", name);
-        // Templates may open with the label; a caption starts with a capital.
-        if let Some(first) = caption.chars().next() {
-            let upper: String = first.to_uppercase().collect();
-            caption.replace_range(..first.len_utf8(), &upper);
-        }
-        Some(caption)
+        Some(fill(template, name))
     }
 
     /// The canonical (first) name of each class, for zero-shot prompts.
@@ -85,6 +79,17 @@ impl CaptionTemplates {
             .map(|c| c.names.first().map(String::as_str).unwrap_or(""))
             .collect()
     }
+}
+
+/// `template` with `{label}` replaced by `name`, starting with a capital
+/// (templates may open with the label).
+pub fn fill(template: &str, name: &str) -> String {
+    let mut caption = template.replace("{label}", name);
+    if let Some(first) = caption.chars().next() {
+        let upper: String = first.to_uppercase().collect();
+        caption.replace_range(..first.len_utf8(), &upper);
+    }
+    caption
 }
 
 #[cfg(test)]

@@ -111,6 +111,9 @@ pub struct AlignmentBatch {
     /// Embeddings of the padded caption ids (batch, max_len, d_llm).
     caption_embeds: Tensor,
     targets: LossTargets,
+    /// Scored tokens of each sample, in batch order (targets are laid out
+    /// sample by sample).
+    tokens_per_sample: Vec<usize>,
 }
 
 impl AlignmentBatch {
@@ -165,6 +168,7 @@ impl AlignmentBatch {
             prefix_embeds,
             caption_embeds,
             targets,
+            tokens_per_sample: tokens.captions.iter().map(Vec::len).collect(),
         })
     }
 
@@ -221,6 +225,49 @@ pub fn caption_loss(
 ) -> Result<f64> {
     let visual = projector.forward(&batch.features)?.detach();
     decoder.caption_loss(&batch.inputs(&visual)?, &batch.targets)
+}
+
+/// One sample's caption log-likelihood under the model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CaptionScore {
+    /// `sum_t log p(token_t | image, tokens < t)`.
+    pub log_likelihood: f64,
+    /// Number of scored caption tokens.
+    pub tokens: usize,
+}
+
+impl CaptionScore {
+    /// Log-likelihood per token (0 for an empty caption).
+    pub fn per_token(&self) -> f64 {
+        if self.tokens == 0 {
+            0.0
+        } else {
+            self.log_likelihood / self.tokens as f64
+        }
+    }
+}
+
+/// The caption log-likelihood of every sample of `batch` (no gradient).
+pub fn caption_scores(
+    decoder: &FrozenDecoder,
+    projector: &Projector,
+    batch: &AlignmentBatch,
+) -> Result<Vec<CaptionScore>> {
+    let visual = projector.forward(&batch.features)?.detach();
+    let log_probs = decoder.target_token_log_probs(&batch.inputs(&visual)?, &batch.targets)?;
+    let mut out = Vec::with_capacity(batch.tokens_per_sample.len());
+    let mut start = 0;
+    for &n in &batch.tokens_per_sample {
+        let slice = log_probs.get(start..start + n).ok_or_else(|| {
+            ModelError::InvalidInput("internal: fewer scores than caption tokens".to_string())
+        })?;
+        out.push(CaptionScore {
+            log_likelihood: slice.iter().sum(),
+            tokens: n,
+        });
+        start += n;
+    }
+    Ok(out)
 }
 
 /// Loss and exact projector gradient for `batch`.

@@ -65,3 +65,39 @@ pub fn params_to_tensors(params: &ParamSet, dtype: DType) -> Result<Vec<Tensor>>
         .map(|(_, p)| param_to_tensor(p, dtype))
         .collect()
 }
+
+/// Writes `params` as a safetensors file (f32), atomically: a `.partial`
+/// file renamed into place, so a crash never leaves a half-written file.
+pub fn save_params_file(params: &ParamSet, path: &std::path::Path) -> Result<()> {
+    let tensors = params
+        .entries()
+        .iter()
+        .map(|(name, p)| Ok((name.clone(), param_to_tensor(p, DType::F32)?)))
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    let tmp = path.with_extension("partial");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(|source| crate::RuntimeError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// Reads a file written by [`save_params_file`] back in `like`'s tensor
+/// order, checking names and shapes.
+pub fn read_params_file(path: &std::path::Path, like: &ParamSet) -> Result<ParamSet> {
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)?;
+    let entries = like
+        .entries()
+        .iter()
+        .map(|(name, _)| {
+            let t = tensors.remove(name).ok_or_else(|| {
+                crate::RuntimeError::Config(format!("{} has no tensor `{name}`", path.display()))
+            })?;
+            Ok((name.clone(), tensor_to_param(name, &t)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let set = ParamSet::new(entries)?;
+    like.check_same_layout(&set)?;
+    Ok(set)
+}

@@ -15,6 +15,7 @@ pub mod client;
 pub mod convert;
 pub mod engine;
 pub mod eval;
+pub mod suite;
 pub mod transport;
 
 use std::path::PathBuf;

@@ -19,7 +19,6 @@ use fedcmp_model::alignment::{
 };
 use fedcmp_model::optim::{AdamW, AdamWConfig, WarmupCosine};
 use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
-use fedcmp_model::vision::mobilenet_v2::MobileNetV2;
 use fedcmp_model::vision::VisionEncoder;
 
 use super::backbones;
@@ -88,7 +87,7 @@ fn fashion(root: &std::path::Path, split: Split, limit: usize, seed: u64) -> Res
 /// The usable records of `records` with their feature keys.
 fn with_features<'a>(
     cache: &mut FeatureCache,
-    encoder: &MobileNetV2,
+    encoder: &dyn VisionEncoder,
     records: &'a [Record],
 ) -> Result<Vec<(FeatureKey, &'a Record)>> {
     let keys = backbones::cache_features(cache, encoder, records)?;
@@ -105,7 +104,12 @@ pub fn run(cache_dir: Option<PathBuf>, args: AlignArgs) -> Result<()> {
     }
     let root = cache_root(cache_dir)?;
     super::assets::fetch(&root, &[FASHION])?;
-    let loaded = backbones::load(&root, args.llm.as_ref(), args.image_size)?;
+    let loaded = backbones::load(
+        &root,
+        args.llm.as_ref(),
+        backbones::VisionChoice::MobilenetV2,
+        args.image_size,
+    )?;
     let mut cache = loaded.feature_cache(&root)?;
     let backbones::Backbones {
         decoder,
@@ -116,8 +120,8 @@ pub fn run(cache_dir: Option<PathBuf>, args: AlignArgs) -> Result<()> {
     let budget = args.steps * args.batch_size;
     let train_records = fashion(&root, Split::Train, budget, args.seed)?;
     let eval_records = fashion(&root, Split::Test, args.eval_samples, args.seed)?;
-    let train = with_features(&mut cache, &encoder, &train_records)?;
-    let eval = with_features(&mut cache, &encoder, &eval_records)?;
+    let train = with_features(&mut cache, encoder.as_ref(), &train_records)?;
+    let eval = with_features(&mut cache, encoder.as_ref(), &eval_records)?;
     if train.len() < budget {
         bail!(
             "{} steps x {} images need {budget} training images, {} are usable",

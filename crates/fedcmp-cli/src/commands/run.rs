@@ -4,28 +4,26 @@
 //! clients, loss, samples/s and ETA while it runs.
 
 use std::io::Write;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
 use clap::Args;
 use fedcmp_assets::cache_root;
 use fedcmp_core::{ClientId, ParamSet};
-use fedcmp_model::alignment::CaptionTemplate;
-use fedcmp_model::optim::{AdamWConfig, WarmupCosine};
-use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
-use fedcmp_model::vision::VisionEncoder;
+use fedcmp_data::scenario::Participation;
+use fedcmp_model::projector::{Projector, ProjectorKind};
 use fedcmp_runtime::checkpoint::{self, Checkpoint};
-use fedcmp_runtime::client::{ClientData, LocalConfig, LocalTrainer, Sample};
-use fedcmp_runtime::convert::{param_to_tensor, projector_params};
-use fedcmp_runtime::engine::{run as run_engine, CheckpointHook, EngineConfig, EngineState, Start};
-use fedcmp_runtime::eval::Evaluator;
-use fedcmp_runtime::transport::{InProcess, Transport};
+use fedcmp_runtime::client::ClientData;
+use fedcmp_runtime::convert::{load_projector, projector_params, save_params_file};
+use fedcmp_runtime::engine::{run as run_engine, CheckpointHook, EngineState, Start};
+use fedcmp_runtime::suite::{evaluate as evaluate_suite, SuiteConfig};
+use fedcmp_runtime::transport::Transport;
 use fedcmp_strategy::config::StrategyConfig;
 
-use super::backbones;
+use super::experiment::{train_local_only, BackboneArgs, Env, Recipe};
+use super::report::print_suite;
 use crate::progress::bar;
 
 #[derive(Debug, Args)]
@@ -59,9 +57,6 @@ pub struct RunArgs {
     /// Projector kind: linear or mlp2x_gelu.
     #[arg(long, default_value = "mlp2x_gelu")]
     pub projector: ProjectorKind,
-    /// Encoder input size in pixels.
-    #[arg(long, default_value_t = 112)]
-    pub image_size: usize,
     /// Seed of client sampling, dropouts, shuffles and initialisation (the
     /// scenario's own seed fixes the data split).
     #[arg(long, default_value_t = 0)]
@@ -87,9 +82,18 @@ pub struct RunArgs {
     /// on the held-out splits and their mean (the lower bound).
     #[arg(long)]
     pub local_only: bool,
-    /// Decoder LLM: a .gguf file or a Hugging Face folder (default: SmolLM2-135M).
+    /// Cap every source of the scenario at this many records (a quick run
+    /// of the same scenario on less data).
     #[arg(long)]
-    pub llm: Option<PathBuf>,
+    pub limit: Option<usize>,
+    #[command(flatten)]
+    pub backbones: BackboneArgs,
+}
+
+/// `params` loaded into `work`.
+pub fn load<'a>(work: &'a Projector, params: &ParamSet) -> Result<&'a Projector> {
+    load_projector(work, params)?;
+    Ok(work)
 }
 
 fn parse_strategy(text: &str) -> Result<StrategyConfig> {
@@ -119,23 +123,22 @@ fn append_jsonl(file: &mut std::fs::File, value: &impl serde::Serialize) -> Resu
     Ok(())
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("partial");
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
-fn save_projector(params: &ParamSet, path: &Path) -> Result<()> {
-    let tensors = params
-        .entries()
-        .iter()
-        .map(|(name, p)| Ok((name.clone(), param_to_tensor(p, DType::F32)?)))
-        .collect::<Result<std::collections::HashMap<_, _>>>()?;
-    let tmp = path.with_extension("partial");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+pub fn save_projector(params: &ParamSet, path: &Path) -> Result<()> {
+    save_params_file(params, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Cap on each source's records (`--limit`), shared by `run` and `compare`.
+pub fn parse_limit(limit: Option<usize>) -> Result<Option<NonZeroUsize>> {
+    limit
+        .map(|n| NonZeroUsize::new(n).context("--limit must be positive"))
+        .transpose()
 }
 
 pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
@@ -143,162 +146,48 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
     if args.centralized && !matches!(strategy_config, StrategyConfig::FedAvg(_)) {
         bail!("--centralized trains one pooled model; leave --strategy at fedavg");
     }
-    if args.local_steps == 0 || args.batch_size == 0 {
-        bail!("--local-steps and --batch-size must be positive");
-    }
-    let root = cache_root(cache_dir)?;
-    let federation = super::scenario::resolve(&root, &args.scenario)?;
-    let (scenario, _) = fedcmp_data::scenario::Scenario::load(&args.scenario)?;
-    let loaded = backbones::load(&root, args.llm.as_ref(), args.image_size)?;
-    let mut cache = loaded.feature_cache(&root)?;
-    let keys = backbones::cache_features(&mut cache, &loaded.encoder, &federation.corpus.records)?;
-    let sample = |i: usize| -> Option<Sample> {
-        keys[i].clone().map(|key| Sample {
-            key,
-            caption: federation.corpus.records[i].caption.clone(),
-        })
-    };
-    let clients: Vec<ClientData> = federation
-        .plan
-        .shards
-        .iter()
-        .enumerate()
-        .map(|(c, shard)| ClientData {
-            id: ClientId(c as u32),
-            samples: shard.iter().filter_map(|&i| sample(i)).collect(),
-        })
-        .collect();
-    let validation: Vec<Sample> = federation
-        .plan
-        .splits
-        .validation
-        .iter()
-        .filter_map(|&i| sample(i))
-        .collect();
-    let test: Vec<Sample> = federation
-        .plan
-        .splits
-        .test
-        .iter()
-        .filter_map(|&i| sample(i))
-        .collect();
-    let (clients, participation) = if args.centralized {
-        let pooled = ClientData {
-            id: ClientId(0),
-            samples: clients.into_iter().flat_map(|c| c.samples).collect(),
-        };
-        (
-            vec![pooled],
-            fedcmp_data::scenario::Participation::default(),
-        )
-    } else {
-        (clients, scenario.participation.clone())
-    };
-    let budget: u64 = clients.iter().map(|c| c.samples.len() as u64).sum();
-    if budget == 0 {
-        bail!("scenario {} leaves no training sample", scenario.name);
-    }
-
-    let backbones::Backbones {
-        decoder,
-        tokenizer,
-        encoder,
-    } = loaded;
-    let decoder = Arc::new(decoder);
-    let tokenizer = Arc::new(tokenizer);
-    let make_projector = || -> Result<Projector> {
-        Ok(Projector::new(
-            ProjectorConfig {
-                kind: args.projector,
-                input_dim: encoder.feature_dim(),
-                output_dim: decoder.config().hidden_size,
-                pool: 1,
-            },
-            args.seed,
-            DType::F32,
-            &Device::Cpu,
-        )?)
-    };
-    let template = CaptionTemplate::plain();
-    let local = LocalConfig {
+    let recipe = Recipe {
         local_steps: args.local_steps,
         batch_size: args.batch_size,
-        epochs: 1,
+        lr: args.lr,
         reset_optimizer: args.reset_optimizer,
-        adamw: AdamWConfig::default(),
+        projector: args.projector,
         seed: args.seed,
+        rounds: args.rounds,
+        eval_every: args.eval_every,
     };
-    // One scorer per held-out split, shared by both paths below.
-    let validator = Evaluator {
-        decoder: &decoder,
-        tokenizer: &tokenizer,
-        template: &template,
-        cache: &cache,
-        samples: &validation,
-        batch_size: 16,
-    };
-    let tester = Evaluator {
-        samples: &test,
-        ..validator
-    };
+    recipe.validate()?;
+    let root = cache_root(cache_dir)?;
+    let env = Env::prepare(
+        &root,
+        &args.scenario,
+        parse_limit(args.limit)?,
+        &args.backbones,
+        SuiteConfig::default(),
+    )?;
+    let scenario = &env.scenario;
+    let validator = env.validator();
+    let tester = env.tester();
     if args.local_only {
-        let work = make_projector()?;
         let dir = args
             .out
             .join(format!("{}-local-only-s{}", scenario.name, args.seed));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let progress = bar(clients.len() as u64, "client");
-        let mut rows = Vec::new();
-        for client in clients {
-            let size = client.samples.len() as u64;
-            let id = client.id;
-            let trainer = LocalTrainer::new(
-                decoder.clone(),
-                tokenizer.clone(),
-                template.clone(),
-                make_projector()?,
-                local,
-            )?;
-            let mut transport = InProcess::new(trainer, &cache, vec![client]);
-            let mut strategy = StrategyConfig::default().build(1)?;
-            let engine = EngineConfig {
-                max_rounds: args.rounds.unwrap_or(u64::MAX),
-                clients_per_round: None,
-                fraction: None,
-                min_clients: 1,
-                dropout: 0.0,
-                stragglers: 0.0,
-                straggler_steps: 1,
-                seed: args.seed,
-                eval_every: u64::MAX,
-                schedule: WarmupCosine {
-                    peak_lr: args.lr,
-                    total_samples: size.max(1),
-                    warmup_ratio: 0.03,
-                },
-            };
-            let summary = run_engine(
-                &engine,
-                strategy.as_mut(),
-                &mut transport,
-                Start::Fresh(projector_params(&make_projector()?)?),
-                &mut |p: &ParamSet| validator.nll_of(&work, p),
-                &mut |_| {},
-                None,
-            )?;
-            let val = match summary.final_val_loss {
-                Some(v) => v,
-                None => validator.nll_of(&work, &summary.final_params)?,
-            };
-            let test_nll = tester.nll_of(&work, &summary.final_params)?;
+        let progress = bar(env.clients.len() as u64, "client");
+        let trained = train_local_only(&env, &recipe, &mut |id| {
             progress.inc(1);
-            progress.set_message(format!("client {} val {val:.3}", id.0));
+            progress.set_message(format!("client {} done", id.0));
+        })?;
+        progress.finish_and_clear();
+        let work = env.projector(args.projector, args.seed)?;
+        let mut rows = Vec::new();
+        for (id, samples, params) in &trained {
             rows.push(serde_json::json!({
-                "client": id.0, "samples": summary.samples_total,
-                "validation_nll": val, "test_nll": test_nll,
+                "client": id.0, "samples": samples,
+                "validation_nll": validator.nll_of(&work, params)?,
+                "test_nll": tester.nll_of(&work, params)?,
             }));
         }
-        progress.finish_and_clear();
         let mean = |key: &str| {
             rows.iter().filter_map(|r| r[key].as_f64()).sum::<f64>() / rows.len().max(1) as f64
         };
@@ -327,16 +216,22 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
         println!("run folder: {}", dir.display());
         return Ok(());
     }
-    let trainer = LocalTrainer::new(
-        decoder.clone(),
-        tokenizer.clone(),
-        template.clone(),
-        make_projector()?,
-        local,
-    )?;
+    let (clients, participation) = if args.centralized {
+        let pooled = ClientData {
+            id: ClientId(0),
+            samples: env.clients.iter().flat_map(|c| c.samples.clone()).collect(),
+        };
+        (vec![pooled], Participation::default())
+    } else {
+        (env.clients.clone(), scenario.participation.clone())
+    };
+    let budget: u64 = clients.iter().map(|c| c.samples.len() as u64).sum();
+    if budget == 0 {
+        bail!("scenario {} leaves no training sample", scenario.name);
+    }
     let num_clients = clients.len();
     let shard_sizes: Vec<usize> = clients.iter().map(|c| c.samples.len()).collect();
-    let mut transport = InProcess::new(trainer, &cache, clients);
+    let mut transport = env.transport(&recipe, clients)?;
     let mut strategy = strategy_config.build(num_clients)?;
     let per_round = participation.clients_per_round.map_or_else(
         || {
@@ -346,22 +241,7 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
         },
         |k| k.get(),
     );
-    let engine = EngineConfig {
-        max_rounds: args.rounds.unwrap_or(u64::MAX),
-        clients_per_round: participation.clients_per_round.map(|k| k.get()),
-        fraction: participation.fraction,
-        min_clients: participation.min_clients,
-        dropout: participation.dropout,
-        stragglers: participation.stragglers,
-        straggler_steps: args.local_steps.div_ceil(2) as u32,
-        seed: args.seed,
-        eval_every: args.eval_every.max(1),
-        schedule: WarmupCosine {
-            peak_lr: args.lr,
-            total_samples: budget,
-            warmup_ratio: 0.03,
-        },
-    };
+    let engine = recipe.engine(&participation, budget);
 
     let method = if args.centralized {
         "centralized"
@@ -381,15 +261,15 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
         "reset_optimizer": args.reset_optimizer,
         "eval_every": args.eval_every,
         "projector": args.projector.to_string(),
-        "image_size": args.image_size,
+        "backbones": args.backbones,
+        "limit": args.limit,
         "seed": args.seed,
-        "llm": args.llm,
-        "vision": encoder.identity(),
+        "vision": env.encoder_identity,
         "clients": num_clients,
         "shard_sizes": shard_sizes,
         "budget_samples": budget,
-        "validation_samples": validation.len(),
-        "test_samples": test.len(),
+        "validation_samples": env.validation.len(),
+        "test_samples": env.test.len(),
     });
     let settings_text = serde_json::to_string_pretty(&settings)?;
     let checkpoints = dir.join("checkpoints");
@@ -435,14 +315,14 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
         std::fs::File::create(&metrics_path)?
     };
 
-    let work = make_projector()?;
+    let work = env.projector(args.projector, args.seed)?;
     let initial = projector_params(&work)?;
     let init_val = validator.nll_of(&work, &initial)?;
     println!(
         "run {run_name}: {num_clients} clients ({per_round} per round), {budget} training samples, \
          {} validation, {} test; initial validation NLL {init_val:.4}",
-        validation.len(),
-        test.len()
+        env.validation.len(),
+        env.test.len()
     );
     // Rounds until the largest shard is consumed under full participation,
     // or until the budget is at partial participation: an estimate for the bar.
@@ -455,7 +335,7 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
     let progress = bar(estimate, "round");
     let started = Instant::now();
     let mut last_val = init_val;
-    let mut evaluate = |p: &ParamSet| validator.nll_of(&work, p);
+    let mut validate = |p: &ParamSet| validator.nll_of(&work, p);
     let mut write_error = None;
     let start = match saved {
         Some(saved) => {
@@ -467,7 +347,7 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
             }
             Start::Resume(saved.engine)
         }
-        None => Start::Fresh(initial),
+        None => Start::Fresh(initial.clone()),
     };
     let mut save = |engine: &EngineState,
                     strategy: &dyn fedcmp_strategy::Strategy,
@@ -487,7 +367,7 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
         strategy.as_mut(),
         &mut transport,
         start,
-        &mut evaluate,
+        &mut validate,
         &mut |record| {
             if let Some(v) = record.val_loss {
                 last_val = v;
@@ -520,8 +400,20 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
     }
     let secs = started.elapsed().as_secs_f64();
     save_projector(&summary.final_params, &dir.join("projector.safetensors"))?;
-    let init_test = tester.nll_of(&work, &projector_params(&make_projector()?)?)?;
+    let init_test = tester.nll_of(&work, &initial)?;
     let final_test = tester.nll_of(&work, &summary.final_params)?;
+    // The full held-out suite (per-domain NLL, zero-shot, retrieval,
+    // captions) for the untrained and the final projector.
+    let progress = bar(2 * env.suite.num_pairs() as u64, "evaluate");
+    let mut tick = |n: usize| progress.inc(n as u64);
+    let suite_init = evaluate_suite(&env.scorer(), load(&work, &initial)?, &env.suite, &mut tick)?;
+    let suite_final = evaluate_suite(
+        &env.scorer(),
+        load(&work, &summary.final_params)?,
+        &env.suite,
+        &mut tick,
+    )?;
+    progress.finish_and_clear();
     let one_pass = summary
         .consumed
         .iter()
@@ -534,6 +426,7 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
         "seconds": secs,
         "validation_nll": { "init": init_val, "final": summary.final_val_loss },
         "test_nll": { "init": init_test, "final": final_test },
+        "suite": { "init": suite_init, "final": suite_final },
         "consumed_per_client": summary.consumed.iter().map(|(c, n)| (c.0, *n)).collect::<Vec<_>>(),
         "one_pass_complete": one_pass,
     });
@@ -553,6 +446,7 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
         summary.final_val_loss.unwrap_or(f64::NAN)
     );
     println!("{:>14} {:>10.4} {:>10.4}", "test", init_test, final_test);
+    print_suite(&[("init", &suite_init), ("final", &suite_final)]);
     println!(
         "every client consumed its shard once: {}",
         if one_pass {

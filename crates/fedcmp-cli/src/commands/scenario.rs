@@ -63,6 +63,12 @@ const ENCODER_ASSET: (&str, &str) = (
 /// (mean-pooled over patches).
 pub fn resolve(root: &Path, name: &str) -> Result<Federation> {
     let (scenario, base) = Scenario::load(name)?;
+    build(root, &scenario, &base)
+}
+
+/// Fetches what `scenario` reads and builds its federation (`base`: the
+/// folder relative paths in it start from).
+pub fn build(root: &Path, scenario: &Scenario, base: &Path) -> Result<Federation> {
     super::assets::fetch(root, &scenario.required_assets())?;
     let mut clusters = |corpus: &Corpus, indices: &[usize], k: usize| {
         cluster_records(root, corpus, indices, k, scenario.seed).map_err(|e| {
@@ -73,7 +79,7 @@ pub fn resolve(root: &Path, name: &str) -> Result<Federation> {
         })
     };
     let federation = scenario
-        .build(root, &base, &mut clusters)
+        .build(root, base, &mut clusters)
         .with_context(|| format!("building scenario {}", scenario.name))?;
     Ok(federation)
 }

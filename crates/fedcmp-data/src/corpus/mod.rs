@@ -217,6 +217,17 @@ impl SourceSpec {
         }
     }
 
+    /// The options every source has, to change (e.g. a smaller `limit`).
+    pub fn common_mut(&mut self) -> &mut Common {
+        match self {
+            Self::LlavaJson(s) => &mut s.common,
+            Self::Jsonl(s) | Self::Csv(s) => &mut s.common,
+            Self::FashionMnist(s) => &mut s.common,
+            Self::Mnist(s) | Self::SklearnDigits(s) | Self::Textile(s) => &mut s.common,
+            Self::Photos(s) => &mut s.common,
+        }
+    }
+
     /// The source name records get (unless a manifest row names its own).
     pub fn source_name(&self) -> String {
         if let Some(name) = &self.common().name {

@@ -485,6 +485,11 @@ fn labelled_corpus(source: &str, t: &CaptionTemplates) -> Corpus {
         source.to_string(),
         t.class_names().into_iter().map(str::to_string).collect(),
     );
+    if let Some(first) = t.templates.first() {
+        corpus
+            .prompt_templates
+            .insert(source.to_string(), first.clone());
+    }
     corpus
 }
 

@@ -462,6 +462,37 @@ impl FrozenDecoder {
     /// Cross-entropy at the target positions only (the LM head never runs
     /// anywhere else) and, when `want_grad`, its gradient with respect to
     /// the normalised hidden state.
+    /// Log-softmax over the vocabulary at the target positions of the
+    /// flattened `(b * t, d)` hidden states, and the log-probability of each
+    /// target token (`(n, 1)`).
+    fn target_log_probs(&self, flat: &Tensor, targets: &LossTargets) -> Result<(Tensor, Tensor)> {
+        let selected = flat.index_select(&targets.positions, 0)?;
+        let logits = linear(&selected, &self.lm_head, None)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let picked = log_probs.gather(&targets.labels.unsqueeze(1)?, 1)?;
+        Ok((log_probs, picked))
+    }
+
+    /// The log-probability of each target token, in target order (no
+    /// gradient): the per-token scores behind [`Self::caption_loss`], for
+    /// likelihood-based evaluation.
+    pub fn target_token_log_probs(
+        &self,
+        inputs_embeds: &Tensor,
+        targets: &LossTargets,
+    ) -> Result<Vec<f64>> {
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (hidden, _) = self.run(inputs_embeds, false)?;
+        let (b, t, d) = hidden.dims3()?;
+        let (_, picked) = self.target_log_probs(&hidden.reshape((b * t, d))?, targets)?;
+        Ok(picked
+            .flatten_all()?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?)
+    }
+
     fn head_loss(
         &self,
         hidden: &Tensor,
@@ -482,11 +513,8 @@ impl FrozenDecoder {
             )));
         }
         let flat = hidden.reshape((b * t, d))?;
-        let selected = flat.index_select(&targets.positions, 0)?;
-        let logits = linear(&selected, &self.lm_head, None)?;
-        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let (log_probs, picked) = self.target_log_probs(&flat, targets)?;
         let labels = targets.labels.unsqueeze(1)?;
-        let picked = log_probs.gather(&labels, 1)?;
         let loss = -picked.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? / n as f64;
         if !want_grad {
             return Ok((loss, None));

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use fedcmp_model::alignment::{
-    caption_loss, loss_and_grads, train_step, AlignmentBatch, TokenizedCaptions,
+    caption_loss, caption_scores, loss_and_grads, train_step, AlignmentBatch, TokenizedCaptions,
 };
 use fedcmp_model::llm::config::DecoderConfig;
 use fedcmp_model::llm::decoder::{FrozenDecoder, LossTargets};
@@ -196,13 +196,25 @@ fn padding_does_not_change_the_loss_of_real_tokens() -> Result<()> {
     let loss_both = caption_loss(
         &decoder,
         &projector,
-        &AlignmentBatch::new(&decoder, Tensor::cat(&[features, features2], 0)?, &both)?,
+        &AlignmentBatch::new(
+            &decoder,
+            Tensor::cat(&[features.clone(), features2.clone()], 0)?,
+            &both,
+        )?,
     )?;
     let expected = (2.0 * loss_alone + 6.0 * loss_longer) / 8.0;
     assert!(
         (loss_both - expected).abs() < 1e-10,
         "{loss_both} vs {expected}"
     );
+    // Per-sample scores: each equals its sample alone (-loss x tokens), in
+    // batch order, padding or not.
+    let batch = AlignmentBatch::new(&decoder, Tensor::cat(&[features, features2], 0)?, &both)?;
+    let scores = caption_scores(&decoder, &projector, &batch)?;
+    assert_eq!(scores.iter().map(|s| s.tokens).collect::<Vec<_>>(), [2, 6]);
+    assert!((scores[0].log_likelihood + 2.0 * loss_alone).abs() < 1e-10);
+    assert!((scores[1].log_likelihood + 6.0 * loss_longer).abs() < 1e-10);
+    assert!((scores[1].per_token() + loss_longer).abs() < 1e-12);
     Ok(())
 }
 

@@ -2,3 +2,4 @@
 //! tiny generated decoder runs every strategy, deterministically, one pass.
 
 mod federation;
+mod suite;

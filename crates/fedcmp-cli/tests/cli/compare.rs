@@ -1,0 +1,201 @@
+//! `fedcmp compare` on a tiny model and tiny data: two domains (bright /
+//! dark images captioned by class, and a striped unlabelled one), two
+//! clients, every kind of method; then a second invocation that finds
+//! every cell done.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{ensure, Result};
+use candle_core::Device;
+use fedcmp_model::llm::config::DecoderConfig;
+use fedcmp_model::llm::gguf::write_llama_gguf;
+use fedcmp_model::llm::synthetic::random_decoder_weights;
+use fedcmp_model::tokenizer::GgufBpeSpec;
+
+/// A scenario TOML over a generated JSONL manifest of 8x8 PNGs.
+fn tiny_world(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let spec = GgufBpeSpec::byte_level(&["<|endoftext|>", "<|bos|>"], &[]);
+    let config = DecoderConfig::tiny(spec.tokens.len());
+    let weights = random_decoder_weights(&config, 3, &Device::Cpu)?;
+    let gguf = dir.join("tiny.gguf");
+    write_llama_gguf(&gguf, &config, &weights, &spec)?;
+
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images)?;
+    let mut lines = String::new();
+    for i in 0..48u32 {
+        let (source, label, caption, base) = if i < 32 {
+            let day = i % 2 == 0;
+            (
+                "sky",
+                Some(if day { "day" } else { "night" }),
+                if day { "day." } else { "night." },
+                if day { 210u8 } else { 30 },
+            )
+        } else {
+            ("stripes", None, "stripes.", 120u8)
+        };
+        let img = image::GrayImage::from_fn(8, 8, |x, y| {
+            let stripe = if source == "stripes" && x % 2 == 0 {
+                60
+            } else {
+                0
+            };
+            image::Luma([base
+                .wrapping_add(((x + y + i) % 7) as u8)
+                .wrapping_add(stripe)])
+        });
+        let file = format!("{i}.png");
+        img.save(images.join(&file))?;
+        let label = label.map_or(String::new(), |l| format!(r#", "label": "{l}""#));
+        lines.push_str(&format!(
+            r#"{{"image": "images/{file}", "caption": "{caption}", "source": "{source}"{label}}}"#
+        ));
+        lines.push('\n');
+    }
+    std::fs::write(dir.join("tiny.jsonl"), lines)?;
+    let scenario = dir.join("tiny.toml");
+    std::fs::write(
+        &scenario,
+        r#"name = "tiny"
+description = "two clients, two domains, generated"
+seed = 0
+clients = 2
+sources = [{ kind = "jsonl", path = "tiny.jsonl" }]
+split = { validation = 0.15, test = 0.25 }
+partition = { kind = "iid" }
+"#,
+    )?;
+    Ok((gguf, scenario))
+}
+
+fn compare(bin: &str, gguf: &Path, scenario: &Path, out: &Path, cache: &Path) -> Result<String> {
+    let output = Command::new(bin)
+        .args(["--cache-dir", &cache.display().to_string(), "compare"])
+        .args(["--scenarios", &scenario.display().to_string()])
+        .args(["--methods", "fedavg,fed-cmp,centralized,local-only,init"])
+        .args(["--seeds", "2", "--grid", "2"])
+        .args(["--local-steps", "2", "--batch-size", "4", "--lr", "1e-2"])
+        .args([
+            "--zero-shot-images",
+            "6",
+            "--retrieval-pool",
+            "4",
+            "--caption-examples",
+            "2",
+        ])
+        .args(["--llm", &gguf.display().to_string()])
+        .args(["--vision", "patch-means", "--image-size", "8", "--no-plots"])
+        .args(["--out", &out.display().to_string()])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    ensure!(
+        output.status.success(),
+        "compare failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(stdout)
+}
+
+fn cell_files(out: &Path) -> Result<Vec<(PathBuf, std::time::SystemTime)>> {
+    let mut files = Vec::new();
+    let mut stack = vec![out.join("cells")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "json") {
+                let modified = std::fs::metadata(&path)?.modified()?;
+                files.push((path, modified));
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+#[test]
+fn compare_runs_the_matrix_reports_and_resumes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (gguf, scenario) = tiny_world(dir.path())?;
+    let out = dir.path().join("out");
+    let cache = dir.path().join("cache");
+    let bin = env!("CARGO_BIN_EXE_fedcmp");
+    let first = compare(bin, &gguf, &scenario, &out, &cache)?;
+
+    // 2 federated methods x (2 settings + 1 more seed) + 3 references x 2.
+    let cells = cell_files(&out)?;
+    assert_eq!(cells.len(), 2 * 3 + 3 * 2, "{cells:#?}");
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json"))?)?;
+    let reported = results["cells"].as_array().map_or(0, Vec::len);
+    assert_eq!(
+        reported,
+        2 * 2 + 3 * 2,
+        "2 seeds of the best setting + references"
+    );
+    for cell in results["cells"].as_array().into_iter().flatten() {
+        let suite = &cell["suite"];
+        assert!(
+            suite.is_object(),
+            "every reported cell has test scores: {cell}"
+        );
+        assert!(suite["macro_nll"].as_f64().is_some_and(f64::is_finite));
+        let method = cell["method"].as_str().unwrap_or("");
+        let zero_shot = suite["macro_zero_shot_accuracy"].as_f64();
+        if method == "local-only" {
+            assert!(zero_shot.is_none(), "local-only is scored on NLL only");
+        } else {
+            // Only the "sky" domain has labels: 6 images, 2 classes.
+            assert!(
+                zero_shot.is_some_and(|a| (0.0..=1.0).contains(&a)),
+                "{cell}"
+            );
+        }
+    }
+    // Trained methods beat the untrained projector on test NLL.
+    let nll = |m: &str| -> f64 {
+        let v: Vec<f64> = results["cells"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["method"] == m)
+            .filter_map(|c| c["suite"]["macro_nll"].as_f64())
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    assert!(nll("centralized") < nll("init"));
+    assert!(nll("fedavg") < nll("init"));
+    let report = std::fs::read_to_string(out.join("report.md"))?;
+    for heading in [
+        "Test caption NLL",
+        "Recovery",
+        "Zero-shot",
+        "R@1",
+        "Chosen settings",
+    ] {
+        assert!(
+            report.contains(heading),
+            "report lacks {heading}:\n{report}"
+        );
+    }
+    assert!(report.contains("| fed-cmp |") && report.contains("**"));
+    assert!(first.contains("fed-cmp") && first.contains("recovery"));
+
+    // Second invocation: every cell is found, none is rerun.
+    let second = compare(bin, &gguf, &scenario, &out, &cache)?;
+    assert_eq!(cell_files(&out)?, cells, "finished cells were rerun");
+    assert_eq!(
+        first
+            .lines()
+            .filter(|l| l.starts_with("tiny"))
+            .collect::<Vec<_>>(),
+        second
+            .lines()
+            .filter(|l| l.starts_with("tiny"))
+            .collect::<Vec<_>>()
+    );
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! The evaluation suite on fixtures with known answers: a projector trained
+//! to tell two classes apart classifies and retrieves them perfectly,
+//! untrained projectors sit at chance on average, per-domain and macro
+//! numbers follow their definitions, and the subsets are fixed by the seed.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use fedcmp_data::cache::FeatureCache;
+use fedcmp_data::preprocess::Preprocess;
+use fedcmp_data::record::{ImageSource, RawImage, Record};
+use fedcmp_model::alignment::{train_step, AlignmentBatch, CaptionTemplate, TokenizedCaptions};
+use fedcmp_model::llm::config::DecoderConfig;
+use fedcmp_model::llm::decoder::FrozenDecoder;
+use fedcmp_model::llm::synthetic::random_decoder_weights;
+use fedcmp_model::optim::{AdamW, AdamWConfig};
+use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
+use fedcmp_model::tokenizer::{GgufBpeSpec, TextTokenizer};
+use fedcmp_model::vision::patch_means::PatchMeans;
+use fedcmp_runtime::client::Sample;
+use fedcmp_runtime::suite::{evaluate, recovery, Domain, Item, Scorer, Suite, SuiteConfig};
+
+const PROMPTS: [&str; 2] = ["night.", "day."];
+
+struct Fixture {
+    decoder: FrozenDecoder,
+    tokenizer: TextTokenizer,
+    cache: FeatureCache,
+    train: Vec<Item>,
+    held_out: Vec<Item>,
+    _dir: tempfile::TempDir,
+}
+
+/// Domain 0 ("sky", labelled): bright images are "day" (label 1), dark
+/// ones "night" (label 0), captioned with the class prompt. Domain 1
+/// ("noise", unlabelled): mid-grey images with a fixed caption.
+fn fixture() -> Result<Fixture> {
+    let dir = tempfile::tempdir()?;
+    let spec = GgufBpeSpec::byte_level(&["<|endoftext|>", "<|bos|>"], &[]);
+    let tokenizer = TextTokenizer::from_gguf_bpe(std::path::Path::new("tiny"), &spec)?;
+    let config = DecoderConfig::tiny(spec.tokens.len());
+    let weights = random_decoder_weights(&config, 3, &Device::Cpu)?;
+    let decoder = FrozenDecoder::from_weights(config, &weights)?;
+    let mut records = Vec::new();
+    let mut meta = Vec::new();
+    for i in 0..56u8 {
+        let (domain, label, base, caption) = if i < 48 {
+            let bright = i % 2 == 0;
+            let label = u32::from(bright);
+            (
+                0,
+                Some(label),
+                if bright { 210u8 } else { 25 },
+                PROMPTS[label as usize].to_string(),
+            )
+        } else {
+            (1, None, 120u8, "Static.".to_string())
+        };
+        records.push(Record {
+            id: format!("s/{i}"),
+            image: ImageSource::Raw(Arc::new(RawImage {
+                width: 8,
+                height: 8,
+                channels: 1,
+                pixels: (0..64)
+                    .map(|p| base.wrapping_add((p as u8 + i) % 9))
+                    .collect(),
+            })),
+            caption,
+            label,
+            source: if domain == 0 { "sky" } else { "noise" }.into(),
+        });
+        meta.push((domain, label));
+    }
+    let encoder = PatchMeans::new(8)?;
+    let mut cache = FeatureCache::open(
+        dir.path(),
+        &encoder,
+        Preprocess::square(8, [0.5; 3], [0.25; 3]),
+    )?;
+    let report = cache.ensure(&records, &encoder, 16, &mut |_| {})?;
+    let mut items = Vec::new();
+    for ((key, record), (domain, label)) in report.keys.into_iter().zip(&records).zip(meta) {
+        let key = key.ok_or_else(|| anyhow::anyhow!("{} not cached", record.id))?;
+        items.push(Item {
+            id: record.id.clone(),
+            sample: Sample {
+                key,
+                caption: record.caption.clone(),
+            },
+            domain,
+            label,
+        });
+    }
+    // Items 0..32 train; 32..48 (sky) and 48..56 (noise) are held out.
+    let held_out = items.split_off(32);
+    Ok(Fixture {
+        decoder,
+        tokenizer,
+        cache,
+        train: items,
+        held_out,
+        _dir: dir,
+    })
+}
+
+fn domains() -> Vec<Domain> {
+    vec![
+        Domain {
+            name: "sky".into(),
+            class_prompts: PROMPTS.iter().map(|s| s.to_string()).collect(),
+        },
+        Domain {
+            name: "noise".into(),
+            class_prompts: Vec::new(),
+        },
+    ]
+}
+
+fn projector(f: &Fixture, seed: u64) -> Result<Projector> {
+    Ok(Projector::new(
+        ProjectorConfig {
+            kind: ProjectorKind::Mlp2xGelu,
+            input_dim: 3,
+            output_dim: f.decoder.config().hidden_size,
+            pool: 1,
+        },
+        seed,
+        DType::F32,
+        &Device::Cpu,
+    )?)
+}
+
+fn config() -> SuiteConfig {
+    SuiteConfig {
+        zero_shot_per_domain: 16,
+        retrieval_pool: 8,
+        caption_examples: 3,
+        max_caption_tokens: 6,
+        batch_size: 8,
+        seed: 4,
+    }
+}
+
+#[test]
+fn trained_projector_separates_the_classes_untrained_ones_are_at_chance() -> Result<()> {
+    let f = fixture()?;
+    let template = CaptionTemplate::plain();
+    let scorer = Scorer {
+        decoder: &f.decoder,
+        tokenizer: &f.tokenizer,
+        template: &template,
+        cache: &f.cache,
+    };
+    let suite = Suite::new(domains(), f.held_out.clone(), config())?;
+    assert_eq!(suite.zero_shot[0].len(), 16);
+    assert!(suite.zero_shot[1].is_empty(), "no labels, no zero-shot");
+    assert_eq!(suite.pools[0].len(), 8);
+    assert_eq!(suite.examples.len(), 3);
+
+    // Chance: the mean accuracy of untrained projectors over seeds.
+    let mut accuracies = Vec::new();
+    for seed in 0..6 {
+        let report = evaluate(&scorer, &projector(&f, seed)?, &suite, &mut |_| {})?;
+        accuracies.push(report.domains[0].zero_shot_accuracy.unwrap_or(f64::NAN));
+    }
+    let chance = accuracies.iter().sum::<f64>() / accuracies.len() as f64;
+    assert!(
+        (0.2..=0.8).contains(&chance),
+        "untrained accuracies {accuracies:?}"
+    );
+
+    // Trained on the 32 training items.
+    let trained = projector(&f, 0)?;
+    let init = evaluate(&scorer, &trained, &suite, &mut |_| {})?;
+    let mut optimizer = AdamW::new(trained.vars(), AdamWConfig::default())?;
+    for step in 0..400 {
+        let chunk: Vec<&Item> = (0..8).map(|j| &f.train[(step * 8 + j) % 32]).collect();
+        let keys: Vec<_> = chunk.iter().map(|i| &i.sample.key).collect();
+        let captions: Vec<&str> = chunk.iter().map(|i| i.sample.caption.as_str()).collect();
+        let tokens = TokenizedCaptions::new(&f.tokenizer, &template, &captions)?;
+        let batch = AlignmentBatch::new(&f.decoder, f.cache.batch(&keys)?, &tokens)?;
+        train_step(&f.decoder, &trained, &mut optimizer, &batch, 2e-2)?;
+    }
+    let mut scored = 0;
+    let report = evaluate(&scorer, &trained, &suite, &mut |n| scored += n)?;
+    assert_eq!(scored, suite.num_pairs());
+    let sky = &report.domains[0];
+    assert_eq!(sky.zero_shot_accuracy, Some(1.0), "{report:#?}");
+    assert_eq!(sky.retrieval_r1, Some(1.0), "{report:#?}");
+    assert_eq!(sky.retrieval_r5, Some(1.0));
+    assert!(sky.nll < init.domains[0].nll);
+    let noise = &report.domains[1];
+    assert_eq!(noise.zero_shot_accuracy, None);
+    assert_eq!((sky.samples, noise.samples), (16, 8));
+    // Macro numbers follow their definitions.
+    assert!((report.macro_nll - (sky.nll + noise.nll) / 2.0).abs() < 1e-12);
+    assert!((report.macro_perplexity - report.macro_nll.exp()).abs() < 1e-9);
+    assert_eq!(report.macro_zero_shot_accuracy, sky.zero_shot_accuracy);
+    assert!((sky.perplexity - sky.nll.exp()).abs() < 1e-9);
+    // Greedy captions name the held-out images.
+    assert_eq!(report.captions.len(), 3);
+    assert!(report.captions.iter().all(|c| c.id.starts_with("s/")));
+    Ok(())
+}
+
+#[test]
+fn subsets_are_fixed_by_the_seed_and_bad_items_are_refused() -> Result<()> {
+    let f = fixture()?;
+    let a = Suite::new(domains(), f.held_out.clone(), config())?;
+    let b = Suite::new(domains(), f.held_out.clone(), config())?;
+    assert_eq!(a.zero_shot, b.zero_shot);
+    assert_eq!(a.pools, b.pools);
+    let other = Suite::new(
+        domains(),
+        f.held_out.clone(),
+        SuiteConfig {
+            seed: 5,
+            ..config()
+        },
+    )?;
+    assert_ne!(a.pools, other.pools);
+
+    let mut bad = f.held_out.clone();
+    bad[0].label = Some(7);
+    let err = Suite::new(domains(), bad, config())
+        .err()
+        .map(|e| e.to_string());
+    assert!(err.is_some_and(|e| e.contains("label 7") && e.contains("sky")));
+    let mut bad = f.held_out.clone();
+    bad[0].domain = 5;
+    assert!(Suite::new(domains(), bad, config()).is_err());
+    Ok(())
+}
+
+#[test]
+fn recovery_is_the_share_of_the_centralized_gain() {
+    assert_eq!(recovery(6.0, 5.0, 4.0), Some(0.5));
+    assert_eq!(recovery(6.0, 4.0, 4.0), Some(1.0));
+    assert_eq!(recovery(6.0, 6.5, 4.0), Some(-0.25));
+    assert_eq!(recovery(6.0, 5.0, 6.0), None);
+    assert_eq!(recovery(6.0, f64::NAN, 4.0), None);
+}
