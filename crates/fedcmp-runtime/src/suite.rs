@@ -78,8 +78,8 @@ pub struct SuiteConfig {
 impl Default for SuiteConfig {
     fn default() -> Self {
         Self {
-            zero_shot_per_domain: 20,
-            retrieval_pool: 16,
+            zero_shot_per_domain: 10,
+            retrieval_pool: 8,
             caption_examples: 4,
             max_caption_tokens: 20,
             batch_size: 32,

@@ -29,14 +29,13 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use fedcmp_assets::cache_root;
 use fedcmp_core::ParamSet;
-use fedcmp_model::projector::ProjectorKind;
 use fedcmp_runtime::convert::{load_projector, projector_params};
 use fedcmp_runtime::engine::RoundRecord;
 use fedcmp_runtime::suite::{average_reports, evaluate, recovery, SuiteConfig, SuiteReport};
 use fedcmp_strategy::config::StrategyConfig;
 use serde::{Deserialize, Serialize};
 
-use super::experiment::{train, train_local_only, BackboneArgs, Env, Mode, Recipe};
+use super::experiment::{train, train_local_only, BackboneArgs, Env, Mode, Recipe, TrainingArgs};
 use super::report::{markdown_table, mean_std};
 use super::run::{parse_limit, save_projector, write_atomic};
 use crate::progress::bar;
@@ -140,29 +139,16 @@ pub struct CompareArgs {
     /// Cap every source of every scenario at this many records.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Local optimiser steps per round.
-    #[arg(long, default_value_t = 4)]
-    pub local_steps: usize,
-    /// Samples per local step.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// Peak learning rate of the global warm-up + cosine schedule.
-    #[arg(long, default_value_t = 3e-4)]
-    pub lr: f64,
-    /// Stop every run after this many rounds (default: one pass).
-    #[arg(long)]
-    pub rounds: Option<u64>,
-    /// Projector kind: linear or mlp2x_gelu.
-    #[arg(long, default_value = "mlp2x_gelu")]
-    pub projector: ProjectorKind,
+    #[command(flatten)]
+    pub training: TrainingArgs,
     /// Validation every N rounds (the curves in the report).
     #[arg(long, default_value_t = 1)]
     pub eval_every: u64,
     /// Labelled test images per domain scored against every class prompt.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 10)]
     pub zero_shot_images: usize,
     /// Test images (and captions) per domain in the retrieval pool.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     pub retrieval_pool: usize,
     /// Test images captioned greedily in the report.
     #[arg(long, default_value_t = 4)]
@@ -268,16 +254,7 @@ struct Plan<'a> {
 
 impl Plan<'_> {
     fn recipe(&self, seed: u64) -> Recipe {
-        Recipe {
-            local_steps: self.args.local_steps,
-            batch_size: self.args.batch_size,
-            lr: self.args.lr,
-            reset_optimizer: false,
-            projector: self.args.projector,
-            seed,
-            rounds: self.args.rounds,
-            eval_every: self.args.eval_every,
-        }
+        self.args.training.recipe(seed, self.args.eval_every)
     }
 
     /// Trains (federated or centralized) unless the cell exists; saves the
@@ -300,7 +277,7 @@ impl Plan<'_> {
         let weights = path.with_extension("safetensors");
         if let Some(mut cell) = read_cell(&path)? {
             if with_suite && cell.suite.is_none() {
-                let like = projector_params(&env.projector(self.args.projector, 0)?)?;
+                let like = projector_params(&env.projector(self.args.training.projector, 0)?)?;
                 let params = fedcmp_runtime::convert::read_params_file(&weights, &like)
                     .with_context(|| format!("the projector of {}", path.display()))?;
                 cell.suite = Some(self.suite(env, &params)?);
@@ -356,7 +333,7 @@ impl Plan<'_> {
     }
 
     fn suite(&self, env: &Env, params: &ParamSet) -> Result<SuiteReport> {
-        let work = env.projector(self.args.projector, 0)?;
+        let work = env.projector(self.args.training.projector, 0)?;
         load_projector(&work, params)?;
         Ok(evaluate(&env.scorer(), &work, &env.suite, &mut |_| {})?)
     }
@@ -366,7 +343,7 @@ impl Plan<'_> {
         if let Some(cell) = read_cell(&path)? {
             return Ok(cell);
         }
-        let work = env.projector(self.args.projector, seed)?;
+        let work = env.projector(self.args.training.projector, seed)?;
         let params = projector_params(&work)?;
         let cell = Cell {
             scenario: env.scenario.name.clone(),
@@ -408,7 +385,7 @@ impl Plan<'_> {
         order.truncate(LOCAL_ONLY_SCORED);
         order.sort_unstable();
         let nll_suite = env.suite.nll_only();
-        let work = env.projector(self.args.projector, seed)?;
+        let work = env.projector(self.args.training.projector, seed)?;
         let mut reports = Vec::new();
         let mut vals = Vec::new();
         for &i in &order {
@@ -607,10 +584,11 @@ fn write_report(root: &Path, args: &CompareArgs, cells: &[Cell], minutes: f64) -
         scenarios.join(", "),
         args.seeds,
         args.grid,
-        args.local_steps,
-        args.batch_size,
-        args.lr,
-        args.rounds
+        args.training.local_steps,
+        args.training.batch_size,
+        args.training.lr,
+        args.training
+            .rounds
             .map_or("one pass over every shard".to_string(), |r| format!(
                 "{r} rounds"
             )),
@@ -690,8 +668,7 @@ fn write_report(root: &Path, args: &CompareArgs, cells: &[Cell], minutes: f64) -
     write_atomic(&args.out.join("report.md"), md.as_bytes())?;
     let json = serde_json::json!({ "settings": {
             "scenarios": scenarios, "methods": methods, "seeds": args.seeds, "grid": args.grid,
-            "limit": args.limit, "local_steps": args.local_steps, "batch_size": args.batch_size,
-            "lr": args.lr, "rounds": args.rounds, "backbones": args.backbones,
+            "limit": args.limit, "training": args.training, "backbones": args.backbones,
         }, "minutes": minutes, "cells": cells });
     write_atomic(
         &args.out.join("results.json"),
@@ -699,6 +676,12 @@ fn write_report(root: &Path, args: &CompareArgs, cells: &[Cell], minutes: f64) -
     )?;
     if !args.no_plots {
         for s in &scenarios {
+            // Every curve starts at the untrained projector (same seed, same
+            // initialisation) when init is in the comparison.
+            let start = cells
+                .iter()
+                .find(|c| &c.scenario == s && c.method == "init" && c.seed == 0)
+                .map(|c| (0.0, c.val_nll));
             let curves: Vec<(String, Vec<(f64, f64)>)> = methods
                 .iter()
                 .filter_map(|m| {
@@ -706,10 +689,11 @@ fn write_report(root: &Path, args: &CompareArgs, cells: &[Cell], minutes: f64) -
                         .iter()
                         .find(|c| &c.scenario == s && &c.method == m && c.seed == 0)?;
                     (!c.curve.is_empty()).then(|| {
-                        (
-                            m.clone(),
-                            c.curve.iter().map(|(x, y)| (*x as f64, *y)).collect(),
-                        )
+                        let points = start
+                            .into_iter()
+                            .chain(c.curve.iter().map(|(x, y)| (*x as f64, *y)))
+                            .collect();
+                        (m.clone(), points)
                     })
                 })
                 .collect();
@@ -811,8 +795,9 @@ pub fn summary_table(cells: &[Cell]) -> String {
 /// The main job (`fedcmp` with no subcommand): the S3 domain-silos scenario
 /// on the real offline assets, Fed-CMP and FedAvg side by side with the
 /// untrained and the centralized references, one seed, sized to finish in
-/// about ten minutes on a 2-core machine (each source capped at 200
-/// records: 8 clients of ~85 samples, 3 rounds of 4 local steps x 8).
+/// about ten minutes on a 2-core machine (each source capped at 180
+/// records: 8 clients of ~76 samples, 3 rounds of 4 local steps x 8;
+/// 11.3 min measured at a cap of 200).
 pub fn main_job_args() -> CompareArgs {
     CompareArgs {
         scenarios: vec!["domain-silos".into()],
@@ -821,15 +806,11 @@ pub fn main_job_args() -> CompareArgs {
             .to_vec(),
         seeds: 1,
         grid: 1,
-        limit: Some(200),
-        local_steps: 4,
-        batch_size: 8,
-        lr: 3e-4,
-        rounds: None,
-        projector: ProjectorKind::Mlp2xGelu,
+        limit: Some(180),
+        training: TrainingArgs::default(),
         eval_every: 1,
-        zero_shot_images: 20,
-        retrieval_pool: 16,
+        zero_shot_images: 10,
+        retrieval_pool: 8,
         caption_examples: 4,
         out: PathBuf::from("runs/main"),
         no_plots: false,

@@ -42,6 +42,63 @@ pub struct BackboneArgs {
     pub image_size: usize,
 }
 
+/// How every client trains (shared by `run` and `compare`).
+#[derive(Debug, Clone, Args, serde::Serialize)]
+pub struct TrainingArgs {
+    /// Stop after this many rounds (default: when every shard is consumed once).
+    #[arg(long)]
+    pub rounds: Option<u64>,
+    /// Local optimiser steps per round.
+    #[arg(long, default_value_t = 4)]
+    pub local_steps: usize,
+    /// Samples per local step.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Peak learning rate of the global warm-up + cosine schedule.
+    #[arg(long, default_value_t = 3e-4)]
+    pub lr: f64,
+    /// Reset each client's AdamW moments every round.
+    #[arg(long)]
+    pub reset_optimizer: bool,
+    /// Projector kind: linear or mlp2x_gelu.
+    #[arg(long, default_value = "mlp2x_gelu")]
+    #[serde(serialize_with = "display")]
+    pub projector: ProjectorKind,
+}
+
+fn display<S: serde::Serializer>(kind: &ProjectorKind, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&kind.to_string())
+}
+
+impl Default for TrainingArgs {
+    fn default() -> Self {
+        Self {
+            rounds: None,
+            local_steps: 4,
+            batch_size: 8,
+            lr: 3e-4,
+            reset_optimizer: false,
+            projector: ProjectorKind::Mlp2xGelu,
+        }
+    }
+}
+
+impl TrainingArgs {
+    /// The recipe with `seed`, validating every `eval_every` rounds.
+    pub fn recipe(&self, seed: u64, eval_every: u64) -> Recipe {
+        Recipe {
+            local_steps: self.local_steps,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            reset_optimizer: self.reset_optimizer,
+            projector: self.projector,
+            seed,
+            rounds: self.rounds,
+            eval_every,
+        }
+    }
+}
+
 /// A scenario ready to train and evaluate on.
 pub struct Env {
     pub scenario: Scenario,

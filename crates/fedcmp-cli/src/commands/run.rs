@@ -13,7 +13,7 @@ use clap::Args;
 use fedcmp_assets::cache_root;
 use fedcmp_core::{ClientId, ParamSet};
 use fedcmp_data::scenario::Participation;
-use fedcmp_model::projector::{Projector, ProjectorKind};
+use fedcmp_model::projector::Projector;
 use fedcmp_runtime::checkpoint::{self, Checkpoint};
 use fedcmp_runtime::client::ClientData;
 use fedcmp_runtime::convert::{load_projector, projector_params, save_params_file};
@@ -22,7 +22,7 @@ use fedcmp_runtime::suite::{evaluate as evaluate_suite, SuiteConfig};
 use fedcmp_runtime::transport::Transport;
 use fedcmp_strategy::config::StrategyConfig;
 
-use super::experiment::{train_local_only, BackboneArgs, Env, Recipe};
+use super::experiment::{train_local_only, BackboneArgs, Env, TrainingArgs};
 use super::report::print_suite;
 use crate::progress::bar;
 
@@ -36,27 +36,11 @@ pub struct RunArgs {
     /// '{ name = "fed-cmp", energy = 0.9, beta = 0.8 }'.
     #[arg(long, default_value = "fedavg")]
     pub strategy: String,
-    /// Stop after this many rounds (default: when every shard is consumed once).
-    #[arg(long)]
-    pub rounds: Option<u64>,
-    /// Local optimiser steps per round.
-    #[arg(long, default_value_t = 4)]
-    pub local_steps: usize,
-    /// Samples per local step.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// Peak learning rate of the global warm-up + cosine schedule.
-    #[arg(long, default_value_t = 3e-4)]
-    pub lr: f64,
-    /// Reset each client's AdamW moments every round.
-    #[arg(long)]
-    pub reset_optimizer: bool,
+    #[command(flatten)]
+    pub training: TrainingArgs,
     /// Evaluate the global projector on the validation split every N rounds.
     #[arg(long, default_value_t = 5)]
     pub eval_every: u64,
-    /// Projector kind: linear or mlp2x_gelu.
-    #[arg(long, default_value = "mlp2x_gelu")]
-    pub projector: ProjectorKind,
     /// Seed of client sampling, dropouts, shuffles and initialisation (the
     /// scenario's own seed fixes the data split).
     #[arg(long, default_value_t = 0)]
@@ -146,16 +130,7 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
     if args.centralized && !matches!(strategy_config, StrategyConfig::FedAvg(_)) {
         bail!("--centralized trains one pooled model; leave --strategy at fedavg");
     }
-    let recipe = Recipe {
-        local_steps: args.local_steps,
-        batch_size: args.batch_size,
-        lr: args.lr,
-        reset_optimizer: args.reset_optimizer,
-        projector: args.projector,
-        seed: args.seed,
-        rounds: args.rounds,
-        eval_every: args.eval_every,
-    };
+    let recipe = args.training.recipe(args.seed, args.eval_every);
     recipe.validate()?;
     let root = cache_root(cache_dir)?;
     let env = Env::prepare(
@@ -179,7 +154,7 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
             progress.set_message(format!("client {} done", id.0));
         })?;
         progress.finish_and_clear();
-        let work = env.projector(args.projector, args.seed)?;
+        let work = env.projector(args.training.projector, args.seed)?;
         let mut rows = Vec::new();
         for (id, samples, params) in &trained {
             rows.push(serde_json::json!({
@@ -255,12 +230,12 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
         "scenario": scenario,
         "strategy": strategy_config,
         "centralized": args.centralized,
-        "local_steps": args.local_steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "reset_optimizer": args.reset_optimizer,
+        "local_steps": args.training.local_steps,
+        "batch_size": args.training.batch_size,
+        "lr": args.training.lr,
+        "reset_optimizer": args.training.reset_optimizer,
         "eval_every": args.eval_every,
-        "projector": args.projector.to_string(),
+        "projector": args.training.projector.to_string(),
         "backbones": args.backbones,
         "limit": args.limit,
         "seed": args.seed,
@@ -315,7 +290,7 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
         std::fs::File::create(&metrics_path)?
     };
 
-    let work = env.projector(args.projector, args.seed)?;
+    let work = env.projector(args.training.projector, args.seed)?;
     let initial = projector_params(&work)?;
     let init_val = validator.nll_of(&work, &initial)?;
     println!(
@@ -326,12 +301,12 @@ pub fn run(cache_dir: Option<PathBuf>, args: RunArgs) -> Result<()> {
     );
     // Rounds until the largest shard is consumed under full participation,
     // or until the budget is at partial participation: an estimate for the bar.
-    let per_client_round = (args.local_steps * args.batch_size) as u64;
+    let per_client_round = (args.training.local_steps * args.training.batch_size) as u64;
     let longest = shard_sizes.iter().max().copied().unwrap_or(0) as u64;
     let estimate = longest
         .div_ceil(per_client_round)
         .max(budget.div_ceil(per_client_round * per_round as u64))
-        .min(args.rounds.unwrap_or(u64::MAX));
+        .min(args.training.rounds.unwrap_or(u64::MAX));
     let progress = bar(estimate, "round");
     let started = Instant::now();
     let mut last_val = init_val;

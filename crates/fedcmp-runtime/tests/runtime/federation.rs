@@ -4,19 +4,18 @@
 
 use std::sync::Arc;
 
+use crate::common::{grey_record, tiny_backbones};
 use anyhow::Result;
 use candle_core::{DType, Device};
 use fedcmp_core::{ClientId, ParamSet};
 use fedcmp_data::cache::FeatureCache;
 use fedcmp_data::preprocess::Preprocess;
-use fedcmp_data::record::{ImageSource, RawImage, Record};
+use fedcmp_data::record::Record;
 use fedcmp_model::alignment::CaptionTemplate;
-use fedcmp_model::llm::config::DecoderConfig;
 use fedcmp_model::llm::decoder::FrozenDecoder;
-use fedcmp_model::llm::synthetic::random_decoder_weights;
 use fedcmp_model::optim::{AdamWConfig, WarmupCosine};
 use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
-use fedcmp_model::tokenizer::{GgufBpeSpec, TextTokenizer};
+use fedcmp_model::tokenizer::TextTokenizer;
 use fedcmp_model::vision::patch_means::PatchMeans;
 use fedcmp_runtime::checkpoint::{self, Checkpoint};
 use fedcmp_runtime::client::{ClientData, LocalConfig, LocalTrainer, Sample};
@@ -38,29 +37,13 @@ struct Fixture {
 /// Two visual "classes" (dark and bright images) with their own captions.
 fn fixture() -> Result<Fixture> {
     let dir = tempfile::tempdir()?;
-    let spec = GgufBpeSpec::byte_level(&["<|endoftext|>", "<|bos|>"], &[]);
-    let tokenizer = TextTokenizer::from_gguf_bpe(std::path::Path::new("tiny"), &spec)?;
-    let config = DecoderConfig::tiny(spec.tokens.len());
-    let weights = random_decoder_weights(&config, 3, &Device::Cpu)?;
-    let decoder = FrozenDecoder::from_weights(config, &weights)?;
+    let (decoder, tokenizer) = tiny_backbones()?;
     let records: Vec<Record> = (0..40u8)
         .map(|i| {
             let bright = i % 2 == 0;
             let base = if bright { 200u8 } else { 30 };
-            Record {
-                id: format!("t/{i}"),
-                image: ImageSource::Raw(Arc::new(RawImage {
-                    width: 8,
-                    height: 8,
-                    channels: 1,
-                    pixels: (0..64)
-                        .map(|p| base.wrapping_add((p as u8 + i) % 7))
-                        .collect(),
-                })),
-                caption: if bright { "day".into() } else { "night".into() },
-                label: Some(u32::from(bright)),
-                source: "t".into(),
-            }
+            let caption = if bright { "day" } else { "night" };
+            grey_record(i, base, caption, Some(u32::from(bright)), "t")
         })
         .collect();
     let encoder = PatchMeans::new(8)?;

@@ -1,5 +1,6 @@
 //! The runtime's integration tests, in one binary: a small federation on a
 //! tiny generated decoder runs every strategy, deterministically, one pass.
 
+mod common;
 mod federation;
 mod suite;

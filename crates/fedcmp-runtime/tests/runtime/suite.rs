@@ -3,20 +3,16 @@
 //! untrained projectors sit at chance on average, per-domain and macro
 //! numbers follow their definitions, and the subsets are fixed by the seed.
 
-use std::sync::Arc;
-
+use crate::common::{grey_record, tiny_backbones};
 use anyhow::Result;
 use candle_core::{DType, Device};
 use fedcmp_data::cache::FeatureCache;
 use fedcmp_data::preprocess::Preprocess;
-use fedcmp_data::record::{ImageSource, RawImage, Record};
 use fedcmp_model::alignment::{train_step, AlignmentBatch, CaptionTemplate, TokenizedCaptions};
-use fedcmp_model::llm::config::DecoderConfig;
 use fedcmp_model::llm::decoder::FrozenDecoder;
-use fedcmp_model::llm::synthetic::random_decoder_weights;
 use fedcmp_model::optim::{AdamW, AdamWConfig};
 use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
-use fedcmp_model::tokenizer::{GgufBpeSpec, TextTokenizer};
+use fedcmp_model::tokenizer::TextTokenizer;
 use fedcmp_model::vision::patch_means::PatchMeans;
 use fedcmp_runtime::client::Sample;
 use fedcmp_runtime::suite::{evaluate, recovery, Domain, Item, Scorer, Suite, SuiteConfig};
@@ -37,11 +33,7 @@ struct Fixture {
 /// ("noise", unlabelled): mid-grey images with a fixed caption.
 fn fixture() -> Result<Fixture> {
     let dir = tempfile::tempdir()?;
-    let spec = GgufBpeSpec::byte_level(&["<|endoftext|>", "<|bos|>"], &[]);
-    let tokenizer = TextTokenizer::from_gguf_bpe(std::path::Path::new("tiny"), &spec)?;
-    let config = DecoderConfig::tiny(spec.tokens.len());
-    let weights = random_decoder_weights(&config, 3, &Device::Cpu)?;
-    let decoder = FrozenDecoder::from_weights(config, &weights)?;
+    let (decoder, tokenizer) = tiny_backbones()?;
     let mut records = Vec::new();
     let mut meta = Vec::new();
     for i in 0..56u8 {
@@ -52,25 +44,13 @@ fn fixture() -> Result<Fixture> {
                 0,
                 Some(label),
                 if bright { 210u8 } else { 25 },
-                PROMPTS[label as usize].to_string(),
+                PROMPTS[label as usize],
             )
         } else {
-            (1, None, 120u8, "Static.".to_string())
+            (1, None, 120u8, "Static.")
         };
-        records.push(Record {
-            id: format!("s/{i}"),
-            image: ImageSource::Raw(Arc::new(RawImage {
-                width: 8,
-                height: 8,
-                channels: 1,
-                pixels: (0..64)
-                    .map(|p| base.wrapping_add((p as u8 + i) % 9))
-                    .collect(),
-            })),
-            caption,
-            label,
-            source: if domain == 0 { "sky" } else { "noise" }.into(),
-        });
+        let source = if domain == 0 { "sky" } else { "noise" };
+        records.push(grey_record(i, base, caption, label, source));
         meta.push((domain, label));
     }
     let encoder = PatchMeans::new(8)?;
@@ -199,9 +179,12 @@ fn trained_projector_separates_the_classes_untrained_ones_are_at_chance() -> Res
     assert!((report.macro_perplexity - report.macro_nll.exp()).abs() < 1e-9);
     assert_eq!(report.macro_zero_shot_accuracy, sky.zero_shot_accuracy);
     assert!((sky.perplexity - sky.nll.exp()).abs() < 1e-9);
-    // Greedy captions name the held-out images.
-    assert_eq!(report.captions.len(), 3);
-    assert!(report.captions.iter().all(|c| c.id.starts_with("s/")));
+    // Greedy captions name held-out images, taken round-robin by domain.
+    let domains: Vec<&str> = report.captions.iter().map(|c| c.domain.as_str()).collect();
+    assert_eq!(domains, ["sky", "noise", "sky"]);
+    for c in &report.captions {
+        assert!(c.id.starts_with(&format!("{}/", c.domain)), "{c:?}");
+    }
     Ok(())
 }
 
