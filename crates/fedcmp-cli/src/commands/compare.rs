@@ -17,8 +17,12 @@
 //! bold; validation NLL against samples consumed per method; the
 //! interference diagnostics per round.
 //!
-//! Cells run one after another: candle already spreads every matrix
-//! product over all cores, so concurrent cells would only contend.
+//! Cells run one after another by default: candle already spreads every
+//! matrix product over all cores. `--jobs N` trains N methods at once, each
+//! in its own thread pool with a share of the cores (for machines where
+//! one run cannot use them all). The same cells run with the same settings
+//! either way; only candle's floating-point sums may split differently
+//! over fewer threads.
 
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
@@ -159,6 +163,11 @@ pub struct CompareArgs {
     /// Skip the PNG plots (they need the DejaVu font asset).
     #[arg(long)]
     pub no_plots: bool,
+    /// Methods trained at the same time, each with a share of the cores (1:
+    /// one after another, each using every core; more pays on machines
+    /// where one run cannot use all cores).
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
     #[command(flatten)]
     pub backbones: BackboneArgs,
 }
@@ -265,7 +274,7 @@ impl Plan<'_> {
         setting: &Setting<'_>,
         seed: u64,
         with_suite: bool,
-        status: &dyn Fn(String),
+        status: &(dyn Fn(String) + Sync),
     ) -> Result<Cell> {
         let Setting {
             method,
@@ -332,6 +341,78 @@ impl Plan<'_> {
         Ok(cell)
     }
 
+    /// Every cell of one method in one scenario: the tuning runs, then the
+    /// seeds of the best setting (references: their seeds); returns the
+    /// reported cells; `tick` after each cell.
+    fn method_cells(
+        &self,
+        env: &Env,
+        method: &str,
+        status: &(dyn Fn(String) + Sync),
+        tick: &(dyn Fn() + Sync),
+    ) -> Result<Vec<Cell>> {
+        let seeds = self.args.seeds;
+        let mut reported = Vec::new();
+        match method {
+            "init" => {
+                for seed in 0..seeds {
+                    reported.push(self.init_cell(env, seed)?);
+                    tick();
+                }
+            }
+            "local-only" => {
+                for seed in 0..seeds {
+                    reported.push(self.local_only_cell(env, seed, status)?);
+                    tick();
+                }
+            }
+            "centralized" => {
+                let setting = Setting {
+                    method,
+                    index: 0,
+                    config: None,
+                };
+                for seed in 0..seeds {
+                    reported.push(self.trained_cell(env, &setting, seed, true, status)?);
+                    tick();
+                }
+            }
+            _ => {
+                let mut tuned = Vec::new();
+                for (g, text) in grid(method).iter().take(self.args.grid).enumerate() {
+                    let config: StrategyConfig = serde_json::from_str(text)
+                        .with_context(|| format!("grid setting {text}"))?;
+                    let setting = Setting {
+                        method,
+                        index: g,
+                        config: Some(config),
+                    };
+                    tuned.push(self.trained_cell(env, &setting, 0, false, status)?);
+                    tick();
+                }
+                // The best validation NLL (first on ties; NaN never wins).
+                let best = tuned
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.val_nll.is_finite())
+                    .min_by(|a, b| a.1.val_nll.total_cmp(&b.1.val_nll))
+                    .map_or(0, |(g, _)| g);
+                let setting = Setting {
+                    method,
+                    index: best,
+                    config: tuned.get(best).and_then(|c| c.config.clone()),
+                };
+                for seed in 0..seeds {
+                    reported.push(self.trained_cell(env, &setting, seed, true, status)?);
+                    if seed > 0 {
+                        tick();
+                    }
+                }
+            }
+        }
+        Ok(reported)
+    }
+
     fn suite(&self, env: &Env, params: &ParamSet) -> Result<SuiteReport> {
         let work = env.projector(self.args.training.projector, 0)?;
         load_projector(&work, params)?;
@@ -363,7 +444,12 @@ impl Plan<'_> {
         Ok(cell)
     }
 
-    fn local_only_cell(&self, env: &Env, seed: u64, status: &dyn Fn(String)) -> Result<Cell> {
+    fn local_only_cell(
+        &self,
+        env: &Env,
+        seed: u64,
+        status: &(dyn Fn(String) + Sync),
+    ) -> Result<Cell> {
         let path = cell_path(self.out, &env.scenario.name, "local-only", 0, seed);
         if let Some(cell) = read_cell(&path)? {
             return Ok(cell);
@@ -460,65 +546,49 @@ pub fn compare(cache_dir: Option<PathBuf>, args: &CompareArgs) -> Result<Vec<Cel
     let mut reported = Vec::new();
     for scenario in &args.scenarios {
         let env = Env::prepare(&root, scenario, limit, &args.backbones, suite_config)?;
-        for method in &args.methods {
-            match method.as_str() {
-                "init" => {
-                    for seed in 0..args.seeds {
-                        reported.push(plan.init_cell(&env, seed)?);
-                        progress.inc(1);
-                    }
-                }
-                "local-only" => {
-                    for seed in 0..args.seeds {
-                        reported.push(plan.local_only_cell(&env, seed, &status)?);
-                        progress.inc(1);
-                    }
-                }
-                "centralized" => {
-                    let setting = Setting {
-                        method,
-                        index: 0,
-                        config: None,
-                    };
-                    for seed in 0..args.seeds {
-                        reported.push(plan.trained_cell(&env, &setting, seed, true, &status)?);
-                        progress.inc(1);
-                    }
-                }
-                _ => {
-                    let settings = grid(method);
-                    let mut tuned = Vec::new();
-                    for (g, text) in settings.iter().take(args.grid).enumerate() {
-                        let config: StrategyConfig = serde_json::from_str(text)
-                            .with_context(|| format!("grid setting {text}"))?;
-                        let setting = Setting {
-                            method,
-                            index: g,
-                            config: Some(config),
+        let run_method = |method: &String| -> Result<Vec<Cell>> {
+            plan.method_cells(&env, method, &status, &|| progress.inc(1))
+        };
+        if args.jobs <= 1 {
+            for method in &args.methods {
+                reported.extend(run_method(method)?);
+            }
+            continue;
+        }
+        // Methods in parallel, each in its own rayon pool with a share of
+        // the cores; results are kept in method order.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per_job = (threads / args.jobs).max(1);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results: Vec<std::sync::Mutex<Option<Result<Vec<Cell>>>>> = args
+            .methods
+            .iter()
+            .map(|_| std::sync::Mutex::new(None))
+            .collect();
+        std::thread::scope(|scope| {
+            for _ in 0..args.jobs.min(args.methods.len()) {
+                scope.spawn(|| {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(per_job).build();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let Some(method) = args.methods.get(i) else {
+                            break;
                         };
-                        let cell = plan.trained_cell(&env, &setting, 0, false, &status)?;
-                        tuned.push(cell);
-                        progress.inc(1);
-                    }
-                    // The best validation NLL (first on ties; NaN never wins).
-                    let best = tuned
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, c)| c.val_nll.is_finite())
-                        .min_by(|a, b| a.1.val_nll.total_cmp(&b.1.val_nll))
-                        .map_or(0, |(g, _)| g);
-                    let setting = Setting {
-                        method,
-                        index: best,
-                        config: tuned.get(best).and_then(|c| c.config.clone()),
-                    };
-                    for seed in 0..args.seeds {
-                        reported.push(plan.trained_cell(&env, &setting, seed, true, &status)?);
-                        if seed > 0 {
-                            progress.inc(1);
+                        let outcome = match &pool {
+                            Ok(pool) => pool.install(|| run_method(method)),
+                            Err(e) => Err(anyhow::anyhow!("thread pool: {e}")),
+                        };
+                        if let Ok(mut slot) = results[i].lock() {
+                            *slot = Some(outcome);
                         }
                     }
-                }
+                });
+            }
+        });
+        for (method, slot) in args.methods.iter().zip(results) {
+            match slot.into_inner().ok().flatten() {
+                Some(outcome) => reported.extend(outcome?),
+                None => bail!("method {method} did not run"),
             }
         }
     }
@@ -814,6 +884,7 @@ pub fn main_job_args() -> CompareArgs {
         caption_examples: 4,
         out: PathBuf::from("runs/main"),
         no_plots: false,
+        jobs: 1,
         backbones: BackboneArgs {
             llm: None,
             vision: super::backbones::VisionChoice::MobilenetV2,

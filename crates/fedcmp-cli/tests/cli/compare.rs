@@ -70,7 +70,14 @@ partition = { kind = "iid" }
     Ok((gguf, scenario))
 }
 
-fn compare(bin: &str, gguf: &Path, scenario: &Path, out: &Path, cache: &Path) -> Result<String> {
+fn compare(
+    bin: &str,
+    gguf: &Path,
+    scenario: &Path,
+    out: &Path,
+    cache: &Path,
+    jobs: usize,
+) -> Result<String> {
     let output = Command::new(bin)
         .args(["--cache-dir", &cache.display().to_string(), "compare"])
         .args(["--scenarios", &scenario.display().to_string()])
@@ -88,6 +95,7 @@ fn compare(bin: &str, gguf: &Path, scenario: &Path, out: &Path, cache: &Path) ->
         .args(["--llm", &gguf.display().to_string()])
         .args(["--vision", "patch-means", "--image-size", "8", "--no-plots"])
         .args(["--out", &out.display().to_string()])
+        .args(["--jobs", &jobs.to_string()])
         .output()?;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     ensure!(
@@ -123,7 +131,7 @@ fn compare_runs_the_matrix_reports_and_resumes() -> Result<()> {
     let out = dir.path().join("out");
     let cache = dir.path().join("cache");
     let bin = env!("CARGO_BIN_EXE_fedcmp");
-    let first = compare(bin, &gguf, &scenario, &out, &cache)?;
+    let first = compare(bin, &gguf, &scenario, &out, &cache, 1)?;
 
     // 2 federated methods x (2 settings + 1 more seed) + 3 references x 2.
     let cells = cell_files(&out)?;
@@ -185,17 +193,25 @@ fn compare_runs_the_matrix_reports_and_resumes() -> Result<()> {
     assert!(first.contains("fed-cmp") && first.contains("recovery"));
 
     // Second invocation: every cell is found, none is rerun.
-    let second = compare(bin, &gguf, &scenario, &out, &cache)?;
+    let second = compare(bin, &gguf, &scenario, &out, &cache, 1)?;
     assert_eq!(cell_files(&out)?, cells, "finished cells were rerun");
-    assert_eq!(
-        first
-            .lines()
+    let rows = |text: &str| -> Vec<String> {
+        text.lines()
             .filter(|l| l.starts_with("tiny"))
-            .collect::<Vec<_>>(),
-        second
-            .lines()
-            .filter(|l| l.starts_with("tiny"))
-            .collect::<Vec<_>>()
-    );
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(rows(&first), rows(&second));
+
+    // Methods in parallel: the same cells and the same chosen settings.
+    let parallel = dir.path().join("parallel");
+    compare(bin, &gguf, &scenario, &parallel, &cache, 3)?;
+    let names = |out: &Path| -> Result<Vec<PathBuf>> {
+        Ok(cell_files(out)?
+            .into_iter()
+            .filter_map(|(p, _)| p.strip_prefix(out).ok().map(Path::to_path_buf))
+            .collect())
+    };
+    assert_eq!(names(&parallel)?, names(&out)?);
     Ok(())
 }
