@@ -674,22 +674,14 @@ fn refined_eigensolver_matches_the_exact_one() -> TestResult {
         prm.max_rank = cap;
         prm
     };
+    // The exact and the refined basis of the same deltas.
+    let both = |deltas: &[Vec<f64>], energy: f64, cap: Option<usize>| -> TestResult<_> {
+        let refs: Vec<&[f64]> = deltas.iter().map(Vec::as_slice).collect();
+        let basis = |solver| canonical_basis(&refs, &p, rows, cols, &with(solver, energy, cap));
+        Ok((basis(Eigensolver::Exact)?, basis(Eigensolver::Refined)?))
+    };
     for (energy, cap) in [(0.9, None), (0.99, None), (0.99, Some(5))] {
-        let refs: Vec<&[f64]> = planted.iter().map(Vec::as_slice).collect();
-        let exact = canonical_basis(
-            &refs,
-            &p,
-            rows,
-            cols,
-            &with(Eigensolver::Exact, energy, cap),
-        )?;
-        let refined = canonical_basis(
-            &refs,
-            &p,
-            rows,
-            cols,
-            &with(Eigensolver::Refined, energy, cap),
-        )?;
+        let (exact, refined) = both(&planted, energy, cap)?;
         assert!(refined.refined && !exact.refined);
         assert_eq!(exact.rank, refined.rank, "energy {energy} cap {cap:?}");
         let r = exact.rank;
@@ -702,41 +694,14 @@ fn refined_eigensolver_matches_the_exact_one() -> TestResult {
             "planted, energy {energy}: subspace distance {d:e}"
         );
         assert!((refined.energy_kept() - exact.energy_kept()).abs() < 1e-9);
-        let a = merged(
-            &planted,
-            &p,
-            rows,
-            cols,
-            &with(Eigensolver::Exact, energy, cap),
-        )?;
-        let b = merged(
-            &planted,
-            &p,
-            rows,
-            cols,
-            &with(Eigensolver::Refined, energy, cap),
-        )?;
-        let e = rel_err(&b, &a);
+        let merge = |solver| merged(&planted, &p, rows, cols, &with(solver, energy, cap));
+        let e = rel_err(&merge(Eigensolver::Refined)?, &merge(Eigensolver::Exact)?);
         assert!(e < 1e-7, "planted, energy {energy}: merged differ by {e:e}");
 
         // Pure noise needs most of the dimension for high energies (where
         // the refined solver declines by design): ask for less.
         let energy = energy - 0.4;
-        let refs: Vec<&[f64]> = noise.iter().map(Vec::as_slice).collect();
-        let exact = canonical_basis(
-            &refs,
-            &p,
-            rows,
-            cols,
-            &with(Eigensolver::Exact, energy, cap),
-        )?;
-        let refined = canonical_basis(
-            &refs,
-            &p,
-            rows,
-            cols,
-            &with(Eigensolver::Refined, energy, cap),
-        )?;
+        let (exact, refined) = both(&noise, energy, cap)?;
         assert!(refined.refined, "noise, energy {energy}: fell back");
         assert!(refined.rank >= exact.rank);
         if cap.is_none() {
