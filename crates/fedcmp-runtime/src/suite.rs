@@ -208,13 +208,33 @@ impl Suite {
     }
 }
 
+/// JSON has no NaN or infinity: they are written as `null` and read back
+/// as NaN (a domain without test items has no NLL).
+pub mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if value.is_finite() {
+            s.serialize_f64(*value)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+}
+
 /// One domain's scores.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DomainScores {
     pub domain: String,
     pub samples: usize,
     pub tokens: usize,
+    #[serde(with = "nan_as_null")]
     pub nll: f64,
+    #[serde(with = "nan_as_null")]
     pub perplexity: f64,
     /// Accuracy and number of images, where the domain has labels.
     pub zero_shot_accuracy: Option<f64>,
@@ -239,7 +259,9 @@ pub struct CaptionExample {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SuiteReport {
     pub domains: Vec<DomainScores>,
+    #[serde(with = "nan_as_null")]
     pub macro_nll: f64,
+    #[serde(with = "nan_as_null")]
     pub macro_perplexity: f64,
     /// Mean over the domains with labels.
     pub macro_zero_shot_accuracy: Option<f64>,

@@ -181,7 +181,9 @@ pub struct Cell {
     pub setting: usize,
     pub config: Option<StrategyConfig>,
     pub seed: u64,
-    /// Validation caption NLL of the final projector (NaN for init).
+    /// Validation caption NLL of the final projector (NaN, `null` in
+    /// JSON, when the run failed).
+    #[serde(with = "fedcmp_runtime::suite::nan_as_null")]
     pub val_nll: f64,
     pub rounds: u64,
     pub samples: u64,
@@ -192,6 +194,9 @@ pub struct Cell {
     pub diagnostics: Vec<BTreeMap<String, f64>>,
     /// The test suite (only for the cells reported).
     pub suite: Option<SuiteReport>,
+    /// Why the run failed (diverged, ...), when it did.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 fn cell_path(out: &Path, scenario: &str, method: &str, setting: usize, seed: u64) -> PathBuf {
@@ -212,6 +217,30 @@ fn read_cell(path: &Path) -> Result<Option<Cell>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
+}
+
+/// Every cell under `<out>/cells/`, in path order (unreadable files are
+/// skipped: this feeds the report's list of failed runs).
+fn all_cells(out: &Path) -> Vec<Cell> {
+    let mut files = Vec::new();
+    let mut stack = vec![out.join("cells")];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for path in entries.flatten().map(|e| e.path()) {
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "json") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+        .iter()
+        .filter_map(|p| read_cell(p).ok().flatten())
+        .collect()
 }
 
 fn write_cell(path: &Path, cell: &Cell) -> Result<()> {
@@ -285,7 +314,7 @@ impl Plan<'_> {
         let path = cell_path(self.out, scenario, method, setting, seed);
         let weights = path.with_extension("safetensors");
         if let Some(mut cell) = read_cell(&path)? {
-            if with_suite && cell.suite.is_none() {
+            if with_suite && cell.suite.is_none() && cell.error.is_none() {
                 let like = projector_params(&env.projector(self.args.training.projector, 0)?)?;
                 let params = fedcmp_runtime::convert::read_params_file(&weights, &like)
                     .with_context(|| format!("the projector of {}", path.display()))?;
@@ -299,7 +328,7 @@ impl Plan<'_> {
             None => Mode::Centralized,
         };
         let started = Instant::now();
-        let trained = train(env, &self.recipe(seed), &mode, &mut |r| {
+        let outcome = train(env, &self.recipe(seed), &mode, &mut |r| {
             status(format!(
                 "{scenario} {method} g{setting} s{seed}: round {} loss {:.3}{}",
                 r.round,
@@ -308,8 +337,34 @@ impl Plan<'_> {
                     .map(|v| format!(" val {v:.3}"))
                     .unwrap_or_default()
             ))
-        })?;
+        });
         let seconds = started.elapsed().as_secs_f64();
+        let trained = match outcome {
+            Ok(trained) => trained,
+            Err(e) => {
+                // A setting that diverges (or any failed run) is recorded,
+                // not fatal: tuning skips it, tables leave it out.
+                let error = format!("{e:#}");
+                tracing::warn!(%scenario, method, setting, seed, %error, "run failed; recorded");
+                let cell = Cell {
+                    scenario: scenario.clone(),
+                    method: method.to_string(),
+                    setting,
+                    config,
+                    seed,
+                    val_nll: f64::NAN,
+                    rounds: 0,
+                    samples: 0,
+                    seconds,
+                    curve: Vec::new(),
+                    diagnostics: Vec::new(),
+                    suite: None,
+                    error: Some(error),
+                };
+                write_cell(&path, &cell)?;
+                return Ok(cell);
+            }
+        };
         let suite = if with_suite {
             Some(self.suite(env, &trained.summary.final_params)?)
         } else {
@@ -336,6 +391,7 @@ impl Plan<'_> {
                 .collect(),
             diagnostics: trained.records.iter().map(diagnostics).collect(),
             suite,
+            error: None,
         };
         write_cell(&path, &cell)?;
         Ok(cell)
@@ -439,6 +495,7 @@ impl Plan<'_> {
             curve: Vec::new(),
             diagnostics: Vec::new(),
             suite: Some(self.suite(env, &params)?),
+            error: None,
         };
         write_cell(&path, &cell)?;
         Ok(cell)
@@ -493,6 +550,7 @@ impl Plan<'_> {
             curve: Vec::new(),
             diagnostics: Vec::new(),
             suite: average_reports(&reports),
+            error: None,
         };
         write_cell(&path, &cell)?;
         Ok(cell)
@@ -717,6 +775,25 @@ fn write_report(root: &Path, args: &CompareArgs, cells: &[Cell], minutes: f64) -
                     .unwrap_or_default();
                 md.push_str(&format!("| {s} | {m} | `{setting}` |\n"));
             }
+        }
+    }
+    let failed: Vec<Cell> = all_cells(&args.out)
+        .into_iter()
+        .filter(|c| c.error.is_some() && scenarios.contains(&c.scenario))
+        .collect();
+    if !failed.is_empty() {
+        md.push_str("\n## Failed runs (recorded, left out of the tables)\n\n| scenario | method | setting | seed | error |\n|---|---|---|---|---|\n");
+        for c in &failed {
+            let error = c
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .replace('|', "/")
+                .replace('\n', " ");
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {error} |\n",
+                c.scenario, c.method, c.setting, c.seed
+            ));
         }
     }
     md.push_str("\n## Captions (seed 0, first scenario)\n\n");

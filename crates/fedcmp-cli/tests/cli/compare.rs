@@ -70,6 +70,24 @@ partition = { kind = "iid" }
     Ok((gguf, scenario))
 }
 
+/// The matrix of the main test: every kind of method, 2 seeds, grid 2.
+const MATRIX: [&str; 14] = [
+    "--methods",
+    "fedavg,fed-cmp,centralized,local-only,init",
+    "--seeds",
+    "2",
+    "--grid",
+    "2",
+    "--local-steps",
+    "2",
+    "--batch-size",
+    "4",
+    "--lr",
+    "1e-2",
+    "--zero-shot-images",
+    "6",
+];
+
 fn compare(
     bin: &str,
     gguf: &Path,
@@ -78,20 +96,24 @@ fn compare(
     cache: &Path,
     jobs: usize,
 ) -> Result<String> {
+    compare_with(bin, gguf, scenario, out, cache, jobs, &MATRIX)
+}
+
+/// `compare` on the tiny world with `matrix` for the methods and sizes.
+fn compare_with(
+    bin: &str,
+    gguf: &Path,
+    scenario: &Path,
+    out: &Path,
+    cache: &Path,
+    jobs: usize,
+    matrix: &[&str],
+) -> Result<String> {
     let output = Command::new(bin)
         .args(["--cache-dir", &cache.display().to_string(), "compare"])
         .args(["--scenarios", &scenario.display().to_string()])
-        .args(["--methods", "fedavg,fed-cmp,centralized,local-only,init"])
-        .args(["--seeds", "2", "--grid", "2"])
-        .args(["--local-steps", "2", "--batch-size", "4", "--lr", "1e-2"])
-        .args([
-            "--zero-shot-images",
-            "6",
-            "--retrieval-pool",
-            "4",
-            "--caption-examples",
-            "2",
-        ])
+        .args(matrix)
+        .args(["--retrieval-pool", "4", "--caption-examples", "2"])
         .args(["--llm", &gguf.display().to_string()])
         .args(["--vision", "patch-means", "--image-size", "8", "--no-plots"])
         .args(["--out", &out.display().to_string()])
@@ -213,5 +235,48 @@ fn compare_runs_the_matrix_reports_and_resumes() -> Result<()> {
             .collect())
     };
     assert_eq!(names(&parallel)?, names(&out)?);
+    Ok(())
+}
+
+/// A diverging setting is recorded as a failed cell, not fatal: the matrix
+/// finishes and the report lists it.
+#[test]
+fn diverging_runs_are_recorded_not_fatal() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (gguf, scenario) = tiny_world(dir.path())?;
+    let out = dir.path().join("out");
+    let bin = env!("CARGO_BIN_EXE_fedcmp");
+    let extra = [
+        "--lr",
+        "1e30",
+        "--methods",
+        "fedavg,init",
+        "--seeds",
+        "1",
+        "--grid",
+        "1",
+    ];
+    compare_with(
+        bin,
+        &gguf,
+        &scenario,
+        &out,
+        &dir.path().join("cache"),
+        1,
+        &extra,
+    )?;
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json"))?)?;
+    let fedavg: Vec<&serde_json::Value> = results["cells"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["method"] == "fedavg")
+        .collect();
+    assert_eq!(fedavg.len(), 1);
+    assert!(fedavg[0]["error"].is_string(), "{}", fedavg[0]);
+    assert!(fedavg[0]["val_nll"].is_null());
+    let report = std::fs::read_to_string(out.join("report.md"))?;
+    assert!(report.contains("Failed runs"), "{report}");
     Ok(())
 }
