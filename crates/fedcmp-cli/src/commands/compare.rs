@@ -581,6 +581,27 @@ pub fn compare(cache_dir: Option<PathBuf>, args: &CompareArgs) -> Result<Vec<Cel
         caption_examples: args.caption_examples,
         ..SuiteConfig::default()
     };
+    // Cells are reused only under the settings that made them: what a cell
+    // depends on (all but the matrix's extent: scenarios, methods, seeds,
+    // grid, jobs) is pinned in <out>/settings.json on first use.
+    let settings = serde_json::to_string_pretty(&serde_json::json!({
+        "limit": args.limit,
+        "training": args.training,
+        "eval_every": args.eval_every,
+        "suite": suite_config,
+        "backbones": args.backbones,
+    }))?;
+    let pinned = args.out.join("settings.json");
+    match std::fs::read_to_string(&pinned) {
+        Ok(previous) if previous != settings => bail!(
+            "{} holds cells made with other settings ({}); use the same settings, \
+             another --out, or delete the folder",
+            args.out.display(),
+            pinned.display()
+        ),
+        Ok(_) => {}
+        Err(_) => write_atomic(&pinned, settings.as_bytes())?,
+    }
     let plan = Plan {
         args,
         out: &args.out,

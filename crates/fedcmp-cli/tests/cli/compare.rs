@@ -225,6 +225,13 @@ fn compare_runs_the_matrix_reports_and_resumes() -> Result<()> {
     };
     assert_eq!(rows(&first), rows(&second));
 
+    // Other settings in the same folder are refused (cells would mix).
+    let mut other = MATRIX;
+    other[11] = "2e-2";
+    let refused = compare_with(bin, &gguf, &scenario, &out, &cache, 1, &other);
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("other settings"), "{message}");
+
     // Methods in parallel: the same cells and the same chosen settings.
     let parallel = dir.path().join("parallel");
     compare(bin, &gguf, &scenario, &parallel, &cache, 3)?;
