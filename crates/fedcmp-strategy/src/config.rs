@@ -141,7 +141,8 @@ pub(crate) fn unit_interval(field: &str, value: f64) -> Result<()> {
     check(field, value, (0.0..1.0).contains(&value), "in [0, 1)")
 }
 
-fn check(field: &str, value: f64, ok: bool, rule: &str) -> Result<()> {
+/// `Ok` when `ok`, else a config error: `field` must be `rule`.
+pub(crate) fn check(field: &str, value: f64, ok: bool, rule: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {

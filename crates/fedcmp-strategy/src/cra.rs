@@ -72,7 +72,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::compose::{Aggregator, Composed, Plain, PseudoGradient, ServerOptimizer};
-use crate::config::{non_negative, positive};
+use crate::config::{check, non_negative, positive};
 use crate::round::RoundInput;
 use crate::{dense, ops, Result, StrategyError};
 
@@ -129,16 +129,9 @@ pub struct CraParams {
 }
 
 impl Default for CraParams {
+    /// The config's defaults (one place for them).
     fn default() -> Self {
-        Self {
-            energy: 0.95,
-            max_rank: None,
-            tau: 1.0,
-            confidence_power: 0.0,
-            residual_weight: 0.0,
-            side: BasisSide::Auto,
-            eigensolver: Eigensolver::Auto,
-        }
+        CraConfig::default().params()
     }
 }
 
@@ -162,18 +155,14 @@ pub struct CanonicalMatrix {
 }
 
 impl CanonicalMatrix {
-    /// `U C*` (row-major `rows x cols`), without the residual.
-    pub fn shared(&self) -> Result<Vec<f64>> {
-        dense::mul_rowmajor(&self.basis, &self.coeffs, self.rows, self.rank, self.cols)
-    }
-
-    /// `U C* + residual`.
+    /// `U C* + residual` (row-major `rows x cols`).
     pub fn dense(&self) -> Result<Vec<f64>> {
-        let mut d = self.shared()?;
-        if let Some(res) = &self.residual {
-            ops::axpy(1.0, res, &mut d)?;
-        }
-        Ok(d)
+        reconstruct(
+            &self.basis,
+            &self.coeffs,
+            self.residual.as_deref(),
+            (self.rows, self.rank, self.cols),
+        )
     }
 
     /// `||U C* + residual||_F^2` without forming it: `U` is orthonormal and
@@ -182,6 +171,21 @@ impl CanonicalMatrix {
         let sq = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>();
         sq(&self.coeffs) + self.residual.as_deref().map_or(0.0, sq)
     }
+}
+
+/// `U C* + residual` for a row-major basis `rows x rank` and coefficients
+/// `rank x cols`.
+fn reconstruct(
+    basis: &[f64],
+    coeffs: &[f64],
+    residual: Option<&[f64]>,
+    (rows, rank, cols): (usize, usize, usize),
+) -> Result<Vec<f64>> {
+    let mut d = dense::mul_rowmajor(basis, coeffs, rows, rank, cols)?;
+    if let Some(res) = residual {
+        ops::axpy(1.0, res, &mut d)?;
+    }
+    Ok(d)
 }
 
 /// A non-matrix tensor's update: the data-weighted mean delta.
@@ -534,11 +538,12 @@ pub struct MergedMatrix {
 impl MergedMatrix {
     /// `U C* + residual`, row-major.
     pub fn dense(&self, rows: usize, cols: usize) -> Result<Vec<f64>> {
-        let mut d = dense::mul_rowmajor(&self.basis, &self.coeffs, rows, self.rank, cols)?;
-        if let Some(res) = &self.residual {
-            ops::axpy(1.0, res, &mut d)?;
-        }
-        Ok(d)
+        reconstruct(
+            &self.basis,
+            &self.coeffs,
+            self.residual.as_deref(),
+            (rows, self.rank, cols),
+        )
     }
 }
 
@@ -788,7 +793,7 @@ impl Default for CraConfig {
 
 impl CraConfig {
     pub fn validate(&self) -> Result<()> {
-        config_check(
+        check(
             "energy",
             self.energy,
             self.energy > 0.0 && self.energy <= 1.0,
@@ -800,9 +805,9 @@ impl CraConfig {
                 reason: "must be >= 1 when given, got 0".to_string(),
             });
         }
-        config_check("tau", self.tau, self.tau > 0.0, "> 0 (or \"inf\")")?;
+        check("tau", self.tau, self.tau > 0.0, "> 0 (or \"inf\")")?;
         non_negative("confidence-power", self.confidence_power)?;
-        config_check(
+        check(
             "residual-weight",
             self.residual_weight,
             (0.0..=1.0).contains(&self.residual_weight),
@@ -822,17 +827,6 @@ impl CraConfig {
             side: BasisSide::Auto,
             eigensolver: self.eigensolver,
         }
-    }
-}
-
-fn config_check(field: &str, value: f64, ok: bool, rule: &str) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(StrategyError::Config {
-            field: field.to_string(),
-            reason: format!("must be {rule}, got {value}"),
-        })
     }
 }
 

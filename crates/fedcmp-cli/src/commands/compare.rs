@@ -199,6 +199,34 @@ pub struct Cell {
     pub error: Option<String>,
 }
 
+impl Cell {
+    /// A cell with its identity and nothing measured yet (NaN NLL, no
+    /// rounds, no suite); the callers fill in what they measured.
+    fn blank(
+        scenario: &str,
+        method: &str,
+        setting: usize,
+        config: Option<StrategyConfig>,
+        seed: u64,
+    ) -> Self {
+        Self {
+            scenario: scenario.to_string(),
+            method: method.to_string(),
+            setting,
+            config,
+            seed,
+            val_nll: f64::NAN,
+            rounds: 0,
+            samples: 0,
+            seconds: 0.0,
+            curve: Vec::new(),
+            diagnostics: Vec::new(),
+            suite: None,
+            error: None,
+        }
+    }
+}
+
 fn cell_path(out: &Path, scenario: &str, method: &str, setting: usize, seed: u64) -> PathBuf {
     out.join("cells")
         .join(scenario)
@@ -347,19 +375,9 @@ impl Plan<'_> {
                 let error = format!("{e:#}");
                 tracing::warn!(%scenario, method, setting, seed, %error, "run failed; recorded");
                 let cell = Cell {
-                    scenario: scenario.clone(),
-                    method: method.to_string(),
-                    setting,
-                    config,
-                    seed,
-                    val_nll: f64::NAN,
-                    rounds: 0,
-                    samples: 0,
                     seconds,
-                    curve: Vec::new(),
-                    diagnostics: Vec::new(),
-                    suite: None,
                     error: Some(error),
+                    ..Cell::blank(scenario, method, setting, config, seed)
                 };
                 write_cell(&path, &cell)?;
                 return Ok(cell);
@@ -375,11 +393,6 @@ impl Plan<'_> {
             None
         };
         let cell = Cell {
-            scenario: scenario.clone(),
-            method: method.to_string(),
-            setting,
-            config,
-            seed,
             val_nll: trained.val_nll,
             rounds: trained.summary.rounds,
             samples: trained.summary.samples_total,
@@ -391,7 +404,7 @@ impl Plan<'_> {
                 .collect(),
             diagnostics: trained.records.iter().map(diagnostics).collect(),
             suite,
-            error: None,
+            ..Cell::blank(scenario, method, setting, config, seed)
         };
         write_cell(&path, &cell)?;
         Ok(cell)
@@ -483,19 +496,9 @@ impl Plan<'_> {
         let work = env.projector(self.args.training.projector, seed)?;
         let params = projector_params(&work)?;
         let cell = Cell {
-            scenario: env.scenario.name.clone(),
-            method: "init".into(),
-            setting: 0,
-            config: None,
-            seed,
             val_nll: env.validator().nll(&work)?,
-            rounds: 0,
-            samples: 0,
-            seconds: 0.0,
-            curve: Vec::new(),
-            diagnostics: Vec::new(),
             suite: Some(self.suite(env, &params)?),
-            error: None,
+            ..Cell::blank(&env.scenario.name, "init", 0, None, seed)
         };
         write_cell(&path, &cell)?;
         Ok(cell)
@@ -538,19 +541,11 @@ impl Plan<'_> {
             reports.push(evaluate(&env.scorer(), &work, &nll_suite, &mut |_| {})?);
         }
         let cell = Cell {
-            scenario: env.scenario.name.clone(),
-            method: "local-only".into(),
-            setting: 0,
-            config: None,
-            seed,
             val_nll: mean_std(&vals).map_or(f64::NAN, |m| m.0),
-            rounds: 0,
             samples: trained.iter().map(|(_, n, _)| n).sum(),
             seconds: started.elapsed().as_secs_f64(),
-            curve: Vec::new(),
-            diagnostics: Vec::new(),
             suite: average_reports(&reports),
-            error: None,
+            ..Cell::blank(&env.scenario.name, "local-only", 0, None, seed)
         };
         write_cell(&path, &cell)?;
         Ok(cell)
