@@ -34,9 +34,12 @@ fn register_font(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How many distinct colours `series_colour` has before it repeats.
+const PALETTE_LEN: usize = 12;
+
 /// Distinct colours for up to a dozen series, then repeating.
 pub fn series_colour(i: usize) -> RGBColor {
-    const PALETTE: [RGBColor; 12] = [
+    const PALETTE: [RGBColor; PALETTE_LEN] = [
         RGBColor(31, 119, 180),
         RGBColor(255, 127, 14),
         RGBColor(44, 160, 44),
@@ -200,10 +203,20 @@ pub fn line_chart(
     for (i, (name, points)) in series.iter().enumerate() {
         let colour = series_colour(i);
         let style = ShapeStyle::from(&colour).stroke_width(2);
-        chart
-            .draw_series(LineSeries::new(points.iter().copied(), style))?
-            .label(name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], style));
+        // Past the palette's length colours repeat: those series are drawn
+        // dashed, so a comparison of 13+ methods stays unambiguous.
+        let dashed = i >= PALETTE_LEN;
+        let annotation = if dashed {
+            chart.draw_series(DashedLineSeries::new(points.iter().copied(), 7, 5, style))?
+        } else {
+            chart.draw_series(LineSeries::new(points.iter().copied(), style))?
+        };
+        annotation.label(name.clone()).legend(move |(x, y)| {
+            let gap = if dashed { 5 } else { 0 };
+            EmptyElement::at((x, y))
+                + PathElement::new(vec![(0, 0), (8 - gap / 2, 0)], style)
+                + PathElement::new(vec![(8 + gap / 2, 0), (18, 0)], style)
+        });
         chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
     }
     if !series.is_empty() {
