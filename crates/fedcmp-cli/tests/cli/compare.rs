@@ -88,19 +88,8 @@ const MATRIX: [&str; 14] = [
     "6",
 ];
 
-fn compare(
-    bin: &str,
-    gguf: &Path,
-    scenario: &Path,
-    out: &Path,
-    cache: &Path,
-    jobs: usize,
-) -> Result<String> {
-    compare_with(bin, gguf, scenario, out, cache, jobs, &MATRIX)
-}
-
 /// `compare` on the tiny world with `matrix` for the methods and sizes.
-fn compare_with(
+fn compare(
     bin: &str,
     gguf: &Path,
     scenario: &Path,
@@ -153,7 +142,7 @@ fn compare_runs_the_matrix_reports_and_resumes() -> Result<()> {
     let out = dir.path().join("out");
     let cache = dir.path().join("cache");
     let bin = env!("CARGO_BIN_EXE_fedcmp");
-    let first = compare(bin, &gguf, &scenario, &out, &cache, 1)?;
+    let first = compare(bin, &gguf, &scenario, &out, &cache, 1, &MATRIX)?;
 
     // 2 federated methods x (2 settings + 1 more seed) + 3 references x 2.
     let cells = cell_files(&out)?;
@@ -215,7 +204,7 @@ fn compare_runs_the_matrix_reports_and_resumes() -> Result<()> {
     assert!(first.contains("fed-cmp") && first.contains("recovery"));
 
     // Second invocation: every cell is found, none is rerun.
-    let second = compare(bin, &gguf, &scenario, &out, &cache, 1)?;
+    let second = compare(bin, &gguf, &scenario, &out, &cache, 1, &MATRIX)?;
     assert_eq!(cell_files(&out)?, cells, "finished cells were rerun");
     let rows = |text: &str| -> Vec<String> {
         text.lines()
@@ -227,14 +216,15 @@ fn compare_runs_the_matrix_reports_and_resumes() -> Result<()> {
 
     // Other settings in the same folder are refused (cells would mix).
     let mut other = MATRIX;
-    other[11] = "2e-2";
-    let refused = compare_with(bin, &gguf, &scenario, &out, &cache, 1, &other);
+    let lr = 1 + other.iter().position(|a| *a == "--lr").unwrap_or(0);
+    other[lr] = "2e-2";
+    let refused = compare(bin, &gguf, &scenario, &out, &cache, 1, &other);
     let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(message.contains("other settings"), "{message}");
 
     // Methods in parallel: the same cells and the same chosen settings.
     let parallel = dir.path().join("parallel");
-    compare(bin, &gguf, &scenario, &parallel, &cache, 3)?;
+    compare(bin, &gguf, &scenario, &parallel, &cache, 3, &MATRIX)?;
     let names = |out: &Path| -> Result<Vec<PathBuf>> {
         Ok(cell_files(out)?
             .into_iter()
@@ -263,7 +253,7 @@ fn diverging_runs_are_recorded_not_fatal() -> Result<()> {
         "--grid",
         "1",
     ];
-    compare_with(
+    compare(
         bin,
         &gguf,
         &scenario,
