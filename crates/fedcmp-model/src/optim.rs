@@ -130,14 +130,22 @@ pub struct WarmupCosine {
 }
 
 impl WarmupCosine {
-    /// The learning rate for a batch after which `samples_seen` samples
-    /// have been consumed (count the batch itself, so the first batch of a
-    /// run gets a positive rate).
-    pub fn lr_at(&self, samples_seen: u64) -> f64 {
+    /// The learning rate for a batch of `batch_len` samples taken after
+    /// `samples_before` samples of the budget were consumed. The schedule
+    /// is read at the batch's midpoint: reading it after the batch gives the
+    /// last batch of a budget a rate of exactly 0 (a one-batch budget never
+    /// trains), reading it before gives the first batch 0 during warm-up.
+    pub fn lr_for_batch(&self, samples_before: u64, batch_len: u64) -> f64 {
+        self.lr_at(samples_before as f64 + batch_len as f64 / 2.0)
+    }
+
+    /// The learning rate at the point of the budget where `samples` samples
+    /// have been consumed (fractions allowed: a batch's midpoint).
+    pub fn lr_at(&self, samples: f64) -> f64 {
         if self.total_samples == 0 {
             return self.peak_lr;
         }
-        let progress = (samples_seen as f64 / self.total_samples as f64).clamp(0.0, 1.0);
+        let progress = (samples / self.total_samples as f64).clamp(0.0, 1.0);
         let warmup = self.warmup_ratio.clamp(0.0, 1.0);
         if progress < warmup {
             return self.peak_lr * progress / warmup;

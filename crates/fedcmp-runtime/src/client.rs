@@ -272,8 +272,8 @@ impl LocalTrainer {
             let features = cache.batch(&keys)?;
             let aligned = AlignmentBatch::new(&self.decoder, features, &tokens)?;
             let mut out = loss_and_grads(&self.decoder, &self.projector, &aligned)?;
+            let lr = schedule.lr_for_batch(round_start_samples + consumed, batch.len() as u64);
             consumed += batch.len() as u64;
-            let lr = schedule.lr_at(round_start_samples + consumed);
             for (i, grad) in out.grads.iter_mut().enumerate() {
                 let Some(g) = grad.as_mut() else { continue };
                 match &instruction.objective {
@@ -319,7 +319,18 @@ impl LocalTrainer {
                 state.control = Some(tensors_to_params(global, &new_ci)?);
                 Some(tensors_to_params(global, &delta)?)
             }
-            _ => None,
+            // A round at learning rate 0 (past the end of the schedule)
+            // moved nothing, so Option II's drift is 0/0: the client keeps
+            // c_i and reports a zero change, which the server needs from
+            // every update to keep c the mean of the c_i.
+            Some((_, ci, _)) => {
+                let zeros = ci
+                    .iter()
+                    .map(Tensor::zeros_like)
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Some(tensors_to_params(global, &zeros)?)
+            }
+            None => None,
         };
         Ok(Some(ClientUpdate {
             client: data.id,

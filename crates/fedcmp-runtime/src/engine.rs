@@ -284,7 +284,7 @@ pub fn run(
             answered: updates.iter().map(|u| u.client.0).collect(),
             samples: round_samples,
             samples_total,
-            lr_end: config.schedule.lr_at(samples_total),
+            lr_end: config.schedule.lr_at(samples_total as f64),
             train_loss,
             val_loss,
             seconds: started.elapsed().as_secs_f64(),

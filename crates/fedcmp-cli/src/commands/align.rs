@@ -212,8 +212,8 @@ pub fn run(cache_dir: Option<PathBuf>, args: AlignArgs) -> Result<()> {
         let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
         let toks = TokenizedCaptions::new(&tokenizer, &template, &caps)?;
         let batch = AlignmentBatch::new(&decoder, batch_features(items)?, &toks)?;
-        let seen = (start + args.batch_size) as u64;
-        let lr = schedule.lr_at(seen);
+        let lr = schedule.lr_for_batch(start as u64, args.batch_size as u64);
+        let seen = start + args.batch_size;
         let out = train_step(&decoder, &projector, &mut optimizer, &batch, lr)?;
         window.push(out.loss);
         progress.set_message(format!("loss {:.3}", out.loss));

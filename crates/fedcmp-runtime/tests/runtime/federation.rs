@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::common::{grey_record, tiny_backbones};
 use anyhow::Result;
 use candle_core::{DType, Device};
-use fedcmp_core::{ClientId, ParamSet};
+use fedcmp_core::{ClientId, ClientInstruction, LocalObjective, ParamSet};
 use fedcmp_data::cache::FeatureCache;
 use fedcmp_data::preprocess::Preprocess;
 use fedcmp_data::record::Record;
@@ -18,7 +18,9 @@ use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
 use fedcmp_model::tokenizer::TextTokenizer;
 use fedcmp_model::vision::patch_means::PatchMeans;
 use fedcmp_runtime::checkpoint::{self, Checkpoint};
-use fedcmp_runtime::client::{ClientData, LocalConfig, LocalTrainer, Sample};
+use fedcmp_runtime::client::{
+    ClientData, ClientState, LocalConfig, LocalTrainer, RoundContext, Sample,
+};
 use fedcmp_runtime::convert::projector_params;
 use fedcmp_runtime::engine::{run, CheckpointHook, EngineConfig, RunSummary, Start, StopReason};
 use fedcmp_runtime::eval::Evaluator;
@@ -97,6 +99,30 @@ fn projector(f: &Fixture) -> Result<Projector> {
     )?)
 }
 
+/// Two local steps of two samples per round.
+fn trainer(f: &Fixture) -> Result<LocalTrainer> {
+    let local = LocalConfig {
+        local_steps: 2,
+        batch_size: 2,
+        epochs: 1,
+        reset_optimizer: false,
+        adamw: AdamWConfig::default(),
+        seed: 5,
+    };
+    Ok(LocalTrainer::new(
+        f.decoder.clone(),
+        f.tokenizer.clone(),
+        CaptionTemplate::plain(),
+        projector(f)?,
+        local,
+    )?)
+}
+
+/// Samples in all shards together: one pass.
+fn budget(f: &Fixture) -> u64 {
+    f.clients.iter().map(|c| c.samples.len() as u64).sum()
+}
+
 fn run_once(
     f: &Fixture,
     strategy: &str,
@@ -118,24 +144,9 @@ fn run_with(
 ) -> Result<(RunSummary, Vec<Option<f64>>)> {
     let config: StrategyConfig = serde_json::from_value(serde_json::json!({ "name": strategy }))?;
     let mut strategy = config.build(f.clients.len())?;
-    let local = LocalConfig {
-        local_steps: 2,
-        batch_size: 2,
-        epochs: 1,
-        reset_optimizer: false,
-        adamw: AdamWConfig::default(),
-        seed: 5,
-    };
     let template = CaptionTemplate::plain();
-    let trainer = LocalTrainer::new(
-        f.decoder.clone(),
-        f.tokenizer.clone(),
-        template.clone(),
-        projector(f)?,
-        local,
-    )?;
-    let mut transport = InProcess::new(trainer, &f.cache, f.clients.clone());
-    let budget: u64 = f.clients.iter().map(|c| c.samples.len() as u64).sum();
+    let mut transport = InProcess::new(trainer(f)?, &f.cache, f.clients.clone());
+    let budget = budget(f);
     let engine = EngineConfig {
         max_rounds,
         clients_per_round: partial.map(|p| p.0),
@@ -389,5 +400,64 @@ fn stragglers_and_dropouts_follow_the_configured_rates() -> Result<()> {
             r.samples
         );
     }
+    Ok(())
+}
+
+/// A SCAFFOLD round at learning rate 0 (the federation past the end of its
+/// schedule) moves nothing; the client must still report a control change,
+/// a zero one, keeping its c_i (the cross-device matrix failed with "needs
+/// `control_delta` in every update" before).
+#[test]
+fn scaffold_round_at_learning_rate_zero_reports_a_zero_control_change() -> Result<()> {
+    let f = fixture()?;
+    let mut trainer = trainer(&f)?;
+    let data = &f.clients[0];
+    let mut state = ClientState::new(data, 5);
+    let global = projector_params(&projector(&f)?)?;
+    let schedule = WarmupCosine {
+        peak_lr: 1e-2,
+        total_samples: budget(&f),
+        warmup_ratio: 0.03,
+    };
+    let instruction = ClientInstruction {
+        round: 1,
+        client: data.id,
+        objective: LocalObjective::Scaffold {
+            server_control: ParamSet::default(),
+        },
+        max_local_steps: None,
+    };
+    let round = |start: u64| RoundContext {
+        cache: &f.cache,
+        global: &global,
+        instruction: &instruction,
+        schedule: &schedule,
+        round_start_samples: start,
+    };
+    let norm = |p: &ParamSet| -> f64 {
+        p.entries()
+            .iter()
+            .flat_map(|(_, t)| &t.data)
+            .map(|v| f64::from(*v).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+
+    // A first round inside the schedule trains and moves c_i.
+    let trained = trainer.train(data, &mut state, &round(0))?.expect("shard has samples");
+    assert!(trained.lr_sum > 0.0);
+    assert!(norm(trained.control_delta.as_ref().expect("scaffold delta")) > 0.0);
+    let control_after_first = state.control.clone().expect("c_i kept");
+
+    // A round past the end of the schedule: lr 0 for every batch.
+    let idle = trainer
+        .train(data, &mut state, &round(budget(&f)))?
+        .expect("shard has samples left");
+    assert_eq!(idle.lr_sum, 0.0);
+    assert_eq!(idle.params, global, "a zero learning rate moved the projector");
+    let delta = idle.control_delta.expect("scaffold delta in every update");
+    global.check_same_layout(&delta)?;
+    assert_eq!(norm(&delta), 0.0);
+    assert_eq!(state.control.as_ref(), Some(&control_after_first));
     Ok(())
 }
