@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::common::{grey_record, tiny_backbones};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use fedcmp_core::{ClientId, ClientInstruction, LocalObjective, ParamSet};
 use fedcmp_data::cache::FeatureCache;
@@ -444,18 +444,25 @@ fn scaffold_round_at_learning_rate_zero_reports_a_zero_control_change() -> Resul
     };
 
     // A first round inside the schedule trains and moves c_i.
-    let trained = trainer.train(data, &mut state, &round(0))?.expect("shard has samples");
+    let trained = trainer
+        .train(data, &mut state, &round(0))?
+        .context("shard has samples")?;
     assert!(trained.lr_sum > 0.0);
-    assert!(norm(trained.control_delta.as_ref().expect("scaffold delta")) > 0.0);
-    let control_after_first = state.control.clone().expect("c_i kept");
+    assert!(norm(trained.control_delta.as_ref().context("scaffold delta")?) > 0.0);
+    let control_after_first = state.control.clone().context("c_i kept")?;
 
     // A round past the end of the schedule: lr 0 for every batch.
     let idle = trainer
         .train(data, &mut state, &round(budget(&f)))?
-        .expect("shard has samples left");
+        .context("shard has samples left")?;
     assert_eq!(idle.lr_sum, 0.0);
-    assert_eq!(idle.params, global, "a zero learning rate moved the projector");
-    let delta = idle.control_delta.expect("scaffold delta in every update");
+    assert_eq!(
+        idle.params, global,
+        "a zero learning rate moved the projector"
+    );
+    let delta = idle
+        .control_delta
+        .context("scaffold delta in every update")?;
     global.check_same_layout(&delta)?;
     assert_eq!(norm(&delta), 0.0);
     assert_eq!(state.control.as_ref(), Some(&control_after_first));
