@@ -272,6 +272,18 @@ impl LocalTrainer {
             let features = cache.batch(&keys)?;
             let aligned = AlignmentBatch::new(&self.decoder, features, &tokens)?;
             let mut out = loss_and_grads(&self.decoder, &self.projector, &aligned)?;
+            if let Some((_, _, corr)) = &correction {
+                if losses.is_empty() && tracing::enabled!(tracing::Level::DEBUG) {
+                    // Whether the control variates are on the scale of the
+                    // gradients they correct (Option II with AdamW steps).
+                    tracing::debug!(
+                        client = data.id.0,
+                        gradient_norm = global_norm(out.grads.iter().flatten())?,
+                        correction_norm = global_norm(corr.iter())?,
+                        "SCAFFOLD first local step"
+                    );
+                }
+            }
             let lr = schedule.lr_for_batch(round_start_samples + consumed, batch.len() as u64);
             consumed += batch.len() as u64;
             for (i, grad) in out.grads.iter_mut().enumerate() {
@@ -342,4 +354,17 @@ impl LocalTrainer {
             control_delta,
         }))
     }
+}
+
+/// The L2 norm of several tensors taken together.
+fn global_norm<'t>(tensors: impl Iterator<Item = &'t Tensor>) -> Result<f64> {
+    let mut sum = 0.0;
+    for t in tensors {
+        sum += t
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    Ok(sum.sqrt())
 }
