@@ -335,13 +335,7 @@ impl LocalTrainer {
             // moved nothing, so Option II's drift is 0/0: the client keeps
             // c_i and reports a zero change, which the server needs from
             // every update to keep c the mean of the c_i.
-            Some((_, ci, _)) => {
-                let zeros = ci
-                    .iter()
-                    .map(Tensor::zeros_like)
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                Some(tensors_to_params(global, &zeros)?)
-            }
+            Some(_) => Some(ParamSet::zeros_like(global)),
             None => None,
         };
         Ok(Some(ClientUpdate {
