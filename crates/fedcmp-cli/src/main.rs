@@ -1,10 +1,12 @@
 //! The `fedcmp` command-line program: clap arguments -> typed settings ->
-//! library calls; progress bars and tables are rendered here and only here.
+//! library calls (`fedcmp-experiment`); progress bars, tables, reports and
+//! plots are rendered here and only here.
 //!
 //! With no subcommand it runs the main job: the S3 domain-silos scenario on
 //! real backbones and images, Fed-CMP and FedAvg side by side with the
-//! untrained and centralized references (`compare`, sized to ~10 minutes).
+//! untrained and centralized references (a `compare`, sized to ~10 minutes).
 
+mod args;
 mod commands;
 mod progress;
 
@@ -39,12 +41,17 @@ enum Command {
         #[command(subcommand)]
         action: commands::scenario::ScenarioAction,
     },
-    /// One federated run of a scenario with a strategy (simulation).
-    Run(commands::run::RunArgs),
+    /// One run of a scenario (simulation): federated with a strategy,
+    /// centralized, or local-only; resumable.
+    Run(Box<args::RunArgs>),
+    /// Print the settings `run` would use with the same flags, config file
+    /// and FEDCMP_* variables (a valid --config file).
+    ShowConfig(Box<args::RunArgs>),
     /// Methods x scenarios with fair tuning, seeds, and a report (resumable).
     Compare(Box<commands::compare::CompareArgs>),
-    /// Centralized alignment of a projector between MobileNetV2 and SmolLM2
-    /// on Fashion-MNIST with template captions (a quick single-domain check).
+    /// Centralized alignment on Fashion-MNIST with template captions: a
+    /// quick single-domain check of a decoder (any LLaMA-family GGUF file
+    /// or Hugging Face folder).
     Align(commands::align::AlignArgs),
 }
 
@@ -61,10 +68,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Assets { action }) => commands::assets::run(cli.cache_dir, action),
         Some(Command::Scenario { action }) => commands::scenario::run(cli.cache_dir, action),
-        Some(Command::Run(args)) => commands::run::run(cli.cache_dir, args),
-        Some(Command::Compare(args)) => commands::compare::run(cli.cache_dir, *args),
-        Some(Command::Align(args)) => commands::align::run(cli.cache_dir, args),
-        None => commands::compare::run(cli.cache_dir, commands::compare::main_job_args()),
+        Some(Command::Run(args)) => commands::run::run(cli.cache_dir, &args),
+        Some(Command::ShowConfig(args)) => commands::run::show_config(&args),
+        Some(Command::Compare(args)) => commands::compare::run(cli.cache_dir, &args),
+        Some(Command::Align(args)) => commands::align::run(cli.cache_dir, &args),
+        None => commands::compare::run(cli.cache_dir, &commands::compare::CompareArgs::main_job()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,14 +4,21 @@
 //! - [`params`]: a projector's parameters as named f32 tensors (what travels);
 //! - [`update`]: client ids, the typed instruction a client gets each round,
 //!   and the update it sends back;
-//! - [`metrics`]: named numbers a round reports.
+//! - [`schedule`]: the learning-rate schedule (plain data: it travels);
+//! - [`task`]: the round protocol (the task a client gets, its reply and
+//!   status, failures);
+//! - [`metrics`]: named numbers a round reports, and their names.
 
 pub mod metrics;
 pub mod params;
+pub mod schedule;
+pub mod task;
 pub mod update;
 
 pub use metrics::RoundMetrics;
 pub use params::{ParamSet, ParamTensor};
+pub use schedule::WarmupCosine;
+pub use task::{ClientFailure, ClientReply, ClientStatus, FailureKind, RoundTask};
 pub use update::{ClientId, ClientInstruction, ClientUpdate, LocalObjective};
 
 /// Errors from combining parameter sets and updates.

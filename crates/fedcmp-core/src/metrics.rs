@@ -33,3 +33,56 @@ impl RoundMetrics {
         }
     }
 }
+
+/// The names under which strategies record their diagnostics, shared by
+/// the strategy crate (which writes them) and every reader (reports,
+/// plots, tests), so a renamed metric cannot silently vanish from a table.
+pub mod names {
+    // Every round (fedcmp_strategy::round).
+    /// Clients aggregated.
+    pub const CLIENTS: &str = "clients";
+    /// Samples aggregated.
+    pub const SAMPLES: &str = "samples";
+    /// Sample-weighted mean client loss.
+    pub const LOSS: &str = "loss";
+    /// `||sum_k p_k Delta_k||`.
+    pub const MEAN_DELTA_NORM: &str = "mean_delta_norm";
+    /// Plain mean of `||Delta_k||`.
+    pub const CLIENT_DELTA_NORM_MEAN: &str = "client_delta_norm_mean";
+    /// Mean and minimum pairwise cosine of client deltas.
+    pub const COSINE_MEAN: &str = "cosine_mean";
+    pub const COSINE_MIN: &str = "cosine_min";
+    /// Series, in client-id order.
+    pub const CLIENT_IDS: &str = "client_ids";
+    pub const CLIENT_WEIGHTS: &str = "client_weights";
+    pub const CLIENT_DELTA_NORMS: &str = "client_delta_norms";
+    /// Row-major K x K.
+    pub const COSINE_MATRIX: &str = "cosine_matrix";
+
+    // Composed strategies (fedcmp_strategy::compose).
+    /// The aggregator's pseudo-gradient norm.
+    pub const AGGREGATE_NORM: &str = "aggregate_norm";
+    /// `||theta_{t+1} - theta_t||` after rounding to f32.
+    pub const SERVER_STEP_NORM: &str = "server_step_norm";
+    /// Server momentum (FedAvgM, adaptive optimisers, OPM).
+    pub const MOMENTUM_NORM: &str = "momentum_norm";
+
+    // Algorithm-specific.
+    /// SCAFFOLD's server control variate norm.
+    pub const CONTROL_NORM: &str = "control_norm";
+    /// FedNova's effective number of steps.
+    pub const TAU_EFF: &str = "tau_eff";
+    /// TIES: entries kept per tensor and the share of sign conflicts.
+    pub const TIES_KEPT: &str = "ties_kept";
+    pub const TIES_SIGN_CONFLICT_FRACTION: &str = "ties_sign_conflict_fraction";
+    /// CRA: rank and energy kept per matrix (series).
+    pub const CRA_RANK: &str = "cra_rank";
+    pub const CRA_ENERGY_KEPT: &str = "cra_energy_kept";
+    /// CRA: mean and minimum direction confidence rho.
+    pub const CRA_RHO_MEAN: &str = "cra_rho_mean";
+    pub const CRA_RHO_MIN: &str = "cra_rho_min";
+    /// CRA: each client's alignment e_k with the kept subspace (series).
+    pub const CRA_CLIENT_ALIGNMENT: &str = "cra_client_alignment";
+    /// OPM: share of momentum energy the basis change dropped.
+    pub const OPM_DROPPED_FRACTION: &str = "opm_dropped_fraction";
+}

@@ -1,5 +1,6 @@
-//! AdamW with explicit, serialisable state, and the LLaVA-style learning-rate
-//! schedule (linear warm-up, then cosine to zero) over a sample budget.
+//! AdamW with explicit, serialisable state (the learning-rate schedule it
+//! follows is `fedcmp_core::schedule`, since it travels with every round
+//! task).
 //!
 //! candle-nn's AdamW keeps its moments private; a federated client must be
 //! able to checkpoint and restore them bit for bit, so the optimiser here
@@ -117,44 +118,5 @@ impl AdamW {
             self.state.second_moments[i] = v;
         }
         Ok(())
-    }
-}
-
-/// LLaVA's schedule: linear warm-up over the first `warmup_ratio` of the
-/// sample budget, then cosine decay to zero at the end of the budget.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct WarmupCosine {
-    pub peak_lr: f64,
-    pub total_samples: u64,
-    pub warmup_ratio: f64,
-}
-
-impl WarmupCosine {
-    /// The learning rate for a batch of `batch_len` samples taken after
-    /// `samples_before` samples of the budget were consumed. The schedule
-    /// is read at the batch's midpoint: reading it after the batch gives the
-    /// last batch of a budget a rate of exactly 0 (a one-batch budget never
-    /// trains), reading it before gives the first batch 0 during warm-up.
-    pub fn lr_for_batch(&self, samples_before: u64, batch_len: u64) -> f64 {
-        self.lr_at(samples_before as f64 + batch_len as f64 / 2.0)
-    }
-
-    /// The learning rate at the point of the budget where `samples` samples
-    /// have been consumed (fractions allowed: a batch's midpoint).
-    pub fn lr_at(&self, samples: f64) -> f64 {
-        if self.total_samples == 0 {
-            return self.peak_lr;
-        }
-        let progress = (samples / self.total_samples as f64).clamp(0.0, 1.0);
-        let warmup = self.warmup_ratio.clamp(0.0, 1.0);
-        if progress < warmup {
-            return self.peak_lr * progress / warmup;
-        }
-        let decay = if warmup >= 1.0 {
-            0.0
-        } else {
-            (progress - warmup) / (1.0 - warmup)
-        };
-        self.peak_lr * 0.5 * (1.0 + (std::f64::consts::PI * decay).cos())
     }
 }

@@ -1,7 +1,9 @@
-//! Checkpoints: everything a run needs to continue exactly where it was:
-//! the round loop's state (round, samples, RNG position, global projector),
-//! the strategy's state, and every in-process client's state (one-pass
-//! cursor and shuffle, AdamW moments, control variate).
+//! The server's checkpoints: everything the server side of a run needs to
+//! continue exactly where it was: the round loop's state (round, samples,
+//! RNG position, global projector, clients' failure records) and the
+//! strategy's state. Clients checkpoint their own state on their side
+//! ([`crate::client_store`]) and restore it when a resumed server asks
+//! for their status as of the checkpoint's round.
 //!
 //! On disk, under `<run>/checkpoints/`: one folder per saved round holding
 //! `state.json` (small values; every f64 stored as its bit pattern, so the
@@ -12,6 +14,7 @@
 //! kept.
 
 use std::collections::{BTreeMap, HashMap};
+
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,20 +24,18 @@ use fedcmp_core::{ClientId, ParamSet};
 use fedcmp_strategy::StrategyState;
 use serde::{Deserialize, Serialize};
 
-use crate::client::{ClientState, OptimizerState};
 use crate::convert::{param_to_tensor, tensor_to_param};
-use crate::engine::EngineState;
+use crate::round_loop::{ClientRecord, RoundLoopState};
 use crate::{Result, RuntimeError};
 
-/// A complete snapshot of a run between two rounds.
+/// A snapshot of the server between two rounds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checkpoint {
-    pub engine: EngineState,
+    pub round_loop: RoundLoopState,
     pub strategy: StrategyState,
-    pub clients: Vec<(ClientId, ClientState)>,
 }
 
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 const LATEST: &str = "LATEST";
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -48,12 +49,8 @@ struct StrategyManifest {
 #[derive(Debug, Serialize, Deserialize)]
 struct ClientManifest {
     id: u32,
-    order: Vec<u32>,
-    cursor: usize,
-    epoch: u32,
-    consumed: u64,
-    optimizer_step: Option<u64>,
-    has_control: bool,
+    failures_in_a_row: u32,
+    retired: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -119,40 +116,22 @@ fn sync_dir(path: &Path) -> Result<()> {
 /// Writes `checkpoint` under `dir` (the run's `checkpoints/` folder).
 pub fn save(dir: &Path, checkpoint: &Checkpoint) -> Result<PathBuf> {
     fs::create_dir_all(dir).map_err(io(dir))?;
-    let e = &checkpoint.engine;
+    let e = &checkpoint.round_loop;
     let s = &checkpoint.strategy;
     let mut tensors = HashMap::new();
     put_set(&mut tensors, "global", &e.global)?;
     for (key, set) in &s.tensors {
         put_set(&mut tensors, &format!("strategy/{key}"), set)?;
     }
-    let mut clients = Vec::with_capacity(checkpoint.clients.len());
-    for (id, c) in &checkpoint.clients {
-        if let Some(opt) = &c.optimizer {
-            put_set(
-                &mut tensors,
-                &format!("client/{}/m", id.0),
-                &opt.first_moments,
-            )?;
-            put_set(
-                &mut tensors,
-                &format!("client/{}/v", id.0),
-                &opt.second_moments,
-            )?;
-        }
-        if let Some(control) = &c.control {
-            put_set(&mut tensors, &format!("client/{}/c", id.0), control)?;
-        }
-        clients.push(ClientManifest {
+    let clients = e
+        .clients
+        .iter()
+        .map(|(id, r)| ClientManifest {
             id: id.0,
-            order: c.order.clone(),
-            cursor: c.cursor,
-            epoch: c.epoch,
-            consumed: c.consumed,
-            optimizer_step: c.optimizer.as_ref().map(|o| o.step),
-            has_control: c.control.is_some(),
-        });
-    }
+            failures_in_a_row: r.failures_in_a_row,
+            retired: r.retired,
+        })
+        .collect();
     let manifest = Manifest {
         format: FORMAT,
         round: e.round,
@@ -273,61 +252,32 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         let set = take_set(&tensors, &format!("strategy/{key}"), set_names, path)?;
         strategy.tensors.insert(key.clone(), set);
     }
-    let mut clients = Vec::with_capacity(m.clients.len());
-    for c in m.clients {
-        let optimizer = match c.optimizer_step {
-            Some(step) => Some(OptimizerState {
-                step,
-                first_moments: take_set(
-                    &tensors,
-                    &format!("client/{}/m", c.id),
-                    &m.param_names,
-                    path,
-                )?,
-                second_moments: take_set(
-                    &tensors,
-                    &format!("client/{}/v", c.id),
-                    &m.param_names,
-                    path,
-                )?,
-            }),
-            None => None,
-        };
-        let control = if c.has_control {
-            Some(take_set(
-                &tensors,
-                &format!("client/{}/c", c.id),
-                &m.param_names,
-                path,
-            )?)
-        } else {
-            None
-        };
-        clients.push((
-            ClientId(c.id),
-            ClientState {
-                order: c.order,
-                cursor: c.cursor,
-                epoch: c.epoch,
-                consumed: c.consumed,
-                optimizer,
-                control,
-            },
-        ));
-    }
+    let clients = m
+        .clients
+        .iter()
+        .map(|c| {
+            (
+                ClientId(c.id),
+                ClientRecord {
+                    failures_in_a_row: c.failures_in_a_row,
+                    retired: c.retired,
+                },
+            )
+        })
+        .collect();
     let rng_word_pos = m
         .rng_word_pos
         .parse()
         .map_err(|e| corrupt(&state_path, format!("rng position: {e}")))?;
     Ok(Checkpoint {
-        engine: EngineState {
+        round_loop: RoundLoopState {
             round: m.round,
             samples_total: m.samples_total,
             rng_word_pos,
             global,
             last_val: m.last_val_bits.map(f64::from_bits),
+            clients,
         },
         strategy,
-        clients,
     })
 }

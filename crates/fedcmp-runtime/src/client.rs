@@ -1,6 +1,7 @@
-//! A federated client: its private shard, its persistent state and local
-//! training. The same code runs inside a simulation and inside a deployed
-//! client process.
+//! A federated client's data, the state it keeps between rounds, and local
+//! training: the [`LocalTrainer`] turns one [`RoundTask`] into an update.
+//! The same code runs inside a simulation and inside a deployed client
+//! process ([`crate::node`] wraps it with the client's own state store).
 //!
 //! One-pass schedule (ALGORITHMS.md §1): the shard is shuffled once with a
 //! seeded RNG; each round consumes the next `local_steps x batch_size`
@@ -19,11 +20,11 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use fedcmp_core::{ClientId, ClientInstruction, ClientUpdate, LocalObjective, ParamSet};
+use fedcmp_core::{ClientId, ClientUpdate, LocalObjective, ParamSet, RoundTask};
 use fedcmp_data::cache::{FeatureCache, FeatureKey};
 use fedcmp_model::alignment::{loss_and_grads, AlignmentBatch, CaptionTemplate, TokenizedCaptions};
 use fedcmp_model::llm::decoder::FrozenDecoder;
-use fedcmp_model::optim::{AdamW, AdamWConfig, AdamWState, WarmupCosine};
+use fedcmp_model::optim::{AdamW, AdamWConfig, AdamWState};
 use fedcmp_model::projector::Projector;
 use fedcmp_model::tokenizer::TextTokenizer;
 use rand::seq::SliceRandom;
@@ -97,6 +98,16 @@ impl ClientState {
     pub fn remaining(&self) -> usize {
         self.order.len() - self.cursor.min(self.order.len())
     }
+
+    /// Samples still to train on: the rest of this epoch and every epoch
+    /// after it (`epochs` passes over a shard of `shard_len`).
+    pub fn samples_left(&self, shard_len: usize, epochs: u32) -> u64 {
+        if shard_len == 0 {
+            return 0;
+        }
+        let later_epochs = u64::from(epochs.saturating_sub(self.epoch + 1));
+        self.remaining() as u64 + later_epochs * shard_len as u64
+    }
 }
 
 /// Hyper-parameters of local training.
@@ -110,17 +121,6 @@ pub struct LocalConfig {
     pub adamw: AdamWConfig,
     /// Seed of the per-client shuffles.
     pub seed: u64,
-}
-
-/// What one client's round starts from, besides its own data and state.
-#[derive(Debug, Clone, Copy)]
-pub struct RoundContext<'a> {
-    pub cache: &'a FeatureCache,
-    pub global: &'a ParamSet,
-    pub instruction: &'a ClientInstruction,
-    pub schedule: &'a WarmupCosine,
-    /// The federation's global sample count when the round began.
-    pub round_start_samples: u64,
 }
 
 /// Runs local training against a shared frozen decoder. One trainer serves
@@ -183,23 +183,21 @@ impl LocalTrainer {
         batch
     }
 
-    /// One round of local training from `global`. Returns None when the
-    /// client has nothing left to train on (it retires).
-    /// `round_start_samples` is the federation's global sample count when
-    /// the round began: the learning rate follows one global schedule.
+    /// One round of local training from the task's global parameters,
+    /// advancing `state`. Returns None when the client has nothing left to
+    /// train on (it retires). The learning rate follows the federation's
+    /// one schedule, read from the task's global sample count.
     pub fn train(
         &mut self,
+        cache: &FeatureCache,
         data: &ClientData,
         state: &mut ClientState,
-        round: &RoundContext<'_>,
+        task: &RoundTask,
     ) -> Result<Option<ClientUpdate>> {
-        let RoundContext {
-            cache,
-            global,
-            instruction,
-            schedule,
-            round_start_samples,
-        } = *round;
+        let global: &ParamSet = &task.global;
+        let instruction = &task.instruction;
+        let schedule = &task.schedule;
+        let round_start_samples = task.samples_before;
         if instruction.client != data.id {
             return Err(RuntimeError::Config(format!(
                 "instruction for client {} sent to client {}",

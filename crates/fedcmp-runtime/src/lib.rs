@@ -3,18 +3,26 @@
 //!
 //! - [`convert`]: the projector's candle variables <-> the `ParamSet` that
 //!   travels;
-//! - [`client`]: a client's private data, its persistent state (one-pass
-//!   cursor, optimiser moments, control variate) and local training;
-//! - [`transport`]: how instructions reach clients and updates come back
-//!   (in-process here; gRPC in the network crate);
-//! - [`engine`]: the round loop: sample, instruct, train, aggregate,
-//!   evaluate, record.
+//! - [`client`]: a client's private data, its state between rounds
+//!   (one-pass cursor, optimiser moments, control variate) and local
+//!   training of one round task;
+//! - [`node`]: a client node answering round tasks and status queries,
+//!   with its own state store ([`client_store`]);
+//! - [`transport`]: how round tasks reach clients and replies come back
+//!   (in process here; over Flower for real sites), and
+//!   [`simulation`]: dropouts and stragglers as a wrapper around one;
+//! - [`round_loop`]: the server's loop: sample, send tasks, aggregate,
+//!   evaluate, record; [`checkpoint`]: its state on disk;
+//! - [`eval`], [`suite`]: held-out evaluation.
 
 pub mod checkpoint;
 pub mod client;
+pub mod client_store;
 pub mod convert;
-pub mod engine;
 pub mod eval;
+pub mod node;
+pub mod round_loop;
+pub mod simulation;
 pub mod suite;
 pub mod transport;
 

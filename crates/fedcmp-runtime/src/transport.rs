@@ -1,140 +1,115 @@
-//! How a round's instructions reach clients and their updates come back.
-//! The round loop only talks to [`Transport`]; simulation uses
-//! [`InProcess`], deployment a network transport, with the same strategy
-//! and the same local trainer behind both.
+//! How round tasks reach clients and their replies come back. The round
+//! loop talks only to [`Transport`]: simulation uses [`InProcess`] (wrapped
+//! in [`crate::simulation::Simulated`] for dropouts and stragglers), a
+//! deployment carries the same tasks over the network to the same
+//! [`ClientNode`] code.
 
-use fedcmp_core::{ClientId, ClientInstruction, ClientUpdate, ParamSet};
+use std::time::Instant;
+
+use fedcmp_core::{ClientFailure, ClientId, ClientReply, ClientStatus, FailureKind, RoundTask};
 use fedcmp_data::cache::FeatureCache;
-use fedcmp_model::optim::WarmupCosine;
 
-use crate::client::{ClientData, ClientState, LocalTrainer, RoundContext};
-use crate::{Result, RuntimeError};
+use crate::client::LocalTrainer;
+use crate::node::ClientNode;
+use crate::Result;
 
-/// Everything a client needs for one round besides its own data and state.
-#[derive(Debug, Clone)]
-pub struct RoundPlan<'a> {
-    pub global: &'a ParamSet,
-    pub instructions: Vec<ClientInstruction>,
-    pub schedule: WarmupCosine,
-    /// Global samples consumed before this round (the schedule's clock).
-    pub round_start_samples: u64,
+/// What came back from one round: the replies, and the clients that
+/// failed it (errors, timeouts, simulated dropouts).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoundOutcome {
+    pub replies: Vec<ClientReply>,
+    pub failures: Vec<ClientFailure>,
+    /// Clients told to stop after fewer local steps (simulated stragglers).
+    pub stragglers: Vec<ClientId>,
 }
 
-/// Delivers a round to clients and collects the updates of those that
-/// answered (a client that failed or had no data left is simply absent).
+/// Delivers round tasks and status queries to clients.
+///
+/// A client that errs or misses the deadline is a failure in the outcome,
+/// never an `Err`: `Err` means the transport itself is broken.
 pub trait Transport {
-    fn run_round(&mut self, plan: &RoundPlan<'_>) -> Result<Vec<ClientUpdate>>;
-    /// Clients that still have data to train on.
-    fn active_clients(&self) -> Vec<ClientId>;
-    /// Samples each client has consumed so far, by client id.
-    fn consumed(&self) -> Vec<(ClientId, u64)>;
-    /// The state of the clients this process holds (for checkpoints); a
-    /// network transport's clients checkpoint themselves and return none.
-    fn client_states(&self) -> Vec<(ClientId, ClientState)>;
-    /// Restores states saved by [`Transport::client_states`].
-    fn restore_client_states(&mut self, states: Vec<(ClientId, ClientState)>) -> Result<()>;
+    /// Every reachable client's status as of the end of `round` (0: before
+    /// any training). A resumed server asks with its checkpoint's round.
+    fn status(&mut self, round: u64) -> Result<Vec<ClientStatus>>;
+
+    /// Delivers one task per client and collects what comes back by
+    /// `deadline`.
+    fn run_round(
+        &mut self,
+        tasks: Vec<RoundTask>,
+        deadline: Option<Instant>,
+    ) -> Result<RoundOutcome>;
 }
 
-/// All clients in this process, trained one after another by one shared
+/// Every client in this process, trained one after another by one shared
 /// trainer (the frozen backbones are loaded once).
 #[derive(Debug)]
 pub struct InProcess<'a> {
     trainer: LocalTrainer,
     cache: &'a FeatureCache,
-    clients: Vec<(ClientData, ClientState)>,
+    nodes: Vec<ClientNode>,
 }
 
 impl<'a> InProcess<'a> {
-    /// Clients with fresh state (shards shuffled with the trainer's seed).
-    pub fn new(trainer: LocalTrainer, cache: &'a FeatureCache, data: Vec<ClientData>) -> Self {
-        let seed = trainer.config().seed;
-        let clients = data
-            .into_iter()
-            .map(|d| {
-                let s = ClientState::new(&d, seed);
-                (d, s)
-            })
-            .collect();
+    /// Clients `nodes`, trained by `trainer` on features from `cache`.
+    pub fn new(trainer: LocalTrainer, cache: &'a FeatureCache, nodes: Vec<ClientNode>) -> Self {
         Self {
             trainer,
             cache,
-            clients,
+            nodes,
         }
+    }
+
+    /// The local trainer (its configuration builds the nodes).
+    pub fn trainer(&self) -> &LocalTrainer {
+        &self.trainer
     }
 }
 
 impl Transport for InProcess<'_> {
-    fn run_round(&mut self, plan: &RoundPlan<'_>) -> Result<Vec<ClientUpdate>> {
-        let mut updates = Vec::with_capacity(plan.instructions.len());
-        for instruction in &plan.instructions {
-            let Some((data, state)) = self
-                .clients
-                .iter_mut()
-                .find(|(d, _)| d.id == instruction.client)
-            else {
-                tracing::warn!(
-                    client = instruction.client.0,
-                    "instruction for an unknown client"
-                );
+    fn status(&mut self, round: u64) -> Result<Vec<ClientStatus>> {
+        self.nodes.iter_mut().map(|n| n.status(round)).collect()
+    }
+
+    /// Clients train in task order; once the deadline has passed, the
+    /// clients not yet started time out (a sequential simulation cannot
+    /// interrupt one that has started).
+    fn run_round(
+        &mut self,
+        tasks: Vec<RoundTask>,
+        deadline: Option<Instant>,
+    ) -> Result<RoundOutcome> {
+        let mut outcome = RoundOutcome::default();
+        for task in &tasks {
+            let client = task.client();
+            let fail = |kind, message: String| ClientFailure {
+                client,
+                kind,
+                message,
+            };
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                outcome.failures.push(fail(
+                    FailureKind::Timeout,
+                    "the round's deadline passed before it started".into(),
+                ));
+                continue;
+            }
+            let Some(node) = self.nodes.iter_mut().find(|n| n.id() == client) else {
+                outcome
+                    .failures
+                    .push(fail(FailureKind::Error, "no such client".into()));
                 continue;
             };
-            let context = RoundContext {
-                cache: self.cache,
-                global: plan.global,
-                instruction,
-                schedule: &plan.schedule,
-                round_start_samples: plan.round_start_samples,
-            };
-            if let Some(update) = self.trainer.train(data, state, &context)? {
-                updates.push(update);
+            match node.handle(&mut self.trainer, self.cache, task) {
+                Ok(reply) => outcome.replies.push(reply),
+                Err(e) => {
+                    tracing::warn!(client = client.0, error = %e, "client failed its round");
+                    outcome
+                        .failures
+                        .push(fail(FailureKind::Error, e.to_string()));
+                }
             }
         }
-        Ok(updates)
-    }
-
-    fn active_clients(&self) -> Vec<ClientId> {
-        let epochs = self.trainer.config().epochs;
-        self.clients
-            .iter()
-            .filter(|(d, s)| !d.samples.is_empty() && (s.remaining() > 0 || s.epoch + 1 < epochs))
-            .map(|(d, _)| d.id)
-            .collect()
-    }
-
-    fn consumed(&self) -> Vec<(ClientId, u64)> {
-        self.clients
-            .iter()
-            .map(|(d, s)| (d.id, s.consumed))
-            .collect()
-    }
-
-    fn client_states(&self) -> Vec<(ClientId, ClientState)> {
-        self.clients
-            .iter()
-            .map(|(d, s)| (d.id, s.clone()))
-            .collect()
-    }
-
-    fn restore_client_states(&mut self, states: Vec<(ClientId, ClientState)>) -> Result<()> {
-        if states.len() != self.clients.len() {
-            return Err(RuntimeError::Config(format!(
-                "checkpoint holds {} clients, this federation has {}",
-                states.len(),
-                self.clients.len()
-            )));
-        }
-        for ((data, state), (id, saved)) in self.clients.iter_mut().zip(states) {
-            if data.id != id || saved.order.len() != data.samples.len() {
-                return Err(RuntimeError::Config(format!(
-                    "checkpoint client {} ({} samples) does not match client {} ({} samples)",
-                    id.0,
-                    saved.order.len(),
-                    data.id.0,
-                    data.samples.len()
-                )));
-            }
-            *state = saved;
-        }
-        Ok(())
+        Ok(outcome)
     }
 }

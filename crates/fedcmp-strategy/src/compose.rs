@@ -20,6 +20,7 @@
 //! A round is transactional: the parts are updated on copies, and the
 //! strategy's state changes only when the whole round succeeded.
 
+use fedcmp_core::metrics::names;
 use std::fmt;
 
 use fedcmp_core::{
@@ -188,7 +189,7 @@ where
 
         protocol.observe(&input, &mut metrics)?;
         let update = aggregator.combine(&input, &mut metrics)?;
-        metrics.set("aggregate_norm", update.norm());
+        metrics.set(names::AGGREGATE_NORM, update.norm());
         let next = optimizer.step(&input, &update, &mut metrics)?;
         let params = ops::unflatten(global, &next)?;
         if let Some(parameter) = ops::first_non_finite(&params) {
@@ -197,7 +198,7 @@ where
             });
         }
         let step = ops::sub(&ops::flatten(&params), &input.global_flat)?;
-        metrics.set("server_step_norm", ops::norm(&step));
+        metrics.set(names::SERVER_STEP_NORM, ops::norm(&step));
 
         self.protocol = protocol;
         self.aggregator = aggregator;

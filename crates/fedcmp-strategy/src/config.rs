@@ -28,7 +28,7 @@ use crate::opm::{FedCmpConfig, OpmOnlyConfig};
 use crate::scaffold::ScaffoldConfig;
 use crate::ties::TiesConfig;
 use crate::{cra, fedavg, fedavgm, fednova, fedopt, fedprox, opm, scaffold, ties};
-use crate::{Result, Strategy, StrategyError};
+use crate::{Result, Strategy};
 
 /// Every config name, in a stable order (for help texts).
 pub const NAMES: &[&str] = &[
@@ -122,33 +122,6 @@ impl StrategyConfig {
             StrategyConfig::CraOnly(c) => Box::new(cra::cra_only(c)?),
             StrategyConfig::FedCmp(c) => Box::new(opm::fed_cmp(c)?),
             StrategyConfig::OpmOnly(c) => Box::new(opm::opm_only(c)?),
-        })
-    }
-}
-
-/// `value` must be finite and > 0.
-pub(crate) fn positive(field: &str, value: f64) -> Result<()> {
-    check(field, value, value.is_finite() && value > 0.0, "> 0")
-}
-
-/// `value` must be finite and >= 0.
-pub(crate) fn non_negative(field: &str, value: f64) -> Result<()> {
-    check(field, value, value.is_finite() && value >= 0.0, ">= 0")
-}
-
-/// `value` must be in [0, 1).
-pub(crate) fn unit_interval(field: &str, value: f64) -> Result<()> {
-    check(field, value, (0.0..1.0).contains(&value), "in [0, 1)")
-}
-
-/// `Ok` when `ok`, else a config error: `field` must be `rule`.
-pub(crate) fn check(field: &str, value: f64, ok: bool, rule: &str) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(StrategyError::Config {
-            field: field.to_string(),
-            reason: format!("must be {rule}, got {value}"),
         })
     }
 }

@@ -63,6 +63,7 @@
 //! (`e_k = sum ||U C_k||_F^2 / sum ||Delta_k||_F^2` over the matrices, per
 //! client in id order; 0 for a zero delta).
 
+use fedcmp_core::metrics::names;
 use std::ops::Range;
 
 use faer::Mat;
@@ -72,8 +73,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::compose::{Aggregator, Composed, Plain, PseudoGradient, ServerOptimizer};
-use crate::config::{check, non_negative, positive};
 use crate::round::RoundInput;
+use crate::validate::{check, non_negative, positive};
 use crate::{dense, ops, Result, StrategyError};
 
 /// Which side of `S` the basis is computed from.
@@ -694,17 +695,20 @@ impl Aggregator for CanonicalMerge {
                 rank: merged.rank,
             });
         }
-        metrics.set_series("cra_rank", ranks);
-        metrics.set_series("cra_energy_kept", energies);
+        metrics.set_series(names::CRA_RANK, ranks);
+        metrics.set_series(names::CRA_ENERGY_KEPT, energies);
         if !rhos.is_empty() {
-            metrics.set("cra_rho_mean", rhos.iter().sum::<f64>() / rhos.len() as f64);
             metrics.set(
-                "cra_rho_min",
+                names::CRA_RHO_MEAN,
+                rhos.iter().sum::<f64>() / rhos.len() as f64,
+            );
+            metrics.set(
+                names::CRA_RHO_MIN,
                 rhos.iter().copied().fold(f64::INFINITY, f64::min),
             );
         }
         metrics.set_series(
-            "cra_client_alignment",
+            names::CRA_CLIENT_ALIGNMENT,
             kept.iter()
                 .zip(&total)
                 .map(|(a, b)| {

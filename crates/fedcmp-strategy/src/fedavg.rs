@@ -13,9 +13,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::compose::{Composed, Plain};
-use crate::config::positive;
 use crate::mean::{WeightedMean, Weighting};
 use crate::server_opt::Sgd;
+use crate::validate::positive;
 use crate::Result;
 
 /// The config name.

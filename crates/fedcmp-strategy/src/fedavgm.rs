@@ -15,9 +15,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::compose::{Composed, Plain};
-use crate::config::{positive, unit_interval};
 use crate::mean::{WeightedMean, Weighting};
 use crate::server_opt::HeavyBall;
+use crate::validate::{positive, unit_interval};
 use crate::Result;
 
 /// The config name.

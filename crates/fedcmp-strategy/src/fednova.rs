@@ -21,13 +21,14 @@
 //! weights `p_i tau_eff / tau_i`) + [`Sgd`]. Sends `LocalObjective::Plain`;
 //! keeps no state; reports `tau_eff`. With equal step counts it is FedAvg.
 
+use fedcmp_core::metrics::names;
 use fedcmp_core::RoundMetrics;
 use serde::{Deserialize, Serialize};
 
 use crate::compose::{Aggregator, Composed, Plain};
-use crate::config::positive;
 use crate::round::RoundInput;
 use crate::server_opt::Sgd;
+use crate::validate::positive;
 use crate::{ops, Result, StrategyError};
 
 /// The config name.
@@ -78,7 +79,7 @@ impl Aggregator for NormalizedMean {
             .zip(&taus)
             .map(|(p, tau)| p * tau_eff / tau)
             .collect();
-        metrics.set("tau_eff", tau_eff);
+        metrics.set(names::TAU_EFF, tau_eff);
         ops::weighted_sum(&input.deltas, &weights)
     }
 }

@@ -15,9 +15,9 @@ use fedcmp_core::{ClientId, LocalObjective};
 use serde::{Deserialize, Serialize};
 
 use crate::compose::{ClientProtocol, Composed};
-use crate::config::{non_negative, positive};
 use crate::mean::{WeightedMean, Weighting};
 use crate::server_opt::Sgd;
+use crate::validate::{non_negative, positive};
 use crate::Result;
 
 /// The config name.

@@ -18,7 +18,8 @@
 //!   [`fedopt`] (FedAdagrad/FedAdam/FedYogi), [`scaffold`], [`fednova`],
 //!   [`ties`], [`cra`] (Fed-CMP's canonical reliability-aware
 //!   aggregation), [`opm`] (its orthogonality-preserved momentum; Fed-CMP);
-//! - [`config`]: [`StrategyConfig`], by name, validated, built.
+//! - [`config`]: [`StrategyConfig`], by name, validated, built (the
+//!   registry; the checks it and the algorithms share are in `validate`).
 
 pub mod compose;
 pub mod config;
@@ -38,6 +39,7 @@ pub mod scaffold;
 pub mod server_opt;
 mod state;
 pub mod ties;
+mod validate;
 
 use std::fmt;
 

@@ -26,14 +26,15 @@
 //! sum ||K_m||^2`: the share of the old matrix momentum's energy that the
 //! transport dropped; 0 when there was none).
 
+use fedcmp_core::metrics::names;
 use fedcmp_core::{ParamSet, ParamTensor, RoundMetrics};
 use serde::{Deserialize, Serialize};
 
 use crate::compose::{Composed, Plain, ServerOptimizer};
-use crate::config::{positive, unit_interval};
 use crate::cra::{CanonicalMerge, CanonicalUpdate, CraConfig};
 use crate::dense::{mul_rowmajor, tmul_rowmajor};
 use crate::round::RoundInput;
+use crate::validate::{positive, unit_interval};
 use crate::{ops, Result, StrategyError, StrategyState};
 
 const BASIS_KEY: &str = "opm_basis";
@@ -192,9 +193,9 @@ impl ServerOptimizer<CanonicalUpdate> for OrthogonalMomentum {
                 ParamTensor::new(&v.name, vec![vel.len()], to_f32(&vel))?,
             ));
         }
-        metrics.set("momentum_norm", momentum_sq.sqrt());
+        metrics.set(names::MOMENTUM_NORM, momentum_sq.sqrt());
         metrics.set(
-            "opm_dropped_fraction",
+            names::OPM_DROPPED_FRACTION,
             if old_energy > 0.0 {
                 (1.0 - kept_energy / old_energy).clamp(0.0, 1.0)
             } else {

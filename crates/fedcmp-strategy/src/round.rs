@@ -20,6 +20,7 @@
 //! `server_step_norm` (`||theta_{t+1} - theta_t||` after rounding), plus any
 //! algorithm-specific diagnostics.
 
+use fedcmp_core::metrics::names;
 use fedcmp_core::{ClientId, ClientUpdate, ParamSet, RoundMetrics};
 
 use rayon::prelude::*;
@@ -127,16 +128,19 @@ impl<'a> RoundInput<'a> {
     pub fn metrics(&self) -> Result<RoundMetrics> {
         let mut m = RoundMetrics::default();
         let k = self.len();
-        m.set("clients", k as f64);
+        m.set(names::CLIENTS, k as f64);
         m.set(
-            "samples",
+            names::SAMPLES,
             self.updates
                 .iter()
                 .map(|u| u.num_samples as f64)
                 .sum::<f64>(),
         );
         let losses: Vec<f64> = self.updates.iter().map(|u| u.mean_loss).collect();
-        m.set("loss", ops::weighted_mean(&losses, &self.sample_weights)?);
+        m.set(
+            names::LOSS,
+            ops::weighted_mean(&losses, &self.sample_weights)?,
+        );
         // One pass over the deltas: every norm and cosine comes from the
         // Gram matrix, ||sum_k p_k Delta_k||^2 = p^T G p.
         let gram = ops::gram(&self.deltas)?;
@@ -147,10 +151,10 @@ impl<'a> RoundInput<'a> {
                 mean_sq += p[i] * p[j] * gram[i * k + j];
             }
         }
-        m.set("mean_delta_norm", mean_sq.max(0.0).sqrt());
+        m.set(names::MEAN_DELTA_NORM, mean_sq.max(0.0).sqrt());
         let norms: Vec<f64> = (0..k).map(|i| gram[i * k + i].sqrt()).collect();
         m.set(
-            "client_delta_norm_mean",
+            names::CLIENT_DELTA_NORM_MEAN,
             norms.iter().sum::<f64>() / k as f64,
         );
         let cos = ops::cosine_from_gram(&gram, k);
@@ -160,21 +164,21 @@ impl<'a> RoundInput<'a> {
                 .map(|(i, j)| cos[i * k + j])
                 .collect();
             m.set(
-                "cosine_mean",
+                names::COSINE_MEAN,
                 pairs.iter().sum::<f64>() / pairs.len() as f64,
             );
             m.set(
-                "cosine_min",
+                names::COSINE_MIN,
                 pairs.iter().copied().fold(f64::INFINITY, f64::min),
             );
         }
         m.set_series(
-            "client_ids",
+            names::CLIENT_IDS,
             self.clients().map(|c| f64::from(c.0)).collect(),
         );
-        m.set_series("client_weights", self.sample_weights.clone());
-        m.set_series("client_delta_norms", norms);
-        m.set_series("cosine_matrix", cos);
+        m.set_series(names::CLIENT_WEIGHTS, self.sample_weights.clone());
+        m.set_series(names::CLIENT_DELTA_NORMS, norms);
+        m.set_series(names::COSINE_MATRIX, cos);
         Ok(m)
     }
 }

@@ -29,14 +29,15 @@
 //! initialisation); clients start with `c_i = 0` too. State: c (key
 //! `server_control`). Reports `control_norm` (`||c||`).
 
+use fedcmp_core::metrics::names;
 use fedcmp_core::{ClientId, LocalObjective, ParamSet, RoundMetrics};
 use serde::{Deserialize, Serialize};
 
 use crate::compose::{state_or, ClientProtocol, Composed};
-use crate::config::positive;
 use crate::mean::{WeightedMean, Weighting};
 use crate::round::RoundInput;
 use crate::server_opt::Sgd;
+use crate::validate::positive;
 use crate::{ops, Result, StrategyError, StrategyState};
 
 /// The config name.
@@ -141,7 +142,7 @@ impl ClientProtocol for ControlVariates {
                 parameter: format!("{KEY}.{p}"),
             });
         }
-        metrics.set("control_norm", ops::norm(&c));
+        metrics.set(names::CONTROL_NORM, ops::norm(&c));
         self.control = Some(control);
         Ok(())
     }

@@ -16,13 +16,14 @@
 //! (values kept per client) and `ties_sign_conflict_fraction` (coordinates
 //! where kept values disagree in sign).
 
+use fedcmp_core::metrics::names;
 use fedcmp_core::RoundMetrics;
 use serde::{Deserialize, Serialize};
 
 use crate::compose::{Aggregator, Composed, Plain};
-use crate::config::positive;
 use crate::round::RoundInput;
 use crate::server_opt::Sgd;
+use crate::validate::positive;
 use crate::{ops, Result, StrategyError};
 
 /// The config name.
@@ -117,9 +118,9 @@ impl Aggregator for TiesMerge {
                 *out = acc / count as f64;
             }
         }
-        metrics.set("ties_kept", keep as f64);
+        metrics.set(names::TIES_KEPT, keep as f64);
         metrics.set(
-            "ties_sign_conflict_fraction",
+            names::TIES_SIGN_CONFLICT_FRACTION,
             if n > 0 {
                 conflicts as f64 / n as f64
             } else {

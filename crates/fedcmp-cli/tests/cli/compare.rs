@@ -7,67 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{ensure, Result};
-use candle_core::Device;
-use fedcmp_model::llm::config::DecoderConfig;
-use fedcmp_model::llm::gguf::write_llama_gguf;
-use fedcmp_model::llm::synthetic::random_decoder_weights;
-use fedcmp_model::tokenizer::GgufBpeSpec;
+use fedcmp_testkit::tiny_world as world;
 
-/// A scenario TOML over a generated JSONL manifest of 8x8 PNGs.
+/// The generated decoder and scenario under `dir`.
 fn tiny_world(dir: &Path) -> Result<(PathBuf, PathBuf)> {
-    let spec = GgufBpeSpec::byte_level(&["<|endoftext|>", "<|bos|>"], &[]);
-    let config = DecoderConfig::tiny(spec.tokens.len());
-    let weights = random_decoder_weights(&config, 3, &Device::Cpu)?;
-    let gguf = dir.join("tiny.gguf");
-    write_llama_gguf(&gguf, &config, &weights, &spec)?;
-
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images)?;
-    let mut lines = String::new();
-    for i in 0..48u32 {
-        let (source, label, caption, base) = if i < 32 {
-            let day = i % 2 == 0;
-            (
-                "sky",
-                Some(if day { "day" } else { "night" }),
-                if day { "day." } else { "night." },
-                if day { 210u8 } else { 30 },
-            )
-        } else {
-            ("stripes", None, "stripes.", 120u8)
-        };
-        let img = image::GrayImage::from_fn(8, 8, |x, y| {
-            let stripe = if source == "stripes" && x % 2 == 0 {
-                60
-            } else {
-                0
-            };
-            image::Luma([base
-                .wrapping_add(((x + y + i) % 7) as u8)
-                .wrapping_add(stripe)])
-        });
-        let file = format!("{i}.png");
-        img.save(images.join(&file))?;
-        let label = label.map_or(String::new(), |l| format!(r#", "label": "{l}""#));
-        lines.push_str(&format!(
-            r#"{{"image": "images/{file}", "caption": "{caption}", "source": "{source}"{label}}}"#
-        ));
-        lines.push('\n');
-    }
-    std::fs::write(dir.join("tiny.jsonl"), lines)?;
-    let scenario = dir.join("tiny.toml");
-    std::fs::write(
-        &scenario,
-        r#"name = "tiny"
-description = "two clients, two domains, generated"
-seed = 0
-clients = 2
-sources = [{ kind = "jsonl", path = "tiny.jsonl" }]
-split = { validation = 0.15, test = 0.25 }
-partition = { kind = "iid" }
-"#,
-    )?;
-    Ok((gguf, scenario))
+    let w = world(dir)?;
+    Ok((w.gguf, w.scenario))
 }
 
 /// The matrix of the main test: every kind of method, 2 seeds, grid 2.

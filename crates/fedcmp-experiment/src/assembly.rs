@@ -1,0 +1,202 @@
+//! A scenario assembled on its data and backbones, ready to train and
+//! evaluate on: its federation (shards and held-out splits), the frozen
+//! backbones, every image's vision features in the cache, and the
+//! evaluation suite over the test split. Assembled once; every run of a
+//! comparison reuses it.
+
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use fedcmp_core::ClientId;
+use fedcmp_data::cache::FeatureCache;
+use fedcmp_data::scenario::Scenario;
+use fedcmp_model::alignment::CaptionTemplate;
+use fedcmp_model::llm::decoder::FrozenDecoder;
+use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
+use fedcmp_model::tokenizer::TextTokenizer;
+use fedcmp_runtime::client::{ClientData, Sample};
+use fedcmp_runtime::eval::Evaluator;
+use fedcmp_runtime::suite::{Domain, Item, Scorer, Suite, SuiteConfig};
+
+use crate::backbones::{self, BackboneSettings};
+use crate::events::{Observer, Stage};
+use crate::Result;
+
+/// A scenario ready to train and evaluate on.
+#[derive(Debug)]
+pub struct Experiment {
+    pub scenario: Scenario,
+    pub decoder: Arc<FrozenDecoder>,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub encoder_identity: String,
+    pub feature_dim: usize,
+    pub cache: FeatureCache,
+    /// Each client's shard, by client id.
+    pub clients: Vec<ClientData>,
+    pub validation: Vec<Sample>,
+    pub test: Vec<Sample>,
+    /// The test split with domains and labels, and its fixed subsets.
+    pub suite: Suite,
+    pub template: CaptionTemplate,
+}
+
+impl Experiment {
+    /// Loads `scenario` (a built-in name or a TOML file) and assembles it.
+    pub fn assemble(
+        root: &Path,
+        scenario: &str,
+        limit: Option<NonZeroUsize>,
+        backbones: &BackboneSettings,
+        suite: SuiteConfig,
+        observer: &dyn Observer,
+    ) -> Result<Self> {
+        let (scenario, base) = Scenario::load(scenario)?;
+        Self::assemble_scenario(root, scenario, &base, limit, backbones, suite, observer)
+    }
+
+    /// Assembles `scenario` (relative paths in it start at `base`),
+    /// optionally with every source capped at `limit` records: builds its
+    /// federation, loads the backbones and caches every image's features.
+    pub fn assemble_scenario(
+        root: &Path,
+        mut scenario: Scenario,
+        base: &Path,
+        limit: Option<NonZeroUsize>,
+        backbone_settings: &BackboneSettings,
+        suite_config: SuiteConfig,
+        observer: &dyn Observer,
+    ) -> Result<Self> {
+        if let Some(limit) = limit {
+            scenario.cap_sources(limit);
+        }
+        let federation = crate::federation::build(root, &scenario, base, observer)?;
+        let loaded = backbones::load(root, backbone_settings, observer)?;
+        let mut cache = backbones::feature_cache(root, loaded.encoder.as_ref())?;
+        let corpus = &federation.corpus;
+        let keys = backbones::cache_features(
+            &mut cache,
+            loaded.encoder.as_ref(),
+            &corpus.records,
+            Stage::Encode,
+            observer,
+        )?;
+        let sample = |i: usize| -> Option<Sample> {
+            keys.get(i).cloned().flatten().map(|key| Sample {
+                key,
+                caption: corpus.records[i].caption.clone(),
+            })
+        };
+        let clients = federation
+            .plan
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(c, shard)| ClientData {
+                id: ClientId(c as u32),
+                samples: shard.iter().filter_map(|&i| sample(i)).collect(),
+            })
+            .collect();
+        let splits = &federation.plan.splits;
+        let validation = splits
+            .validation
+            .iter()
+            .filter_map(|&i| sample(i))
+            .collect();
+        let test: Vec<Sample> = splits.test.iter().filter_map(|&i| sample(i)).collect();
+
+        // Domains in order of first appearance among the sources.
+        let mut names: Vec<String> = Vec::new();
+        for r in &corpus.records {
+            if !names.contains(&r.source) {
+                names.push(r.source.clone());
+            }
+        }
+        let domains: Vec<Domain> = names
+            .iter()
+            .map(|n| Domain {
+                name: n.clone(),
+                class_prompts: corpus.class_prompts(n).unwrap_or_default(),
+            })
+            .collect();
+        let items = splits
+            .test
+            .iter()
+            .filter_map(|&i| {
+                let record = &corpus.records[i];
+                Some(Item {
+                    id: record.id.clone(),
+                    sample: sample(i)?,
+                    domain: names.iter().position(|n| *n == record.source)?,
+                    label: record.label,
+                })
+            })
+            .collect();
+        let suite = Suite::new(domains, items, suite_config)?;
+        let backbones::Backbones {
+            decoder,
+            tokenizer,
+            encoder,
+        } = loaded;
+        Ok(Self {
+            scenario,
+            decoder: Arc::new(decoder),
+            tokenizer: Arc::new(tokenizer),
+            encoder_identity: encoder.identity(),
+            feature_dim: encoder.feature_dim(),
+            cache,
+            clients,
+            validation,
+            test,
+            suite,
+            template: CaptionTemplate::plain(),
+        })
+    }
+
+    /// A fresh projector (its initialisation depends on `seed` only).
+    pub fn projector(&self, kind: ProjectorKind, seed: u64) -> Result<Projector> {
+        Ok(Projector::new(
+            ProjectorConfig {
+                kind,
+                input_dim: self.feature_dim,
+                output_dim: self.decoder.config().hidden_size,
+                pool: 1,
+            },
+            seed,
+            DType::F32,
+            &Device::Cpu,
+        )?)
+    }
+
+    fn evaluator<'a>(&'a self, samples: &'a [Sample]) -> Evaluator<'a> {
+        Evaluator {
+            decoder: &self.decoder,
+            tokenizer: &self.tokenizer,
+            template: &self.template,
+            cache: &self.cache,
+            samples,
+            batch_size: 16,
+        }
+    }
+
+    /// Caption NLL on the validation split.
+    pub fn validator(&self) -> Evaluator<'_> {
+        self.evaluator(&self.validation)
+    }
+
+    /// Caption NLL on the test split.
+    pub fn tester(&self) -> Evaluator<'_> {
+        self.evaluator(&self.test)
+    }
+
+    /// The full suite's scorer.
+    pub fn scorer(&self) -> Scorer<'_> {
+        Scorer {
+            decoder: &self.decoder,
+            tokenizer: &self.tokenizer,
+            template: &self.template,
+            cache: &self.cache,
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! fedcmp-experiment: everything between a user's settings and trained,
+//! evaluated projectors, as a library that the `fedcmp` binary, the tests
+//! and a Python or site process call alike. It never prints: progress and
+//! results reach the caller as [`events`] and return values.
+//!
+//! - [`settings`]: run settings in two tiers, raw options merged from
+//!   flags, a TOML file and the environment, then resolved and validated
+//!   once ([`RunSettings`]);
+//! - [`assets`], [`backbones`], [`federation`]: fetching what a scenario
+//!   needs, loading the frozen backbones, building a scenario's federation
+//!   (with k-means concepts for unlabelled images);
+//! - [`assembly`]: a scenario assembled on its data and backbones
+//!   ([`Experiment`]: shards, held-out splits, feature cache, evaluation
+//!   suite);
+//! - [`training`]: the three kinds of training (federated, centralized,
+//!   local-only) through the one round loop;
+//! - [`pilot`]: single-source scenarios for quick centralized checks;
+//! - [`run_folder`]: a run's folder (pinned settings, metrics, checkpoints,
+//!   client states, resume, summary) and `fedcmp run` as a function;
+//! - [`compare`]: the comparison protocol (typed tuning grids, seeds,
+//!   resumable cells);
+//! - [`files`]: atomic writes and settings pinning, in one place.
+
+pub mod assembly;
+pub mod assets;
+pub mod backbones;
+pub mod compare;
+pub mod events;
+pub mod federation;
+pub mod files;
+pub mod pilot;
+pub mod run_folder;
+pub mod settings;
+pub mod training;
+
+use std::path::PathBuf;
+
+pub use assembly::Experiment;
+pub use events::{Event, Observer, Silent};
+pub use settings::{Layers, RunOptions, RunSettings, Training};
+
+/// Errors from preparing, running and recording experiments.
+#[derive(Debug, thiserror::Error)]
+pub enum ExperimentError {
+    #[error(transparent)]
+    Runtime(#[from] fedcmp_runtime::RuntimeError),
+    #[error(transparent)]
+    Model(#[from] fedcmp_model::ModelError),
+    #[error(transparent)]
+    Data(#[from] fedcmp_data::DataError),
+    #[error(transparent)]
+    Strategy(#[from] fedcmp_strategy::StrategyError),
+    #[error(transparent)]
+    Core(#[from] fedcmp_core::CoreError),
+    #[error(transparent)]
+    Assets(#[from] fedcmp_assets::AssetError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A setting with a bad value: the field, where it was set, and what
+    /// was expected.
+    #[error("{field} = {value} ({origin}): {reason}")]
+    Setting {
+        field: String,
+        value: String,
+        origin: String,
+        reason: String,
+    },
+    /// A file that is not what it should be (a config file that does not
+    /// parse, a folder made with other settings, ...).
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{context}: {source}")]
+    Context {
+        context: String,
+        #[source]
+        source: Box<ExperimentError>,
+    },
+}
+
+impl ExperimentError {
+    /// This error with what was being done when it happened.
+    pub fn context(self, context: impl Into<String>) -> Self {
+        Self::Context {
+            context: context.into(),
+            source: Box::new(self),
+        }
+    }
+}
+
+/// Shorthand used throughout the crate.
+pub type Result<T, E = ExperimentError> = std::result::Result<T, E>;
+
+/// An I/O error that names its path.
+pub(crate) fn io_error(
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> ExperimentError + '_ {
+    move |source| ExperimentError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}

@@ -1,0 +1,602 @@
+//! Run settings in two tiers.
+//!
+//! 1. [`RunOptions`]: raw options, every one optional, kebab-case keys,
+//!    unknown keys refused. They come in [`Layers`], lowest first: built-in
+//!    defaults of a command, a `--config` TOML file, `FEDCMP_*` environment
+//!    variables (`FEDCMP_LOCAL_STEPS=2` sets `local-steps`), command-line
+//!    flags. A higher layer overrides a lower one key by key.
+//! 2. [`RunSettings`]: the merged options resolved once, with defaults,
+//!    into typed values (non-zero counts, a strategy config, enums), each
+//!    checked with an error that names the key, its value and where it was
+//!    set.
+//!
+//! The resolved settings are written into every run folder as TOML in the
+//! same format ([`RunSettings::to_toml`]), so `--config <run>/settings.toml`
+//! repeats a run exactly, and `fedcmp show-config` prints them.
+//!
+//! ```toml
+//! scenario = "domain-silos"
+//! training = "federated"
+//! seed = 0
+//! local-steps = 4
+//! lr = 0.0003
+//!
+//! [strategy]
+//! name = "fed-cmp"
+//! energy = 0.9
+//! ```
+
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use fedcmp_model::projector::ProjectorKind;
+use fedcmp_strategy::config::StrategyConfig;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::backbones::{BackboneSettings, VisionChoice};
+use crate::{ExperimentError, Result};
+
+/// What kind of training a run does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrainingKind {
+    /// The scenario's clients with a strategy.
+    #[default]
+    Federated,
+    /// Every shard pooled into one client (the upper bound).
+    Centralized,
+    /// Every client alone on its shard (the lower bound).
+    LocalOnly,
+}
+
+/// Raw options: what a user may set, each optional (see the module
+/// header for where they come from).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RunOptions {
+    /// A built-in scenario (iid, concept-skew, domain-silos, cross-device)
+    /// or a scenario TOML file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scenario: Option<String>,
+    /// Cap every source of the scenario at this many records.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// federated, centralized or local-only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingKind>,
+    /// Seed of client sampling, dropouts, shuffles and initialisation (the
+    /// scenario's own seed fixes the data split).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Stop after this many rounds (default: one pass over every shard).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rounds: Option<u64>,
+    /// Local optimiser steps per round.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_steps: Option<usize>,
+    /// Samples per local step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate of the global warm-up + cosine schedule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// Share of the sample budget spent warming up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_ratio: Option<f64>,
+    /// Reset each client's AdamW moments every round.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reset_optimizer: Option<bool>,
+    /// Projector kind: linear or mlp2x_gelu.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub projector: Option<String>,
+    /// Validate the global projector every N rounds (and after the last).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_every: Option<u64>,
+    /// Save a server checkpoint every N rounds (and after the last).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<u64>,
+    /// Updates a round needs to be aggregated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<usize>,
+    /// Seconds a round waits for its clients (default: as long as they take).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub round_deadline: Option<f64>,
+    /// Rounds a client may fail in a row before it is retired.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure_limit: Option<u32>,
+    /// Decoder LLM: a .gguf file or a Hugging Face folder (default:
+    /// SmolLM2-135M from the registries).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llm: Option<PathBuf>,
+    /// Vision encoder: mobilenet-v2 or patch-means.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vision: Option<VisionChoice>,
+    /// Encoder input size in pixels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<usize>,
+    /// Folder for run folders.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out: Option<PathBuf>,
+    /// The strategy: a name, or a table with `name` and its options.
+    /// Last, since TOML tables follow plain keys.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strategy_by_name_or_table"
+    )]
+    pub strategy: Option<StrategyConfig>,
+}
+
+/// Every option key, in file order.
+pub const KEYS: [&str; 21] = [
+    "scenario",
+    "limit",
+    "training",
+    "seed",
+    "rounds",
+    "local-steps",
+    "batch-size",
+    "lr",
+    "warmup-ratio",
+    "reset-optimizer",
+    "projector",
+    "eval-every",
+    "checkpoint-every",
+    "quorum",
+    "round-deadline",
+    "failure-limit",
+    "llm",
+    "vision",
+    "image-size",
+    "out",
+    "strategy",
+];
+
+/// The environment variable that sets `key`.
+pub fn env_var(key: &str) -> String {
+    format!("FEDCMP_{}", key.to_uppercase().replace('-', "_"))
+}
+
+fn strategy_by_name_or_table<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<StrategyConfig>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Name(String),
+        Table(toml::Table),
+    }
+    let table = match Raw::deserialize(d)? {
+        Raw::Name(name) => {
+            toml::Table::from_iter([("name".to_string(), toml::Value::String(name))])
+        }
+        Raw::Table(t) => t,
+    };
+    StrategyConfig::deserialize(toml::Value::Table(table))
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// A strategy from a command-line value: a name (`fed-cmp`) or an inline
+/// TOML table (`{ name = "fed-cmp", energy = 0.9 }`).
+pub fn parse_strategy(text: &str) -> Result<StrategyConfig> {
+    let trimmed = text.trim();
+    let value: toml::Value = if trimmed.starts_with('{') {
+        toml::from_str::<toml::Table>(&format!("v = {trimmed}"))
+            .map_err(|e| bad_strategy(text, e))?
+            .remove("v")
+            .unwrap_or(toml::Value::Boolean(false))
+    } else {
+        toml::Value::String(trimmed.to_string())
+    };
+    let options = RunOptions::deserialize(toml::Value::Table(toml::Table::from_iter([(
+        "strategy".to_string(),
+        value,
+    )])))
+    .map_err(|e| bad_strategy(text, e))?;
+    options
+        .strategy
+        .ok_or_else(|| ExperimentError::Invalid(format!("no strategy in {text:?}")))
+}
+
+fn bad_strategy(text: &str, e: impl std::fmt::Display) -> ExperimentError {
+    ExperimentError::Invalid(format!(
+        "strategy {text:?} is not a strategy configuration ({e}); known names: {}",
+        fedcmp_strategy::config::NAMES.join(", ")
+    ))
+}
+
+/// Where a layer of options came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A command's own defaults (named).
+    Defaults(String),
+    /// A `--config` file.
+    File(PathBuf),
+    /// `FEDCMP_*` variables.
+    Environment,
+    /// Command-line flags.
+    Flags,
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    origin: Origin,
+    table: toml::Table,
+}
+
+/// Option layers, lowest first; see the module header.
+#[derive(Debug, Clone, Default)]
+pub struct Layers {
+    layers: Vec<Layer>,
+}
+
+fn to_table(options: &RunOptions) -> Result<toml::Table> {
+    toml::Table::try_from(options)
+        .map_err(|e| ExperimentError::Invalid(format!("cannot encode options: {e}")))
+}
+
+impl Layers {
+    /// No options at all (every setting at its default).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn push(mut self, origin: Origin, options: &RunOptions) -> Result<Self> {
+        let table = to_table(options)?;
+        self.layers.push(Layer { origin, table });
+        Ok(self)
+    }
+
+    /// A command's own defaults, `what` naming them in messages.
+    pub fn defaults(self, what: &str, options: &RunOptions) -> Result<Self> {
+        self.push(Origin::Defaults(what.to_string()), options)
+    }
+
+    /// A TOML settings file (a run folder's `settings.toml` is one).
+    pub fn file(self, path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(crate::io_error(path))?;
+        let options: RunOptions = toml::from_str(&text).map_err(|e| ExperimentError::File {
+            path: path.to_path_buf(),
+            message: format!("not a settings file: {e}"),
+        })?;
+        self.push(Origin::File(path.to_path_buf()), &options)
+    }
+
+    /// The `FEDCMP_<KEY>` variables among `vars` (others are ignored;
+    /// `FEDCMP_*` names that are no key draw a warning). A value is read as
+    /// a TOML value (`2`, `1e-3`, `true`, `{ name = "fed-cmp" }`), else as
+    /// a string.
+    pub fn environment(self, vars: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
+        let mut table = toml::Table::new();
+        for (var, text) in vars {
+            let Some(rest) = var.strip_prefix("FEDCMP_") else {
+                continue;
+            };
+            let key = rest.to_lowercase().replace('_', "-");
+            if !KEYS.contains(&key.as_str()) {
+                if var != "FEDCMP_CACHE_DIR" {
+                    tracing::warn!(%var, "not a setting; ignored (settings: FEDCMP_ + a key of `fedcmp show-config`)");
+                }
+                continue;
+            }
+            let parsed = toml::from_str::<toml::Table>(&format!("v = {text}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"));
+            let candidates = parsed
+                .into_iter()
+                .chain(std::iter::once(toml::Value::String(text.clone())));
+            let mut accepted = None;
+            let mut last_error = String::new();
+            for value in candidates {
+                let single = toml::Table::from_iter([(key.clone(), value.clone())]);
+                match RunOptions::deserialize(toml::Value::Table(single)) {
+                    Ok(_) => {
+                        accepted = Some(value);
+                        break;
+                    }
+                    Err(e) => last_error = e.to_string(),
+                }
+            }
+            let value = accepted.ok_or_else(|| ExperimentError::Setting {
+                field: key.clone(),
+                value: text.clone(),
+                origin: var.clone(),
+                reason: last_error,
+            })?;
+            table.insert(key, value);
+        }
+        let mut layers = self;
+        layers.layers.push(Layer {
+            origin: Origin::Environment,
+            table,
+        });
+        Ok(layers)
+    }
+
+    /// Command-line flags.
+    pub fn flags(self, options: &RunOptions) -> Result<Self> {
+        self.push(Origin::Flags, options)
+    }
+
+    /// The merged options (each key from the highest layer that sets it).
+    pub fn options(&self) -> Result<RunOptions> {
+        let mut merged = toml::Table::new();
+        for layer in &self.layers {
+            for (k, v) in &layer.table {
+                merged.insert(k.clone(), v.clone());
+            }
+        }
+        RunOptions::deserialize(toml::Value::Table(merged))
+            .map_err(|e| ExperimentError::Invalid(format!("merged settings: {e}")))
+    }
+
+    /// Where `key` was set, for messages: a flag, a variable, a file, a
+    /// command's defaults, or "default".
+    pub fn origin(&self, key: &str) -> String {
+        match self
+            .layers
+            .iter()
+            .rev()
+            .find(|l| l.table.contains_key(key))
+            .map(|l| &l.origin)
+        {
+            Some(Origin::Flags) => format!("--{key}"),
+            Some(Origin::Environment) => env_var(key),
+            Some(Origin::File(path)) => path.display().to_string(),
+            Some(Origin::Defaults(what)) => what.clone(),
+            None => "default".to_string(),
+        }
+    }
+
+    /// Refuses any of `keys` set in any layer, saying `why`.
+    pub fn refuse(&self, keys: &[&str], why: &str) -> Result<()> {
+        for key in keys {
+            if self.layers.iter().any(|l| l.table.contains_key(*key)) {
+                return Err(ExperimentError::Invalid(format!(
+                    "`{key}` (from {}) cannot be set here: {why}",
+                    self.origin(key)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a run trains.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Training {
+    Federated(StrategyConfig),
+    Centralized,
+    LocalOnly,
+}
+
+impl Training {
+    /// The method's name in run folders and reports: the strategy's name,
+    /// `centralized` or `local-only`.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Training::Federated(s) => s.name(),
+            Training::Centralized => "centralized",
+            Training::LocalOnly => "local-only",
+        }
+    }
+}
+
+/// How every client trains, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Recipe {
+    /// Stop after this many rounds (None: one pass over every shard).
+    pub rounds: Option<NonZeroU64>,
+    pub local_steps: NonZeroUsize,
+    pub batch_size: NonZeroUsize,
+    /// Peak learning rate of the global warm-up + cosine schedule.
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub reset_optimizer: bool,
+    pub projector: ProjectorKind,
+}
+
+/// How rounds are run and recorded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Protocol {
+    pub eval_every: NonZeroU64,
+    pub checkpoint_every: NonZeroU64,
+    pub quorum: NonZeroUsize,
+    pub round_deadline: Option<Duration>,
+    pub failure_limit: NonZeroU32,
+}
+
+/// Resolved, validated settings of one run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSettings {
+    pub scenario: String,
+    pub limit: Option<NonZeroUsize>,
+    pub training: Training,
+    pub seed: u64,
+    pub recipe: Recipe,
+    pub protocol: Protocol,
+    pub backbones: BackboneSettings,
+    pub out: PathBuf,
+}
+
+/// Checks one value, naming the key, its value and its origin on failure.
+struct Resolver<'a> {
+    layers: &'a Layers,
+}
+
+impl Resolver<'_> {
+    fn fail(&self, key: &str, value: impl std::fmt::Display, reason: &str) -> ExperimentError {
+        ExperimentError::Setting {
+            field: key.to_string(),
+            value: value.to_string(),
+            origin: self.layers.origin(key),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn count<T: TryFrom<u64> + Copy>(
+        &self,
+        key: &str,
+        value: Option<u64>,
+        default: u64,
+    ) -> Result<T> {
+        let v = value.unwrap_or(default);
+        if v == 0 {
+            return Err(self.fail(key, v, "must be at least 1"));
+        }
+        T::try_from(v).map_err(|_| self.fail(key, v, "is too large"))
+    }
+}
+
+impl RunSettings {
+    /// Resolves and validates merged `layers` (defaults where unset).
+    pub fn resolve(layers: &Layers) -> Result<Self> {
+        let o = layers.options()?;
+        let r = Resolver { layers };
+        let nz_usize = |key: &str, v: Option<usize>, default: u64| -> Result<NonZeroUsize> {
+            let n: usize = r.count(key, v.map(|x| x as u64), default)?;
+            NonZeroUsize::new(n).ok_or_else(|| r.fail(key, n, "must be at least 1"))
+        };
+        let nz_u64 = |key: &str, v: Option<u64>, default: u64| -> Result<NonZeroU64> {
+            let n: u64 = r.count(key, v, default)?;
+            NonZeroU64::new(n).ok_or_else(|| r.fail(key, n, "must be at least 1"))
+        };
+        let training = match (o.training.unwrap_or_default(), o.strategy) {
+            (TrainingKind::Federated, strategy) => {
+                let strategy = strategy.unwrap_or_default();
+                strategy
+                    .validate(1)
+                    .map_err(|e| r.fail("strategy", strategy.name(), &e.to_string()))?;
+                Training::Federated(strategy)
+            }
+            (kind, Some(strategy)) => {
+                let training = if kind == TrainingKind::Centralized {
+                    "centralized"
+                } else {
+                    "local-only"
+                };
+                return Err(r.fail(
+                    "strategy",
+                    strategy.name(),
+                    &format!(
+                        "{training} training ({}) has no server strategy; leave `strategy` unset",
+                        layers.origin("training")
+                    ),
+                ));
+            }
+            (TrainingKind::Centralized, None) => Training::Centralized,
+            (TrainingKind::LocalOnly, None) => Training::LocalOnly,
+        };
+        let lr = o.lr.unwrap_or(3e-4);
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(r.fail("lr", lr, "must be a positive number"));
+        }
+        let warmup_ratio = o.warmup_ratio.unwrap_or(0.03);
+        if !(0.0..1.0).contains(&warmup_ratio) {
+            return Err(r.fail("warmup-ratio", warmup_ratio, "must be in [0, 1)"));
+        }
+        let projector_text = o.projector.unwrap_or_else(|| "mlp2x_gelu".to_string());
+        let projector = ProjectorKind::from_str(&projector_text)
+            .map_err(|_| r.fail("projector", &projector_text, "must be linear or mlp2x_gelu"))?;
+        let round_deadline = match o.round_deadline {
+            None => None,
+            Some(s) if s.is_finite() && s > 0.0 => Some(Duration::from_secs_f64(s)),
+            Some(s) => {
+                return Err(r.fail("round-deadline", s, "must be a positive number of seconds"))
+            }
+        };
+        let failure_limit = o.failure_limit.unwrap_or(3);
+        let scenario = o.scenario.unwrap_or_else(|| "domain-silos".to_string());
+        if scenario.trim().is_empty() {
+            return Err(r.fail(
+                "scenario",
+                "\"\"",
+                "must name a scenario or a scenario file",
+            ));
+        }
+        Ok(Self {
+            scenario,
+            limit: o.limit.map(|l| nz_usize("limit", Some(l), 1)).transpose()?,
+            training,
+            seed: o.seed.unwrap_or(0),
+            recipe: Recipe {
+                rounds: o.rounds.map(|n| nz_u64("rounds", Some(n), 1)).transpose()?,
+                local_steps: nz_usize("local-steps", o.local_steps, 4)?,
+                batch_size: nz_usize("batch-size", o.batch_size, 8)?,
+                lr,
+                warmup_ratio,
+                reset_optimizer: o.reset_optimizer.unwrap_or(false),
+                projector,
+            },
+            protocol: Protocol {
+                eval_every: nz_u64("eval-every", o.eval_every, 5)?,
+                checkpoint_every: nz_u64("checkpoint-every", o.checkpoint_every, 5)?,
+                quorum: nz_usize("quorum", o.quorum, 1)?,
+                round_deadline,
+                failure_limit: NonZeroU32::new(failure_limit)
+                    .ok_or_else(|| r.fail("failure-limit", 0, "must be at least 1"))?,
+            },
+            backbones: BackboneSettings {
+                llm: o.llm,
+                vision: o.vision.unwrap_or_default(),
+                image_size: nz_usize("image-size", o.image_size, 112)?.get(),
+            },
+            out: o.out.unwrap_or_else(|| PathBuf::from("runs")),
+        })
+    }
+
+    /// The settings as options (every key that has a value), the inverse
+    /// of [`RunSettings::resolve`].
+    pub fn to_options(&self) -> RunOptions {
+        let (training, strategy) = match &self.training {
+            Training::Federated(s) => (TrainingKind::Federated, Some(s.clone())),
+            Training::Centralized => (TrainingKind::Centralized, None),
+            Training::LocalOnly => (TrainingKind::LocalOnly, None),
+        };
+        RunOptions {
+            scenario: Some(self.scenario.clone()),
+            limit: self.limit.map(NonZeroUsize::get),
+            training: Some(training),
+            seed: Some(self.seed),
+            rounds: self.recipe.rounds.map(NonZeroU64::get),
+            local_steps: Some(self.recipe.local_steps.get()),
+            batch_size: Some(self.recipe.batch_size.get()),
+            lr: Some(self.recipe.lr),
+            warmup_ratio: Some(self.recipe.warmup_ratio),
+            reset_optimizer: Some(self.recipe.reset_optimizer),
+            projector: Some(self.recipe.projector.to_string()),
+            eval_every: Some(self.protocol.eval_every.get()),
+            checkpoint_every: Some(self.protocol.checkpoint_every.get()),
+            quorum: Some(self.protocol.quorum.get()),
+            round_deadline: self.protocol.round_deadline.map(|d| d.as_secs_f64()),
+            failure_limit: Some(self.protocol.failure_limit.get()),
+            llm: self.backbones.llm.clone(),
+            vision: Some(self.backbones.vision),
+            image_size: Some(self.backbones.image_size),
+            out: Some(self.out.clone()),
+            strategy,
+        }
+    }
+
+    /// The settings as a TOML settings file (what run folders hold and
+    /// `--config` reads back).
+    pub fn to_toml(&self) -> Result<String> {
+        let body = toml::to_string(&self.to_options())
+            .map_err(|e| ExperimentError::Invalid(format!("cannot encode settings: {e}")))?;
+        Ok(format!(
+            "# fedcmp run settings, resolved: `fedcmp run --config <this file>` repeats the run.\n{body}"
+        ))
+    }
+
+    /// The keys set in `layers` with where each came from (for
+    /// `show-config`), in file order.
+    pub fn origins(layers: &Layers) -> Vec<(&'static str, String)> {
+        KEYS.iter()
+            .map(|k| (*k, layers.origin(k)))
+            .filter(|(_, o)| o != "default")
+            .collect()
+    }
+}

@@ -1,0 +1,336 @@
+//! The three kinds of training, all through the one round loop and the one
+//! client node:
+//!
+//! - federated: the scenario's clients and participation with a strategy,
+//!   simulated dropouts and stragglers wrapped around the in-process
+//!   transport;
+//! - centralized: every shard pooled into one client that takes part in
+//!   every round, with plain FedAvg steps (server lr 1: the global model is
+//!   the client's), so it trains with the same optimiser, schedule and
+//!   sample budget; this is the only centralized training loop;
+//! - local-only: every client alone on its shard, with its own schedule
+//!   over its own samples.
+
+use std::num::NonZeroU64;
+use std::path::Path;
+
+use fedcmp_core::{ClientId, ParamSet, WarmupCosine};
+use fedcmp_data::scenario::Participation;
+use fedcmp_model::optim::AdamWConfig;
+use fedcmp_runtime::checkpoint::{self, Checkpoint};
+use fedcmp_runtime::client::{ClientData, LocalConfig, LocalTrainer};
+use fedcmp_runtime::client_store::ClientStore;
+use fedcmp_runtime::convert::projector_params;
+use fedcmp_runtime::node::ClientNode;
+use fedcmp_runtime::round_loop::{
+    drive, CheckpointHook, LoopSummary, RoundLoopConfig, RoundLoopState, RoundRecord, Start,
+};
+use fedcmp_runtime::simulation::{RoundRng, Simulated, Unreliability};
+use fedcmp_runtime::transport::InProcess;
+use fedcmp_strategy::config::StrategyConfig;
+use fedcmp_strategy::Strategy;
+
+use crate::assembly::Experiment;
+use crate::settings::{RunSettings, Training};
+use crate::{ExperimentError, Result};
+
+/// One client holding every shard (the centralized reference).
+pub fn pooled(clients: &[ClientData]) -> ClientData {
+    ClientData {
+        id: ClientId(0),
+        samples: clients.iter().flat_map(|c| c.samples.clone()).collect(),
+    }
+}
+
+/// The samples a one-pass run consumes: every shard once.
+pub fn sample_budget(clients: &[ClientData]) -> u64 {
+    clients.iter().map(|c| c.samples.len() as u64).sum()
+}
+
+/// The clients a federated or centralized run trains, who takes part in
+/// each round, and the server strategy.
+pub fn federation_of(
+    experiment: &Experiment,
+    training: &Training,
+) -> Result<(Vec<ClientData>, Participation, StrategyConfig)> {
+    match training {
+        Training::Federated(strategy) => Ok((
+            experiment.clients.clone(),
+            experiment.scenario.participation.clone(),
+            strategy.clone(),
+        )),
+        Training::Centralized => Ok((
+            vec![pooled(&experiment.clients)],
+            Participation::default(),
+            StrategyConfig::default(),
+        )),
+        Training::LocalOnly => Err(ExperimentError::Invalid(
+            "local-only training has no federation; see train_local_only".into(),
+        )),
+    }
+}
+
+/// Clients sampled in a round out of `clients` under `participation`.
+pub fn clients_per_round(participation: &Participation, clients: usize) -> usize {
+    participation.clients_per_round.map_or_else(
+        || {
+            participation
+                .fraction
+                .map_or(clients, |f| (f * clients as f64).ceil() as usize)
+        },
+        |k| k.get(),
+    )
+}
+
+/// How every client of `settings` trains locally.
+pub fn local_config(settings: &RunSettings) -> LocalConfig {
+    LocalConfig {
+        local_steps: settings.recipe.local_steps.get(),
+        batch_size: settings.recipe.batch_size.get(),
+        epochs: 1,
+        reset_optimizer: settings.recipe.reset_optimizer,
+        adamw: AdamWConfig::default(),
+        seed: settings.seed,
+    }
+}
+
+/// The round loop's settings for `participation` over `budget` samples.
+pub fn round_loop_config(
+    settings: &RunSettings,
+    participation: &Participation,
+    budget: u64,
+) -> RoundLoopConfig {
+    let protocol = &settings.protocol;
+    RoundLoopConfig {
+        max_rounds: settings.recipe.rounds.map_or(u64::MAX, NonZeroU64::get),
+        clients_per_round: participation.clients_per_round.map(|k| k.get()),
+        fraction: participation.fraction,
+        min_clients: participation.min_clients,
+        eval_every: protocol.eval_every.get(),
+        schedule: WarmupCosine {
+            peak_lr: settings.recipe.lr,
+            total_samples: budget.max(1),
+            warmup_ratio: settings.recipe.warmup_ratio,
+        },
+        quorum: protocol.quorum.get(),
+        deadline: protocol.round_deadline,
+        failure_limit: protocol.failure_limit.get(),
+    }
+}
+
+/// The simulated unreliability of `participation`: a straggler completes
+/// half its local steps, rounded up.
+pub fn unreliability(settings: &RunSettings, participation: &Participation) -> Unreliability {
+    Unreliability {
+        dropout: participation.dropout,
+        stragglers: participation.stragglers,
+        straggler_steps: settings.recipe.local_steps.get().div_ceil(2) as u32,
+    }
+}
+
+/// Rounds until the largest shard is consumed under full participation,
+/// or until the budget is consumed at partial participation, capped by
+/// the configured rounds: an estimate for progress bars.
+pub fn estimate_rounds(settings: &RunSettings, shard_sizes: &[usize], per_round: usize) -> u64 {
+    let per_client_round =
+        (settings.recipe.local_steps.get() * settings.recipe.batch_size.get()) as u64;
+    let budget: u64 = shard_sizes.iter().map(|s| *s as u64).sum();
+    let longest = shard_sizes.iter().max().copied().unwrap_or(0) as u64;
+    longest
+        .div_ceil(per_client_round)
+        .max(budget.div_ceil(per_client_round * per_round.max(1) as u64))
+        .min(settings.recipe.rounds.map_or(u64::MAX, NonZeroU64::get))
+}
+
+/// Where a run keeps what it needs to resume: server checkpoints and one
+/// state folder per client.
+#[derive(Debug)]
+pub struct Storage<'a> {
+    pub checkpoints: &'a Path,
+    /// Holds `client-<id>/` folders.
+    pub clients: &'a Path,
+    /// Save a server checkpoint every this many rounds (and after the last).
+    pub every: u64,
+    /// Resume from this checkpoint (the clients restore their own states
+    /// as of its round).
+    pub resume: Option<Checkpoint>,
+}
+
+/// A client's state folder under `clients`.
+pub fn client_store(clients: &Path, id: ClientId) -> Result<ClientStore> {
+    Ok(ClientStore::open(
+        clients.join(format!("client-{:04}", id.0)),
+        id,
+    )?)
+}
+
+/// One finished federated or centralized training.
+#[derive(Debug)]
+pub struct Trained {
+    pub summary: LoopSummary,
+    /// The records of the rounds run in this call.
+    pub records: Vec<RoundRecord>,
+    /// Validation NLL of the final projector.
+    pub val_nll: f64,
+}
+
+/// Trains one projector, federated or centralized, as `settings` say;
+/// with `storage`, checkpointing (and resuming) on disk. `observe` sees
+/// every round.
+pub fn train(
+    experiment: &Experiment,
+    settings: &RunSettings,
+    storage: Option<Storage<'_>>,
+    observe: &mut dyn FnMut(&RoundRecord),
+) -> Result<Trained> {
+    let (clients, participation, strategy_config) = federation_of(experiment, &settings.training)?;
+    let budget = sample_budget(&clients);
+    if budget == 0 {
+        return Err(ExperimentError::Invalid(format!(
+            "scenario {} leaves no training sample",
+            experiment.scenario.name
+        )));
+    }
+    let mut strategy = strategy_config.build(clients.len())?;
+    let local = local_config(settings);
+    let kind = settings.recipe.projector;
+    let trainer = LocalTrainer::new(
+        experiment.decoder.clone(),
+        experiment.tokenizer.clone(),
+        experiment.template.clone(),
+        experiment.projector(kind, settings.seed)?,
+        local,
+    )?;
+    let nodes = clients
+        .into_iter()
+        .map(|data| {
+            let store = storage
+                .as_ref()
+                .map(|s| client_store(s.clients, data.id))
+                .transpose()?;
+            Ok(ClientNode::new(data, &local, store))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let rng = RoundRng::new(settings.seed);
+    let mut transport = Simulated::new(
+        InProcess::new(trainer, &experiment.cache, nodes),
+        rng.clone(),
+        unreliability(settings, &participation),
+    )?;
+    let work = experiment.projector(kind, settings.seed)?;
+    let validator = experiment.validator();
+    let (start, hook_dir, every) = match storage {
+        Some(Storage {
+            checkpoints,
+            every,
+            resume,
+            ..
+        }) => {
+            let start = match resume {
+                Some(saved) => {
+                    strategy.load_state(saved.strategy)?;
+                    Start::Resume(saved.round_loop)
+                }
+                None => Start::Fresh(projector_params(&work)?),
+            };
+            (start, Some(checkpoints), every)
+        }
+        None => (Start::Fresh(projector_params(&work)?), None, 1),
+    };
+    let mut save =
+        |state: &RoundLoopState, strategy: &dyn Strategy| -> fedcmp_runtime::Result<()> {
+            match hook_dir {
+                Some(dir) => checkpoint::save(
+                    dir,
+                    &Checkpoint {
+                        round_loop: state.clone(),
+                        strategy: strategy.state(),
+                    },
+                )
+                .map(|_| ()),
+                None => Ok(()),
+            }
+        };
+    let mut records = Vec::new();
+    let summary = drive(
+        &round_loop_config(settings, &participation, budget),
+        &rng,
+        strategy.as_mut(),
+        &mut transport,
+        start,
+        &mut |p: &ParamSet| validator.nll_of(&work, p),
+        &mut |r| {
+            observe(r);
+            records.push(r.clone());
+        },
+        hook_dir.map(|_| CheckpointHook {
+            every,
+            save: &mut save,
+        }),
+    )?;
+    let val_nll = match summary.final_val_loss {
+        Some(v) => v,
+        None => validator.nll_of(&work, &summary.final_params)?,
+    };
+    Ok(Trained {
+        summary,
+        records,
+        val_nll,
+    })
+}
+
+/// One client's result in the local-only reference.
+#[derive(Debug, Clone)]
+pub struct LocalOnlyClient {
+    pub client: ClientId,
+    /// Samples it consumed.
+    pub samples: u64,
+    pub params: ParamSet,
+}
+
+/// The local-only reference: every client trains alone on its shard (its
+/// own schedule over its own samples); `done` after each client.
+pub fn train_local_only(
+    experiment: &Experiment,
+    settings: &RunSettings,
+    done: &mut dyn FnMut(ClientId),
+) -> Result<Vec<LocalOnlyClient>> {
+    let mut out = Vec::new();
+    let local = local_config(settings);
+    let kind = settings.recipe.projector;
+    for client in &experiment.clients {
+        let id = client.id;
+        let size = client.samples.len() as u64;
+        let trainer = LocalTrainer::new(
+            experiment.decoder.clone(),
+            experiment.tokenizer.clone(),
+            experiment.template.clone(),
+            experiment.projector(kind, settings.seed)?,
+            local,
+        )?;
+        let node = ClientNode::new(client.clone(), &local, None);
+        let mut transport = InProcess::new(trainer, &experiment.cache, vec![node]);
+        let mut strategy = StrategyConfig::default().build(1)?;
+        let mut config = round_loop_config(settings, &Participation::default(), size);
+        config.eval_every = u64::MAX;
+        let summary = drive(
+            &config,
+            &RoundRng::new(settings.seed),
+            strategy.as_mut(),
+            &mut transport,
+            Start::Fresh(projector_params(
+                &experiment.projector(kind, settings.seed)?,
+            )?),
+            &mut |_| Ok(f64::NAN),
+            &mut |_| {},
+            None,
+        )?;
+        out.push(LocalOnlyClient {
+            client: id,
+            samples: summary.samples_total,
+            params: summary.final_params,
+        });
+        done(id);
+    }
+    Ok(out)
+}

@@ -1,0 +1,138 @@
+//! A client node: one client's private shard, its state between rounds and
+//! (optionally) its own state store, answering the server's round tasks
+//! and status queries. The in-process transport holds one node per
+//! simulated client; a deployed site runs exactly one, behind whatever
+//! carries the tasks to it.
+//!
+//! A node's state is always "as of" a round: the state after the newest
+//! round (at or before it) in which the node trained. A task for round r
+//! trains from the state as of r - 1; a status query for round R reports
+//! from the state as of R. In memory the node keeps its newest state; it
+//! reads its store when asked about an earlier round (a resumed server) or
+//! when it starts cold with a store that has states.
+//!
+//! A task that fails (an error while training) leaves the node's state as
+//! it was: training works on a copy, committed (and saved) only on success.
+
+use fedcmp_core::{ClientId, ClientReply, ClientStatus, RoundTask};
+use fedcmp_data::cache::FeatureCache;
+
+use crate::client::{ClientData, ClientState, LocalConfig, LocalTrainer};
+use crate::client_store::ClientStore;
+use crate::{Result, RuntimeError};
+
+/// One client: its data, its state, its store.
+#[derive(Debug)]
+pub struct ClientNode {
+    data: ClientData,
+    /// Seed of the shard's shuffles (the run's seed).
+    seed: u64,
+    /// Passes over the shard.
+    epochs: u32,
+    /// The newest state in memory and the round it is as of; None until
+    /// first needed (a node with a store may have saved states).
+    state: Option<(u64, ClientState)>,
+    store: Option<ClientStore>,
+}
+
+impl ClientNode {
+    /// A node over `data`, shuffled and passed over as `local` says; with a
+    /// store, it saves its state after every round it trains and resumes
+    /// from it.
+    pub fn new(data: ClientData, local: &LocalConfig, store: Option<ClientStore>) -> Self {
+        Self {
+            data,
+            seed: local.seed,
+            epochs: local.epochs,
+            state: None,
+            store,
+        }
+    }
+
+    /// The client's id.
+    pub fn id(&self) -> ClientId {
+        self.data.id
+    }
+
+    /// Brings the in-memory state to "as of `round`" and returns it.
+    fn state_as_of(&mut self, round: u64) -> Result<&ClientState> {
+        let current = matches!(&self.state, Some((as_of, _)) if *as_of <= round);
+        if !current {
+            let loaded = match &self.store {
+                Some(store) => store.load_as_of(round)?,
+                None if self.state.is_some() => {
+                    return Err(RuntimeError::Config(format!(
+                        "client {} holds its state after round {}; it has no store to go \
+                         back to round {round}",
+                        self.data.id.0,
+                        self.state.as_ref().map_or(0, |(r, _)| *r)
+                    )))
+                }
+                None => None,
+            };
+            let (as_of, state) = match loaded {
+                Some((as_of, state)) => {
+                    if state.order.len() != self.data.samples.len() {
+                        return Err(RuntimeError::Config(format!(
+                            "client {}: its saved state covers {} samples, its shard has {}",
+                            self.data.id.0,
+                            state.order.len(),
+                            self.data.samples.len()
+                        )));
+                    }
+                    (as_of, state)
+                }
+                None => (0, ClientState::new(&self.data, self.seed)),
+            };
+            self.state = Some((as_of, state));
+        }
+        match &self.state {
+            Some((_, state)) => Ok(state),
+            None => Err(RuntimeError::Config("client state missing".into())),
+        }
+    }
+
+    fn status_of(&self, state: &ClientState) -> ClientStatus {
+        ClientStatus {
+            client: self.data.id,
+            samples_left: state.samples_left(self.data.samples.len(), self.epochs),
+            consumed: state.consumed,
+        }
+    }
+
+    /// What the client has as of the end of `round`.
+    pub fn status(&mut self, round: u64) -> Result<ClientStatus> {
+        let state = self.state_as_of(round)?.clone();
+        Ok(self.status_of(&state))
+    }
+
+    /// Trains for one round task with `trainer` and answers it.
+    pub fn handle(
+        &mut self,
+        trainer: &mut LocalTrainer,
+        cache: &FeatureCache,
+        task: &RoundTask,
+    ) -> Result<ClientReply> {
+        if task.client() != self.data.id {
+            return Err(RuntimeError::Config(format!(
+                "a task for client {} reached client {}",
+                task.client().0,
+                self.data.id.0
+            )));
+        }
+        let round = task.round();
+        let mut working = self.state_as_of(round.saturating_sub(1))?.clone();
+        let update = trainer.train(cache, &self.data, &mut working, task)?;
+        let status = self.status_of(&working);
+        if update.is_some() {
+            if let Some(store) = &self.store {
+                store.save(round, &working)?;
+                if let Some(checkpointed) = task.checkpointed_round {
+                    store.prune(checkpointed)?;
+                }
+            }
+            self.state = Some((round, working));
+        }
+        Ok(ClientReply { status, update })
+    }
+}
