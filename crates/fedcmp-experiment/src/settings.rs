@@ -233,9 +233,32 @@ pub struct Layers {
     layers: Vec<Layer>,
 }
 
-fn to_table(options: &RunOptions) -> Result<toml::Table> {
+/// The options as a TOML table. TOML integers are signed 64-bit: a
+/// larger value is refused here, naming its key.
+fn to_table(options: &RunOptions, origin: &Origin) -> Result<toml::Table> {
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(options) {
+        for (key, value) in fields {
+            if value.as_u64().is_some_and(|v| v > i64::MAX as u64) {
+                return Err(ExperimentError::Setting {
+                    origin: origin_text(origin, &key),
+                    field: key,
+                    value: value.to_string(),
+                    reason: format!("must be at most {} (a TOML integer)", i64::MAX),
+                });
+            }
+        }
+    }
     toml::Table::try_from(options)
         .map_err(|e| ExperimentError::Invalid(format!("cannot encode options: {e}")))
+}
+
+fn origin_text(origin: &Origin, key: &str) -> String {
+    match origin {
+        Origin::Flags => format!("--{key}"),
+        Origin::Environment => env_var(key),
+        Origin::File(path) => path.display().to_string(),
+        Origin::Defaults(what) => what.clone(),
+    }
 }
 
 impl Layers {
@@ -245,7 +268,7 @@ impl Layers {
     }
 
     fn push(mut self, origin: Origin, options: &RunOptions) -> Result<Self> {
-        let table = to_table(options)?;
+        let table = to_table(options, &origin)?;
         self.layers.push(Layer { origin, table });
         Ok(self)
     }
@@ -336,19 +359,11 @@ impl Layers {
     /// Where `key` was set, for messages: a flag, a variable, a file, a
     /// command's defaults, or "default".
     pub fn origin(&self, key: &str) -> String {
-        match self
-            .layers
+        self.layers
             .iter()
             .rev()
             .find(|l| l.table.contains_key(key))
-            .map(|l| &l.origin)
-        {
-            Some(Origin::Flags) => format!("--{key}"),
-            Some(Origin::Environment) => env_var(key),
-            Some(Origin::File(path)) => path.display().to_string(),
-            Some(Origin::Defaults(what)) => what.clone(),
-            None => "default".to_string(),
-        }
+            .map_or_else(|| "default".to_string(), |l| origin_text(&l.origin, key))
     }
 
     /// Refuses any of `keys` set in any layer, saying `why`.

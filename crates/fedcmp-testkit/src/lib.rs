@@ -119,3 +119,28 @@ partition = { kind = "iid" }
     )?;
     Ok(TinyWorld { gguf, scenario })
 }
+
+/// A feature key that no other cache holds (encoded in a cache of its own
+/// under a fresh folder): a client whose samples carry it fails every round
+/// it trains, as a site with a corrupt feature store would.
+pub fn missing_feature_key() -> Result<fedcmp_data::cache::FeatureKey> {
+    use fedcmp_data::cache::FeatureCache;
+    use fedcmp_data::preprocess::Preprocess;
+    use fedcmp_model::vision::patch_means::PatchMeans;
+    let dir = std::env::temp_dir().join(format!(
+        "fedcmp-missing-key-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let encoder = PatchMeans::new(8)?;
+    let mut cache = FeatureCache::open(&dir, &encoder, Preprocess::square(8, [0.5; 3], [0.25; 3]))?;
+    let record = grey_record(99, 90, "elsewhere", None, "other");
+    let report = cache.ensure(&[record], &encoder, 1, &mut |_| {})?;
+    let _ = std::fs::remove_dir_all(&dir);
+    report
+        .keys
+        .into_iter()
+        .flatten()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("the stand-in image was not encoded"))
+}

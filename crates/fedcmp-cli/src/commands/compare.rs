@@ -11,17 +11,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, Parser};
 use fedcmp_assets::cache_root;
-use fedcmp_core::metrics::names;
 use fedcmp_data::scenario::built_in_names;
-use fedcmp_experiment::compare::{
-    self, Cell, Comparison, Method, Plan, CRA_ALIGNMENT_MEAN, PER_CELL_KEYS,
-};
+use fedcmp_experiment::compare::{self, Cell, Comparison, Method, Plan, PER_CELL_KEYS};
 use fedcmp_experiment::files::write_atomic;
 use fedcmp_experiment::settings::RunOptions;
 use fedcmp_experiment::RunSettings;
-use fedcmp_runtime::suite::{recovery, SuiteConfig};
+use fedcmp_runtime::suite::SuiteConfig;
 
-use super::report::{markdown_table, mean_std};
+use fedcmp_experiment::compare::summary::{Measure, Summary};
+
+use super::report::markdown_table;
 use crate::args::{layers, RecipeArgs};
 use crate::progress::Progress;
 
@@ -150,23 +149,13 @@ pub fn run(cache_dir: Option<PathBuf>, args: &CompareArgs) -> Result<()> {
     let comparison = compare::run(&root, &template, &plan, &progress)?;
     progress.finish();
     write_report(&root, args, &template, &plan, &comparison)?;
-    print!("{}", summary_table(&comparison.reported));
+    print!("{}", summary_table(&comparison.reported, &plan.methods));
     println!(
         "{} cells; the full report (report.md), every number (results.json) and plots are in {}",
         comparison.reported.len(),
         plan.out.display()
     );
     Ok(())
-}
-
-fn metric(cell: &Cell, what: &str) -> Option<f64> {
-    let s = cell.suite.as_ref()?;
-    match what {
-        "nll" => Some(s.macro_nll),
-        "zero-shot" => s.macro_zero_shot_accuracy,
-        "r1" => s.macro_retrieval_r1,
-        _ => None,
-    }
 }
 
 fn write_report(
@@ -179,47 +168,15 @@ fn write_report(
     let cells = &comparison.reported;
     let minutes = comparison.minutes;
     let recipe = &template.recipe;
-    let scenarios: Vec<String> = {
-        let mut v: Vec<String> = Vec::new();
-        for c in cells {
-            if !v.contains(&c.scenario) {
-                v.push(c.scenario.clone());
-            }
-        }
-        v
-    };
-    let methods: Vec<String> = plan
-        .methods
-        .iter()
-        .map(|m| m.name().to_string())
-        .filter(|m| cells.iter().any(|c| &c.method == m))
-        .collect();
-    let values = |what: &'static str| {
-        move |m: &str, s: &str| -> Vec<f64> {
-            cells
-                .iter()
-                .filter(|c| c.method == m && c.scenario == s)
-                .filter_map(|c| metric(c, what))
-                .collect()
-        }
-    };
-    let mean_of = |m: &str, s: &str| mean_std(&values("nll")(m, s)).map(|x| x.0);
-    let recovery_of = |m: &str, s: &str| -> Vec<f64> {
-        let (Some(init), Some(central)) = (mean_of("init", s), mean_of("centralized", s)) else {
-            return Vec::new();
-        };
-        values("nll")(m, s)
-            .into_iter()
-            .filter_map(|v| recovery(init, v, central))
-            .collect()
-    };
+    let summary = Summary { cells };
+    let scenarios = summary.scenarios();
+    let methods = summary.methods(&plan.methods);
     let federated = |m: &str| Method::parse(m).is_ok_and(|m| !m.is_reference());
-    let mut md = String::new();
-    md.push_str(&format!(
+    let mut md = format!(
         "# Comparison\n\nScenarios: {}. Seeds: {}. Grid: {} setting(s) per method, chosen on \
          validation NLL with seed 0. Recipe: {} local steps x batch {}, peak lr {}, {}. \
          Sources capped at {} records. Took {minutes:.1} min for the cells run in this \
-         invocation.\n\nBest federated method per scenario in bold (references never are).\n\n",
+         invocation.\n\nBest federated method per scenario in bold (references never are).\n",
         scenarios.join(", "),
         plan.seeds,
         plan.grid,
@@ -234,49 +191,12 @@ fn write_report(
         template
             .limit
             .map_or("no cap".to_string(), |l| l.to_string()),
-    ));
-    md.push_str("## Test caption NLL per token (macro over domains; lower is better)\n\n");
-    md.push_str(&markdown_table(
-        "method",
-        &scenarios,
-        &methods,
-        &values("nll"),
-        &federated,
-        true,
-        4,
-    ));
-    md.push_str(
-        "\n## Recovery of the centralized gain, (init - method) / (init - centralized)\n\n",
     );
-    md.push_str(&markdown_table(
-        "method",
-        &scenarios,
-        &methods,
-        &recovery_of,
-        &federated,
-        false,
-        3,
-    ));
-    md.push_str("\n## Zero-shot classification accuracy (macro over labelled domains)\n\n");
-    md.push_str(&markdown_table(
-        "method",
-        &scenarios,
-        &methods,
-        &values("zero-shot"),
-        &federated,
-        false,
-        3,
-    ));
-    md.push_str("\n## Image-to-caption retrieval R@1 (macro over domains)\n\n");
-    md.push_str(&markdown_table(
-        "method",
-        &scenarios,
-        &methods,
-        &values("r1"),
-        &federated,
-        false,
-        3,
-    ));
+    for measure in Measure::ALL {
+        md.push_str(&format!("\n## {}\n\n", measure.title()));
+        md.push_str(&markdown_table(&summary, measure, &methods));
+    }
+    let methods: Vec<String> = methods.iter().map(|m| m.name().to_string()).collect();
     md.push_str("\n## Chosen settings (seed-0 validation NLL)\n\n| scenario | method | setting |\n|---|---|---|\n");
     for s in &scenarios {
         for m in methods.iter().filter(|m| federated(m)) {
@@ -337,27 +257,7 @@ fn write_report(
     )?;
     if !args.no_plots {
         for s in &scenarios {
-            // Every curve starts at the untrained projector (same seed, same
-            // initialisation) when init is in the comparison.
-            let start = cells
-                .iter()
-                .find(|c| &c.scenario == s && c.method == "init" && c.seed == 0)
-                .map(|c| (0.0, c.val_nll));
-            let curves: Vec<(String, Vec<(f64, f64)>)> = methods
-                .iter()
-                .filter_map(|m| {
-                    let c = cells
-                        .iter()
-                        .find(|c| &c.scenario == s && &c.method == m && c.seed == 0)?;
-                    (!c.curve.is_empty()).then(|| {
-                        let points = start
-                            .into_iter()
-                            .chain(c.curve.iter().map(|(x, y)| (*x as f64, *y)))
-                            .collect();
-                        (m.clone(), points)
-                    })
-                })
-                .collect();
+            let curves = summary.curves(s, &plan.methods);
             super::plot::line_chart(
                 root,
                 &plan.out.join(format!("curves-{s}.png")),
@@ -366,29 +266,7 @@ fn write_report(
                 "NLL per token",
                 &curves,
             )?;
-            let mut diag: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-            for m in methods.iter().filter(|m| federated(m)) {
-                let Some(c) = cells
-                    .iter()
-                    .find(|c| &c.scenario == s && &c.method == m && c.seed == 0)
-                else {
-                    continue;
-                };
-                for (key, label) in [
-                    (names::COSINE_MEAN, "client cosine"),
-                    (names::CRA_RHO_MEAN, "rho"),
-                    (CRA_ALIGNMENT_MEAN, "e_k"),
-                ] {
-                    let points: Vec<(f64, f64)> = c
-                        .diagnostics
-                        .iter()
-                        .filter_map(|d| Some((*d.get("round")?, *d.get(key)?)))
-                        .collect();
-                    if !points.is_empty() && (key == names::COSINE_MEAN || m == "fed-cmp") {
-                        diag.push((format!("{m} {label}"), points));
-                    }
-                }
-            }
+            let diag = summary.interference(s, &plan.methods);
             super::plot::line_chart(
                 root,
                 &plan.out.join(format!("interference-{s}.png")),
@@ -402,42 +280,26 @@ fn write_report(
     Ok(())
 }
 
-/// One line per scenario and method: test NLL, recovery, zero-shot
-/// accuracy and R@1, means over seeds.
-pub fn summary_table(cells: &[Cell]) -> String {
-    let mut keys: Vec<(String, String)> = Vec::new();
-    for c in cells {
-        let k = (c.scenario.clone(), c.method.clone());
-        if !keys.contains(&k) {
-            keys.push(k);
-        }
+/// One line per scenario and method: every measure's mean over seeds.
+pub fn summary_table(cells: &[Cell], methods: &[Method]) -> String {
+    let summary = Summary { cells };
+    let mut out = format!("{:<14} {:<12}", "scenario", "method");
+    for m in Measure::ALL {
+        out.push_str(&format!(" {:>10}", m.label()));
     }
-    let mean = |s: &str, m: &str, what: &str| {
-        let v: Vec<f64> = cells
-            .iter()
-            .filter(|c| c.scenario == s && c.method == m)
-            .filter_map(|c| metric(c, what))
-            .collect();
-        mean_std(&v).map(|x| x.0)
-    };
-    let fmt = |v: Option<f64>, d: usize| v.map_or("-".to_string(), |x| format!("{x:.d$}"));
-    let mut out = format!(
-        "{:<14} {:<12} {:>9} {:>9} {:>10} {:>6}\n",
-        "scenario", "method", "test NLL", "recovery", "zero-shot", "R@1"
-    );
-    for (s, m) in &keys {
-        let nll = mean(s, m, "nll");
-        let rec = match (mean(s, "init", "nll"), mean(s, "centralized", "nll"), nll) {
-            (Some(i), Some(c), Some(v)) => recovery(i, v, c),
-            _ => None,
-        };
-        out.push_str(&format!(
-            "{s:<14} {m:<12} {:>9} {:>9} {:>10} {:>6}\n",
-            fmt(nll, 4),
-            fmt(rec, 3),
-            fmt(mean(s, m, "zero-shot"), 3),
-            fmt(mean(s, m, "r1"), 3)
-        ));
+    out.push('\n');
+    for s in summary.scenarios() {
+        for m in summary.methods(methods) {
+            out.push_str(&format!("{s:<14} {:<12}", m.name()));
+            for measure in Measure::ALL {
+                let digits = measure.digits();
+                let value = summary
+                    .mean(measure, &s, m)
+                    .map_or("-".to_string(), |x| format!("{x:.digits$}"));
+                out.push_str(&format!(" {value:>10}"));
+            }
+            out.push('\n');
+        }
     }
     out
 }

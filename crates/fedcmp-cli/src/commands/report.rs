@@ -1,9 +1,11 @@
 //! Renderers for evaluation results: the per-domain suite table printed by
-//! `run` and the main job, and `compare`'s Markdown tables (methods x
-//! scenarios, mean +- std over seeds, best in bold).
+//! `run` and `align`, and `compare`'s Markdown tables (methods x
+//! scenarios, mean ± std over seeds, best in bold).
 
 use std::fmt::Write as _;
 
+use fedcmp_experiment::compare::summary::{mean_std, Measure, Summary};
+use fedcmp_experiment::compare::Method;
 use fedcmp_runtime::suite::SuiteReport;
 
 fn cell(v: Option<f64>, digits: usize) -> String {
@@ -75,65 +77,28 @@ pub fn suite_table(columns: &[(&str, &SuiteReport)]) -> String {
     out
 }
 
-/// Mean and sample standard deviation (0 for one value); None when empty.
-pub fn mean_std(values: &[f64]) -> Option<(f64, f64)> {
-    let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
-    let n = finite.len();
-    if n == 0 {
-        return None;
+/// A Markdown table of `measure`: methods x scenarios, each cell the
+/// values over seeds as "mean ± std", the best federated method per
+/// scenario in bold (references never are).
+pub fn markdown_table(summary: &Summary<'_>, measure: Measure, methods: &[Method]) -> String {
+    let scenarios = summary.scenarios();
+    let digits = measure.digits();
+    let mut out = String::from("| method |");
+    for s in &scenarios {
+        let _ = write!(out, " {s} |");
     }
-    let mean = finite.iter().sum::<f64>() / n as f64;
-    let var = if n > 1 {
-        finite.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64
-    } else {
-        0.0
-    };
-    Some((mean, var.sqrt()))
-}
-
-/// A Markdown table: `rows` x `cols`, each cell the values over seeds as
-/// "mean +- std"; per column the best row among `contenders` (lowest when
-/// `lower_is_better`) in bold.
-pub fn markdown_table(
-    title: &str,
-    cols: &[String],
-    rows: &[String],
-    values: &dyn Fn(&str, &str) -> Vec<f64>,
-    contenders: &dyn Fn(&str) -> bool,
-    lower_is_better: bool,
-    digits: usize,
-) -> String {
-    let mut out = format!("| {title} |");
-    for c in cols {
-        let _ = write!(out, " {c} |");
-    }
+    out.push_str("\n|---|");
+    out.push_str(&"---|".repeat(scenarios.len()));
     out.push('\n');
-    out.push_str("|---|");
-    for _ in cols {
-        out.push_str("---|");
-    }
-    out.push('\n');
-    let best: Vec<Option<f64>> = cols
-        .iter()
-        .map(|c| {
-            rows.iter()
-                .filter(|r| contenders(r))
-                .filter_map(|r| mean_std(&values(r, c)).map(|m| m.0))
-                .fold(None, |acc: Option<f64>, v| match acc {
-                    None => Some(v),
-                    Some(a) if (lower_is_better && v < a) || (!lower_is_better && v > a) => Some(v),
-                    keep => keep,
-                })
-        })
-        .collect();
-    for r in rows {
-        let _ = write!(out, "| {r} |");
-        for (c, best) in cols.iter().zip(&best) {
-            match mean_std(&values(r, c)) {
+    for m in methods {
+        let _ = write!(out, "| {m} |");
+        for s in &scenarios {
+            match mean_std(&summary.values(measure, s, *m)) {
                 None => out.push_str(" - |"),
-                Some((m, s)) => {
-                    let text = format!("{m:.digits$} ± {s:.digits$}");
-                    if contenders(r) && best.is_some_and(|b| b == m) {
+                Some((mean, sd)) => {
+                    let text = format!("{mean:.digits$} ± {sd:.digits$}");
+                    let best = summary.best(measure, s, methods);
+                    if !m.is_reference() && best == Some(mean) {
                         let _ = write!(out, " **{text}** |");
                     } else {
                         let _ = write!(out, " {text} |");
@@ -144,29 +109,4 @@ pub fn markdown_table(
         out.push('\n');
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mean_std_and_bold_best() {
-        assert_eq!(mean_std(&[]), None);
-        assert_eq!(mean_std(&[2.0]), Some((2.0, 0.0)));
-        let (m, s) = mean_std(&[1.0, 3.0]).unwrap_or((0.0, 0.0));
-        assert!((m - 2.0).abs() < 1e-12 && (s - 2f64.sqrt()).abs() < 1e-12);
-        let cols = vec!["s1".to_string()];
-        let rows = vec!["a".to_string(), "b".to_string(), "ref".to_string()];
-        let values = |r: &str, _c: &str| match r {
-            "a" => vec![2.0, 2.2],
-            "b" => vec![1.5],
-            _ => vec![1.0],
-        };
-        let table = markdown_table("NLL", &cols, &rows, &values, &|r| r != "ref", true, 2);
-        assert!(table.contains("| b | **1.50 ± 0.00** |"), "{table}");
-        assert!(table.contains("| a | 2.10 ± 0.14 |"), "{table}");
-        // The reference row is never bold, even when it is the lowest.
-        assert!(table.contains("| ref | 1.00 ± 0.00 |"), "{table}");
-    }
 }

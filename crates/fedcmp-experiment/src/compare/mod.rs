@@ -23,6 +23,7 @@
 
 pub mod grid;
 pub mod method;
+pub mod summary;
 
 use std::collections::BTreeMap;
 use std::num::{NonZeroU64, NonZeroUsize};

@@ -1,1 +1,7 @@
-//! placeholder
+//! The experiment library's integration tests, in one binary: settings
+//! (layers, origins, the TOML round trip), typed tuning grids, and runs in
+//! their folders on the generated tiny world (resume, failing clients).
+
+mod grid;
+mod runs;
+mod settings;

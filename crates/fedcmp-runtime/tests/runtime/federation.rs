@@ -157,21 +157,6 @@ fn run_once(
     run_with(f, strategy, max_rounds, Setup::default())
 }
 
-/// A feature key that the fixture's cache does not hold: a client whose
-/// samples carry it fails every round it is asked to train.
-fn missing_key() -> Result<fedcmp_data::cache::FeatureKey> {
-    let dir = tempfile::tempdir()?;
-    let encoder = PatchMeans::new(8)?;
-    let mut cache = FeatureCache::open(
-        dir.path(),
-        &encoder,
-        Preprocess::square(8, [0.5; 3], [0.25; 3]),
-    )?;
-    let record = grey_record(99, 90, "elsewhere", None, "other");
-    let report = cache.ensure(&[record], &encoder, 1, &mut |_| {})?;
-    report.keys.into_iter().flatten().next().context("a key")
-}
-
 /// Runs `strategy` for up to `max_rounds` as `setup` says.
 fn run_with(
     f: &Fixture,
@@ -187,7 +172,7 @@ fn run_with(
     let bad_key = if setup.broken.is_empty() {
         None
     } else {
-        Some(missing_key()?)
+        Some(fedcmp_testkit::missing_feature_key()?)
     };
     let nodes = f
         .clients

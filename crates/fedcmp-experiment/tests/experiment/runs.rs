@@ -1,0 +1,266 @@
+//! Runs in their folders on the generated tiny world: the folder's files,
+//! `--config` on its settings, resume after a kill (bit-identical), a
+//! client that fails every round (recorded per round in metrics.jsonl),
+//! and the references.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use fedcmp_experiment::backbones::VisionChoice;
+use fedcmp_experiment::run_folder::{run_on, Measured};
+use fedcmp_experiment::settings::parse_strategy;
+use fedcmp_experiment::{Experiment, Layers, RunOptions, RunSettings, Silent};
+use fedcmp_runtime::suite::SuiteConfig;
+
+struct World {
+    dir: tempfile::TempDir,
+    gguf: PathBuf,
+    scenario: PathBuf,
+}
+
+fn world() -> Result<World> {
+    let dir = tempfile::tempdir()?;
+    let w = fedcmp_testkit::tiny_world(dir.path())?;
+    Ok(World {
+        gguf: w.gguf,
+        scenario: w.scenario,
+        dir,
+    })
+}
+
+fn small_suite() -> SuiteConfig {
+    SuiteConfig {
+        zero_shot_per_domain: 4,
+        retrieval_pool: 4,
+        caption_examples: 1,
+        max_caption_tokens: 4,
+        ..SuiteConfig::default()
+    }
+}
+
+impl World {
+    fn cache(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
+    /// Settings for a run on this world with `extra` options on top.
+    fn settings(&self, extra: RunOptions) -> Result<RunSettings> {
+        let base = RunOptions {
+            scenario: Some(self.scenario.display().to_string()),
+            llm: Some(self.gguf.clone()),
+            vision: Some(VisionChoice::PatchMeans),
+            image_size: Some(8),
+            local_steps: Some(1),
+            batch_size: Some(2),
+            lr: Some(1e-2),
+            eval_every: Some(2),
+            checkpoint_every: Some(1),
+            out: Some(self.dir.path().join("runs")),
+            ..RunOptions::default()
+        };
+        let layers = Layers::new()
+            .defaults("the test world", &base)?
+            .flags(&extra)?;
+        Ok(RunSettings::resolve(&layers)?)
+    }
+
+    fn experiment(&self, settings: &RunSettings) -> Result<Experiment> {
+        Ok(Experiment::assemble(
+            &self.cache(),
+            &settings.scenario,
+            settings.limit,
+            &settings.backbones,
+            small_suite(),
+            &Silent,
+        )?)
+    }
+}
+
+fn metrics_lines(dir: &Path) -> Result<Vec<serde_json::Value>> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))?
+        .lines()
+        .map(|l| Ok(serde_json::from_str(l)?))
+        .collect()
+}
+
+/// Everything in a metrics line but the wall-clock seconds.
+fn without_seconds(mut v: serde_json::Value) -> serde_json::Value {
+    if let Some(o) = v.as_object_mut() {
+        o.remove("seconds");
+    }
+    v
+}
+
+#[test]
+fn a_run_resumes_from_its_folder_bit_identically_after_a_kill() -> Result<()> {
+    let w = world()?;
+    let settings = w.settings(RunOptions {
+        strategy: Some(parse_strategy("fed-cmp")?),
+        ..RunOptions::default()
+    })?;
+    let experiment = w.experiment(&settings)?;
+    let first = run_on(&experiment, &settings, false, &Silent)?;
+    let dir = first.folder.dir.clone();
+    for file in [
+        "settings.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "projector.safetensors",
+    ] {
+        assert!(dir.join(file).exists(), "{file}");
+    }
+    let Measured::Trained(report) = &first.measured else {
+        anyhow::bail!("a federated run measured no training");
+    };
+    assert!(report.rounds >= 4 && report.one_pass_complete, "{report:?}");
+    let straight_projector = std::fs::read(dir.join("projector.safetensors"))?;
+    let straight_metrics = metrics_lines(&dir)?;
+    assert_eq!(straight_metrics.len() as u64, report.rounds);
+
+    // The folder's settings, read back with --config, are the same settings.
+    let again = RunSettings::resolve(&Layers::new().file(&dir.join("settings.toml"))?)?;
+    assert_eq!(again, settings);
+
+    // A kill before the last round's server checkpoint was durable: the
+    // folder keeps the two newest checkpoints; drop the newest and point
+    // LATEST at the one before. The clients' states and the metrics line
+    // of the last round are still there.
+    let checkpoints = dir.join("checkpoints");
+    let last = report.rounds;
+    std::fs::remove_dir_all(checkpoints.join(format!("round-{last:06}")))?;
+    std::fs::write(checkpoints.join("LATEST"), format!("round-{:06}", last - 1))?;
+    std::fs::remove_file(dir.join("projector.safetensors"))?;
+    let resumed = run_on(&experiment, &settings, false, &Silent)?;
+    let Measured::Trained(r) = &resumed.measured else {
+        anyhow::bail!("no training");
+    };
+    assert_eq!(r.resumed_after, Some(last - 1));
+    assert_eq!(
+        std::fs::read(dir.join("projector.safetensors"))?,
+        straight_projector
+    );
+    let resumed_metrics: Vec<_> = metrics_lines(&dir)?
+        .into_iter()
+        .map(without_seconds)
+        .collect();
+    let straight: Vec<_> = straight_metrics.into_iter().map(without_seconds).collect();
+    assert_eq!(resumed_metrics, straight, "metrics.jsonl after the resume");
+
+    // Other settings in a folder with a checkpoint are refused, naming it;
+    // --fresh (`fresh = true`) starts over.
+    let other = w.settings(RunOptions {
+        strategy: Some(parse_strategy("fed-cmp")?),
+        lr: Some(2e-2),
+        ..RunOptions::default()
+    })?;
+    let refused = run_on(&experiment, &other, false, &Silent)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        refused.contains("settings.toml") && refused.contains("other settings"),
+        "{refused}"
+    );
+    run_on(&experiment, &other, true, &Silent)?;
+    Ok(())
+}
+
+#[test]
+fn a_client_failing_every_round_is_counted_per_round_in_metrics_jsonl() -> Result<()> {
+    let w = world()?;
+    let settings = w.settings(RunOptions::default())?;
+    let mut experiment = w.experiment(&settings)?;
+    let missing = fedcmp_testkit::missing_feature_key()?;
+    for sample in &mut experiment.clients[1].samples {
+        sample.key = missing.clone();
+    }
+    let report = run_on(&experiment, &settings, false, &Silent)?;
+    let lines = metrics_lines(&report.folder.dir)?;
+    let failed_clients = |line: &serde_json::Value| -> Vec<u64> {
+        line["failures"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|f| f["kind"] == "error")
+            .filter_map(|f| f["client"].as_u64())
+            .collect()
+    };
+    for line in &lines[..3] {
+        assert_eq!(failed_clients(line), vec![1], "{line}");
+        assert_eq!(line["aggregated"], true);
+    }
+    assert_eq!(lines[2]["retired"], serde_json::json!([1]));
+    assert!(lines[3..].iter().all(|l| failed_clients(l).is_empty()));
+    let Measured::Trained(r) = &report.measured else {
+        anyhow::bail!("no training");
+    };
+    assert_eq!((r.failures.errors, r.retired.clone()), (3, vec![1]));
+    assert!(!r.one_pass_complete, "client 1 never trained");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.folder.dir.join("summary.json"))?)?;
+    assert_eq!(summary["failures"]["errors"], 3);
+    Ok(())
+}
+
+#[test]
+fn the_references_run_in_their_own_folders() -> Result<()> {
+    let w = world()?;
+    let centralized = w.settings(RunOptions {
+        training: Some(fedcmp_experiment::settings::TrainingKind::Centralized),
+        ..RunOptions::default()
+    })?;
+    let experiment = w.experiment(&centralized)?;
+    let report = run_on(&experiment, &centralized, false, &Silent)?;
+    assert!(
+        report.folder.name.ends_with("-centralized-s0"),
+        "{}",
+        report.folder.name
+    );
+    let Measured::Trained(r) = &report.measured else {
+        anyhow::bail!("no training");
+    };
+    assert_eq!(r.federation.clients, 2);
+    assert_eq!(r.consumed_per_client.len(), 1, "one pooled client");
+    assert!(r.one_pass_complete && r.test_nll.r#final < r.test_nll.init);
+
+    let local_only = w.settings(RunOptions {
+        training: Some(fedcmp_experiment::settings::TrainingKind::LocalOnly),
+        ..RunOptions::default()
+    })?;
+    let report = run_on(&experiment, &local_only, false, &Silent)?;
+    let Measured::LocalOnly(r) = &report.measured else {
+        anyhow::bail!("local-only measured training");
+    };
+    assert_eq!(r.clients.len(), 2);
+    let sizes: Vec<u64> = experiment
+        .clients
+        .iter()
+        .map(|c| c.samples.len() as u64)
+        .collect();
+    assert_eq!(
+        r.clients.iter().map(|c| c.samples).collect::<Vec<_>>(),
+        sizes
+    );
+    let text = std::fs::read_to_string(report.folder.dir.join("settings.toml"))?;
+    assert!(
+        text.contains("training = \"local-only\"") && !text.contains("[strategy]"),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_missing_scenario_file_is_named() -> Result<()> {
+    let w = world()?;
+    let settings = w.settings(RunOptions {
+        scenario: Some("no/such/scenario.toml".into()),
+        ..RunOptions::default()
+    })?;
+    let message = w
+        .experiment(&settings)
+        .err()
+        .map(|e| e.to_string())
+        .context("a missing scenario was accepted")?;
+    assert!(message.contains("no/such/scenario.toml"), "{message}");
+    Ok(())
+}
