@@ -20,6 +20,15 @@ fn kebab<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
         .map_err(|e| e.to_string())
 }
 
+/// The --strategy help, naming every strategy of the registry.
+fn strategy_help() -> String {
+    format!(
+        "Strategy: a name ({}), or an inline TOML table with its options, e.g. \
+         '{{ name = \"fed-cmp\", energy = 0.9 }}' [default: fedavg]",
+        fedcmp_strategy::config::NAMES.join(", ")
+    )
+}
+
 fn strategy(text: &str) -> Result<StrategyConfig, String> {
     parse_strategy(text).map_err(|e| e.to_string())
 }
@@ -110,11 +119,7 @@ pub struct RunArgs {
     /// cross-device) or a TOML file [default: domain-silos].
     #[arg(long)]
     pub scenario: Option<String>,
-    /// Strategy name (fedavg, fedprox, fedavgm, fedadagrad, fedadam, fedyogi,
-    /// scaffold, fednova, ties, fed-cmp, cra-only, opm-only), or an inline
-    /// TOML table with its options, e.g. '{ name = "fed-cmp", energy = 0.9 }'
-    /// [default: fedavg].
-    #[arg(long, value_parser = strategy)]
+    #[arg(long, value_parser = strategy, help = strategy_help())]
     pub strategy: Option<StrategyConfig>,
     /// federated, centralized or local-only [default: federated].
     #[arg(long, value_parser = kebab::<TrainingKind>)]

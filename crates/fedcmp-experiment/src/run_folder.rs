@@ -182,7 +182,7 @@ fn facts(experiment: &Experiment, clients_per_round: usize) -> FederationFacts {
         vision: experiment.encoder_identity.clone(),
         clients: shard_sizes.len(),
         clients_per_round,
-        budget_samples: shard_sizes.iter().map(|s| *s as u64).sum(),
+        budget_samples: training::sample_budget(&experiment.clients),
         shard_sizes,
         validation_samples: experiment.validation.len(),
         test_samples: experiment.test.len(),

@@ -94,6 +94,18 @@ pub fn local_config(settings: &RunSettings) -> LocalConfig {
     }
 }
 
+/// A trainer for the clients of `settings`, over the experiment's frozen
+/// backbones (one working projector; every client node shares it).
+pub fn local_trainer(experiment: &Experiment, settings: &RunSettings) -> Result<LocalTrainer> {
+    Ok(LocalTrainer::new(
+        experiment.decoder.clone(),
+        experiment.tokenizer.clone(),
+        experiment.template.clone(),
+        experiment.projector(settings.recipe.projector, settings.seed)?,
+        local_config(settings),
+    )?)
+}
+
 /// The round loop's settings for `participation` over `budget` samples.
 pub fn round_loop_config(
     settings: &RunSettings,
@@ -194,13 +206,7 @@ pub fn train(
     let mut strategy = strategy_config.build(clients.len())?;
     let local = local_config(settings);
     let kind = settings.recipe.projector;
-    let trainer = LocalTrainer::new(
-        experiment.decoder.clone(),
-        experiment.tokenizer.clone(),
-        experiment.template.clone(),
-        experiment.projector(kind, settings.seed)?,
-        local,
-    )?;
+    let trainer = local_trainer(experiment, settings)?;
     let nodes = clients
         .into_iter()
         .map(|data| {
@@ -237,20 +243,10 @@ pub fn train(
         }
         None => (Start::Fresh(projector_params(&work)?), None, 1),
     };
-    let mut save =
-        |state: &RoundLoopState, strategy: &dyn Strategy| -> fedcmp_runtime::Result<()> {
-            match hook_dir {
-                Some(dir) => checkpoint::save(
-                    dir,
-                    &Checkpoint {
-                        round_loop: state.clone(),
-                        strategy: strategy.state(),
-                    },
-                )
-                .map(|_| ()),
-                None => Ok(()),
-            }
-        };
+    let mut save = |state: &RoundLoopState, strategy: &dyn Strategy| match hook_dir {
+        Some(dir) => checkpoint::save_server(dir, state, strategy),
+        None => Ok(()),
+    };
     let mut records = Vec::new();
     let summary = drive(
         &round_loop_config(settings, &participation, budget),
@@ -301,13 +297,7 @@ pub fn train_local_only(
     for client in &experiment.clients {
         let id = client.id;
         let size = client.samples.len() as u64;
-        let trainer = LocalTrainer::new(
-            experiment.decoder.clone(),
-            experiment.tokenizer.clone(),
-            experiment.template.clone(),
-            experiment.projector(kind, settings.seed)?,
-            local,
-        )?;
+        let trainer = local_trainer(experiment, settings)?;
         let node = ClientNode::new(client.clone(), &local, None);
         let mut transport = InProcess::new(trainer, &experiment.cache, vec![node]);
         let mut strategy = StrategyConfig::default().build(1)?;

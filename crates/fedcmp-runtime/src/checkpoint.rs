@@ -21,12 +21,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 use fedcmp_core::{ClientId, ParamSet};
-use fedcmp_strategy::StrategyState;
+use fedcmp_strategy::{Strategy, StrategyState};
 use serde::{Deserialize, Serialize};
 
 use crate::convert::{param_to_tensor, tensor_to_param};
 use crate::round_loop::{ClientRecord, RoundLoopState};
-use crate::{Result, RuntimeError};
+use crate::{io, Result, RuntimeError};
 
 /// A snapshot of the server between two rounds.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,13 +64,6 @@ struct Manifest {
     param_names: Vec<String>,
     strategy: StrategyManifest,
     clients: Vec<ClientManifest>,
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
-    move |source| RuntimeError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 fn corrupt(path: &Path, message: impl Into<String>) -> RuntimeError {
@@ -186,6 +179,19 @@ pub fn save(dir: &Path, checkpoint: &Checkpoint) -> Result<PathBuf> {
     sync_dir(dir)?;
     prune(dir, &name)?;
     Ok(final_dir)
+}
+
+/// Saves the server's state between rounds under `dir` (the round loop's
+/// checkpoint hook).
+pub fn save_server(dir: &Path, round_loop: &RoundLoopState, strategy: &dyn Strategy) -> Result<()> {
+    save(
+        dir,
+        &Checkpoint {
+            round_loop: round_loop.clone(),
+            strategy: strategy.state(),
+        },
+    )
+    .map(|_| ())
 }
 
 /// Keeps the newest two complete checkpoints and removes leftovers of

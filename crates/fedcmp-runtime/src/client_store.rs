@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::{ClientState, OptimizerState};
 use crate::convert::{param_to_tensor, tensor_to_param};
-use crate::{Result, RuntimeError};
+use crate::{io, Result, RuntimeError};
 
 const FORMAT: u32 = 1;
 const PREFIX: &str = "round-";
@@ -55,13 +55,6 @@ struct Header {
 pub struct ClientStore {
     dir: PathBuf,
     client: ClientId,
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
-    move |source| RuntimeError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 fn corrupt(path: &Path, message: impl std::fmt::Display) -> RuntimeError {

@@ -76,10 +76,7 @@ pub fn save_params_file(params: &ParamSet, path: &std::path::Path) -> Result<()>
         .collect::<Result<std::collections::HashMap<_, _>>>()?;
     let tmp = path.with_extension("partial");
     candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::rename(&tmp, path).map_err(|source| crate::RuntimeError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    std::fs::rename(&tmp, path).map_err(crate::io(path))?;
     Ok(())
 }
 

@@ -53,3 +53,11 @@ pub enum RuntimeError {
 
 /// Shorthand used throughout the crate.
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+/// An I/O error that names its path.
+pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
+    move |source| RuntimeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}

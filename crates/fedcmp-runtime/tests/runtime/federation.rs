@@ -21,7 +21,7 @@ use fedcmp_model::optim::AdamWConfig;
 use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
 use fedcmp_model::tokenizer::TextTokenizer;
 use fedcmp_model::vision::patch_means::PatchMeans;
-use fedcmp_runtime::checkpoint::{self, Checkpoint};
+use fedcmp_runtime::checkpoint;
 use fedcmp_runtime::client::{ClientData, ClientState, LocalConfig, LocalTrainer, Sample};
 use fedcmp_runtime::client_store::ClientStore;
 use fedcmp_runtime::convert::projector_params;
@@ -245,14 +245,7 @@ fn run_with(
     };
     let mut save =
         |state: &RoundLoopState, strategy: &dyn fedcmp_strategy::Strategy| match &checkpoints {
-            Some(dir) => checkpoint::save(
-                dir,
-                &Checkpoint {
-                    round_loop: state.clone(),
-                    strategy: strategy.state(),
-                },
-            )
-            .map(|_| ()),
+            Some(dir) => checkpoint::save_server(dir, state, strategy),
             None => Ok(()),
         };
     let mut records = Vec::new();
