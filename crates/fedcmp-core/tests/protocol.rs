@@ -68,7 +68,7 @@ fn round_tasks_and_replies_round_trip_exactly() {
             params: params(3),
             num_samples: 8,
             num_steps: 2,
-            lr_sum: 5.999_999_999_999_999e-4,
+            lr_sum: 0.1 + 0.2,
             mean_loss: 4.123_456_789_012_345,
             control_delta: Some(params(4)),
         }),
