@@ -11,10 +11,14 @@
 //! size against numpy/LAPACK (bash bench/server_step.sh; see
 //! server_step.rs).
 //!
+//! `client-state`: a client's own checkpoint (save and load) against raw
+//! file I/O of the same bytes (see client_state.rs).
+//!
 //! The step = projector forward, frozen decoder forward + caption loss,
 //! decoder input-gradient backward, projector backward, AdamW update. The
 //! LAST line printed is one JSON object, like the PyTorch script's.
 
+mod client_state;
 mod server_step;
 
 use std::time::Instant;
@@ -42,6 +46,8 @@ enum Command {
     AlignStep(AlignStepArgs),
     /// Fed-CMP's server step at LLaVA-1.5-7B projector size.
     ServerStep(server_step::ServerStepArgs),
+    /// Saving and loading a client's own state, against raw file I/O.
+    ClientState(client_state::ClientStateArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -179,5 +185,6 @@ fn main() -> Result<()> {
     match cli.command {
         Command::AlignStep(args) => align_step(&args),
         Command::ServerStep(args) => server_step::run(&args),
+        Command::ClientState(args) => client_state::run(&args),
     }
 }

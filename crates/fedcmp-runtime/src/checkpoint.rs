@@ -240,7 +240,11 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     if m.format != FORMAT {
         return Err(corrupt(
             path,
-            format!("format {} (expected {FORMAT})", m.format),
+            format!(
+                "format {} (expected {FORMAT}): written by another version of fedcmp; \
+                 start the run over (`--fresh`)",
+                m.format
+            ),
         ));
     }
     let tensor_path = path.join("tensors.safetensors");

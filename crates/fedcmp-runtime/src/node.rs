@@ -13,6 +13,9 @@
 //!
 //! A task that fails (an error while training) leaves the node's state as
 //! it was: training works on a copy, committed (and saved) only on success.
+//! A task delivered again (a retry after a lost reply) trains from the
+//! same state as of the round before, so it gets the same answer and no
+//! sample is consumed twice; that needs a store to go back to.
 
 use fedcmp_core::{ClientId, ClientReply, ClientStatus, RoundTask};
 use fedcmp_data::cache::FeatureCache;

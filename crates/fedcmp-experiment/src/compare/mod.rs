@@ -532,6 +532,17 @@ pub fn run(
 ) -> Result<Comparison> {
     plan.validate()?;
     std::fs::create_dir_all(&plan.out).map_err(io_error(&plan.out))?;
+    // Earlier versions pinned their settings in settings.json: their cells
+    // cannot be told apart by settings, so they are never reused.
+    let legacy = plan.out.join("settings.json");
+    if legacy.exists() && !plan.out.join("settings.toml").exists() {
+        return Err(ExperimentError::File {
+            path: legacy,
+            message: "this folder holds cells of an earlier version of fedcmp; use another \
+                      --out, or delete the folder"
+                .into(),
+        });
+    }
     pin(
         &plan.out.join("settings.toml"),
         &pinned_text(template, plan.suite)?,

@@ -698,3 +698,53 @@ fn quorum_and_deadline_failures_end_cleanly() -> Result<()> {
     assert_eq!(summary.final_params, initial);
     Ok(())
 }
+
+/// A round task delivered twice (a retry after a lost reply) trains from
+/// the same state both times: the same update, the same samples, nothing
+/// consumed twice. A node without a store cannot go back and says so.
+#[test]
+fn a_repeated_round_task_is_answered_identically() -> Result<()> {
+    let f = fixture()?;
+    let mut trainer = trainer(&f)?;
+    let local = *trainer.config();
+    let dir = tempfile::tempdir()?;
+    let data = f.clients[2].clone();
+    let id = data.id;
+    let store = ClientStore::open(dir.path().join("c2"), id)?;
+    let mut node = ClientNode::new(data.clone(), &local, Some(store));
+    let global = std::sync::Arc::new(projector_params(&projector(&f)?)?);
+    let task = |round: u64| RoundTask {
+        instruction: ClientInstruction {
+            round,
+            client: id,
+            objective: LocalObjective::Plain,
+            max_local_steps: None,
+        },
+        global: global.clone(),
+        schedule: WarmupCosine {
+            peak_lr: 1e-2,
+            total_samples: budget(&f),
+            warmup_ratio: 0.03,
+        },
+        samples_before: 0,
+        checkpointed_round: None,
+    };
+    let first = node.handle(&mut trainer, &f.cache, &task(1))?;
+    let second = node.handle(&mut trainer, &f.cache, &task(2))?;
+    let again = node.handle(&mut trainer, &f.cache, &task(2))?;
+    assert_eq!(again, second, "a repeated round");
+    assert_eq!(first.status.consumed, 4);
+    assert_eq!(again.status.consumed, 8, "nothing consumed twice");
+    assert_eq!(node.status(2)?.samples_left, 14 - 8);
+
+    let mut forgetful = ClientNode::new(data, &local, None);
+    forgetful.handle(&mut trainer, &f.cache, &task(1))?;
+    forgetful.handle(&mut trainer, &f.cache, &task(2))?;
+    let refused = forgetful
+        .handle(&mut trainer, &f.cache, &task(2))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(refused.contains("no store"), "{refused}");
+    Ok(())
+}
