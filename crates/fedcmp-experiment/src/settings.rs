@@ -10,6 +10,12 @@
 //!    checked with an error that names the key, its value and where it was
 //!    set.
 //!
+//! One rule joins two keys: centralized and local-only training have no
+//! strategy, so a `strategy` from a lower layer than `training` gives way
+//! (`--config <federated run>/settings.toml --centralized` is that run's
+//! centralized reference), while one from the same or a higher layer is
+//! refused.
+//!
 //! The resolved settings are written into every run folder as TOML in the
 //! same format ([`RunSettings::to_toml`]), so `--config <run>/settings.toml`
 //! repeats a run exactly, and `fedcmp show-config` prints them.
@@ -366,6 +372,11 @@ impl Layers {
             .map_or_else(|| "default".to_string(), |l| origin_text(&l.origin, key))
     }
 
+    /// The position of the highest layer that sets `key` (higher wins).
+    fn layer_of(&self, key: &str) -> Option<usize> {
+        self.layers.iter().rposition(|l| l.table.contains_key(key))
+    }
+
     /// Refuses any of `keys` set in any layer, saying `why`.
     pub fn refuse(&self, keys: &[&str], why: &str) -> Result<()> {
         for key in keys {
@@ -486,6 +497,18 @@ impl RunSettings {
                     .validate(1)
                     .map_err(|e| r.fail("strategy", strategy.name(), &e.to_string()))?;
                 Training::Federated(strategy)
+            }
+            // A strategy from a lower layer than the training kind (a run
+            // folder's settings.toml under `--centralized`) is overridden.
+            (TrainingKind::Centralized, Some(_))
+                if layers.layer_of("strategy") < layers.layer_of("training") =>
+            {
+                Training::Centralized
+            }
+            (TrainingKind::LocalOnly, Some(_))
+                if layers.layer_of("strategy") < layers.layer_of("training") =>
+            {
+                Training::LocalOnly
             }
             (kind, Some(strategy)) => {
                 let training = if kind == TrainingKind::Centralized {

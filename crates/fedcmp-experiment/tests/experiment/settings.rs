@@ -181,6 +181,19 @@ fn bad_values_name_the_key_the_value_and_where_it_was_set() -> Result<()> {
         "{centralized_with_strategy}"
     );
     assert!(parse_strategy("fedprocks").is_err());
+
+    // A strategy from a lower layer gives way to centralized training.
+    let federated = write(
+        dir.path(),
+        "federated.toml",
+        "[strategy]\nname = \"fed-cmp\"\n",
+    )?;
+    let centralized =
+        RunSettings::resolve(&Layers::new().file(&federated)?.flags(&RunOptions {
+            training: Some(TrainingKind::Centralized),
+            ..RunOptions::default()
+        })?)?;
+    assert_eq!(centralized.training, Training::Centralized);
     Ok(())
 }
 
