@@ -95,10 +95,11 @@ impl Progress {
             .map(|r| format!("resuming after round {r}; "))
             .unwrap_or_default();
         println!(
-            "run {}: {resumed}{} clients ({} per round), {} training samples, {} validation, {} \
+            "run {}: {resumed}{} client{} ({} per round), {} training samples, {} validation, {} \
              test; initial validation NLL {:.4}",
             start.name,
             start.clients,
+            if start.clients == 1 { "" } else { "s" },
             start.clients_per_round,
             start.budget,
             start.validation,
