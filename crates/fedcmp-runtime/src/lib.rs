@@ -6,6 +6,8 @@
 //! - [`client`]: a client's private data, its state between rounds
 //!   (one-pass cursor, optimiser moments, control variate) and local
 //!   training of one round task;
+//! - [`local`]: one round of local training for any loss, with the local
+//!   objectives (FedProx, SCAFFOLD) kept true under AdamW;
 //! - [`node`]: a client node answering round tasks and status queries,
 //!   with its own state store ([`client_store`]);
 //! - [`transport`]: how round tasks reach clients and replies come back
@@ -20,6 +22,7 @@ pub mod client;
 pub mod client_store;
 pub mod convert;
 pub mod eval;
+pub mod local;
 pub mod node;
 pub mod round_loop;
 pub mod simulation;

@@ -3,23 +3,33 @@
 //! paper's general form
 //!
 //! ```text
-//! x_{t+1} = x_t - tau_eff * sum_i p_i * eta * d_i,
+//! x_{t+1} = x_t - tau_eff * sum_i p_i * d_i,
 //! d_i = G_i a_i / ||a_i||_1,   tau_eff = sum_i p_i ||a_i||_1
 //! ```
 //!
-//! with a_i = (1, ..., 1) over the client's tau_i local steps, so that
-//! `||a_i||_1 = tau_i` (`num_steps`) and `eta * G_i a_i = x_t - x_i`
-//! (the learning rates are already in the client's model change):
+//! where client i's local change is `x_t - x_i = G_i a_i`, its gradients
+//! weighted by the coefficients `a_i`. With local step sizes `lr_k` the
+//! coefficients are the step sizes themselves, so `||a_i||_1` is the
+//! client's effective step, `lr_sum` (under a constant rate it is
+//! `tau_i * lr`, the paper's step count up to a constant that cancels):
 //!
 //! ```text
-//! eta * d_i = (x_t - x_i) / tau_i
-//! x_{t+1} = x_t + eta_s * tau_eff * sum_i p_i (x_i - x_t) / tau_i,
-//! p_i = n_i / sum_j n_j,   tau_eff = sum_i p_i tau_i
+//! x_{t+1} = x_t + eta_s * tau_eff * sum_i p_i (x_i - x_t) / s_i,
+//! s_i = lr_sum_i,   p_i = n_i / sum_j n_j,   tau_eff = sum_i p_i s_i
 //! ```
 //!
-//! (`eta_s = 1` is the paper). = [`NormalizedMean`] (a weighted mean with
-//! weights `p_i tau_eff / tau_i`) + [`Sgd`]. Sends `LocalObjective::Plain`;
-//! keeps no state; reports `tau_eff`. With equal step counts it is FedAvg.
+//! (`eta_s = 1` is the paper). Normalising by the effective step rather
+//! than the step count keeps FedNova's meaning under a learning-rate
+//! schedule: a client whose steps came late in the decay moved less per
+//! step, and is not mistaken for a lazy one. A client that moved at rate 0
+//! (the federation past its schedule's end) made no step: it is left out,
+//! data weight included (its change is zero anyway); when none moved, the
+//! update is zero.
+//!
+//! It is [`NormalizedMean`] (a weighted mean with weights
+//! `p_i tau_eff / s_i`) and [`Sgd`]. Sends `LocalObjective::Plain`; keeps
+//! no state; reports `tau_eff` (in learning-rate units). With equal
+//! effective steps it is FedAvg.
 
 use fedcmp_core::metrics::names;
 use fedcmp_core::RoundMetrics;
@@ -62,22 +72,46 @@ impl Aggregator for NormalizedMean {
     type Output = Vec<f64>;
 
     fn combine(&mut self, input: &RoundInput<'_>, metrics: &mut RoundMetrics) -> Result<Vec<f64>> {
-        let mut taus = Vec::with_capacity(input.len());
+        let mut steps = Vec::with_capacity(input.len());
         for u in &input.updates {
-            if u.num_steps == 0 {
+            if !(u.lr_sum.is_finite() && u.lr_sum >= 0.0) {
                 return Err(StrategyError::InvalidUpdate {
                     client: u.client,
-                    reason: "took 0 local steps; FedNova normalises by the step count".to_string(),
+                    reason: format!(
+                        "effective step lr_sum = {}; FedNova normalises by it",
+                        u.lr_sum
+                    ),
                 });
             }
-            taus.push(u.num_steps as f64);
+            steps.push(u.lr_sum);
         }
-        let tau_eff = ops::weighted_mean(&taus, &input.sample_weights)?;
-        let weights: Vec<f64> = input
+        // Data weights over the clients that made a step.
+        let moved: f64 = input
             .sample_weights
             .iter()
-            .zip(&taus)
-            .map(|(p, tau)| p * tau_eff / tau)
+            .zip(&steps)
+            .filter(|(_, s)| **s > 0.0)
+            .map(|(p, _)| p)
+            .sum();
+        let p: Vec<f64> = if steps.iter().all(|s| *s > 0.0) {
+            input.sample_weights.clone()
+        } else {
+            input
+                .sample_weights
+                .iter()
+                .zip(&steps)
+                .map(|(p, s)| if *s > 0.0 { p / moved } else { 0.0 })
+                .collect()
+        };
+        let tau_eff = if moved > 0.0 {
+            ops::weighted_mean(&steps, &p)?
+        } else {
+            0.0
+        };
+        let weights: Vec<f64> = p
+            .iter()
+            .zip(&steps)
+            .map(|(p, s)| if *s > 0.0 { p * tau_eff / s } else { 0.0 })
             .collect();
         metrics.set(names::TAU_EFF, tau_eff);
         ops::weighted_sum(&input.deltas, &weights)

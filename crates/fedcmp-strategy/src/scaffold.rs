@@ -1,15 +1,21 @@
 //! SCAFFOLD (Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled
 //! Averaging for Federated Learning", Algorithm 1 with option II).
 //!
-//! Client i (the runtime's local trainer), from `y_i = x`, for K steps:
+//! Client i (the runtime's local round, `fedcmp_runtime::local`), from
+//! `y_i = x`, for K steps with step sizes `eta_k`:
 //!
 //! ```text
-//! y_i <- y_i - eta_l * (g_i(y_i) - c_i + c)
-//! c_i+ = c_i - c + (x - y_i) / (K eta_l)     (option II; K eta_l is
-//!                                             `lr_sum` when eta_l varies)
+//! y_i <- step(y_i, g_i(y_i) - c_i + c)      (the corrected raw gradient
+//!                                            feeds the local optimiser)
+//! c_i+ = sum_k eta_k g_i(y_k) / sum_k eta_k (the step-size-weighted mean of
+//!                                            the raw gradients)
 //! sends Delta y_i = y_i - x (its parameters) and
 //!       Delta c_i = c_i+ - c_i (`control_delta`)
 //! ```
+//!
+//! Under SGD the control update is exactly option II,
+//! `c_i - c + (x - y_i) / sum_k eta_k`; computed from the raw gradients it
+//! keeps the control variates in gradient units under AdamW too.
 //!
 //! Server, over the participating set S of a federation of N clients:
 //!

@@ -574,10 +574,12 @@ fn scaffold_round_at_learning_rate_zero_reports_a_zero_control_change() -> Resul
 /// its exact f32 bytes: Fed-CMP and SCAFFOLD, each at full participation
 /// (3 rounds) and at 2 clients per round with dropouts and stragglers (4
 /// rounds, through the simulation wrapper around the in-process
-/// transport). The digests in `tests/golden/pinned_runs.json` were computed at
-/// commit 5613ad2, before the round protocol moved to self-contained tasks,
-/// client-side state and a simulation wrapper around the transport; the
-/// same bytes must come out after it. Regenerate (only for an intended
+/// transport). The digests in `tests/golden/pinned_runs.json` were computed
+/// at commit 5613ad2, before the round protocol moved to self-contained
+/// tasks, client-side state and a simulation wrapper around the transport,
+/// and came out the same after it (commit bdaaaed). SCAFFOLD's two were
+/// computed again when its control variates moved to raw-gradient units
+/// (ALGORITHMS.md §7.6, issue 13); Fed-CMP's are still the originals. Regenerate (only for an intended
 /// numerical change, saying why in the commit) with
 /// `FEDCMP_WRITE_PINNED=1 cargo test -p fedcmp-runtime pinned`.
 #[test]

@@ -3,4 +3,5 @@
 
 mod common;
 mod federation;
+mod local;
 mod suite;

@@ -128,8 +128,9 @@ def scaffold(cfg, st, x, rd):
 
 
 def fednova(cfg, st, x, rd):
-    # Wang et al. 2020: x - tau_eff sum p_i d_i, d_i = (x - x_i)/tau_i.
-    p, tau = np.array(rd["p"]), np.array(rd["tau"], dtype=np.float64)
+    # Wang et al. 2020: x - tau_eff sum p_i d_i, d_i = (x - x_i)/||a_i||_1,
+    # with a_i the client's step sizes, so ||a_i||_1 = its lr_sum.
+    p, tau = np.array(rd["p"]), np.array(rd["lr_sum"], dtype=np.float64)
     tau_eff = float(np.dot(p, tau))
     d_norm = [-(di) / ti for di, ti in zip(rd["d"], tau)]  # (x - x_i)/tau_i
     delta = -tau_eff * sum(pi * di for pi, di in zip(p, d_norm))
@@ -389,7 +390,10 @@ def run_case(cid, cfg, algo):
                     "client": k,
                     "num_samples": SAMPLES[r][k],
                     "num_steps": STEPS[r][k],
-                    "lr_sum": 0.01 * STEPS[r][k],
+                    # Step sizes differ by client (a schedule read at
+                    # different points), so the effective step is not
+                    # proportional to the step count.
+                    "lr_sum": 0.01 * STEPS[r][k] * (1.0 + 0.25 * k),
                     "mean_loss": LOSSES[(r, k)],
                     "params": split(params),
                     "control_delta": split(CONTROL_DELTAS[(r, k)])
@@ -407,6 +411,7 @@ def run_case(cid, cfg, algo):
             "n": n,
             "p": n / n.sum(),
             "tau": [by_id[k]["num_steps"] for k in ids],
+            "lr_sum": [by_id[k]["lr_sum"] for k in ids],
             "loss": [by_id[k]["mean_loss"] for k in ids],
             "dc": [CONTROL_DELTAS[(r, k)].astype(np.float64) for k in ids],
         }

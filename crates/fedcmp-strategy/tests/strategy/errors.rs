@@ -116,9 +116,9 @@ fn other_invalid_rounds() -> TestResult {
     assert!(
         matches!(err, Err(StrategyError::NonFiniteGlobal { ref parameter }) if parameter == "w")
     );
-    // FedNova divides by the step count.
+    // FedNova divides by the effective step.
     let mut u = client(5, 0.1, 3)?;
-    u.num_steps = 0;
+    u.lr_sum = f64::NAN;
     let err = build(&config(r#"{"name": "fednova"}"#)?)?.aggregate(0, &g, &[u]);
     assert!(
         matches!(

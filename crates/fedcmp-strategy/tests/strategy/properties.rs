@@ -143,10 +143,11 @@ fn agreement_returns_the_model(s: &Scenario, config: &StrategyConfig) -> TestRes
     let global = s.global()?;
     let mut updates = s.updates(0, &global)?;
     let common = updates[0].params.clone();
-    let steps = updates[0].num_steps;
+    let (steps, lr_sum) = (updates[0].num_steps, updates[0].lr_sum);
     for u in &mut updates {
         u.params = common.clone();
         u.num_steps = steps;
+        u.lr_sum = lr_sum;
     }
     let out = build(config)?.aggregate(0, &global, &updates)?;
     if updates.len() == 1 {
@@ -249,8 +250,44 @@ fn adaptive_first_step_follows_the_delta(s: &Scenario, config: &StrategyConfig) 
     Ok(())
 }
 
+/// FedNova normalises by each client's effective step (its `lr_sum`):
+/// with equal effective steps it is FedAvg whatever the step counts, and a
+/// client that moved at rate 0 takes no part in the normalisation.
+fn fednova_with_equal_steps_is_fedavg(s: &Scenario, lr_sum: f64) -> TestResult {
+    let mut nova = build(&config(r#"{"name": "fednova"}"#)?)?;
+    let mut avg = build(&config(r#"{"name": "fedavg"}"#)?)?;
+    let g = s.global()?;
+    let mut u = s.updates(0, &g)?;
+    for (i, x) in u.iter_mut().enumerate() {
+        x.lr_sum = lr_sum;
+        x.num_steps = 1 + i as u64;
+    }
+    let (on, oa) = (nova.aggregate(0, &g, &u)?, avg.aggregate(0, &g, &u)?);
+    for (x, y) in on.params.flat().zip(oa.params.flat()) {
+        assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
+    }
+    // A client at rate 0 is left out: adding one (its model equals the
+    // global one) changes nothing.
+    let mut with_idle = u.clone();
+    let mut idle = u[0].clone();
+    idle.client = ClientId(99);
+    idle.params = g.clone();
+    idle.lr_sum = 0.0;
+    with_idle.push(idle);
+    let with = build(&config(r#"{"name": "fednova"}"#)?)?.aggregate(0, &g, &with_idle)?;
+    for (x, y) in with.params.flat().zip(on.params.flat()) {
+        assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn fednova_with_equal_effective_steps_is_fedavg(s in arb_scenario(1, 1, 5), lr_sum in 1e-4f64..1.0) {
+        fednova_with_equal_steps_is_fedavg(&s, lr_sum).map_err(to_case_error)?;
+    }
 
     #[test]
     fn client_order_does_not_matter(s in arb_scenario(2, 1, 5)) {
