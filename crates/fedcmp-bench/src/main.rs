@@ -100,7 +100,6 @@ fn align_step(args: &AlignStepArgs) -> Result<()> {
             kind: ProjectorKind::Mlp2xGelu,
             input_dim: args.visual_dim,
             output_dim: config.hidden_size,
-            pool: 1,
         },
         0,
         DType::F32,
@@ -118,6 +117,7 @@ fn align_step(args: &AlignStepArgs) -> Result<()> {
         })
         .collect();
     let tokens = TokenizedCaptions {
+        separator: Vec::new(),
         prefix: Vec::new(),
         captions,
         pad_id: 2,

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
+use fedcmp_data::templates::CaptionStyle;
 use fedcmp_experiment::backbones::VisionChoice;
 use fedcmp_experiment::settings::{parse_strategy, TrainingKind};
 use fedcmp_experiment::{Layers, RunOptions};
@@ -29,6 +30,11 @@ fn strategy_help() -> String {
     )
 }
 
+/// A flag's text with `\n` and `\t` read as a newline and a tab.
+fn unescape(text: &str) -> Result<String, String> {
+    Ok(text.replace("\\n", "\n").replace("\\t", "\t"))
+}
+
 fn strategy(text: &str) -> Result<StrategyConfig, String> {
     parse_strategy(text).map_err(|e| e.to_string())
 }
@@ -40,6 +46,14 @@ pub struct RecipeArgs {
     /// Cap every source of the scenario at this many records.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// How template-captioned sources caption: varied, or content (the
+    /// class's zero-shot prompt) [default: the scenario's choice].
+    #[arg(long, value_parser = kebab::<CaptionStyle>)]
+    pub captions: Option<CaptionStyle>,
+    /// Unscored text between the visual tokens and the caption, e.g. '\n'
+    /// for a newline [default: none, LLaVA's plain layout].
+    #[arg(long, value_parser = unescape)]
+    pub caption_separator: Option<String>,
     /// Stop after this many rounds [default: one pass over every shard].
     #[arg(long)]
     pub rounds: Option<u64>,
@@ -82,6 +96,10 @@ pub struct RecipeArgs {
     /// Encoder input size in pixels [default: 112].
     #[arg(long)]
     pub image_size: Option<usize>,
+    /// Visual tokens per image, pooled from the encoder's grid (MobileNetV2
+    /// at 112 px: 16, 4 or 1) [default: the whole grid].
+    #[arg(long)]
+    pub visual_tokens: Option<usize>,
 }
 
 impl RecipeArgs {
@@ -89,6 +107,8 @@ impl RecipeArgs {
     pub fn options(&self) -> RunOptions {
         RunOptions {
             limit: self.limit,
+            captions: self.captions,
+            caption_separator: self.caption_separator.clone(),
             rounds: self.rounds,
             local_steps: self.local_steps,
             batch_size: self.batch_size,
@@ -103,6 +123,7 @@ impl RecipeArgs {
             llm: self.llm.clone(),
             vision: self.vision,
             image_size: self.image_size,
+            visual_tokens: self.visual_tokens,
             ..RunOptions::default()
         }
     }

@@ -127,6 +127,9 @@ pub struct FeatureCache {
     encoder_passes: usize,
     /// Images per shard file.
     shard_size: usize,
+    /// Visual tokens per image in batches (the patch grid pooled down;
+    /// `num_patches` = no pooling).
+    visual_tokens: usize,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
@@ -186,9 +189,30 @@ impl FeatureCache {
             index: HashMap::new(),
             encoder_passes: 0,
             shard_size: 512,
+            visual_tokens: encoder.num_patches(),
         };
         cache.load_shards()?;
         Ok(cache)
+    }
+
+    /// Batches with `tokens` visual tokens per image: the encoder's patch
+    /// grid average-pooled ([`fedcmp_model::vision::pool_grid`]). The cache
+    /// keeps the full grid, so runs with different token counts share it.
+    pub fn with_visual_tokens(mut self, tokens: usize) -> Result<Self> {
+        let probe = Tensor::zeros((1, self.num_patches, 1), DType::F32, &Device::Cpu)?;
+        fedcmp_model::vision::pool_grid(&probe, tokens)?;
+        self.visual_tokens = tokens;
+        Ok(self)
+    }
+
+    /// Visual tokens per image in [`FeatureCache::batch`].
+    pub fn visual_tokens(&self) -> usize {
+        self.visual_tokens
+    }
+
+    /// Patches the encoder gives per image.
+    pub fn num_patches(&self) -> usize {
+        self.num_patches
     }
 
     /// Images per shard file (default 512); smaller in tests.
@@ -405,13 +429,17 @@ impl FeatureCache {
         Ok(t.to_dtype(DType::F32)?)
     }
 
-    /// Features of several images stacked: (batch, n_patch, d_v) f32.
+    /// Features of several images stacked and pooled to the configured
+    /// visual tokens: (batch, tokens, d_v) f32.
     pub fn batch(&self, keys: &[&FeatureKey]) -> Result<Tensor> {
         let rows = keys
             .iter()
             .map(|k| self.get(k))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::stack(&rows, 0)?)
+        Ok(fedcmp_model::vision::pool_grid(
+            &Tensor::stack(&rows, 0)?,
+            self.visual_tokens,
+        )?)
     }
 }
 

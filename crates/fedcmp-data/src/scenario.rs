@@ -18,6 +18,7 @@ use crate::partition::{
     PartitionPlan, PartitionSpec, PartitionSummary, SplitSpec,
 };
 use crate::record::Corpus;
+use crate::templates::CaptionStyle;
 use crate::{DataError, Result};
 
 /// Who takes part in each round.
@@ -93,6 +94,10 @@ pub struct Scenario {
     pub participation: Participation,
     #[serde(default)]
     pub concepts: Concepts,
+    /// How template-captioned sources caption their images: `varied`
+    /// (default) or `content` (the class's zero-shot prompt).
+    #[serde(default)]
+    pub captions: CaptionStyle,
 }
 
 /// The standard scenarios, by name.
@@ -276,7 +281,9 @@ impl Scenario {
         base_dir: &Path,
         clusters: &mut ClusterFn<'_>,
     ) -> Result<Federation> {
-        let env = SourceEnv::new(cache_root).with_base_dir(base_dir);
+        let env = SourceEnv::new(cache_root)
+            .with_base_dir(base_dir)
+            .with_captions(self.captions);
         let mut corpus = Corpus::default();
         for spec in &self.sources {
             corpus.extend(load_source(spec, &env)?);

@@ -10,6 +10,20 @@ use serde::Deserialize;
 
 use crate::{DataError, Result};
 
+/// How template-captioned sources caption their images.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaptionStyle {
+    /// A template and a class name drawn per image (varied phrasing: most
+    /// scored tokens carry style, not content).
+    #[default]
+    Varied,
+    /// The domain's first template with the class's first name, for every
+    /// image: the caption is the class's zero-shot prompt, so the scored
+    /// tokens carry the image's content (ALGORITHMS.md §7.1).
+    Content,
+}
+
 /// One domain's caption style.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -72,6 +86,23 @@ impl CaptionTemplates {
         Some(fill(template, name))
     }
 
+    /// A caption for class `label` in `style` (`rng` is drawn from only for
+    /// varied captions); None for an unknown class.
+    pub fn caption_in(
+        &self,
+        style: CaptionStyle,
+        label: usize,
+        rng: &mut impl Rng,
+    ) -> Option<String> {
+        match style {
+            CaptionStyle::Varied => self.caption(label, rng),
+            CaptionStyle::Content => {
+                let name = self.classes.get(label)?.names.first()?;
+                Some(fill(self.templates.first()?, name))
+            }
+        }
+    }
+
     /// The canonical (first) name of each class, for zero-shot prompts.
     pub fn class_names(&self) -> Vec<&str> {
         self.classes
@@ -114,6 +145,23 @@ mod tests {
             .iter()
             .all(|c| c.chars().next().is_some_and(char::is_uppercase)));
         assert!(t.caption(10, &mut ChaCha8Rng::seed_from_u64(0)).is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn content_captions_are_the_zero_shot_prompts() -> Result<()> {
+        let t = CaptionTemplates::fashion_mnist()?;
+        for seed in 0..5 {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            for (label, name) in t.class_names().iter().enumerate() {
+                let caption = t.caption_in(CaptionStyle::Content, label, &mut rng);
+                assert_eq!(caption, Some(fill(&t.templates[0], name)));
+            }
+        }
+        assert_eq!(
+            t.caption_in(CaptionStyle::Content, 10, &mut ChaCha8Rng::seed_from_u64(0)),
+            None
+        );
         Ok(())
     }
 

@@ -4,7 +4,6 @@
 //! evaluation suite over the test split. Assembled once; every run of a
 //! comparison reuses it.
 
-use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -20,8 +19,9 @@ use fedcmp_runtime::client::{ClientData, Sample};
 use fedcmp_runtime::eval::Evaluator;
 use fedcmp_runtime::suite::{Domain, Item, Scorer, Suite, SuiteConfig};
 
-use crate::backbones::{self, BackboneSettings};
+use crate::backbones;
 use crate::events::{Observer, Stage};
+use crate::settings::DataSettings;
 use crate::Result;
 
 /// A scenario ready to train and evaluate on.
@@ -43,37 +43,35 @@ pub struct Experiment {
 }
 
 impl Experiment {
-    /// Loads `scenario` (a built-in name or a TOML file) and assembles it.
+    /// Loads the scenario of `data` (a built-in name or a TOML file) and
+    /// assembles it: builds its federation (sources capped at the limit,
+    /// captions in the chosen style), loads the backbones, caches every
+    /// image's features (served with the chosen number of visual tokens)
+    /// and lays pairs out with the chosen separator.
     pub fn assemble(
         root: &Path,
-        scenario: &str,
-        limit: Option<NonZeroUsize>,
-        backbones: &BackboneSettings,
-        suite: SuiteConfig,
-        observer: &dyn Observer,
-    ) -> Result<Self> {
-        let (scenario, base) = Scenario::load(scenario)?;
-        Self::assemble_scenario(root, scenario, &base, limit, backbones, suite, observer)
-    }
-
-    /// Assembles `scenario` (relative paths in it start at `base`),
-    /// optionally with every source capped at `limit` records: builds its
-    /// federation, loads the backbones and caches every image's features.
-    pub fn assemble_scenario(
-        root: &Path,
-        mut scenario: Scenario,
-        base: &Path,
-        limit: Option<NonZeroUsize>,
-        backbone_settings: &BackboneSettings,
+        data: &DataSettings,
         suite_config: SuiteConfig,
         observer: &dyn Observer,
     ) -> Result<Self> {
-        if let Some(limit) = limit {
+        let (mut scenario, base) = Scenario::load(&data.scenario)?;
+        if let Some(limit) = data.limit {
             scenario.cap_sources(limit);
         }
-        let federation = crate::federation::build(root, &scenario, base, observer)?;
-        let loaded = backbones::load(root, backbone_settings, observer)?;
+        if let Some(style) = data.captions {
+            scenario.captions = style;
+        }
+        let federation = crate::federation::build(root, &scenario, &base, observer)?;
+        let loaded = backbones::load(root, &data.backbones, observer)?;
         let mut cache = backbones::feature_cache(root, loaded.encoder.as_ref())?;
+        if let Some(tokens) = data.backbones.visual_tokens {
+            cache = cache.with_visual_tokens(tokens).map_err(|e| {
+                crate::ExperimentError::from(e).context(format!(
+                    "visual-tokens = {tokens} with {}",
+                    loaded.encoder.identity()
+                ))
+            })?;
+        }
         let corpus = &federation.corpus;
         let keys = backbones::cache_features(
             &mut cache,
@@ -150,7 +148,10 @@ impl Experiment {
             validation,
             test,
             suite,
-            template: CaptionTemplate::plain(),
+            template: CaptionTemplate {
+                separator: data.caption_separator.clone(),
+                ..CaptionTemplate::plain()
+            },
         })
     }
 
@@ -161,7 +162,6 @@ impl Experiment {
                 kind,
                 input_dim: self.feature_dim,
                 output_dim: self.decoder.config().hidden_size,
-                pool: 1,
             },
             seed,
             DType::F32,

@@ -52,6 +52,9 @@ pub struct BackboneSettings {
     pub vision: VisionChoice,
     /// Encoder input size in pixels.
     pub image_size: usize,
+    /// Visual tokens per image, pooled from the encoder's grid (None: the
+    /// whole grid).
+    pub visual_tokens: Option<usize>,
 }
 
 /// The frozen decoder with its tokenizer, and the frozen vision encoder.

@@ -203,14 +203,7 @@ pub fn run(
     fresh: bool,
     observer: &dyn Observer,
 ) -> Result<RunReport> {
-    let experiment = Experiment::assemble(
-        root,
-        &settings.scenario,
-        settings.limit,
-        &settings.backbones,
-        SuiteConfig::default(),
-        observer,
-    )?;
+    let experiment = Experiment::assemble(root, &settings.data, SuiteConfig::default(), observer)?;
     run_on(&experiment, settings, fresh, observer)
 }
 

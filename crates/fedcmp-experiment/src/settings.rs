@@ -41,6 +41,8 @@ use fedcmp_model::projector::ProjectorKind;
 use fedcmp_strategy::config::StrategyConfig;
 use serde::{Deserialize, Deserializer, Serialize};
 
+use fedcmp_data::templates::CaptionStyle;
+
 use crate::backbones::{BackboneSettings, VisionChoice};
 use crate::{ExperimentError, Result};
 
@@ -69,6 +71,14 @@ pub struct RunOptions {
     /// Cap every source of the scenario at this many records.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
+    /// How template-captioned sources caption: varied or content (default:
+    /// the scenario's own choice).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub captions: Option<CaptionStyle>,
+    /// Text between the visual tokens and the caption, not scored (default
+    /// none: LLaVA's plain layout).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caption_separator: Option<String>,
     /// federated, centralized or local-only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainingKind>,
@@ -122,6 +132,11 @@ pub struct RunOptions {
     /// Encoder input size in pixels.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub image_size: Option<usize>,
+    /// Visual tokens per image: the encoder's patch grid average-pooled to
+    /// a square number (MobileNetV2 at 112 px: 16, 4 or 1; default: the
+    /// whole grid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub visual_tokens: Option<usize>,
     /// Folder for run folders.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub out: Option<PathBuf>,
@@ -136,9 +151,11 @@ pub struct RunOptions {
 }
 
 /// Every option key, in file order.
-pub const KEYS: [&str; 21] = [
+pub const KEYS: [&str; 24] = [
     "scenario",
     "limit",
+    "captions",
+    "caption-separator",
     "training",
     "seed",
     "rounds",
@@ -156,6 +173,7 @@ pub const KEYS: [&str; 21] = [
     "llm",
     "vision",
     "image-size",
+    "visual-tokens",
     "out",
     "strategy",
 ];
@@ -435,16 +453,28 @@ pub struct Protocol {
     pub failure_limit: NonZeroU32,
 }
 
+/// What an experiment is assembled from: the scenario and its data, how a
+/// pair becomes a token sequence, and the frozen backbones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataSettings {
+    /// A built-in scenario name or a scenario file.
+    pub scenario: String,
+    pub limit: Option<NonZeroUsize>,
+    /// Overrides the scenario's caption style.
+    pub captions: Option<CaptionStyle>,
+    /// Unscored text between the visual tokens and the caption.
+    pub caption_separator: String,
+    pub backbones: BackboneSettings,
+}
+
 /// Resolved, validated settings of one run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunSettings {
-    pub scenario: String,
-    pub limit: Option<NonZeroUsize>,
+    pub data: DataSettings,
     pub training: Training,
     pub seed: u64,
     pub recipe: Recipe,
     pub protocol: Protocol,
-    pub backbones: BackboneSettings,
     pub out: PathBuf,
 }
 
@@ -555,9 +585,23 @@ impl RunSettings {
                 "must name a scenario or a scenario file",
             ));
         }
+        let visual_tokens = o
+            .visual_tokens
+            .map(|n| nz_usize("visual-tokens", Some(n), 1).map(NonZeroUsize::get))
+            .transpose()?;
         Ok(Self {
-            scenario,
-            limit: o.limit.map(|l| nz_usize("limit", Some(l), 1)).transpose()?,
+            data: DataSettings {
+                scenario,
+                limit: o.limit.map(|l| nz_usize("limit", Some(l), 1)).transpose()?,
+                captions: o.captions,
+                caption_separator: o.caption_separator.unwrap_or_default(),
+                backbones: BackboneSettings {
+                    llm: o.llm,
+                    vision: o.vision.unwrap_or_default(),
+                    image_size: nz_usize("image-size", o.image_size, 112)?.get(),
+                    visual_tokens,
+                },
+            },
             training,
             seed: o.seed.unwrap_or(0),
             recipe: Recipe {
@@ -577,11 +621,6 @@ impl RunSettings {
                 failure_limit: NonZeroU32::new(failure_limit)
                     .ok_or_else(|| r.fail("failure-limit", 0, "must be at least 1"))?,
             },
-            backbones: BackboneSettings {
-                llm: o.llm,
-                vision: o.vision.unwrap_or_default(),
-                image_size: nz_usize("image-size", o.image_size, 112)?.get(),
-            },
             out: o.out.unwrap_or_else(|| PathBuf::from("runs")),
         })
     }
@@ -594,9 +633,12 @@ impl RunSettings {
             Training::Centralized => (TrainingKind::Centralized, None),
             Training::LocalOnly => (TrainingKind::LocalOnly, None),
         };
+        let data = &self.data;
         RunOptions {
-            scenario: Some(self.scenario.clone()),
-            limit: self.limit.map(NonZeroUsize::get),
+            scenario: Some(data.scenario.clone()),
+            limit: data.limit.map(NonZeroUsize::get),
+            captions: data.captions,
+            caption_separator: Some(data.caption_separator.clone()),
             training: Some(training),
             seed: Some(self.seed),
             rounds: self.recipe.rounds.map(NonZeroU64::get),
@@ -611,9 +653,10 @@ impl RunSettings {
             quorum: Some(self.protocol.quorum.get()),
             round_deadline: self.protocol.round_deadline.map(|d| d.as_secs_f64()),
             failure_limit: Some(self.protocol.failure_limit.get()),
-            llm: self.backbones.llm.clone(),
-            vision: Some(self.backbones.vision),
-            image_size: Some(self.backbones.image_size),
+            llm: data.backbones.llm.clone(),
+            vision: Some(data.backbones.vision),
+            image_size: Some(data.backbones.image_size),
+            visual_tokens: data.backbones.visual_tokens,
             out: Some(self.out.clone()),
             strategy,
         }

@@ -16,7 +16,7 @@
 use candle_core::Tensor;
 
 use crate::error::{ModelError, Result};
-use crate::llm::decoder::{FrozenDecoder, LossTargets};
+use crate::llm::decoder::{FrozenDecoder, KvCache, LossTargets};
 use crate::optim::AdamW;
 use crate::projector::Projector;
 use crate::tokenizer::TextTokenizer;
@@ -32,6 +32,10 @@ pub struct CaptionTemplate {
     pub add_bos: bool,
     /// Text before the image (not scored).
     pub prefix: String,
+    /// Text between the image and the caption (not scored). LLaVA's plain
+    /// layout has none; one newline there made the first caption token
+    /// learnable (ALGORITHMS.md §7.1).
+    pub separator: String,
     /// Text after the caption (scored, like LLaVA's `plain` separator).
     pub suffix: String,
     /// Captions longer than this many tokens (suffix included) are cut.
@@ -44,17 +48,20 @@ impl CaptionTemplate {
         Self {
             add_bos: true,
             prefix: String::new(),
+            separator: String::new(),
             suffix: "\n".to_string(),
             max_caption_tokens: 64,
         }
     }
 }
 
-/// Caption token ids ready to batch: the tokenised prefix shared by every
-/// sample, and per sample the scored ids (caption + suffix).
+/// Caption token ids ready to batch: the tokenised prefix and separator
+/// shared by every sample, and per sample the scored ids (caption +
+/// suffix).
 #[derive(Debug, Clone)]
 pub struct TokenizedCaptions {
     pub prefix: Vec<u32>,
+    pub separator: Vec<u32>,
     pub captions: Vec<Vec<u32>>,
     pub pad_id: u32,
 }
@@ -76,11 +83,15 @@ impl TokenizedCaptions {
         if !template.prefix.is_empty() {
             prefix.extend(tokenizer.encode(&template.prefix)?);
         }
-        let suffix = if template.suffix.is_empty() {
-            Vec::new()
-        } else {
-            tokenizer.encode(&template.suffix)?
+        let encode = |text: &str| -> Result<Vec<u32>> {
+            if text.is_empty() {
+                Ok(Vec::new())
+            } else {
+                tokenizer.encode(text)
+            }
         };
+        let suffix = encode(&template.suffix)?;
+        let separator = encode(&template.separator)?;
         let mut out = Vec::with_capacity(captions.len());
         for caption in captions {
             let mut ids = tokenizer.encode(caption)?;
@@ -95,6 +106,7 @@ impl TokenizedCaptions {
         }
         Ok(Self {
             prefix,
+            separator,
             captions: out,
             pad_id: tokenizer.pad_id(),
         })
@@ -108,6 +120,8 @@ pub struct AlignmentBatch {
     pub features: Tensor,
     /// Embeddings of the shared prefix (batch, prefix_len, d_llm), if any.
     prefix_embeds: Option<Tensor>,
+    /// Embeddings of the shared separator (batch, sep_len, d_llm), if any.
+    separator_embeds: Option<Tensor>,
     /// Embeddings of the padded caption ids (batch, max_len, d_llm).
     caption_embeds: Tensor,
     targets: LossTargets,
@@ -136,7 +150,8 @@ impl AlignmentBatch {
         if max_len == 0 {
             return Err(ModelError::InvalidInput("empty batch".to_string()));
         }
-        let time = p + n_vis + max_len;
+        let sep = tokens.separator.len();
+        let time = p + n_vis + sep + max_len;
         let mut padded = Vec::with_capacity(b * max_len);
         let mut positions = Vec::new();
         let mut labels = Vec::new();
@@ -145,19 +160,23 @@ impl AlignmentBatch {
             padded.extend(std::iter::repeat_n(tokens.pad_id, max_len - ids.len()));
             for (j, &id) in ids.iter().enumerate() {
                 // The token at sequence position s is predicted at s - 1.
-                let s = p + n_vis + j;
+                let s = p + n_vis + sep + j;
                 positions.push((row * time + s - 1) as u32);
                 labels.push(id);
             }
         }
         let caption_ids = Tensor::from_vec(padded, (b, max_len), device)?;
         let caption_embeds = decoder.embed_tokens(&caption_ids)?;
-        let prefix_embeds = if p == 0 {
-            None
-        } else {
-            let ids: Vec<u32> = (0..b).flat_map(|_| tokens.prefix.iter().copied()).collect();
-            Some(decoder.embed_tokens(&Tensor::from_vec(ids, (b, p), device)?)?)
+        let shared = |ids: &[u32]| -> Result<Option<Tensor>> {
+            if ids.is_empty() {
+                return Ok(None);
+            }
+            let all: Vec<u32> = (0..b).flat_map(|_| ids.iter().copied()).collect();
+            let t = Tensor::from_vec(all, (b, ids.len()), device)?;
+            Ok(Some(decoder.embed_tokens(&t)?))
         };
+        let prefix_embeds = shared(&tokens.prefix)?;
+        let separator_embeds = shared(&tokens.separator)?;
         let n = labels.len();
         let targets = LossTargets {
             positions: Tensor::from_vec(positions, n, device)?,
@@ -166,6 +185,7 @@ impl AlignmentBatch {
         Ok(Self {
             features: features.to_dtype(decoder.dtype())?,
             prefix_embeds,
+            separator_embeds,
             caption_embeds,
             targets,
             tokens_per_sample: tokens.captions.iter().map(Vec::len).collect(),
@@ -196,11 +216,14 @@ impl AlignmentBatch {
 
     /// The decoder input with `visual` in place of the image.
     fn inputs(&self, visual: &Tensor) -> Result<Tensor> {
-        let mut parts = Vec::with_capacity(3);
+        let mut parts = Vec::with_capacity(4);
         if let Some(prefix) = &self.prefix_embeds {
             parts.push(prefix.clone());
         }
         parts.push(visual.clone());
+        if let Some(separator) = &self.separator_embeds {
+            parts.push(separator.clone());
+        }
         parts.push(self.caption_embeds.clone());
         Ok(Tensor::cat(&parts, 1)?)
     }
@@ -309,14 +332,15 @@ pub fn train_step(
 }
 
 /// Greedy decoding of a caption for one image: `features` (1, n, d_v),
-/// `prefix` the template's prefix ids. Stops at any of `stop_ids` or after
-/// `max_new_tokens`. Recomputes the whole sequence per token (no KV cache):
-/// captions are short and this is for people to read, not a hot path.
+/// `prefix` and `separator` the template's ids before and after the image.
+/// Stops at any of `stop_ids` or after `max_new_tokens`. The context is
+/// run once; each new token costs only its own position (a KV cache).
 pub fn generate_caption(
     decoder: &FrozenDecoder,
     projector: &Projector,
     features: &Tensor,
     prefix: &[u32],
+    separator: &[u32],
     stop_ids: &[u32],
     max_new_tokens: usize,
 ) -> Result<Vec<u32>> {
@@ -330,10 +354,15 @@ pub fn generate_caption(
         parts.push(decoder.embed_tokens(&ids)?);
     }
     parts.push(visual);
+    if !separator.is_empty() {
+        let ids = Tensor::from_vec(separator.to_vec(), (1, separator.len()), device)?;
+        parts.push(decoder.embed_tokens(&ids)?);
+    }
     let mut inputs = Tensor::cat(&parts, 1)?;
+    let mut cache = KvCache::default();
     let mut out = Vec::new();
     for _ in 0..max_new_tokens {
-        let logits = decoder.logits(&inputs)?;
+        let logits = decoder.logits_cached(&inputs, &mut cache)?;
         let t = logits.dims()[1];
         let next = logits
             .narrow(1, t - 1, 1)?
@@ -344,8 +373,7 @@ pub fn generate_caption(
             break;
         }
         out.push(next);
-        let embedded = decoder.embed_tokens(&Tensor::new(&[[next]], device)?)?;
-        inputs = Tensor::cat(&[inputs, embedded], 1)?;
+        inputs = decoder.embed_tokens(&Tensor::new(&[[next]], device)?)?;
     }
     Ok(out)
 }

@@ -4,9 +4,9 @@
 //! the only thing a federated client ever sends.
 //!
 //! Kinds (LLaVA names): `linear` = one Linear(d_v -> d_llm); `mlp2x_gelu` =
-//! Linear(d_v -> d_llm), GELU, Linear(d_llm -> d_llm). Optional average
-//! pooling of the patch grid (e.g. 24x24 -> 12x12) runs before it and has no
-//! parameters.
+//! Linear(d_v -> d_llm), GELU, Linear(d_llm -> d_llm). Fewer visual
+//! tokens (average pooling of the patch grid, [`crate::vision::pool_grid`])
+//! are the features' business, not the projector's: it has no parameters.
 
 use std::fmt;
 use std::str::FromStr;
@@ -57,8 +57,6 @@ pub struct ProjectorConfig {
     pub input_dim: usize,
     /// Width of the LLM embeddings (d_llm).
     pub output_dim: usize,
-    /// Average-pool the patch grid by this factor per side (1 = off).
-    pub pool: usize,
 }
 
 /// A projector whose parameters are candle variables, in a fixed order with
@@ -81,9 +79,9 @@ impl Projector {
     /// PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
     /// weights and biases.
     pub fn new(config: ProjectorConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
-        if config.input_dim == 0 || config.output_dim == 0 || config.pool == 0 {
+        if config.input_dim == 0 || config.output_dim == 0 {
             return Err(ModelError::InvalidInput(format!(
-                "projector dimensions and pool must be positive, got {config:?}"
+                "projector dimensions must be positive, got {config:?}"
             )));
         }
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -149,32 +147,6 @@ impl Projector {
             var.set(&value.to_dtype(var.dtype())?)?;
         }
         Ok(())
-    }
-
-    /// Pools the patch grid of `features` (batch, n_patch, d_v) when the
-    /// config asks for it; `grid_side` is the encoder's grid.
-    pub fn pool_features(&self, features: &Tensor, grid_side: Option<usize>) -> Result<Tensor> {
-        if self.config.pool == 1 {
-            return Ok(features.clone());
-        }
-        let (b, n, d) = features.dims3()?;
-        let side = grid_side.filter(|s| s * s == n).ok_or_else(|| {
-            ModelError::InvalidInput(format!(
-                "pooling needs a square patch grid, got {n} patches (grid side {grid_side:?})"
-            ))
-        })?;
-        let k = self.config.pool;
-        if side % k != 0 {
-            return Err(ModelError::InvalidInput(format!(
-                "pool factor {k} does not divide the {side}x{side} patch grid"
-            )));
-        }
-        let grid = features
-            .reshape((b, side, side, d))?
-            .permute((0, 3, 1, 2))?;
-        let pooled = grid.contiguous()?.avg_pool2d(k)?;
-        let s = side / k;
-        Ok(pooled.permute((0, 2, 3, 1))?.reshape((b, s * s, d))?)
     }
 
     /// Visual tokens: (batch, n, d_v) -> (batch, n, d_llm), tracked by

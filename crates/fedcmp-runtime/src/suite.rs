@@ -308,14 +308,15 @@ impl Scorer<'_> {
         key: &FeatureKey,
         max_tokens: usize,
     ) -> Result<String> {
-        let prefix = TokenizedCaptions::new(self.tokenizer, self.template, &["x"])?.prefix;
+        let layout = TokenizedCaptions::new(self.tokenizer, self.template, &["x"])?;
         let mut stops = self.tokenizer.encode("\n")?;
         stops.extend(self.tokenizer.eos_id());
         let ids = generate_caption(
             self.decoder,
             projector,
             &self.cache.batch(&[key])?,
-            &prefix,
+            &layout.prefix,
+            &layout.separator,
             &stops,
             max_tokens,
         )?;

@@ -189,6 +189,7 @@ fn write_report(
                 "{r} rounds"
             )),
         template
+            .data
             .limit
             .map_or("no cap".to_string(), |l| l.to_string()),
     );

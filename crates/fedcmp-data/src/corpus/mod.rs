@@ -273,6 +273,8 @@ pub struct SourceEnv {
     /// Relative spec paths resolve against this (empty: the working
     /// directory).
     pub base_dir: PathBuf,
+    /// How template-captioned sources caption their images.
+    pub captions: crate::templates::CaptionStyle,
 }
 
 impl SourceEnv {
@@ -281,7 +283,14 @@ impl SourceEnv {
         Self {
             cache_root: cache_root.into(),
             base_dir: PathBuf::new(),
+            captions: crate::templates::CaptionStyle::default(),
         }
+    }
+
+    /// Template-captioned sources caption in `style`.
+    pub fn with_captions(mut self, style: crate::templates::CaptionStyle) -> Self {
+        self.captions = style;
+        self
     }
 
     /// Relative spec paths start from `dir` (a scenario file's folder).

@@ -29,7 +29,7 @@ use serde::Deserialize;
 use super::{caption_rng, select, SourceEnv, Split};
 use crate::idx;
 use crate::record::{Corpus, ImageSource, RawImage, Record};
-use crate::templates::CaptionTemplates;
+use crate::templates::{CaptionStyle, CaptionTemplates};
 use crate::{DataError, Result};
 
 /// Catalogue asset of Fashion-MNIST.
@@ -174,7 +174,7 @@ pub fn fashion_mnist(
             format!("{}/{i}", split.as_str()),
             image,
             u32::from(labels[i]),
-            &t,
+            (&t, env.captions),
             caption_rng(seed, stream_base + i as u64),
             &labels_path,
         )?);
@@ -249,7 +249,7 @@ pub fn mnist(
             format!("all/{i}"),
             image,
             d as u32,
-            &t,
+            (&t, env.captions),
             caption_rng(seed, i as u64),
             path,
         )?);
@@ -314,7 +314,7 @@ pub fn sklearn_digits(
             format!("all/{i}"),
             raw_gray(8, 8, pixels.clone()),
             *label,
-            &t,
+            (&t, env.captions),
             caption_rng(seed, i as u64),
             &path,
         )?);
@@ -366,7 +366,7 @@ pub fn textile(
             format!("{class}/{number}"),
             ImageSource::File(path.clone()),
             label as u32,
-            &t,
+            (&t, env.captions),
             caption_rng(seed, i as u64),
             &path,
         )?);
@@ -507,12 +507,12 @@ fn labelled_record(
     local: String,
     image: ImageSource,
     label: u32,
-    t: &CaptionTemplates,
+    (t, style): (&CaptionTemplates, CaptionStyle),
     mut rng: rand_chacha::ChaCha8Rng,
     file: &Path,
 ) -> Result<Record> {
     let caption = t
-        .caption(label as usize, &mut rng)
+        .caption_in(style, label as usize, &mut rng)
         .ok_or_else(|| DataError::Malformed {
             path: file.to_path_buf(),
             message: format!("label {label} has no class in the caption templates"),

@@ -263,6 +263,8 @@ fn pinned_text(template: &RunSettings, suite: SuiteConfig) -> Result<String> {
 /// One scenario's cells, with what they share.
 struct Scene<'a> {
     experiment: &'a Experiment,
+    /// What the experiment was assembled from.
+    data: crate::settings::DataSettings,
     template: &'a RunSettings,
     plan: &'a Plan,
     observer: &'a dyn Observer,
@@ -272,7 +274,7 @@ struct Scene<'a> {
 impl Scene<'_> {
     fn settings(&self, training: Training, seed: u64) -> RunSettings {
         RunSettings {
-            scenario: self.experiment.scenario.name.clone(),
+            data: self.data.clone(),
             training,
             seed,
             ..self.template.clone()
@@ -568,16 +570,14 @@ pub fn run(
     let failed = Mutex::new(Vec::new());
     let mut reported = Vec::new();
     for scenario in &plan.scenarios {
-        let experiment = Experiment::assemble(
-            root,
-            scenario,
-            template.limit,
-            &template.backbones,
-            plan.suite,
-            observer,
-        )?;
+        let data = crate::settings::DataSettings {
+            scenario: scenario.clone(),
+            ..template.data.clone()
+        };
+        let experiment = Experiment::assemble(root, &data, plan.suite, observer)?;
         let scene = Scene {
             experiment: &experiment,
+            data,
             template,
             plan,
             observer,

@@ -67,9 +67,7 @@ impl World {
     fn experiment(&self, settings: &RunSettings) -> Result<Experiment> {
         Ok(Experiment::assemble(
             &self.cache(),
-            &settings.scenario,
-            settings.limit,
-            &settings.backbones,
+            &settings.data,
             small_suite(),
             &Silent,
         )?)
@@ -262,5 +260,41 @@ fn a_missing_scenario_file_is_named() -> Result<()> {
         .map(|e| e.to_string())
         .context("a missing scenario was accepted")?;
     assert!(message.contains("no/such/scenario.toml"), "{message}");
+    Ok(())
+}
+
+/// The recipe's data knobs reach the experiment: pooled visual tokens in
+/// every batch, the separator in the caption layout; a token count the
+/// encoder's grid cannot give is refused, naming the key.
+#[test]
+fn visual_tokens_and_the_separator_take_effect() -> Result<()> {
+    let w = world()?;
+    let settings = w.settings(RunOptions {
+        visual_tokens: Some(1),
+        caption_separator: Some("\n".into()),
+        ..RunOptions::default()
+    })?;
+    let experiment = w.experiment(&settings)?;
+    assert_eq!(experiment.cache.num_patches(), 4, "patch-means at 8 px");
+    assert_eq!(experiment.cache.visual_tokens(), 1);
+    let key = &experiment.clients[0].samples[0].key;
+    assert_eq!(experiment.cache.batch(&[key])?.dims()[1], 1);
+    assert_eq!(experiment.template.separator, "\n");
+    let report = run_on(&experiment, &settings, false, &Silent)?;
+    let Measured::Trained(r) = &report.measured else {
+        anyhow::bail!("no training");
+    };
+    assert!(r.test_nll.r#final < r.test_nll.init);
+
+    let bad = w.settings(RunOptions {
+        visual_tokens: Some(3),
+        ..RunOptions::default()
+    })?;
+    let message = w
+        .experiment(&bad)
+        .err()
+        .map(|e| e.to_string())
+        .context("3 visual tokens from a 2x2 grid were accepted")?;
+    assert!(message.contains("visual-tokens = 3"), "{message}");
     Ok(())
 }

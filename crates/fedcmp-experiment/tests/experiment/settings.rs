@@ -28,6 +28,8 @@ fn every_option_key_is_listed_and_maps_to_its_variable() -> Result<()> {
     let full = RunOptions {
         scenario: Some("iid".into()),
         limit: Some(1),
+        captions: Some(Default::default()),
+        caption_separator: Some("\n".into()),
         training: Some(TrainingKind::Federated),
         seed: Some(1),
         rounds: Some(1),
@@ -45,6 +47,7 @@ fn every_option_key_is_listed_and_maps_to_its_variable() -> Result<()> {
         llm: Some("x.gguf".into()),
         vision: Some(Default::default()),
         image_size: Some(1),
+        visual_tokens: Some(4),
         out: Some("o".into()),
         strategy: Some(StrategyConfig::default()),
     };
@@ -96,7 +99,7 @@ fn flags_beat_the_environment_which_beats_the_file_which_beats_defaults() -> Res
         2,
         "defaults where nothing else sets it"
     );
-    assert_eq!(s.scenario, "iid", "a string from the environment");
+    assert_eq!(s.data.scenario, "iid", "a string from the environment");
     assert_eq!(s.seed, 9);
     assert_eq!(s.protocol.checkpoint_every.get(), 5, "the built-in default");
     match &s.training {
@@ -237,6 +240,14 @@ fn any_options() -> impl Strategy<Value = RunOptions> {
             proptest::option::of(0u32..5),
             strategies,
         ),
+        (
+            proptest::option::of(prop_oneof![
+                Just(fedcmp_data::templates::CaptionStyle::Varied),
+                Just(fedcmp_data::templates::CaptionStyle::Content)
+            ]),
+            proptest::option::of(prop_oneof![Just(""), Just("\n"), Just(" \"quoted\" ")]),
+            proptest::option::of(0usize..20),
+        ),
     )
         .prop_map(
             |(
@@ -251,7 +262,11 @@ fn any_options() -> impl Strategy<Value = RunOptions> {
                     failure_limit,
                     strategy,
                 ),
+                (captions, caption_separator, visual_tokens),
             )| RunOptions {
+                captions,
+                caption_separator: caption_separator.map(String::from),
+                visual_tokens,
                 scenario,
                 limit,
                 training,
@@ -309,7 +324,15 @@ fn a_settings_file_names_every_resolved_value() -> Result<()> {
     let text = s.to_toml()?;
     let table: toml::Table = toml::from_str(&text)?;
     for key in KEYS {
-        let optional = ["limit", "rounds", "round-deadline", "llm"].contains(&key);
+        let optional = [
+            "limit",
+            "rounds",
+            "round-deadline",
+            "llm",
+            "captions",
+            "visual-tokens",
+        ]
+        .contains(&key);
         assert_eq!(table.contains_key(key), !optional, "{key} in\n{text}");
     }
     let strategy = table.get("strategy").context("strategy")?;

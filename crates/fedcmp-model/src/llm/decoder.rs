@@ -74,6 +74,26 @@ pub struct DecoderTrace {
     rope: Rope,
 }
 
+/// Keys and values of every layer for the positions fed so far to
+/// [`FrozenDecoder::logits_cached`] (empty to start a sequence).
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True before anything was fed.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// Positions where the loss is taken and the tokens expected there.
 #[derive(Debug, Clone)]
 pub struct LossTargets {
@@ -127,6 +147,15 @@ impl Rope {
 
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::rotary_emb::rope(x, &self.cos, &self.sin)?)
+    }
+
+    /// The rotation for positions `start..start + len` only.
+    fn window(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            cos: self.cos.narrow(0, start, len)?,
+            sin: self.sin.narrow(0, start, len)?,
+            neg_sin: self.neg_sin.narrow(0, start, len)?,
+        })
     }
 
     /// The rotation is orthogonal, so its transpose is the rotation by -angle.
@@ -334,6 +363,110 @@ impl FrozenDecoder {
         let (b, t, d) = hidden.dims3()?;
         let logits = linear(&hidden.reshape((b * t, d))?, &self.lm_head, None)?;
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// Logits at the positions of `new_embeds` (batch, t_new, hidden), which
+    /// follow the positions already in `cache`; the new keys and values are
+    /// appended to it. Feeding a sequence in pieces gives the logits of
+    /// [`Self::logits`] on the whole (up to float rounding), each piece
+    /// costing only its own positions: greedy decoding without recomputing
+    /// the prefix.
+    pub fn logits_cached(&self, new_embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t, d) = new_embeds.dims3()?;
+        if d != self.config.hidden_size {
+            return Err(ModelError::InvalidInput(format!(
+                "input embeddings have width {d}, the decoder expects {}",
+                self.config.hidden_size
+            )));
+        }
+        if cache.layers.len() != self.layers.len() && !cache.layers.is_empty() {
+            return Err(ModelError::InvalidInput(
+                "the KV cache belongs to another decoder".to_string(),
+            ));
+        }
+        let start = cache.len;
+        let rope =
+            Rope::new(&self.config, start + t, self.dtype(), self.device())?.window(start, t)?;
+        // New position i (absolute start + i) sees every position up to it.
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                (0..start + t).map(move |j| {
+                    if j > start + i {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, start + t), self.device())?.to_dtype(self.dtype())?;
+        let mut x = new_embeds.contiguous()?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let past = cache.layers.get(i).cloned();
+            let (out, k, v) = self.layer_forward_cached(layer, &x, &rope, &mask, past, (b, t))?;
+            if i < cache.layers.len() {
+                cache.layers[i] = (k, v);
+            } else {
+                cache.layers.push((k, v));
+            }
+            x = out;
+        }
+        cache.len += t;
+        let inv = inv_rms(&x, self.config.rms_norm_eps)?;
+        let hidden = rms_apply(&x, &inv, &self.final_norm)?;
+        let logits = linear(&hidden.reshape((b * t, d))?, &self.lm_head, None)?;
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// One block on new positions, attending to `past` keys and values
+    /// (b, nkv, t_past, hd) too; returns its output and all keys and
+    /// values so far.
+    fn layer_forward_cached(
+        &self,
+        l: &DecoderLayer,
+        x: &Tensor,
+        rope: &Rope,
+        mask: &Tensor,
+        past: Option<(Tensor, Tensor)>,
+        (b, t): (usize, usize),
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.config;
+        let (nh, nkv, hd, g) = (c.num_heads, c.num_kv_heads, c.head_dim, c.group_size());
+        let d = c.hidden_size;
+        let inv = inv_rms(x, c.rms_norm_eps)?;
+        let xn = rms_apply(x, &inv, &l.attn_norm)?.reshape((b * t, d))?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = rope.apply(&heads(linear(&xn, &l.wq, l.bq.as_ref())?, nh)?)?;
+        let k_new = rope.apply(&heads(linear(&xn, &l.wk, l.bk.as_ref())?, nkv)?)?;
+        let v_new = heads(linear(&xn, &l.wv, l.bv.as_ref())?, nkv)?;
+        let (k, v) = match past {
+            Some((k, v)) => (
+                Tensor::cat(&[&k, &k_new], 2)?.contiguous()?,
+                Tensor::cat(&[&v, &v_new], 2)?.contiguous()?,
+            ),
+            None => (k_new, v_new),
+        };
+        let total = k.dims()[2];
+        let q_grouped = q.reshape((b, nkv, g * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q_grouped.matmul(&k.t()?)? * scale)?
+            .reshape((b, nh, t, total))?
+            .broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, g * t, total))?;
+        let attn = probs
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b * t, nh * hd))?;
+        let h = (x + linear(&attn, &l.wo, None)?.reshape((b, t, d))?)?;
+        let inv_ffn = inv_rms(&h, c.rms_norm_eps)?;
+        let hn = rms_apply(&h, &inv_ffn, &l.ffn_norm)?.reshape((b * t, d))?;
+        let act =
+            (candle_nn::ops::silu(&linear(&hn, &l.w_gate, None)?)? * linear(&hn, &l.w_up, None)?)?;
+        let out = (&h + linear(&act, &l.w_down, None)?.reshape((b, t, d))?)?;
+        Ok((out, k, v))
     }
 
     /// Mean caption cross-entropy at `targets`, without recording anything

@@ -12,7 +12,7 @@ pub mod vit;
 
 use candle_core::Tensor;
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 
 /// Per-channel normalisation applied after scaling pixels to [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,6 +48,32 @@ pub struct InputSpec {
 }
 
 /// A frozen image encoder producing LLaVA-style patch features.
+/// Average-pools a square patch grid down to `tokens` visual tokens:
+/// `features` (batch, n_patch, d) with `n_patch = side^2` and
+/// `tokens = (side / k)^2` for a whole factor `k`; each output token is
+/// the mean of a `k x k` block of the row-major grid. `tokens = n_patch`
+/// returns the features as they are.
+pub fn pool_grid(features: &Tensor, tokens: usize) -> Result<Tensor> {
+    let (b, n, d) = features.dims3()?;
+    if tokens == n {
+        return Ok(features.clone());
+    }
+    let side = (n as f64).sqrt().round() as usize;
+    let out = (tokens as f64).sqrt().round() as usize;
+    if side * side != n || out * out != tokens || out == 0 || !side.is_multiple_of(out) {
+        return Err(ModelError::InvalidInput(format!(
+            "{tokens} visual tokens cannot be pooled from a grid of {n} patches (a square grid \
+             pools to a square number of tokens whose side divides the grid's)"
+        )));
+    }
+    let k = side / out;
+    let grid = features
+        .reshape((b, side, side, d))?
+        .permute((0, 3, 1, 2))?;
+    let pooled = grid.contiguous()?.avg_pool2d(k)?;
+    Ok(pooled.permute((0, 2, 3, 1))?.reshape((b, tokens, d))?)
+}
+
 pub trait VisionEncoder: Send + Sync + std::fmt::Debug {
     /// A stable string naming the architecture, the weights and the feature
     /// choice; the feature cache keys on it.

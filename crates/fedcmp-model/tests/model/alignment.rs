@@ -8,10 +8,11 @@ use std::collections::HashMap;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use fedcmp_model::alignment::{
-    caption_loss, caption_scores, loss_and_grads, train_step, AlignmentBatch, TokenizedCaptions,
+    caption_loss, caption_scores, generate_caption, loss_and_grads, train_step, AlignmentBatch,
+    TokenizedCaptions,
 };
 use fedcmp_model::llm::config::DecoderConfig;
-use fedcmp_model::llm::decoder::{FrozenDecoder, LossTargets};
+use fedcmp_model::llm::decoder::{FrozenDecoder, KvCache, LossTargets};
 use fedcmp_model::llm::gguf::{load_gguf_decoder, write_llama_gguf};
 use fedcmp_model::llm::hf::{load_hf_decoder, load_hf_decoder_and_tokenizer};
 use fedcmp_model::llm::synthetic::random_decoder_weights;
@@ -37,10 +38,12 @@ fn random_tensor(shape: &[usize], seed: u64, dtype: DType) -> Result<Tensor> {
 }
 
 /// Three captions of unequal length (so padding is exercised) after a
-/// two-token prefix (so the visual tokens sit mid-sequence).
+/// two-token prefix and a one-token separator (so the visual tokens sit
+/// mid-sequence).
 fn tokens() -> TokenizedCaptions {
     TokenizedCaptions {
         prefix: vec![1, 5],
+        separator: vec![2],
         captions: vec![vec![3, 4, 5], vec![7, 8], vec![9, 10, 11, 12, 13]],
         pad_id: 0,
     }
@@ -67,7 +70,6 @@ fn check_projector_gradient(config: DecoderConfig, kind: ProjectorKind) -> Resul
             kind,
             input_dim: d_v,
             output_dim: decoder.config().hidden_size,
-            pool: 1,
         },
         3,
         DType::F64,
@@ -158,7 +160,6 @@ fn padding_does_not_change_the_loss_of_real_tokens() -> Result<()> {
             kind: ProjectorKind::Linear,
             input_dim: 6,
             output_dim: 32,
-            pool: 1,
         },
         3,
         DType::F64,
@@ -166,6 +167,7 @@ fn padding_does_not_change_the_loss_of_real_tokens() -> Result<()> {
     )?;
     let features = random_tensor(&[1, 4, 6], 11, DType::F64)?;
     let alone = TokenizedCaptions {
+        separator: Vec::new(),
         prefix: vec![1],
         captions: vec![vec![3, 4]],
         pad_id: 0,
@@ -178,6 +180,7 @@ fn padding_does_not_change_the_loss_of_real_tokens() -> Result<()> {
     // Same sample next to a longer one: it gets padded, the per-token mean
     // over both must equal the weighted mean of the two alone.
     let longer = TokenizedCaptions {
+        separator: Vec::new(),
         prefix: vec![1],
         captions: vec![vec![9, 10, 11, 12, 13, 14]],
         pad_id: 0,
@@ -189,6 +192,7 @@ fn padding_does_not_change_the_loss_of_real_tokens() -> Result<()> {
         &AlignmentBatch::new(&decoder, features2.clone(), &longer)?,
     )?;
     let both = TokenizedCaptions {
+        separator: Vec::new(),
         prefix: vec![1],
         captions: vec![vec![3, 4], vec![9, 10, 11, 12, 13, 14]],
         pad_id: 0,
@@ -226,7 +230,6 @@ fn adamw_steps_lower_the_loss_on_a_fixed_batch() -> Result<()> {
             kind: ProjectorKind::Mlp2xGelu,
             input_dim: 6,
             output_dim: 32,
-            pool: 1,
         },
         3,
         DType::F32,
@@ -455,28 +458,164 @@ fn tokenizer_larger_than_the_embedding_is_refused() -> Result<()> {
     Ok(())
 }
 
-/// Pooling 4x4 patches by 2 averages each 2x2 block of the row-major grid.
+/// Pooling 4x4 patches to 4 tokens averages each 2x2 block of the
+/// row-major grid; to 1 token, all 16; to 16, nothing.
 #[test]
-fn projector_pooling_averages_grid_blocks() -> Result<()> {
-    let projector = Projector::new(
-        ProjectorConfig {
-            kind: ProjectorKind::Linear,
-            input_dim: 2,
-            output_dim: 3,
-            pool: 2,
-        },
-        0,
-        DType::F64,
-        &Device::Cpu,
-    )?;
+fn pooling_averages_grid_blocks() -> Result<()> {
     // Patch (r, c) carries (r*4 + c, -(r*4 + c)).
     let data: Vec<f64> = (0..16).flat_map(|i| [i as f64, -(i as f64)]).collect();
     let features = Tensor::from_vec(data, (1, 16, 2), &Device::Cpu)?;
-    let pooled = projector.pool_features(&features, Some(4))?;
+    let pooled = fedcmp_model::vision::pool_grid(&features, 4)?;
     assert_eq!(pooled.dims(), &[1, 4, 2]);
     let got: Vec<f64> = pooled.flatten_all()?.to_vec1()?;
     // Block (0,0) = patches 0, 1, 4, 5 -> mean 2.5; (0,1) = 2, 3, 6, 7 -> 4.5 ...
     assert_eq!(got, vec![2.5, -2.5, 4.5, -4.5, 10.5, -10.5, 12.5, -12.5]);
-    assert!(projector.pool_features(&features, Some(3)).is_err());
+    let one: Vec<f64> = fedcmp_model::vision::pool_grid(&features, 1)?
+        .flatten_all()?
+        .to_vec1()?;
+    assert_eq!(one, vec![7.5, -7.5]);
+    let all = fedcmp_model::vision::pool_grid(&features, 16)?;
+    assert_eq!(
+        all.flatten_all()?.to_vec1::<f64>()?,
+        features.flatten_all()?.to_vec1::<f64>()?
+    );
+    for bad in [3, 9, 0] {
+        assert!(
+            fedcmp_model::vision::pool_grid(&features, bad).is_err(),
+            "{bad}"
+        );
+    }
+    Ok(())
+}
+
+/// Feeding a sequence to the decoder in pieces through the KV cache gives
+/// the logits of one full forward pass (f64: to rounding).
+#[test]
+fn kv_cached_logits_equal_the_full_forward() -> Result<()> {
+    let decoder = tiny_decoder(DecoderConfig::tiny(VOCAB), DType::F64)?;
+    let d = decoder.config().hidden_size;
+    let embeds = random_tensor(&[2, 9, d], 11, DType::F64)?;
+    let full: Vec<f64> = decoder.logits(&embeds)?.flatten_all()?.to_vec1()?;
+    let mut cache = KvCache::default();
+    let mut pieces = Vec::new();
+    for (start, len) in [(0, 5), (5, 1), (6, 1), (7, 2)] {
+        pieces.push(decoder.logits_cached(&embeds.narrow(1, start, len)?, &mut cache)?);
+    }
+    assert_eq!(cache.len(), 9);
+    let cached: Vec<f64> = Tensor::cat(&pieces, 1)?.flatten_all()?.to_vec1()?;
+    assert!(
+        relative_error(&cached, &full) < 1e-12,
+        "{}",
+        relative_error(&cached, &full)
+    );
+    Ok(())
+}
+
+/// With a separator, caption scores are the log-probabilities of the
+/// caption tokens in the sequence [prefix, visual, separator, caption],
+/// read off a plain forward pass.
+#[test]
+fn caption_scores_follow_the_layout_with_a_separator() -> Result<()> {
+    let decoder = tiny_decoder(DecoderConfig::tiny(VOCAB), DType::F64)?;
+    let d = decoder.config().hidden_size;
+    let projector = Projector::new(
+        ProjectorConfig {
+            kind: ProjectorKind::Linear,
+            input_dim: 6,
+            output_dim: d,
+        },
+        4,
+        DType::F64,
+        &Device::Cpu,
+    )?;
+    let tokens = tokens();
+    let features = random_tensor(&[3, 4, 6], 5, DType::F64)?;
+    let batch = AlignmentBatch::new(&decoder, features.clone(), &tokens)?;
+    let scores = caption_scores(&decoder, &projector, &batch)?;
+    for (row, ids) in tokens.captions.iter().enumerate() {
+        let embed = |ids: &[u32]| -> Result<Tensor> {
+            Ok(decoder.embed_tokens(&Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?)?)
+        };
+        let visual = projector.forward(&features.narrow(0, row, 1)?)?;
+        let seq = Tensor::cat(
+            &[
+                embed(&tokens.prefix)?,
+                visual,
+                embed(&tokens.separator)?,
+                embed(ids)?,
+            ],
+            1,
+        )?;
+        let log_probs = candle_nn::ops::log_softmax(&decoder.logits(&seq)?.squeeze(0)?, 1)?;
+        let start = tokens.prefix.len() + 4 + tokens.separator.len();
+        let mut expected = 0.0;
+        for (j, &id) in ids.iter().enumerate() {
+            let lp: f64 = log_probs
+                .get(start + j - 1)?
+                .get(id as usize)?
+                .to_scalar()?;
+            expected += lp;
+        }
+        let got = scores[row].log_likelihood;
+        assert!(
+            (got - expected).abs() < 1e-9,
+            "row {row}: {got} vs {expected}"
+        );
+        assert_eq!(scores[row].tokens, ids.len());
+    }
+    Ok(())
+}
+
+/// Greedy decoding with the KV cache picks the tokens that recomputing
+/// the whole sequence for every token picks.
+#[test]
+fn greedy_decoding_with_the_cache_matches_recomputing() -> Result<()> {
+    let decoder = tiny_decoder(DecoderConfig::tiny(VOCAB), DType::F32)?;
+    let d = decoder.config().hidden_size;
+    let projector = Projector::new(
+        ProjectorConfig {
+            kind: ProjectorKind::Mlp2xGelu,
+            input_dim: 6,
+            output_dim: d,
+        },
+        8,
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    let features = random_tensor(&[1, 4, 6], 9, DType::F32)?;
+    let (prefix, separator) = ([1u32, 5], [2u32]);
+    let got = generate_caption(
+        &decoder,
+        &projector,
+        &features,
+        &prefix,
+        &separator,
+        &[],
+        12,
+    )?;
+    let embed = |ids: &[u32]| -> Result<Tensor> {
+        Ok(decoder.embed_tokens(&Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?)?)
+    };
+    let mut seq = Tensor::cat(
+        &[
+            embed(&prefix)?,
+            projector.forward(&features)?,
+            embed(&separator)?,
+        ],
+        1,
+    )?;
+    let mut expected = Vec::new();
+    for _ in 0..12 {
+        let logits = decoder.logits(&seq)?;
+        let t = logits.dims()[1];
+        let next = logits
+            .narrow(1, t - 1, 1)?
+            .flatten_all()?
+            .argmax(0)?
+            .to_scalar::<u32>()?;
+        expected.push(next);
+        seq = Tensor::cat(&[seq, embed(&[next])?], 1)?;
+    }
+    assert_eq!(got, expected);
     Ok(())
 }

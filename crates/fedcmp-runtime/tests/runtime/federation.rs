@@ -99,7 +99,6 @@ fn projector(f: &Fixture) -> Result<Projector> {
             kind: ProjectorKind::Mlp2xGelu,
             input_dim: 3,
             output_dim: f.decoder.config().hidden_size,
-            pool: 1,
         },
         9,
         DType::F32,

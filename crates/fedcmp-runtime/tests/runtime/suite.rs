@@ -104,7 +104,6 @@ fn projector(f: &Fixture, seed: u64) -> Result<Projector> {
             kind: ProjectorKind::Mlp2xGelu,
             input_dim: 3,
             output_dim: f.decoder.config().hidden_size,
-            pool: 1,
         },
         seed,
         DType::F32,
