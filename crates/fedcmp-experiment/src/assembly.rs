@@ -97,7 +97,7 @@ impl Experiment {
             })
             .collect();
         let splits = &federation.plan.splits;
-        let validation = splits
+        let validation: Vec<Sample> = splits
             .validation
             .iter()
             .filter_map(|&i| sample(i))
@@ -115,6 +115,7 @@ impl Experiment {
             .iter()
             .map(|n| Domain {
                 name: n.clone(),
+                class_names: corpus.label_names.get(n).cloned().unwrap_or_default(),
                 class_prompts: corpus.class_prompts(n).unwrap_or_default(),
             })
             .collect();
@@ -131,7 +132,8 @@ impl Experiment {
                 })
             })
             .collect();
-        let suite = Suite::new(domains, items, suite_config)?;
+        let calibration = validation.iter().map(|s: &Sample| s.key.clone()).collect();
+        let suite = Suite::new(domains, items, calibration, suite_config)?;
         let backbones::Backbones {
             decoder,
             tokenizer,

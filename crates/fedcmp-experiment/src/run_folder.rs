@@ -328,7 +328,7 @@ pub fn run_on(
     save_params_file(&summary.final_params, &folder.projector())?;
     let init_test = tester.nll_of(&work, &initial)?;
     let final_test = tester.nll_of(&work, &summary.final_params)?;
-    // The full held-out suite (per-domain NLL, zero-shot, retrieval,
+    // The full held-out suite (per-domain NLL, zero-shot, greedy
     // captions) for the untrained and the final projector.
     let total = 2 * experiment.suite.num_pairs() as u64;
     let mut done = 0u64;

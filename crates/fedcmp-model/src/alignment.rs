@@ -277,7 +277,27 @@ pub fn caption_scores(
     batch: &AlignmentBatch,
 ) -> Result<Vec<CaptionScore>> {
     let visual = projector.forward(&batch.features)?.detach();
-    let log_probs = decoder.target_token_log_probs(&batch.inputs(&visual)?, &batch.targets)?;
+    caption_scores_given_visual(decoder, &visual, batch)
+}
+
+/// The caption log-likelihood of every sample of `batch` with `visual`
+/// (batch, n_vis, d_llm) in place of the projected images: e.g. the mean
+/// visual token of a split, the "no image" reference of calibrated
+/// zero-shot scores.
+pub fn caption_scores_given_visual(
+    decoder: &FrozenDecoder,
+    visual: &Tensor,
+    batch: &AlignmentBatch,
+) -> Result<Vec<CaptionScore>> {
+    let (b, n, _) = batch.features.dims3()?;
+    let (vb, vn, vd) = visual.dims3()?;
+    if (vb, vn, vd) != (b, n, decoder.config().hidden_size) {
+        return Err(ModelError::InvalidInput(format!(
+            "visual tokens {:?} do not fit a batch of {b} images with {n} tokens",
+            visual.dims()
+        )));
+    }
+    let log_probs = decoder.target_token_log_probs(&batch.inputs(visual)?, &batch.targets)?;
     let mut out = Vec::with_capacity(batch.tokens_per_sample.len());
     let mut start = 0;
     for &n in &batch.tokens_per_sample {

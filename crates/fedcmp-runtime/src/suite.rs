@@ -1,30 +1,39 @@
-//! The held-out evaluation of a projector (ALGORITHMS.md §6), on fixed
+//! The held-out evaluation of a projector (ALGORITHMS.md §6-7.2), on fixed
 //! subsets chosen once per suite so that every method is scored on the
 //! same images and captions:
 //!
 //! - caption NLL per token and perplexity per domain (token-weighted within
 //!   a domain) and their macro average over domains (macro perplexity =
 //!   `exp(macro NLL)`), on every held-out item;
-//! - zero-shot classification where a domain has labels: each chosen image
-//!   is scored against one prompt per class (the domain's first caption
-//!   template with the class's first name, fixed in advance) by total
-//!   caption log-likelihood; the prediction is the best class (first on
-//!   ties);
-//! - image-to-caption retrieval within a fixed pool per domain: every image
-//!   against every pool caption, by log-likelihood per token (so that
-//!   length does not decide); the rank of an image's own caption is 1 +
-//!   the number of captions scoring strictly higher (an identical caption
-//!   of another image is as good as its own); R@1 and R@5;
-//! - greedy-decoded captions for a few fixed images, for people to read.
+//! - zero-shot classification where a domain has labels, calibrated
+//!   against each prompt's prior: every chosen image is scored against one
+//!   prompt per class (the domain's first caption template with the
+//!   class's first name, fixed in advance) by
+//!   `log p(prompt_c | image) - log p(prompt_c | no image)`, where "no
+//!   image" is the mean visual token of a fixed set of validation images
+//!   under the same projector; the prediction is the best class (first on
+//!   ties). The uncalibrated accuracy (likelihood alone) is reported too;
+//! - captions that name the class: a greedy caption (decoded with a KV
+//!   cache) names the class whose first name it contains (the longest such
+//!   name when several do); the share of checked images whose caption
+//!   names their own class. A few of these captions are kept for people
+//!   to read.
 //!
-//! Scoring reuses the feature cache (no encoder pass) and batches pairs.
-//! Recovery relative to init and centralized needs several runs and is
-//! computed by the report ([`recovery`]).
+//! Retrieval between images and their own captions is not measured: with
+//! template captions many images share a caption, so it would score
+//! phrasing, not content (§7.2).
+//!
+//! Every per-item result is kept ([`DomainItems`]), so that comparisons can
+//! resample test items (paired bootstrap). Scoring reuses the feature
+//! cache (no encoder pass) and batches pairs. Recovery relative to init
+//! and centralized needs several runs and is computed by the report
+//! ([`recovery`]).
 
+use candle_core::Tensor;
 use fedcmp_data::cache::{FeatureCache, FeatureKey};
 use fedcmp_model::alignment::{
-    caption_scores, generate_caption, AlignmentBatch, CaptionScore, CaptionTemplate,
-    TokenizedCaptions,
+    caption_scores, caption_scores_given_visual, generate_caption, AlignmentBatch, CaptionScore,
+    CaptionTemplate, TokenizedCaptions,
 };
 use fedcmp_model::llm::decoder::FrozenDecoder;
 use fedcmp_model::projector::Projector;
@@ -41,6 +50,8 @@ use crate::{Result, RuntimeError};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Domain {
     pub name: String,
+    /// Each class's first name, by label index (empty: no labels).
+    pub class_names: Vec<String>,
     /// One zero-shot prompt per class, by label index; empty when the
     /// domain has no labels.
     pub class_prompts: Vec<String>,
@@ -63,10 +74,14 @@ pub struct Item {
 pub struct SuiteConfig {
     /// Labelled images per domain scored against every class prompt.
     pub zero_shot_per_domain: usize,
-    /// Images (and their captions) per domain in the retrieval pool.
-    pub retrieval_pool: usize,
-    /// Images captioned greedily, taken round-robin over the domains.
+    /// Labelled images per domain captioned greedily and checked for
+    /// their class's name.
+    pub caption_checks: usize,
+    /// Of those, captions kept for people to read, round-robin over the
+    /// domains.
     pub caption_examples: usize,
+    /// Validation images whose mean visual token stands for "no image".
+    pub calibration_images: usize,
     /// Longest generated caption, in tokens.
     pub max_caption_tokens: usize,
     /// Pairs scored per forward pass.
@@ -78,9 +93,10 @@ pub struct SuiteConfig {
 impl Default for SuiteConfig {
     fn default() -> Self {
         Self {
-            zero_shot_per_domain: 10,
-            retrieval_pool: 8,
+            zero_shot_per_domain: 100,
+            caption_checks: 20,
             caption_examples: 4,
+            calibration_images: 64,
             max_caption_tokens: 20,
             batch_size: 32,
             seed: 0,
@@ -95,17 +111,27 @@ pub struct Suite {
     pub items: Vec<Item>,
     /// Per domain: item indices for zero-shot classification.
     pub zero_shot: Vec<Vec<usize>>,
-    /// Per domain: item indices of the retrieval pool.
-    pub pools: Vec<Vec<usize>>,
-    /// Item indices captioned greedily.
+    /// Per domain: item indices captioned greedily (and, where the domain
+    /// has classes, checked for the class they name).
+    pub checks: Vec<Vec<usize>>,
+    /// Item indices (among the checks) whose captions are kept.
     pub examples: Vec<usize>,
+    /// Validation images for the "no image" reference.
+    pub calibration: Vec<FeatureKey>,
     pub config: SuiteConfig,
 }
 
 impl Suite {
     /// Validates the items against the domains and draws the subsets (a
-    /// seeded shuffle of each domain's items, then the first ones).
-    pub fn new(domains: Vec<Domain>, items: Vec<Item>, config: SuiteConfig) -> Result<Self> {
+    /// seeded shuffle of each domain's labelled items, then the first
+    /// ones); `calibration` are validation images (the first
+    /// `calibration_images` are used).
+    pub fn new(
+        domains: Vec<Domain>,
+        items: Vec<Item>,
+        calibration: Vec<FeatureKey>,
+        config: SuiteConfig,
+    ) -> Result<Self> {
         if config.batch_size == 0 {
             return Err(RuntimeError::Config(
                 "evaluation batch-size must be positive".into(),
@@ -121,6 +147,14 @@ impl Suite {
                     domains.len()
                 )));
             };
+            if domain.class_names.len() != domain.class_prompts.len() {
+                return Err(RuntimeError::Config(format!(
+                    "domain {} has {} class names and {} prompts",
+                    domain.name,
+                    domain.class_names.len(),
+                    domain.class_prompts.len()
+                )));
+            }
             if let Some(label) = item.label {
                 if !domain.class_prompts.is_empty() && label as usize >= domain.class_prompts.len()
                 {
@@ -138,29 +172,32 @@ impl Suite {
         for list in &mut per_domain {
             list.shuffle(&mut rng);
         }
-        let zero_shot = per_domain
-            .iter()
-            .zip(&domains)
-            .map(|(list, d)| {
-                if d.class_prompts.is_empty() {
-                    return Vec::new();
-                }
-                list.iter()
-                    .copied()
-                    .filter(|&i| items[i].label.is_some())
-                    .take(config.zero_shot_per_domain)
-                    .collect()
-            })
-            .collect();
-        let pools = per_domain
-            .iter()
-            .map(|list| list.iter().copied().take(config.retrieval_pool).collect())
-            .collect();
+        // Labelled items where the domain has classes; any item otherwise
+        // (or nothing, for zero-shot).
+        let subset = |take: usize, unlabelled_too: bool| -> Vec<Vec<usize>> {
+            per_domain
+                .iter()
+                .zip(&domains)
+                .map(|(list, d)| {
+                    if d.class_prompts.is_empty() {
+                        let take = if unlabelled_too { take } else { 0 };
+                        return list.iter().copied().take(take).collect();
+                    }
+                    list.iter()
+                        .copied()
+                        .filter(|&i| items[i].label.is_some())
+                        .take(take)
+                        .collect()
+                })
+                .collect()
+        };
+        let zero_shot = subset(config.zero_shot_per_domain, false);
+        let checks = subset(config.caption_checks, true);
         let mut examples = Vec::new();
         let mut round = 0;
         while examples.len() < config.caption_examples {
             let before = examples.len();
-            for list in &per_domain {
+            for list in &checks {
                 if examples.len() < config.caption_examples {
                     if let Some(&i) = list.get(round) {
                         examples.push(i);
@@ -172,30 +209,34 @@ impl Suite {
             }
             round += 1;
         }
+        let mut calibration = calibration;
+        calibration.truncate(config.calibration_images);
         Ok(Self {
             domains,
             items,
             zero_shot,
-            pools,
+            checks,
             examples,
+            calibration,
             config,
         })
     }
 
-    /// The same items with only the NLL part (no zero-shot, retrieval or
-    /// captions): for scoring many projectors cheaply.
+    /// The same items with only the NLL part (no zero-shot or captions):
+    /// for scoring many projectors cheaply.
     pub fn nll_only(&self) -> Suite {
         Suite {
             domains: self.domains.clone(),
             items: self.items.clone(),
             zero_shot: vec![Vec::new(); self.domains.len()],
-            pools: vec![Vec::new(); self.domains.len()],
+            checks: vec![Vec::new(); self.domains.len()],
             examples: Vec::new(),
+            calibration: Vec::new(),
             config: self.config,
         }
     }
 
-    /// Caption pairs the evaluation scores (for progress bars).
+    /// Caption pairs and captions the evaluation scores (for progress bars).
     pub fn num_pairs(&self) -> usize {
         let zero_shot: usize = self
             .zero_shot
@@ -203,8 +244,8 @@ impl Suite {
             .zip(&self.domains)
             .map(|(z, d)| z.len() * d.class_prompts.len())
             .sum();
-        let retrieval: usize = self.pools.iter().map(|p| p.len() * p.len()).sum();
-        self.items.len() + zero_shot + retrieval
+        let checks: usize = self.checks.iter().map(Vec::len).sum();
+        self.items.len() + zero_shot + checks
     }
 }
 
@@ -226,6 +267,19 @@ pub mod nan_as_null {
     }
 }
 
+/// Every item's result in one domain, in the suite's order: what a paired
+/// bootstrap resamples.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DomainItems {
+    /// Each held-out item's caption log-likelihood and scored tokens.
+    pub log_likelihood: Vec<f64>,
+    pub tokens: Vec<u32>,
+    /// Each zero-shot image: calibrated prediction right.
+    pub zero_shot: Vec<bool>,
+    /// Each checked image: its greedy caption names its class.
+    pub caption: Vec<bool>,
+}
+
 /// One domain's scores.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DomainScores {
@@ -236,14 +290,18 @@ pub struct DomainScores {
     pub nll: f64,
     #[serde(with = "nan_as_null")]
     pub perplexity: f64,
-    /// Accuracy and number of images, where the domain has labels.
+    /// Calibrated zero-shot accuracy, where the domain has labels.
     pub zero_shot_accuracy: Option<f64>,
+    /// Zero-shot accuracy by likelihood alone (no calibration).
+    pub zero_shot_raw_accuracy: Option<f64>,
     pub zero_shot_images: usize,
     pub classes: usize,
-    /// Retrieval recalls within the pool (None for a pool of 0).
-    pub retrieval_r1: Option<f64>,
-    pub retrieval_r5: Option<f64>,
-    pub pool: usize,
+    /// Share of checked captions that name the image's class.
+    pub caption_accuracy: Option<f64>,
+    pub caption_checks: usize,
+    /// Per-item results (empty in averaged reports).
+    #[serde(default)]
+    pub items: DomainItems,
 }
 
 /// A greedy caption next to its reference.
@@ -263,10 +321,13 @@ pub struct SuiteReport {
     pub macro_nll: f64,
     #[serde(with = "nan_as_null")]
     pub macro_perplexity: f64,
-    /// Mean over the domains with labels.
+    /// Means over the domains with labels.
     pub macro_zero_shot_accuracy: Option<f64>,
-    pub macro_retrieval_r1: Option<f64>,
-    pub macro_retrieval_r5: Option<f64>,
+    pub macro_zero_shot_raw_accuracy: Option<f64>,
+    pub macro_caption_accuracy: Option<f64>,
+    /// Chance level of zero-shot: the mean over labelled domains of one
+    /// over the number of classes.
+    pub chance: Option<f64>,
     pub captions: Vec<CaptionExample>,
 }
 
@@ -301,6 +362,34 @@ impl Scorer<'_> {
         Ok(out)
     }
 
+    /// The mean visual token of `images` under `projector`: (1, n, d_llm).
+    pub fn mean_visual(&self, projector: &Projector, images: &[FeatureKey]) -> Result<Tensor> {
+        let keys: Vec<&FeatureKey> = images.iter().collect();
+        let visual = projector.forward(&self.cache.batch(&keys)?)?.detach();
+        Ok(visual.mean_keepdim(0)?)
+    }
+
+    /// The log-likelihood of each of `captions` after the visual tokens
+    /// `visual` (1, n, d_llm) (no image of its own), with `like` (any
+    /// image) giving the batch its shape.
+    pub fn score_given_visual(
+        &self,
+        visual: &Tensor,
+        like: &FeatureKey,
+        captions: &[&str],
+    ) -> Result<Vec<CaptionScore>> {
+        let keys = vec![like; captions.len()];
+        let tokens = TokenizedCaptions::new(self.tokenizer, self.template, captions)?;
+        let batch = AlignmentBatch::new(self.decoder, self.cache.batch(&keys)?, &tokens)?;
+        let (_, n, d) = visual.dims3()?;
+        let repeated = visual.broadcast_as((captions.len(), n, d))?.contiguous()?;
+        Ok(caption_scores_given_visual(
+            self.decoder,
+            &repeated,
+            &batch,
+        )?)
+    }
+
     /// A greedy caption for one cached image.
     pub fn caption(
         &self,
@@ -329,6 +418,37 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| sum / n as f64)
 }
 
+fn share(hits: &[bool]) -> Option<f64> {
+    (!hits.is_empty()).then(|| hits.iter().filter(|h| **h).count() as f64 / hits.len() as f64)
+}
+
+/// The class a caption names: the class whose name occurs in it
+/// (case-insensitive), the longest name when several do ("a t-shirt"
+/// over "a shirt"); None when none does.
+pub fn named_class(caption: &str, class_names: &[String]) -> Option<usize> {
+    let text = caption.to_lowercase();
+    class_names
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| !n.is_empty() && text.contains(&n.to_lowercase()))
+        .max_by_key(|(i, n)| (n.len(), std::cmp::Reverse(*i)))
+        .map(|(i, _)| i)
+}
+
+/// The index of the largest value (first on ties).
+fn argmax(values: impl Iterator<Item = f64>) -> usize {
+    values
+        .enumerate()
+        .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}
+
 /// Scores `projector` on `suite`; `done(n)` reports scored pairs.
 pub fn evaluate(
     scorer: &Scorer<'_>,
@@ -347,114 +467,119 @@ pub fn evaluate(
         .map(|i| (&i.sample.key, i.sample.caption.as_str()))
         .collect();
     let own = scorer.score_pairs(projector, &pairs, batch, done)?;
+    let null_visual = if suite.calibration.is_empty() {
+        None
+    } else {
+        Some(scorer.mean_visual(projector, &suite.calibration)?)
+    };
+    let mut captions = Vec::new();
     let mut domains = Vec::with_capacity(suite.domains.len());
     for (d, domain) in suite.domains.iter().enumerate() {
-        let (mut ll, mut tokens, mut samples) = (0.0, 0usize, 0usize);
+        let mut items = DomainItems::default();
         for (item, score) in suite.items.iter().zip(&own) {
             if item.domain == d {
-                ll += score.log_likelihood;
-                tokens += score.tokens;
-                samples += 1;
+                items.log_likelihood.push(score.log_likelihood);
+                items.tokens.push(score.tokens as u32);
             }
         }
+        let tokens: usize = items.tokens.iter().map(|t| *t as usize).sum();
         let nll = if tokens > 0 {
-            -ll / tokens as f64
+            -items.log_likelihood.iter().sum::<f64>() / tokens as f64
         } else {
             f64::NAN
         };
 
-        // Zero-shot: every chosen image against every class prompt.
+        // Zero-shot: every chosen image against every class prompt, each
+        // prompt's prior taken once.
         let chosen = &suite.zero_shot[d];
         let classes = domain.class_prompts.len();
+        let prompts: Vec<&str> = domain.class_prompts.iter().map(String::as_str).collect();
+        let prior: Vec<f64> = match (&null_visual, chosen.first()) {
+            (Some(null), Some(&first)) => scorer
+                .score_given_visual(null, &suite.items[first].sample.key, &prompts)?
+                .iter()
+                .map(|s| s.log_likelihood)
+                .collect(),
+            _ => vec![0.0; classes],
+        };
         let mut pairs = Vec::with_capacity(chosen.len() * classes);
         for &i in chosen {
-            for prompt in &domain.class_prompts {
-                pairs.push((&suite.items[i].sample.key, prompt.as_str()));
+            for prompt in &prompts {
+                pairs.push((&suite.items[i].sample.key, *prompt));
             }
         }
         let scores = scorer.score_pairs(projector, &pairs, batch, done)?;
-        let correct = chosen
-            .iter()
-            .enumerate()
-            .filter(|(row, &i)| {
-                let s = &scores[row * classes..(row + 1) * classes];
-                let best = s
-                    .iter()
-                    .enumerate()
-                    .fold((0, f64::NEG_INFINITY), |(bi, bv), (c, v)| {
-                        if v.log_likelihood > bv {
-                            (c, v.log_likelihood)
-                        } else {
-                            (bi, bv)
-                        }
-                    })
-                    .0;
-                suite.items[i].label == Some(best as u32)
-            })
-            .count();
-        let zero_shot_accuracy = (!chosen.is_empty()).then(|| correct as f64 / chosen.len() as f64);
+        let mut raw_hits = Vec::with_capacity(chosen.len());
+        for (row, &i) in chosen.iter().enumerate() {
+            let s = &scores[row * classes..(row + 1) * classes];
+            let label = suite.items[i].label.map(|l| l as usize);
+            let raw = argmax(s.iter().map(|x| x.log_likelihood));
+            let calibrated = argmax(s.iter().zip(&prior).map(|(x, p)| x.log_likelihood - p));
+            raw_hits.push(label == Some(raw));
+            items.zero_shot.push(label == Some(calibrated));
+        }
+        let (zero_shot_accuracy, zero_shot_raw_accuracy) = if null_visual.is_some() {
+            (share(&items.zero_shot), share(&raw_hits))
+        } else {
+            (share(&raw_hits), share(&raw_hits))
+        };
 
-        // Retrieval within the pool.
-        let pool = &suite.pools[d];
-        let p = pool.len();
-        let mut pairs = Vec::with_capacity(p * p);
-        for &i in pool {
-            for &j in pool {
-                pairs.push((
-                    &suite.items[i].sample.key,
-                    suite.items[j].sample.caption.as_str(),
-                ));
+        // Captions: decoded, checked for the class they name.
+        for &i in &suite.checks[d] {
+            let item = &suite.items[i];
+            let generated =
+                scorer.caption(projector, &item.sample.key, suite.config.max_caption_tokens)?;
+            if let (Some(label), false) = (item.label, domain.class_names.is_empty()) {
+                let named = named_class(&generated, &domain.class_names);
+                items.caption.push(named == Some(label as usize));
             }
+            if suite.examples.contains(&i) {
+                captions.push(CaptionExample {
+                    id: item.id.clone(),
+                    domain: domain.name.clone(),
+                    reference: item.sample.caption.clone(),
+                    generated,
+                });
+            }
+            done(1);
         }
-        let scores = scorer.score_pairs(projector, &pairs, batch, done)?;
-        let ranks: Vec<usize> = (0..p)
-            .map(|row| {
-                let s = &scores[row * p..(row + 1) * p];
-                let own = s[row].per_token();
-                1 + s.iter().filter(|x| x.per_token() > own).count()
-            })
-            .collect();
-        let recall =
-            |k: usize| (p > 0).then(|| ranks.iter().filter(|&&r| r <= k).count() as f64 / p as f64);
         domains.push(DomainScores {
             domain: domain.name.clone(),
-            samples,
+            samples: items.tokens.len(),
             tokens,
             nll,
             perplexity: nll.exp(),
             zero_shot_accuracy,
+            zero_shot_raw_accuracy,
             zero_shot_images: chosen.len(),
             classes,
-            retrieval_r1: recall(1),
-            retrieval_r5: recall(5),
-            pool: p,
+            caption_accuracy: share(&items.caption),
+            caption_checks: items.caption.len(),
+            items,
         });
     }
-    let captions = suite
-        .examples
-        .iter()
-        .map(|&i| {
-            let item = &suite.items[i];
-            Ok(CaptionExample {
-                id: item.id.clone(),
-                domain: suite.domains[item.domain].name.clone(),
-                reference: item.sample.caption.clone(),
-                generated: scorer.caption(
-                    projector,
-                    &item.sample.key,
-                    suite.config.max_caption_tokens,
-                )?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    // Examples in the suite's round-robin order.
+    captions.sort_by_key(|c| {
+        suite
+            .examples
+            .iter()
+            .position(|&i| suite.items[i].id == c.id)
+            .unwrap_or(usize::MAX)
+    });
     let scored: Vec<&DomainScores> = domains.iter().filter(|d| d.tokens > 0).collect();
     let macro_nll = mean(scored.iter().map(|d| d.nll)).unwrap_or(f64::NAN);
     Ok(SuiteReport {
         macro_nll,
         macro_perplexity: macro_nll.exp(),
         macro_zero_shot_accuracy: mean(domains.iter().filter_map(|d| d.zero_shot_accuracy)),
-        macro_retrieval_r1: mean(domains.iter().filter_map(|d| d.retrieval_r1)),
-        macro_retrieval_r5: mean(domains.iter().filter_map(|d| d.retrieval_r5)),
+        macro_zero_shot_raw_accuracy: mean(domains.iter().filter_map(|d| d.zero_shot_raw_accuracy)),
+        macro_caption_accuracy: mean(domains.iter().filter_map(|d| d.caption_accuracy)),
+        chance: mean(
+            domains
+                .iter()
+                .filter(|d| d.zero_shot_images > 0 && d.classes > 0)
+                .map(|d| 1.0 / d.classes as f64),
+        ),
         domains,
         captions,
     })
@@ -462,7 +587,8 @@ pub fn evaluate(
 
 /// The element-wise mean of reports over the same suite (e.g. over the
 /// clients of the local-only reference): every number averaged over the
-/// reports that have it; caption examples from the first report.
+/// reports that have it; caption examples from the first report; no
+/// per-item results.
 pub fn average_reports(reports: &[SuiteReport]) -> Option<SuiteReport> {
     let first = reports.first()?;
     let avg = |f: &dyn Fn(&SuiteReport) -> Option<f64>| mean(reports.iter().filter_map(f));
@@ -479,8 +605,9 @@ pub fn average_reports(reports: &[SuiteReport]) -> Option<SuiteReport> {
                 nll,
                 perplexity: nll.exp(),
                 zero_shot_accuracy: get(&|x| x.zero_shot_accuracy),
-                retrieval_r1: get(&|x| x.retrieval_r1),
-                retrieval_r5: get(&|x| x.retrieval_r5),
+                zero_shot_raw_accuracy: get(&|x| x.zero_shot_raw_accuracy),
+                caption_accuracy: get(&|x| x.caption_accuracy),
+                items: DomainItems::default(),
                 ..proto.clone()
             }
         })
@@ -491,8 +618,9 @@ pub fn average_reports(reports: &[SuiteReport]) -> Option<SuiteReport> {
         macro_nll,
         macro_perplexity: macro_nll.exp(),
         macro_zero_shot_accuracy: avg(&|r| r.macro_zero_shot_accuracy),
-        macro_retrieval_r1: avg(&|r| r.macro_retrieval_r1),
-        macro_retrieval_r5: avg(&|r| r.macro_retrieval_r5),
+        macro_zero_shot_raw_accuracy: avg(&|r| r.macro_zero_shot_raw_accuracy),
+        macro_caption_accuracy: avg(&|r| r.macro_caption_accuracy),
+        chance: first.chance,
         captions: first.captions.clone(),
     })
 }

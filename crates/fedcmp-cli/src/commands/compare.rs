@@ -1,7 +1,8 @@
 //! `fedcmp compare`: methods x scenarios under the fair tuning protocol
 //! (the library's `compare` module runs it), and its report: test caption
-//! NLL, recovery of the centralized gain, zero-shot accuracy and retrieval
-//! R@1 as mean ± std over seeds (best federated method in bold), chosen
+//! NLL, recovery of the centralized gain, calibrated zero-shot accuracy
+//! and captions that name their class as mean ± std over seeds (best
+//! federated method in bold), chosen
 //! settings, failed runs, captions, `results.json`, and PNG plots of the
 //! validation curves and the interference diagnostics.
 
@@ -46,12 +47,13 @@ pub struct CompareArgs {
     #[command(flatten)]
     pub recipe: RecipeArgs,
     /// Labelled test images per domain scored against every class prompt.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 100)]
     pub zero_shot_images: usize,
-    /// Test images (and captions) per domain in the retrieval pool.
-    #[arg(long, default_value_t = 8)]
-    pub retrieval_pool: usize,
-    /// Test images captioned greedily in the report.
+    /// Test images per domain captioned greedily and checked for their
+    /// class's name.
+    #[arg(long, default_value_t = 20)]
+    pub caption_checks: usize,
+    /// Of those, captions shown in the report.
     #[arg(long, default_value_t = 4)]
     pub caption_examples: usize,
     /// Output folder (cells, report, plots); reused to resume.
@@ -101,7 +103,7 @@ impl CompareArgs {
     fn suite(&self) -> SuiteConfig {
         SuiteConfig {
             zero_shot_per_domain: self.zero_shot_images,
-            retrieval_pool: self.retrieval_pool,
+            caption_checks: self.caption_checks,
             caption_examples: self.caption_examples,
             ..SuiteConfig::default()
         }

@@ -20,8 +20,9 @@ type DomainMetric = (&'static str, fn(&SuiteReport, usize) -> Option<f64>, usize
 /// A macro metric getter: (row label, getter, decimals).
 type MacroMetric = (&'static str, fn(&SuiteReport) -> Option<f64>, usize);
 
-/// One column per report: caption NLL, zero-shot accuracy and R@1 per
-/// domain, then the macro averages.
+/// One column per report: caption NLL, calibrated and raw zero-shot
+/// accuracy and the captions that name their class, per domain, then the
+/// macro averages (and zero-shot's chance level).
 pub fn print_suite(columns: &[(&str, &SuiteReport)]) {
     print!("{}", suite_table(columns));
 }
@@ -32,12 +33,12 @@ pub fn suite_table(columns: &[(&str, &SuiteReport)]) -> String {
         return String::new();
     };
     let mut out = String::new();
-    let _ = write!(out, "{:<16} {:<10}", "held-out (test)", "metric");
+    let _ = write!(out, "{:<16} {:<12}", "held-out (test)", "metric");
     for (name, _) in columns {
         let _ = write!(out, " {name:>12}");
     }
     out.push('\n');
-    let metrics: [DomainMetric; 3] = [
+    let metrics: [DomainMetric; 4] = [
         ("NLL", |r, d| r.domains.get(d).map(|x| x.nll), 4),
         (
             "zero-shot",
@@ -45,30 +46,36 @@ pub fn suite_table(columns: &[(&str, &SuiteReport)]) -> String {
             3,
         ),
         (
-            "R@1",
-            |r, d| r.domains.get(d).and_then(|x| x.retrieval_r1),
+            "  raw",
+            |r, d| r.domains.get(d).and_then(|x| x.zero_shot_raw_accuracy),
+            3,
+        ),
+        (
+            "captions",
+            |r, d| r.domains.get(d).and_then(|x| x.caption_accuracy),
             3,
         ),
     ];
     for (d, domain) in first.domains.iter().enumerate() {
         for (i, (metric, get, digits)) in metrics.iter().enumerate() {
             let label = if i == 0 { domain.domain.as_str() } else { "" };
-            let _ = write!(out, "{label:<16} {metric:<10}");
+            let _ = write!(out, "{label:<16} {metric:<12}");
             for (_, r) in columns {
                 let _ = write!(out, " {:>12}", cell(get(r, d), *digits));
             }
             out.push('\n');
         }
     }
-    let macros: [MacroMetric; 4] = [
+    let macros: [MacroMetric; 5] = [
         ("NLL", |r| Some(r.macro_nll), 4),
         ("zero-shot", |r| r.macro_zero_shot_accuracy, 3),
-        ("R@1", |r| r.macro_retrieval_r1, 3),
-        ("R@5", |r| r.macro_retrieval_r5, 3),
+        ("  raw", |r| r.macro_zero_shot_raw_accuracy, 3),
+        ("captions", |r| r.macro_caption_accuracy, 3),
+        ("chance", |r| r.chance, 3),
     ];
     for (i, (metric, get, digits)) in macros.iter().enumerate() {
         let label = if i == 0 { "macro average" } else { "" };
-        let _ = write!(out, "{label:<16} {metric:<10}");
+        let _ = write!(out, "{label:<16} {metric:<12}");
         for (_, r) in columns {
             let _ = write!(out, " {:>12}", cell(get(r), *digits));
         }

@@ -47,7 +47,7 @@ fn compare(
         .args(["--cache-dir", &cache.display().to_string(), "compare"])
         .args(["--scenarios", &scenario.display().to_string()])
         .args(matrix)
-        .args(["--retrieval-pool", "4", "--caption-examples", "2"])
+        .args(["--caption-checks", "2", "--caption-examples", "2"])
         .args(["--llm", &gguf.display().to_string()])
         .args(["--vision", "patch-means", "--image-size", "8", "--no-plots"])
         .args(["--out", &out.display().to_string()])
@@ -136,8 +136,8 @@ fn compare_runs_the_matrix_reports_and_resumes() -> Result<()> {
     for heading in [
         "Test caption NLL",
         "Recovery",
-        "Zero-shot",
-        "R@1",
+        "zero-shot",
+        "name the image's class",
         "Chosen settings",
     ] {
         assert!(

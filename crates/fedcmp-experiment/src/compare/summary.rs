@@ -19,10 +19,12 @@ pub enum Measure {
     /// `(init - method) / (init - centralized)` (init and centralized:
     /// their means over seeds).
     Recovery,
-    /// Zero-shot classification accuracy, macro over labelled domains.
+    /// Calibrated zero-shot classification accuracy, macro over labelled
+    /// domains.
     ZeroShot,
-    /// Image-to-caption retrieval R@1, macro over domains.
-    RetrievalR1,
+    /// Share of greedy captions that name the image's class, macro over
+    /// labelled domains.
+    CaptionAccuracy,
 }
 
 impl Measure {
@@ -31,7 +33,7 @@ impl Measure {
         Measure::TestNll,
         Measure::Recovery,
         Measure::ZeroShot,
-        Measure::RetrievalR1,
+        Measure::CaptionAccuracy,
     ];
 
     /// A heading.
@@ -41,8 +43,12 @@ impl Measure {
             Measure::Recovery => {
                 "Recovery of the centralized gain, (init - method) / (init - centralized)"
             }
-            Measure::ZeroShot => "Zero-shot classification accuracy (macro over labelled domains)",
-            Measure::RetrievalR1 => "Image-to-caption retrieval R@1 (macro over domains)",
+            Measure::ZeroShot => {
+                "Calibrated zero-shot classification accuracy (macro over labelled domains)"
+            }
+            Measure::CaptionAccuracy => {
+                "Greedy captions that name the image's class (macro over labelled domains)"
+            }
         }
     }
 
@@ -52,7 +58,7 @@ impl Measure {
             Measure::TestNll => "test NLL",
             Measure::Recovery => "recovery",
             Measure::ZeroShot => "zero-shot",
-            Measure::RetrievalR1 => "R@1",
+            Measure::CaptionAccuracy => "captions",
         }
     }
 
@@ -123,7 +129,7 @@ impl Summary<'_> {
                 match measure {
                     Measure::TestNll | Measure::Recovery => Some(s.macro_nll),
                     Measure::ZeroShot => s.macro_zero_shot_accuracy,
-                    Measure::RetrievalR1 => s.macro_retrieval_r1,
+                    Measure::CaptionAccuracy => s.macro_caption_accuracy,
                 }
             })
             .collect()
@@ -241,8 +247,9 @@ mod tests {
             macro_nll: nll,
             macro_perplexity: nll.exp(),
             macro_zero_shot_accuracy: None,
-            macro_retrieval_r1: None,
-            macro_retrieval_r5: None,
+            macro_zero_shot_raw_accuracy: None,
+            macro_caption_accuracy: None,
+            chance: None,
             captions: Vec::new(),
         });
         c

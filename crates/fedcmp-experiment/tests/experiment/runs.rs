@@ -31,7 +31,7 @@ fn world() -> Result<World> {
 fn small_suite() -> SuiteConfig {
     SuiteConfig {
         zero_shot_per_domain: 4,
-        retrieval_pool: 4,
+        caption_checks: 2,
         caption_examples: 1,
         max_caption_tokens: 4,
         ..SuiteConfig::default()
