@@ -19,6 +19,7 @@ use fedcmp_experiment::settings::RunOptions;
 use fedcmp_experiment::RunSettings;
 use fedcmp_runtime::suite::SuiteConfig;
 
+use fedcmp_experiment::compare::stats::paired_difference;
 use fedcmp_experiment::compare::summary::{Measure, Summary};
 
 use super::report::markdown_table;
@@ -199,6 +200,8 @@ fn write_report(
         md.push_str(&format!("\n## {}\n\n", measure.title()));
         md.push_str(&markdown_table(&summary, measure, &methods));
     }
+    md.push_str(&super::report::paired_section(&summary, &methods));
+    md.push_str(&super::report::merges_table(&summary, &methods));
     let methods: Vec<String> = methods.iter().map(|m| m.name().to_string()).collect();
     md.push_str("\n## Chosen settings (seed-0 validation NLL)\n\n| scenario | method | setting |\n|---|---|---|\n");
     for s in &scenarios {
@@ -283,14 +286,16 @@ fn write_report(
     Ok(())
 }
 
-/// One line per scenario and method: every measure's mean over seeds.
+/// One line per scenario and method: every measure's mean over seeds,
+/// and each federated method's paired difference in test NLL to FedAvg
+/// (Fed-CMP's also to FedAvgM) with its 95% interval.
 pub fn summary_table(cells: &[Cell], methods: &[Method]) -> String {
     let summary = Summary { cells };
     let mut out = format!("{:<14} {:<12}", "scenario", "method");
     for m in Measure::ALL {
         out.push_str(&format!(" {:>10}", m.label()));
     }
-    out.push('\n');
+    out.push_str("  paired difference in test NLL (95% interval)\n");
     for s in summary.scenarios() {
         for m in summary.methods(methods) {
             out.push_str(&format!("{s:<14} {:<12}", m.name()));
@@ -301,7 +306,16 @@ pub fn summary_table(cells: &[Cell], methods: &[Method]) -> String {
                     .map_or("-".to_string(), |x| format!("{x:.digits$}"));
                 out.push_str(&format!(" {value:>10}"));
             }
-            out.push('\n');
+            let mut diffs = Vec::new();
+            for baseline in super::report::baselines(m) {
+                if let Some(d) = paired_difference(cells, &s, Measure::TestNll, m, baseline, 0) {
+                    diffs.push(format!(
+                        "vs {baseline}: {}",
+                        super::report::difference_text(&d, 4)
+                    ));
+                }
+            }
+            out.push_str(&format!("  {}\n", diffs.join("; ")));
         }
     }
     out

@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 
+use fedcmp_experiment::compare::stats::{paired_difference, PairedDifference};
 use fedcmp_experiment::compare::summary::{mean_std, Measure, Summary};
 use fedcmp_experiment::compare::Method;
 use fedcmp_runtime::suite::SuiteReport;
@@ -111,6 +112,110 @@ pub fn markdown_table(summary: &Summary<'_>, measure: Measure, methods: &[Method
                         let _ = write!(out, " {text} |");
                     }
                 }
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The methods a method is compared with, pairwise: FedAvg for every other
+/// federated method, and FedAvgM for Fed-CMP.
+pub fn baselines(method: Method) -> Vec<Method> {
+    match method {
+        Method::Strategy("fedavg") => Vec::new(),
+        Method::Strategy("fed-cmp") => {
+            vec![Method::Strategy("fedavg"), Method::Strategy("fedavgm")]
+        }
+        Method::Strategy(_) => vec![Method::Strategy("fedavg")],
+        _ => Vec::new(),
+    }
+}
+
+/// "+0.123 [+0.050, +0.200]", or "no difference (+0.010 [-0.030, +0.050])"
+/// when the interval holds 0.
+pub fn difference_text(d: &PairedDifference, digits: usize) -> String {
+    let core = format!(
+        "{:+.digits$} [{:+.digits$}, {:+.digits$}]",
+        d.mean, d.low, d.high
+    );
+    if d.holds_zero() {
+        format!("no difference ({core})")
+    } else {
+        core
+    }
+}
+
+/// For every measure with per-item results, a table per baseline of each
+/// method's paired difference (method - baseline, mean over paired seeds)
+/// with its 95% bootstrap interval over seeds x test items.
+pub fn paired_section(summary: &Summary<'_>, methods: &[Method]) -> String {
+    let scenarios = summary.scenarios();
+    let mut out = String::from(
+        "\n## Paired differences (method - baseline, 95% bootstrap interval over seeds x test items)\n\n\
+         Negative is better for NLL, positive for accuracies; \"no difference\" where the \
+         interval holds 0.\n",
+    );
+    for measure in [
+        Measure::TestNll,
+        Measure::ZeroShot,
+        Measure::CaptionAccuracy,
+    ] {
+        for baseline in [Method::Strategy("fedavg"), Method::Strategy("fedavgm")] {
+            let rows: Vec<Method> = methods
+                .iter()
+                .copied()
+                .filter(|m| baselines(*m).contains(&baseline))
+                .collect();
+            if rows.is_empty() || !methods.contains(&baseline) {
+                continue;
+            }
+            let _ = write!(out, "\n### {} vs {baseline}\n\n| method |", measure.label());
+            for s in &scenarios {
+                let _ = write!(out, " {s} |");
+            }
+            out.push_str("\n|---|");
+            out.push_str(&"---|".repeat(scenarios.len()));
+            out.push('\n');
+            for m in rows {
+                let _ = write!(out, "| {m} |");
+                for s in &scenarios {
+                    let text = paired_difference(summary.cells, s, measure, m, baseline, 0)
+                        .map_or("-".to_string(), |d| difference_text(&d, measure.digits()));
+                    let _ = write!(out, " {text} |");
+                }
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// Merges (aggregated rounds) per run, mean over seeds: what a federation
+/// had to close the gap to centralized training with.
+pub fn merges_table(summary: &Summary<'_>, methods: &[Method]) -> String {
+    let scenarios = summary.scenarios();
+    let mut out = String::from("\n## Rounds per run (mean over seeds)\n\n| method |");
+    for s in &scenarios {
+        let _ = write!(out, " {s} |");
+    }
+    out.push_str("\n|---|");
+    out.push_str(&"---|".repeat(scenarios.len()));
+    out.push('\n');
+    for m in methods.iter().filter(|m| !matches!(m, Method::Init)) {
+        let _ = write!(out, "| {m} |");
+        for s in &scenarios {
+            let rounds: Vec<f64> = summary
+                .cells
+                .iter()
+                .filter(|c| &c.scenario == s && c.method == m.name() && c.error.is_none())
+                .map(|c| c.rounds as f64)
+                .collect();
+            match mean_std(&rounds) {
+                Some((r, _)) => {
+                    let _ = write!(out, " {r:.1} |");
+                }
+                None => out.push_str(" - |"),
             }
         }
         out.push('\n');

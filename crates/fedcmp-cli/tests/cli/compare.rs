@@ -89,9 +89,13 @@ fn compare_runs_the_matrix_reports_and_resumes() -> Result<()> {
     let bin = env!("CARGO_BIN_EXE_fedcmp");
     let first = compare(bin, &gguf, &scenario, &out, &cache, 1, &MATRIX)?;
 
-    // 2 federated methods x (2 settings + 1 more seed) + 3 references x 2.
+    // 2 federated methods x (2 tuning settings at the tuning seed + 2
+    // reported seeds) + 3 references x 2.
     let cells = cell_files(&out)?;
-    assert_eq!(cells.len(), 2 * 3 + 3 * 2, "{cells:#?}");
+    assert_eq!(cells.len(), 2 * 4 + 3 * 2, "{cells:#?}");
+    assert!(cells
+        .iter()
+        .any(|(p, _)| p.to_string_lossy().ends_with("fedavg/g1-s1000.json")));
     let results: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("results.json"))?)?;
     let reported = results["cells"].as_array().map_or(0, Vec::len);
@@ -146,6 +150,11 @@ fn compare_runs_the_matrix_reports_and_resumes() -> Result<()> {
         );
     }
     assert!(report.contains("| fed-cmp |") && report.contains("**"));
+    assert!(
+        report.contains("Paired differences") && report.contains("vs fedavg"),
+        "{report}"
+    );
+    assert!(report.contains("Rounds per run"), "{report}");
     assert!(first.contains("fed-cmp") && first.contains("recovery"));
 
     // Second invocation: every cell is found, none is rerun.

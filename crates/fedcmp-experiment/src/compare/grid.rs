@@ -1,6 +1,19 @@
-//! The tuning grid of every federated method (ALGORITHMS.md §5): typed
-//! strategy configs, most plausible first; `--grid N` takes the first N of
-//! each, the same number for every method.
+//! The tuning grid of every federated method (ALGORITHMS.md §5, §7.4):
+//! typed strategy configs, most plausible first; `--grid N` takes the
+//! first N of each, the same number for every method.
+//!
+//! Every method with a plain server step (FedAvg, FedProx, FedAvgM,
+//! SCAFFOLD, FedNova, TIES, Fed-CMP and its ablations) searches the same
+//! server learning rates, [`SERVER_LRS`], with its other hyper-parameters
+//! at their defaults; the adaptive server optimisers (FedAdagrad, FedAdam,
+//! FedYogi), whose step has another scale, search their step size eta and
+//! their adaptivity tau together over several decades, [`ADAPTIVE`].
+//!
+//! FedProx's mu is fixed a priori at [`FEDPROX_MU`]: its pull acts after
+//! each AdamW step with strength `lr * mu` (decoupled, §7.6), and at the
+//! learning rates of the research recipe (~1e-3) the paper's mu of
+//! 0.001-1 would pull by at most 0.1% per step, leaving FedAvg; 10 pulls
+//! by about 1% per step, a real but not dominant force over a round.
 
 use fedcmp_strategy::config::StrategyConfig;
 use fedcmp_strategy::cra::CraConfig;
@@ -17,118 +30,95 @@ use fedcmp_strategy::{cra, fedavg, fedavgm, fednova, fedopt, fedprox, opm, scaff
 /// Settings per method in the largest grid.
 pub const MAX_GRID: usize = 4;
 
+/// The server learning rates every plain-step method searches, most
+/// plausible first.
+pub const SERVER_LRS: [f64; MAX_GRID] = [1.0, 2.0, 0.5, 4.0];
+
+/// The (eta, tau) pairs the adaptive server optimisers search: eta over
+/// three decades at tau = 1e-3 (adaptive), and one nearly plain step (tau
+/// = 0.1, where eta / tau scales the mean update by about one).
+pub const ADAPTIVE: [(f64, f64); MAX_GRID] =
+    [(1e-2, 1e-3), (1e-1, 1e-1), (1e-3, 1e-3), (1e-1, 1e-3)];
+
+/// FedProx's mu in the grid (see the module header).
+pub const FEDPROX_MU: f64 = 10.0;
+
 /// The grid of the strategy called `name` (empty for unknown names).
 pub fn grid(name: &str) -> Vec<StrategyConfig> {
-    // Plain server steps, around 1.
-    const PLAIN_LRS: [f64; 4] = [1.0, 1.5, 0.7, 2.0];
-    // Adaptive server optimisers take small steps.
-    const ADAPTIVE_LRS: [f64; 4] = [1e-3, 3e-3, 1e-2, 3e-4];
+    let plain = |make: &dyn Fn(f64) -> StrategyConfig| SERVER_LRS.map(make).to_vec();
+    let adaptive = |make: &dyn Fn(f64, f64) -> StrategyConfig| {
+        ADAPTIVE.map(|(eta, tau)| make(eta, tau)).to_vec()
+    };
     match name {
-        fedavg::NAME => PLAIN_LRS
-            .map(|server_lr| StrategyConfig::FedAvg(FedAvgConfig { server_lr }))
-            .to_vec(),
-        scaffold::NAME => PLAIN_LRS
-            .map(|server_lr| {
-                StrategyConfig::Scaffold(ScaffoldConfig {
-                    server_lr,
-                    ..ScaffoldConfig::default()
-                })
+        fedavg::NAME => plain(&|server_lr| StrategyConfig::FedAvg(FedAvgConfig { server_lr })),
+        fedprox::NAME => plain(&|server_lr| {
+            StrategyConfig::FedProx(FedProxConfig {
+                mu: FEDPROX_MU,
+                server_lr,
             })
-            .to_vec(),
-        fednova::NAME => PLAIN_LRS
-            .map(|server_lr| StrategyConfig::FedNova(FedNovaConfig { server_lr }))
-            .to_vec(),
-        fedopt::FEDADAGRAD => ADAPTIVE_LRS
-            .map(|server_lr| {
-                StrategyConfig::FedAdagrad(FedAdagradConfig {
-                    server_lr,
-                    ..FedAdagradConfig::default()
-                })
+        }),
+        fedavgm::NAME => plain(&|server_lr| {
+            StrategyConfig::FedAvgM(FedAvgMConfig {
+                server_lr,
+                ..FedAvgMConfig::default()
             })
-            .to_vec(),
-        fedopt::FEDADAM | fedopt::FEDYOGI => ADAPTIVE_LRS
-            .map(|server_lr| {
-                let c = FedAdaptiveConfig {
-                    server_lr,
-                    ..FedAdaptiveConfig::default()
-                };
-                if name == fedopt::FEDADAM {
-                    StrategyConfig::FedAdam(c)
-                } else {
-                    StrategyConfig::FedYogi(c)
-                }
+        }),
+        scaffold::NAME => plain(&|server_lr| {
+            StrategyConfig::Scaffold(ScaffoldConfig {
+                server_lr,
+                ..ScaffoldConfig::default()
             })
-            .to_vec(),
-        fedprox::NAME => [0.01, 0.1, 0.001, 1.0]
-            .map(|mu| {
-                StrategyConfig::FedProx(FedProxConfig {
-                    mu,
-                    ..FedProxConfig::default()
-                })
+        }),
+        fednova::NAME => plain(&|server_lr| StrategyConfig::FedNova(FedNovaConfig { server_lr })),
+        ties::NAME => plain(&|server_lr| {
+            StrategyConfig::Ties(TiesConfig {
+                server_lr,
+                ..TiesConfig::default()
             })
-            .to_vec(),
-        fedavgm::NAME => [(0.9, 1.0), (0.5, 1.0), (0.9, 0.5), (0.7, 1.0)]
-            .map(|(momentum, server_lr)| {
-                StrategyConfig::FedAvgM(FedAvgMConfig {
-                    momentum,
-                    server_lr,
-                    ..FedAvgMConfig::default()
-                })
-            })
-            .to_vec(),
-        ties::NAME => [20.0, 50.0, 10.0, 80.0]
-            .map(|top_k_percent| {
-                StrategyConfig::Ties(TiesConfig {
-                    top_k_percent,
-                    ..TiesConfig::default()
-                })
-            })
-            .to_vec(),
-        opm::FED_CMP => {
+        }),
+        opm::FED_CMP => plain(&|server_lr| {
             let d = FedCmpConfig::default();
-            let with = |energy: Option<f64>, tau: Option<f64>, beta: Option<f64>| {
-                StrategyConfig::FedCmp(FedCmpConfig {
-                    cra: CraConfig {
-                        energy: energy.unwrap_or(d.cra.energy),
-                        tau: tau.unwrap_or(d.cra.tau),
-                        ..d.cra.clone()
-                    },
-                    beta: beta.unwrap_or(d.beta),
-                    ..d.clone()
-                })
-            };
-            vec![
-                with(None, None, None),
-                with(Some(0.9), None, Some(0.5)),
-                with(None, Some(0.5), None),
-                with(Some(0.99), None, Some(0.7)),
-            ]
-        }
-        cra::CRA_ONLY => {
-            let d = CraConfig::default();
-            let with = |energy: Option<f64>, tau: Option<f64>, residual: Option<f64>| {
-                StrategyConfig::CraOnly(CraConfig {
-                    energy: energy.unwrap_or(d.energy),
-                    tau: tau.unwrap_or(d.tau),
-                    residual_weight: residual.unwrap_or(d.residual_weight),
-                    ..d.clone()
-                })
-            };
-            vec![
-                with(None, None, None),
-                with(Some(0.9), None, None),
-                with(None, Some(0.5), None),
-                with(Some(0.99), None, Some(0.5)),
-            ]
-        }
-        opm::OPM_ONLY => [0.9, 0.5, 0.7, 0.95]
-            .map(|beta| {
-                StrategyConfig::OpmOnly(OpmOnlyConfig {
-                    beta,
-                    ..OpmOnlyConfig::default()
-                })
+            StrategyConfig::FedCmp(FedCmpConfig {
+                cra: CraConfig {
+                    server_lr,
+                    ..d.cra.clone()
+                },
+                ..d
             })
-            .to_vec(),
+        }),
+        cra::CRA_ONLY => plain(&|server_lr| {
+            StrategyConfig::CraOnly(CraConfig {
+                server_lr,
+                ..CraConfig::default()
+            })
+        }),
+        opm::OPM_ONLY => plain(&|server_lr| {
+            StrategyConfig::OpmOnly(OpmOnlyConfig {
+                server_lr,
+                ..OpmOnlyConfig::default()
+            })
+        }),
+        fedopt::FEDADAGRAD => adaptive(&|server_lr, tau| {
+            StrategyConfig::FedAdagrad(FedAdagradConfig {
+                server_lr,
+                tau,
+                ..FedAdagradConfig::default()
+            })
+        }),
+        fedopt::FEDADAM => adaptive(&|server_lr, tau| {
+            StrategyConfig::FedAdam(FedAdaptiveConfig {
+                server_lr,
+                tau,
+                ..FedAdaptiveConfig::default()
+            })
+        }),
+        fedopt::FEDYOGI => adaptive(&|server_lr, tau| {
+            StrategyConfig::FedYogi(FedAdaptiveConfig {
+                server_lr,
+                tau,
+                ..FedAdaptiveConfig::default()
+            })
+        }),
         _ => Vec::new(),
     }
 }

@@ -2,11 +2,14 @@
 //! tuned, over seeds.
 //!
 //! Per scenario, every federated method gets the same number of settings
-//! (the first `grid` of [`grid::grid`]), each trained with seed 0 and
-//! scored on the validation split; the best setting (lowest validation NLL;
-//! a failed run never wins) is trained with the other seeds, and every seed
-//! of it is scored on the test split with the full evaluation suite. The
-//! references (centralized, local-only, init) have one setting.
+//! (the first `grid` of [`grid::grid`]), each trained with the tuning seed
+//! ([`TUNING_SEED`], never reported) and scored on the validation split;
+//! the best setting (lowest validation NLL; a failed run never wins) is
+//! trained with every reported seed (0, 1, ...), and each is scored on the
+//! test split with the full evaluation suite. The references (centralized,
+//! local-only, init) have one setting. Seed s gives every method the same
+//! initialisation, shard order and client sampling, so results pair by
+//! seed ([`stats`]).
 //!
 //! Every cell is a run with [`RunSettings`]: the comparison's template with
 //! the cell's scenario, training and seed. A cell is a JSON file under
@@ -23,6 +26,7 @@
 
 pub mod grid;
 pub mod method;
+pub mod stats;
 pub mod summary;
 
 use std::collections::BTreeMap;
@@ -49,6 +53,10 @@ use crate::training::{train, train_local_only};
 use crate::{io_error, ExperimentError, Result};
 
 pub use method::Method;
+
+/// The seed of the tuning runs: apart from the reported seeds 0, 1, ...,
+/// so that no reported number was chosen on its own noise.
+pub const TUNING_SEED: u64 = 1_000;
 
 /// Local-only clients scored per seed (a seeded choice when there are
 /// more): scoring 64 projectors of S4 would cost more than training them.
@@ -90,8 +98,8 @@ impl Plan {
         Ok(())
     }
 
-    /// Cells per scenario: tuning runs and the other seeds of every
-    /// federated method, every seed of every reference.
+    /// Cells per scenario: tuning runs and every seed of each federated
+    /// method, every seed of every reference.
     pub fn cells_per_scenario(&self) -> u64 {
         let seeds = self.seeds.get();
         self.methods
@@ -100,7 +108,7 @@ impl Plan {
                 if m.is_reference() {
                     seeds
                 } else {
-                    self.grid as u64 + seeds - 1
+                    self.grid as u64 + seeds
                 }
             })
             .sum()
@@ -501,7 +509,7 @@ impl Scene<'_> {
                     .take(self.plan.grid)
                     .enumerate()
                 {
-                    tuned.push(self.trained_cell(method, g, Some(config), 0, false)?);
+                    tuned.push(self.trained_cell(method, g, Some(config), TUNING_SEED, false)?);
                     tick();
                 }
                 // The best validation NLL (first on ties; NaN never wins).
@@ -514,9 +522,7 @@ impl Scene<'_> {
                 let config = tuned.get(best).and_then(|c| c.config.clone());
                 for seed in 0..seeds {
                     reported.push(self.trained_cell(method, best, config.clone(), seed, true)?);
-                    if seed > 0 {
-                        tick();
-                    }
+                    tick();
                 }
             }
         }

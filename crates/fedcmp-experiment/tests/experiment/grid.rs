@@ -1,75 +1,60 @@
-//! The typed tuning grids are the grids the earlier comparison ran, written
-//! then as JSON strings: the same configs, value for value.
+//! The tuning grids follow the protocol (ALGORITHMS.md §7.4): every method
+//! the same number of settings; every plain-step method the same server
+//! learning rates, its other knobs at their defaults; the adaptive server
+//! optimisers eta and tau over several decades.
 
 use anyhow::Result;
-use fedcmp_experiment::compare::grid::{grid, MAX_GRID};
+use fedcmp_experiment::compare::grid::{grid, ADAPTIVE, FEDPROX_MU, MAX_GRID, SERVER_LRS};
 use fedcmp_experiment::compare::Method;
 use fedcmp_strategy::config::{StrategyConfig, NAMES};
 
+/// (server lr, the config with its server lr set back to the default's).
+fn server_lr_of(config: &StrategyConfig) -> Result<f64> {
+    let value = serde_json::to_value(config)?;
+    let lr = value["server-lr"].as_f64();
+    lr.ok_or_else(|| anyhow::anyhow!("{config:?} has no server-lr"))
+}
+
 #[test]
-fn typed_grids_equal_the_earlier_json_grids() -> Result<()> {
-    let lrs = |name: &str, values: [&str; 4]| -> Vec<String> {
-        values
-            .iter()
-            .map(|v| format!(r#"{{"name": "{name}", "server-lr": {v}}}"#))
-            .collect()
-    };
-    let earlier = |method: &str| -> Vec<String> {
-        match method {
-            "fedavg" | "scaffold" | "fednova" => lrs(method, ["1.0", "1.5", "0.7", "2.0"]),
-            "fedadagrad" | "fedadam" | "fedyogi" => lrs(method, ["1e-3", "3e-3", "1e-2", "3e-4"]),
-            "fedprox" => ["0.01", "0.1", "0.001", "1.0"]
-                .iter()
-                .map(|mu| format!(r#"{{"name": "fedprox", "mu": {mu}}}"#))
-                .collect(),
-            "fedavgm" => [
-                r#"{"name": "fedavgm", "momentum": 0.9}"#,
-                r#"{"name": "fedavgm", "momentum": 0.5}"#,
-                r#"{"name": "fedavgm", "momentum": 0.9, "server-lr": 0.5}"#,
-                r#"{"name": "fedavgm", "momentum": 0.7}"#,
-            ]
-            .map(String::from)
-            .to_vec(),
-            "ties" => ["20", "50", "10", "80"]
-                .iter()
-                .map(|k| format!(r#"{{"name": "ties", "top-k-percent": {k}}}"#))
-                .collect(),
-            "fed-cmp" => [
-                r#"{"name": "fed-cmp"}"#,
-                r#"{"name": "fed-cmp", "energy": 0.9, "beta": 0.5}"#,
-                r#"{"name": "fed-cmp", "tau": 0.5}"#,
-                r#"{"name": "fed-cmp", "energy": 0.99, "beta": 0.7}"#,
-            ]
-            .map(String::from)
-            .to_vec(),
-            "cra-only" => [
-                r#"{"name": "cra-only"}"#,
-                r#"{"name": "cra-only", "energy": 0.9}"#,
-                r#"{"name": "cra-only", "tau": 0.5}"#,
-                r#"{"name": "cra-only", "energy": 0.99, "residual-weight": 0.5}"#,
-            ]
-            .map(String::from)
-            .to_vec(),
-            "opm-only" => ["0.9", "0.5", "0.7", "0.95"]
-                .iter()
-                .map(|b| format!(r#"{{"name": "opm-only", "beta": {b}}}"#))
-                .collect(),
-            _ => Vec::new(),
-        }
-    };
+fn plain_methods_share_the_server_lr_grid_adaptive_ones_span_decades() -> Result<()> {
+    let adaptive = ["fedadagrad", "fedadam", "fedyogi"];
     for name in NAMES {
-        let typed = grid(name);
-        assert_eq!(typed.len(), MAX_GRID, "{name}");
-        let parsed: Vec<StrategyConfig> = earlier(name)
-            .iter()
-            .map(|t| serde_json::from_str(t))
-            .collect::<Result<_, _>>()?;
-        assert_eq!(typed, parsed, "{name}");
-        for config in &typed {
+        let settings = grid(name);
+        assert_eq!(settings.len(), MAX_GRID, "{name}");
+        for config in &settings {
             assert_eq!(config.name(), *name);
             config.validate(4)?;
         }
+        let lrs: Vec<f64> = settings.iter().map(server_lr_of).collect::<Result<_>>()?;
+        if adaptive.contains(name) {
+            let taus: Vec<f64> = settings
+                .iter()
+                .map(|c| serde_json::to_value(c).map(|v| v["tau"].as_f64().unwrap_or(f64::NAN)))
+                .collect::<Result<_, _>>()?;
+            let pairs: Vec<(f64, f64)> = lrs.into_iter().zip(taus).collect();
+            assert_eq!(pairs, ADAPTIVE.to_vec(), "{name}");
+        } else {
+            assert_eq!(lrs, SERVER_LRS.to_vec(), "{name}");
+            // Apart from the server lr, the method's defaults.
+            let default: StrategyConfig =
+                serde_json::from_value(serde_json::json!({ "name": name }))?;
+            let mut expected = serde_json::to_value(&default)?;
+            if *name == "fedprox" {
+                expected["mu"] = serde_json::json!(FEDPROX_MU);
+            }
+            for config in &settings {
+                let mut v = serde_json::to_value(config)?;
+                v["server-lr"] = expected["server-lr"].clone();
+                assert_eq!(v, expected, "{name}");
+            }
+        }
     }
+    // eta spans three decades.
+    let etas: Vec<f64> = ADAPTIVE.iter().map(|(e, _)| *e).collect();
+    let (lo, hi) = etas
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(l, h), e| (l.min(*e), h.max(*e)));
+    assert!(hi / lo >= 100.0, "{etas:?}");
     Ok(())
 }
 
