@@ -13,7 +13,7 @@
 //!   [bos?] [prefix tokens] [visual tokens] [caption tokens] [suffix tokens] [pad...]
 //! Loss on caption and suffix tokens only; sequences are right-padded.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::llm::decoder::{FrozenDecoder, KvCache, LossTargets};
@@ -311,6 +311,75 @@ pub fn caption_scores_given_visual(
         start += n;
     }
     Ok(out)
+}
+
+/// The log-likelihood of every continuation after every context:
+/// `contexts` (b, t, d_llm) input embeddings (equal lengths), and token ids
+/// of C continuations (each at least one token) shared by all contexts;
+/// returns b rows of C values `sum_j log p(c_j | context, c_<j)`. The
+/// contexts run once and their keys and values serve every continuation
+/// (a KV cache repeated over the continuations), so scoring C short
+/// continuations of a long shared context costs the context once.
+pub fn continuation_scores(
+    decoder: &FrozenDecoder,
+    contexts: &Tensor,
+    continuations: &[Vec<u32>],
+    pad_id: u32,
+) -> Result<Vec<Vec<f64>>> {
+    if continuations.is_empty() || continuations.iter().any(Vec::is_empty) {
+        return Err(ModelError::InvalidInput(
+            "scoring needs continuations of at least one token".to_string(),
+        ));
+    }
+    let device = decoder.device();
+    let (b, t, _) = contexts.dims3()?;
+    let c = continuations.len();
+    let mut cache = KvCache::default();
+    let logits = decoder.logits_cached(contexts, &mut cache)?;
+    // The first token of each continuation, read at the context's end.
+    let first_ids: Vec<u32> = continuations.iter().map(|x| x[0]).collect();
+    let first_ids = Tensor::from_vec(first_ids, (1, c), device)?.broadcast_as((b, c))?.contiguous()?;
+    let first: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits.narrow(1, t - 1, 1)?.squeeze(1)?, 1)?
+        .gather(&first_ids, 1)?
+        .to_dtype(DType::F32)?
+        .to_vec2()?;
+    let mut scores: Vec<Vec<f64>> = first
+        .iter()
+        .map(|row| row.iter().map(|v| f64::from(*v)).collect())
+        .collect();
+    let longest = continuations.iter().map(Vec::len).max().unwrap_or(1);
+    if longest > 1 {
+        // Inputs: every continuation but its last token, for every context.
+        let (mut ids, mut next) = (Vec::new(), Vec::new());
+        for _ in 0..b {
+            for x in continuations {
+                ids.extend(&x[..x.len() - 1]);
+                ids.extend(std::iter::repeat_n(pad_id, longest - x.len()));
+                next.extend(&x[1..]);
+                next.extend(std::iter::repeat_n(pad_id, longest - x.len()));
+            }
+        }
+        let rows = b * c;
+        let inputs = decoder.embed_tokens(&Tensor::from_vec(ids, (rows, longest - 1), device)?)?;
+        let mut repeated = cache.repeat_each(c)?;
+        let log_probs = candle_nn::ops::log_softmax(
+            &decoder.logits_cached(&inputs, &mut repeated)?,
+            candle_core::D::Minus1,
+        )?;
+        // Padding positions are read, never counted.
+        let next = Tensor::from_vec(next, (rows, longest - 1, 1), device)?;
+        let picked: Vec<Vec<f32>> = log_probs
+            .gather(&next, 2)?
+            .squeeze(2)?
+            .to_dtype(DType::F32)?
+            .to_vec2()?;
+        for (row, values) in picked.iter().enumerate() {
+            let (image, k) = (row / c, row % c);
+            let len = continuations[k].len() - 1;
+            scores[image][k] += values[..len].iter().map(|v| f64::from(*v)).sum::<f64>();
+        }
+    }
+    Ok(scores)
 }
 
 /// Loss and exact projector gradient for `batch`.

@@ -83,6 +83,30 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Every sequence's keys and values `times` times in a row (batch b
+    /// becomes b * times: sequence i at rows i * times ..), so that several
+    /// continuations share each context.
+    pub fn repeat_each(&self, times: usize) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| -> Result<(Tensor, Tensor)> {
+                let expand = |t: &Tensor| -> Result<Tensor> {
+                    let (b, h, len, d) = t.dims4()?;
+                    Ok(t.unsqueeze(1)?
+                        .broadcast_as((b, times, h, len, d))?
+                        .contiguous()?
+                        .reshape((b * times, h, len, d))?)
+                };
+                Ok((expand(k)?, expand(v)?))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            len: self.len,
+        })
+    }
+
     /// Positions held.
     pub fn len(&self) -> usize {
         self.len

@@ -619,3 +619,31 @@ fn greedy_decoding_with_the_cache_matches_recomputing() -> Result<()> {
     assert_eq!(got, expected);
     Ok(())
 }
+
+/// Continuations scored after shared contexts (one pass over each context,
+/// its cache repeated) equal the log-probabilities read off a plain
+/// forward pass over context + continuation.
+#[test]
+fn continuation_scores_equal_the_plain_forward() -> Result<()> {
+    let decoder = tiny_decoder(DecoderConfig::tiny(VOCAB), DType::F64)?;
+    let d = decoder.config().hidden_size;
+    let contexts = random_tensor(&[2, 5, d], 21, DType::F64)?;
+    let continuations = vec![vec![3u32, 9, 4], vec![7u32], vec![11u32, 2]];
+    let got = fedcmp_model::alignment::continuation_scores(&decoder, &contexts, &continuations, 0)?;
+    assert_eq!((got.len(), got[0].len()), (2, 3));
+    for (b, row) in got.iter().enumerate() {
+        for (k, ids) in continuations.iter().enumerate() {
+            let tokens = decoder.embed_tokens(&Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?)?;
+            let seq = Tensor::cat(&[contexts.narrow(0, b, 1)?, tokens], 1)?;
+            let lp = candle_nn::ops::log_softmax(&decoder.logits(&seq)?.squeeze(0)?, 1)?;
+            let mut expected = 0.0;
+            for (j, &id) in ids.iter().enumerate() {
+                let v: f64 = lp.get(5 + j - 1)?.get(id as usize)?.to_scalar()?;
+                expected += v;
+            }
+            assert!((row[k] - expected).abs() < 1e-5, "context {b}, continuation {k}: {} vs {expected}", row[k]);
+        }
+    }
+    assert!(fedcmp_model::alignment::continuation_scores(&decoder, &contexts, &[vec![]], 0).is_err());
+    Ok(())
+}
