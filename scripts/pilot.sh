@@ -30,6 +30,7 @@ VARIANTS=(
   "sep-1tok-lr1e-3|--caption-separator \\n --visual-tokens 1 --lr 1e-3"
 )
 
+mkdir -p runs/pilot
 wanted=("$@")
 for line in "${VARIANTS[@]}"; do
   name="${line%%|*}"
