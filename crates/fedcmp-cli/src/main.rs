@@ -47,6 +47,9 @@ enum Command {
     /// Print the settings `run` would use with the same flags, config file
     /// and FEDCMP_* variables (a valid --config file).
     ShowConfig(Box<args::RunArgs>),
+    /// Linear probe of the frozen vision features (as the projector sees
+    /// them) on each labelled domain: the ceiling for zero-shot accuracy.
+    Probe(Box<args::RunArgs>),
     /// Methods x scenarios with fair tuning, seeds, and a report (resumable).
     Compare(Box<commands::compare::CompareArgs>),
     /// Centralized alignment on Fashion-MNIST with template captions: a
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Some(Command::Scenario { action }) => commands::scenario::run(cli.cache_dir, action),
         Some(Command::Run(args)) => commands::run::run(cli.cache_dir, &args),
         Some(Command::ShowConfig(args)) => commands::run::show_config(&args),
+        Some(Command::Probe(args)) => commands::run::probe(cli.cache_dir, &args),
         Some(Command::Compare(args)) => commands::compare::run(cli.cache_dir, &args),
         Some(Command::Align(args)) => commands::align::run(cli.cache_dir, &args),
         None => commands::compare::run(cli.cache_dir, &commands::compare::CompareArgs::main_job()),

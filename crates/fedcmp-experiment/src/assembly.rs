@@ -39,6 +39,10 @@ pub struct Experiment {
     pub test: Vec<Sample>,
     /// The test split with domains and labels, and its fixed subsets.
     pub suite: Suite,
+    /// The training and validation splits with domains and labels (for
+    /// the linear probe).
+    pub train_items: Vec<Item>,
+    pub validation_items: Vec<Item>,
     pub template: CaptionTemplate,
 }
 
@@ -119,19 +123,18 @@ impl Experiment {
                 class_prompts: corpus.class_prompts(n).unwrap_or_default(),
             })
             .collect();
-        let items = splits
-            .test
-            .iter()
-            .filter_map(|&i| {
-                let record = &corpus.records[i];
-                Some(Item {
-                    id: record.id.clone(),
-                    sample: sample(i)?,
-                    domain: names.iter().position(|n| *n == record.source)?,
-                    label: record.label,
-                })
+        let item = |i: usize| -> Option<Item> {
+            let record = &corpus.records[i];
+            Some(Item {
+                id: record.id.clone(),
+                sample: sample(i)?,
+                domain: names.iter().position(|n| *n == record.source)?,
+                label: record.label,
             })
-            .collect();
+        };
+        let items = splits.test.iter().filter_map(|&i| item(i)).collect();
+        let train_items = splits.train.iter().filter_map(|&i| item(i)).collect();
+        let validation_items = splits.validation.iter().filter_map(|&i| item(i)).collect();
         let calibration = validation.iter().map(|s: &Sample| s.key.clone()).collect();
         let suite = Suite::new(domains, items, calibration, suite_config)?;
         let backbones::Backbones {
@@ -150,6 +153,8 @@ impl Experiment {
             validation,
             test,
             suite,
+            train_items,
+            validation_items,
             template: CaptionTemplate {
                 separator: data.caption_separator.clone(),
                 ..CaptionTemplate::plain()

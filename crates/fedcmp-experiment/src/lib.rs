@@ -15,6 +15,7 @@
 //! - [`training`]: the three kinds of training (federated, centralized,
 //!   local-only) through the one round loop;
 //! - [`pilot`]: single-source scenarios for quick centralized checks;
+//! - [`probe`]: the linear probe of the frozen features (the ceiling);
 //! - [`run_folder`]: a run's folder (pinned settings, metrics, checkpoints,
 //!   client states, resume, summary) and `fedcmp run` as a function;
 //! - [`compare`]: the comparison protocol (typed tuning grids, seeds,
@@ -29,6 +30,7 @@ pub mod events;
 pub mod federation;
 pub mod files;
 pub mod pilot;
+pub mod probe;
 pub mod run_folder;
 pub mod settings;
 pub mod training;

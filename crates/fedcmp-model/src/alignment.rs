@@ -338,11 +338,14 @@ pub fn continuation_scores(
     let logits = decoder.logits_cached(contexts, &mut cache)?;
     // The first token of each continuation, read at the context's end.
     let first_ids: Vec<u32> = continuations.iter().map(|x| x[0]).collect();
-    let first_ids = Tensor::from_vec(first_ids, (1, c), device)?.broadcast_as((b, c))?.contiguous()?;
-    let first: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits.narrow(1, t - 1, 1)?.squeeze(1)?, 1)?
-        .gather(&first_ids, 1)?
-        .to_dtype(DType::F32)?
-        .to_vec2()?;
+    let first_ids = Tensor::from_vec(first_ids, (1, c), device)?
+        .broadcast_as((b, c))?
+        .contiguous()?;
+    let first: Vec<Vec<f32>> =
+        candle_nn::ops::log_softmax(&logits.narrow(1, t - 1, 1)?.squeeze(1)?, 1)?
+            .gather(&first_ids, 1)?
+            .to_dtype(DType::F32)?
+            .to_vec2()?;
     let mut scores: Vec<Vec<f64>> = first
         .iter()
         .map(|row| row.iter().map(|v| f64::from(*v)).collect())

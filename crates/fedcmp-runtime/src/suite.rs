@@ -406,7 +406,11 @@ impl Scorer<'_> {
             .take_while(|(j, id)| layout.captions.iter().all(|c| c.get(*j) == Some(id)))
             .count()
             .min(shortest.saturating_sub(1));
-        let rest: Vec<Vec<u32>> = layout.captions.iter().map(|c| c[common..].to_vec()).collect();
+        let rest: Vec<Vec<u32>> = layout
+            .captions
+            .iter()
+            .map(|c| c[common..].to_vec())
+            .collect();
         let (b, _, d) = visual.dims3()?;
         let embed = |ids: &[u32]| -> Result<Option<Tensor>> {
             if ids.is_empty() {
@@ -426,7 +430,12 @@ impl Scorer<'_> {
         parts.extend(embed(&layout.separator)?);
         parts.extend(embed(&first[..common])?);
         let contexts = Tensor::cat(&parts, 1)?;
-        Ok(continuation_scores(self.decoder, &contexts, &rest, layout.pad_id)?)
+        Ok(continuation_scores(
+            self.decoder,
+            &contexts,
+            &rest,
+            layout.pad_id,
+        )?)
     }
 
     /// A greedy caption for one cached image.
@@ -550,7 +559,8 @@ pub fn evaluate(
         };
         let mut raw_hits = Vec::with_capacity(chosen.len());
         for images in chosen.chunks(ZERO_SHOT_IMAGES_PER_PASS) {
-            let keys: Vec<&FeatureKey> = images.iter().map(|&i| &suite.items[i].sample.key).collect();
+            let keys: Vec<&FeatureKey> =
+                images.iter().map(|&i| &suite.items[i].sample.key).collect();
             let visual = projector.forward(&scorer.cache.batch(&keys)?)?.detach();
             let scores = scorer.prompt_scores(&visual, &prompts)?;
             for (s, &i) in scores.iter().zip(images) {

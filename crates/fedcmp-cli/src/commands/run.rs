@@ -33,6 +33,34 @@ pub fn show_config(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// `fedcmp probe`: the linear probe of every labelled domain of the
+/// scenario the flags describe.
+pub fn probe(cache_dir: Option<PathBuf>, args: &RunArgs) -> Result<()> {
+    let (settings, _) = resolve(args)?;
+    let root = cache_root(cache_dir)?;
+    let progress = Progress::default();
+    let experiment = fedcmp_experiment::Experiment::assemble(
+        &root,
+        &settings.data,
+        fedcmp_runtime::suite::SuiteConfig::default(),
+        &progress,
+    )?;
+    let report = fedcmp_experiment::probe::linear_probe(&experiment)?;
+    progress.finish();
+    println!(
+        "{:<16} {:>7} {:>6} {:>6} {:>8} {:>10} {:>9}",
+        "domain", "classes", "train", "test", "l2", "validation", "test acc."
+    );
+    for d in &report.domains {
+        println!(
+            "{:<16} {:>7} {:>6} {:>6} {:>8.0e} {:>10.3} {:>9.3}",
+            d.domain, d.classes, d.train, d.test, d.l2, d.validation_accuracy, d.test_accuracy
+        );
+    }
+    println!("{:<16} {:>51.3}", "macro average", report.macro_accuracy);
+    Ok(())
+}
+
 pub fn run(cache_dir: Option<PathBuf>, args: &RunArgs) -> Result<()> {
     let (settings, _) = resolve(args)?;
     let root = cache_root(cache_dir)?;

@@ -633,7 +633,8 @@ fn continuation_scores_equal_the_plain_forward() -> Result<()> {
     assert_eq!((got.len(), got[0].len()), (2, 3));
     for (b, row) in got.iter().enumerate() {
         for (k, ids) in continuations.iter().enumerate() {
-            let tokens = decoder.embed_tokens(&Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?)?;
+            let tokens =
+                decoder.embed_tokens(&Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?)?;
             let seq = Tensor::cat(&[contexts.narrow(0, b, 1)?, tokens], 1)?;
             let lp = candle_nn::ops::log_softmax(&decoder.logits(&seq)?.squeeze(0)?, 1)?;
             let mut expected = 0.0;
@@ -641,9 +642,15 @@ fn continuation_scores_equal_the_plain_forward() -> Result<()> {
                 let v: f64 = lp.get(5 + j - 1)?.get(id as usize)?.to_scalar()?;
                 expected += v;
             }
-            assert!((row[k] - expected).abs() < 1e-5, "context {b}, continuation {k}: {} vs {expected}", row[k]);
+            assert!(
+                (row[k] - expected).abs() < 1e-5,
+                "context {b}, continuation {k}: {} vs {expected}",
+                row[k]
+            );
         }
     }
-    assert!(fedcmp_model::alignment::continuation_scores(&decoder, &contexts, &[vec![]], 0).is_err());
+    assert!(
+        fedcmp_model::alignment::continuation_scores(&decoder, &contexts, &[vec![]], 0).is_err()
+    );
     Ok(())
 }
