@@ -71,12 +71,15 @@ pub struct CompareArgs {
 }
 
 impl CompareArgs {
-    /// The main job (`fedcmp` with no subcommand): the S3 domain-silos
-    /// scenario on the real offline assets, Fed-CMP and FedAvg side by side
-    /// with the untrained and the centralized references, one seed, sized
-    /// to finish in about ten minutes on a 2-core machine (each source
-    /// capped at 180 records: 8 clients of ~76 samples, 3 rounds of 4 local
-    /// steps x 8). The same as the `compare` command below.
+    /// The main job (`fedcmp` with no subcommand), the headline of
+    /// ALGORITHMS.md §7: the S3 domain-silos scenario on the real offline
+    /// assets (8 clients, 2,040 training samples), FedAvg, FedAvgM and
+    /// Fed-CMP next to the untrained projector and the centralized
+    /// reference, 3 paired seeds, at the research recipe (one visual token,
+    /// content captions after a newline, batch 16, peak lr 3e-3, one local
+    /// step per round: 16 merges), every federated method at server lr 1
+    /// (a grid of one: no tuning run). The same as the `compare` command
+    /// below.
     pub fn main_job() -> Self {
         #[derive(Parser)]
         struct Wrapper {
@@ -88,13 +91,25 @@ impl CompareArgs {
             "--scenarios",
             "domain-silos",
             "--methods",
-            "init,fedavg,fed-cmp,centralized",
+            "init,fedavg,fedavgm,fed-cmp,centralized",
             "--seeds",
-            "1",
+            "3",
             "--grid",
             "1",
-            "--limit",
-            "180",
+            "--captions",
+            "content",
+            "--caption-separator",
+            "\\n",
+            "--visual-tokens",
+            "1",
+            "--batch-size",
+            "16",
+            "--local-steps",
+            "1",
+            "--lr",
+            "3e-3",
+            "--eval-every",
+            "8",
             "--out",
             "runs/main",
         ])
@@ -286,16 +301,18 @@ fn write_report(
     Ok(())
 }
 
-/// One line per scenario and method: every measure's mean over seeds,
-/// and each federated method's paired difference in test NLL to FedAvg
-/// (Fed-CMP's also to FedAvgM) with its 95% interval.
+/// One line per scenario and method with every measure's mean over seeds;
+/// then, per trained method, its paired differences (method - baseline,
+/// 95% bootstrap interval over seeds x test items) in test NLL and
+/// zero-shot accuracy to the untrained projector and to FedAvg (Fed-CMP's
+/// also to FedAvgM); then a few greedy captions per method (seed 0).
 pub fn summary_table(cells: &[Cell], methods: &[Method]) -> String {
     let summary = Summary { cells };
     let mut out = format!("{:<14} {:<12}", "scenario", "method");
     for m in Measure::ALL {
         out.push_str(&format!(" {:>10}", m.label()));
     }
-    out.push_str("  paired difference in test NLL (95% interval)\n");
+    out.push('\n');
     for s in summary.scenarios() {
         for m in summary.methods(methods) {
             out.push_str(&format!("{s:<14} {:<12}", m.name()));
@@ -306,17 +323,67 @@ pub fn summary_table(cells: &[Cell], methods: &[Method]) -> String {
                     .map_or("-".to_string(), |x| format!("{x:.digits$}"));
                 out.push_str(&format!(" {value:>10}"));
             }
-            let mut diffs = Vec::new();
-            for baseline in super::report::baselines(m) {
-                if let Some(d) = paired_difference(cells, &s, Measure::TestNll, m, baseline, 0) {
-                    diffs.push(format!(
-                        "vs {baseline}: {}",
-                        super::report::difference_text(&d, 4)
-                    ));
+            out.push('\n');
+        }
+    }
+    let mut differences = String::new();
+    for s in summary.scenarios() {
+        for m in summary.methods(methods) {
+            if m == Method::Init {
+                continue;
+            }
+            let mut against = vec![Method::Init];
+            against.extend(super::report::baselines(m));
+            for baseline in against {
+                for (measure, digits) in [(Measure::TestNll, 4), (Measure::ZeroShot, 3)] {
+                    if let Some(d) = paired_difference(cells, &s, measure, m, baseline, 0) {
+                        differences.push_str(&format!(
+                            "{s:<14} {:<12} vs {:<10} {:<10} {}\n",
+                            m.name(),
+                            baseline.name(),
+                            measure.label(),
+                            super::report::difference_text(&d, digits)
+                        ));
+                    }
                 }
             }
-            out.push_str(&format!("  {}\n", diffs.join("; ")));
         }
+    }
+    if !differences.is_empty() {
+        out.push_str(
+            "\npaired differences, method - baseline: mean over seeds [95% bootstrap interval \
+             over seeds x test items]\n",
+        );
+        out.push_str(&differences);
+    }
+    let mut captions = String::new();
+    for s in summary.scenarios() {
+        for m in summary.methods(methods) {
+            let examples = cells
+                .iter()
+                .find(|c| c.scenario == s && c.method == m.name() && c.seed == 0)
+                .and_then(|c| c.suite.as_ref())
+                .map(|r| r.captions.iter().take(CAPTIONS_PRINTED))
+                .into_iter()
+                .flatten();
+            for ex in examples {
+                captions.push_str(&format!(
+                    "{s:<14} {:<12} {:<16} \"{}\" (reference: \"{}\")\n",
+                    m.name(),
+                    ex.domain,
+                    ex.generated,
+                    ex.reference
+                ));
+            }
+        }
+    }
+    if !captions.is_empty() {
+        out.push_str("\ngreedy captions of test images (seed 0)\n");
+        out.push_str(&captions);
     }
     out
 }
+
+/// Greedy captions printed per method after the table (the report has
+/// them all).
+const CAPTIONS_PRINTED: usize = 4;

@@ -156,6 +156,21 @@ fn compare_runs_the_matrix_reports_and_resumes() -> Result<()> {
     );
     assert!(report.contains("Rounds per run"), "{report}");
     assert!(first.contains("fed-cmp") && first.contains("recovery"));
+    let printed = |method: &str, baseline: &str| {
+        first.lines().any(|l| {
+            l.contains(&format!(" {method} "))
+                && l.contains(&format!("vs {baseline} "))
+                && l.contains('[')
+        })
+    };
+    assert!(
+        printed("fedavg", "init") && printed("fed-cmp", "fedavg") && printed("centralized", "init"),
+        "paired differences with intervals are printed:\n{first}"
+    );
+    assert!(
+        first.contains("greedy captions") && first.contains("(reference: "),
+        "{first}"
+    );
 
     // Second invocation: every cell is found, none is rerun.
     let second = compare(bin, &gguf, &scenario, &out, &cache, 1, &MATRIX)?;

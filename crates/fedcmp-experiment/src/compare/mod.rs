@@ -6,7 +6,8 @@
 //! ([`TUNING_SEED`], never reported) and scored on the validation split;
 //! the best setting (lowest validation NLL; a failed run never wins) is
 //! trained with every reported seed (0, 1, ...), and each is scored on the
-//! test split with the full evaluation suite. The references (centralized,
+//! test split with the full evaluation suite (with a grid of one there is
+//! nothing to choose, so no tuning run). The references (centralized,
 //! local-only, init) have one setting. Seed s gives every method the same
 //! initialisation, shard order and client sampling, so results pair by
 //! seed ([`stats`]).
@@ -105,7 +106,7 @@ impl Plan {
         self.methods
             .iter()
             .map(|m| {
-                if m.is_reference() {
+                if m.is_reference() || self.grid == 1 {
                     seeds
                 } else {
                     self.grid as u64 + seeds
@@ -499,6 +500,14 @@ impl Scene<'_> {
             Method::Centralized => {
                 for seed in 0..seeds {
                     reported.push(self.trained_cell(method, 0, None, seed, true)?);
+                    tick();
+                }
+            }
+            Method::Strategy(name) if self.plan.grid == 1 => {
+                // One setting: nothing to choose, so no tuning run.
+                let config = grid::grid(name).into_iter().next();
+                for seed in 0..seeds {
+                    reported.push(self.trained_cell(method, 0, config.clone(), seed, true)?);
                     tick();
                 }
             }

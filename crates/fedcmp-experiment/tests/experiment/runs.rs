@@ -298,3 +298,34 @@ fn visual_tokens_and_the_separator_take_effect() -> Result<()> {
     assert!(message.contains("visual-tokens = 3"), "{message}");
     Ok(())
 }
+
+#[test]
+fn a_grid_of_one_setting_trains_no_tuning_run() -> Result<()> {
+    use fedcmp_experiment::compare::{self, Method, Plan};
+    let w = world()?;
+    let template = w.settings(RunOptions::default())?;
+    let out = w.dir.path().join("compare");
+    let plan = Plan {
+        scenarios: vec![template.data.scenario.clone()],
+        methods: vec![Method::parse("fedavg")?],
+        seeds: std::num::NonZeroU64::MIN,
+        grid: 1,
+        jobs: std::num::NonZeroUsize::MIN,
+        suite: small_suite(),
+        out: out.clone(),
+    };
+    assert_eq!(plan.cells_per_scenario(), 1);
+    let comparison = compare::run(&w.cache(), &template, &plan, &Silent)?;
+    assert_eq!(comparison.reported.len(), 1);
+    let method_dir = std::fs::read_dir(out.join("cells"))?
+        .next()
+        .context("a scenario folder")??
+        .path()
+        .join("fedavg");
+    let mut files: Vec<String> = std::fs::read_dir(&method_dir)?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    files.sort();
+    assert_eq!(files, ["g0-s0.json"], "no run at the tuning seed");
+    Ok(())
+}
