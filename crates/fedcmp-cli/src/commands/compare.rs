@@ -76,7 +76,7 @@ impl CompareArgs {
     /// assets (8 clients, 2,040 training samples), FedAvg, FedAvgM and
     /// Fed-CMP next to the untrained projector and the centralized
     /// reference, 3 paired seeds, at the research recipe (one visual token,
-    /// content captions after a newline, batch 16, peak lr 3e-3, one local
+    /// content captions after a newline, batch 16, peak lr 1e-2, one local
     /// step per round: 16 merges), every federated method at server lr 1
     /// (a grid of one: no tuning run). The same as the `compare` command
     /// below.
@@ -107,7 +107,7 @@ impl CompareArgs {
             "--local-steps",
             "1",
             "--lr",
-            "3e-3",
+            "1e-2",
             "--eval-every",
             "8",
             "--out",
