@@ -217,6 +217,37 @@ fn rms_backward(x: &Tensor, inv: &Tensor, g: &Tensor, dy: &Tensor) -> Result<Ten
     Ok(dx.broadcast_mul(inv)?)
 }
 
+/// Grouped-query attention of `q` (b, nh, t, hd) over `k` and `v`
+/// (b, nkv, total, hd) with an additive `mask` broadcast to
+/// (b, nh, t, total); returns the grouped queries (b, nkv, g t, hd), the
+/// attention probabilities (b, nkv, g t, total), both kept for the
+/// backward pass, and the attended values as rows (b t, nh hd). Query
+/// heads j*g..(j+1)*g share kv head j (Hugging Face's repeat_kv order), so
+/// grouping them along time lets one batched matmul serve the whole group
+/// without copying k and v.
+fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    (nkv, g): (usize, usize),
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let total = k.dims()[2];
+    let q_grouped = q.reshape((b, nkv, g * t, hd))?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let scores = (q_grouped.matmul(&k.t()?)? * scale)?
+        .reshape((b, nh, t, total))?
+        .broadcast_add(mask)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, g * t, total))?;
+    let attn = probs
+        .matmul(v)?
+        .reshape((b, nh, t, hd))?
+        .transpose(1, 2)?
+        .reshape((b * t, nh * hd))?;
+    Ok((q_grouped, probs, attn))
+}
+
 fn causal_mask(time: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..time)
         .flat_map(|i| (0..time).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
@@ -472,18 +503,7 @@ impl FrozenDecoder {
             ),
             None => (k_new, v_new),
         };
-        let total = k.dims()[2];
-        let q_grouped = q.reshape((b, nkv, g * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q_grouped.matmul(&k.t()?)? * scale)?
-            .reshape((b, nh, t, total))?
-            .broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, g * t, total))?;
-        let attn = probs
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b * t, nh * hd))?;
+        let (_, _, attn) = grouped_attention(&q, &k, &v, mask, (nkv, g))?;
         let h = (x + linear(&attn, &l.wo, None)?.reshape((b, t, d))?)?;
         let inv_ffn = inv_rms(&h, c.rms_norm_eps)?;
         let hn = rms_apply(&h, &inv_ffn, &l.ffn_norm)?.reshape((b * t, d))?;
@@ -580,20 +600,7 @@ impl FrozenDecoder {
         let v = heads(linear(&xn, &l.wv, l.bv.as_ref())?, nkv)?;
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
-        // Query heads j*g..(j+1)*g share kv head j (Hugging Face's repeat_kv
-        // order), so grouping them along time lets one batched matmul serve
-        // the whole group without copying k and v.
-        let q_grouped = q.reshape((b, nkv, g * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q_grouped.matmul(&k.t()?)? * scale)?
-            .reshape((b, nh, t, t))?
-            .broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, g * t, t))?;
-        let attn = probs
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b * t, nh * hd))?;
+        let (q_grouped, probs, attn) = grouped_attention(&q, &k, &v, mask, (nkv, g))?;
         let h = (x + linear(&attn, &l.wo, None)?.reshape((b, t, d))?)?;
         let inv_rms_ffn = inv_rms(&h, c.rms_norm_eps)?;
         let hn = rms_apply(&h, &inv_rms_ffn, &l.ffn_norm)?.reshape((b * t, d))?;
