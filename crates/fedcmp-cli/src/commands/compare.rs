@@ -196,7 +196,7 @@ fn write_report(
         "# Comparison\n\nScenarios: {}. Seeds: {}. Grid: {} setting(s) per method, chosen on \
          validation NLL with the tuning seed {TUNING_SEED} (never reported; no tuning run \
          with one setting). Recipe: {} local steps x batch {}, peak lr {}, {}. \
-         Sources capped at {} records. Took {minutes:.1} min for the cells run in this \
+         Source cap: {}. Took {minutes:.1} min for the cells run in this \
          invocation.\n\nBest federated method per scenario in bold (references never are).\n",
         scenarios.join(", "),
         plan.seeds,
@@ -212,7 +212,7 @@ fn write_report(
         template
             .data
             .limit
-            .map_or("no cap".to_string(), |l| l.to_string()),
+            .map_or("none".to_string(), |l| format!("{l} records")),
     );
     for measure in Measure::ALL {
         md.push_str(&format!("\n## {}\n\n", measure.title()));
