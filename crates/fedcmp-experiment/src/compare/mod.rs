@@ -171,6 +171,22 @@ impl Cell {
     }
 }
 
+/// A cell of `method` at `seed` in scenario "s" holding `suite` (the
+/// statistics and summary tests build their cells with it).
+#[cfg(test)]
+pub(crate) fn test_cell(method: &str, seed: u64, suite: SuiteReport) -> Cell {
+    Cell {
+        suite: Some(suite),
+        ..Cell::blank(
+            "s",
+            Method::parse(method).unwrap_or(Method::Init),
+            0,
+            None,
+            seed,
+        )
+    }
+}
+
 /// What a comparison produced.
 #[derive(Debug, Clone)]
 pub struct Comparison {

@@ -195,40 +195,36 @@ mod tests {
     use fedcmp_runtime::suite::{DomainScores, SuiteReport};
 
     fn cell(method: &str, seed: u64, domains: Vec<DomainItems>) -> Cell {
-        let mut c = Cell::blank(
-            "s",
-            Method::parse(method).unwrap_or(Method::Init),
-            0,
-            None,
+        super::super::test_cell(
+            method,
             seed,
-        );
-        c.suite = Some(SuiteReport {
-            domains: domains
-                .into_iter()
-                .map(|items| DomainScores {
-                    domain: "d".into(),
-                    samples: items.tokens.len(),
-                    tokens: items.tokens.iter().map(|t| *t as usize).sum(),
-                    nll: f64::NAN,
-                    perplexity: f64::NAN,
-                    zero_shot_accuracy: None,
-                    zero_shot_raw_accuracy: None,
-                    zero_shot_images: items.zero_shot.len(),
-                    classes: 2,
-                    caption_accuracy: None,
-                    caption_checks: items.caption.len(),
-                    items,
-                })
-                .collect(),
-            macro_nll: f64::NAN,
-            macro_perplexity: f64::NAN,
-            macro_zero_shot_accuracy: None,
-            macro_zero_shot_raw_accuracy: None,
-            macro_caption_accuracy: None,
-            chance: None,
-            captions: Vec::new(),
-        });
-        c
+            SuiteReport {
+                domains: domains
+                    .into_iter()
+                    .map(|items| DomainScores {
+                        domain: "d".into(),
+                        samples: items.tokens.len(),
+                        tokens: items.tokens.iter().map(|t| *t as usize).sum(),
+                        nll: f64::NAN,
+                        perplexity: f64::NAN,
+                        zero_shot_accuracy: None,
+                        zero_shot_raw_accuracy: None,
+                        zero_shot_images: items.zero_shot.len(),
+                        classes: 2,
+                        caption_accuracy: None,
+                        caption_checks: items.caption.len(),
+                        items,
+                    })
+                    .collect(),
+                macro_nll: f64::NAN,
+                macro_perplexity: f64::NAN,
+                macro_zero_shot_accuracy: None,
+                macro_zero_shot_raw_accuracy: None,
+                macro_caption_accuracy: None,
+                chance: None,
+                captions: Vec::new(),
+            },
+        )
     }
 
     fn items(ll: &[f64], tokens: &[u32], hits: &[bool]) -> DomainItems {

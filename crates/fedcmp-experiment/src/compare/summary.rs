@@ -235,24 +235,20 @@ mod tests {
     use fedcmp_runtime::suite::SuiteReport;
 
     fn cell(method: &str, seed: u64, nll: f64) -> Cell {
-        let mut c = Cell::blank(
-            "s",
-            Method::parse(method).unwrap_or(Method::Init),
-            0,
-            None,
+        super::super::test_cell(
+            method,
             seed,
-        );
-        c.suite = Some(SuiteReport {
-            domains: Vec::new(),
-            macro_nll: nll,
-            macro_perplexity: nll.exp(),
-            macro_zero_shot_accuracy: None,
-            macro_zero_shot_raw_accuracy: None,
-            macro_caption_accuracy: None,
-            chance: None,
-            captions: Vec::new(),
-        });
-        c
+            SuiteReport {
+                domains: Vec::new(),
+                macro_nll: nll,
+                macro_perplexity: nll.exp(),
+                macro_zero_shot_accuracy: None,
+                macro_zero_shot_raw_accuracy: None,
+                macro_caption_accuracy: None,
+                chance: None,
+                captions: Vec::new(),
+            },
+        )
     }
 
     #[test]
