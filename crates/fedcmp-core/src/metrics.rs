@@ -83,6 +83,16 @@ pub mod names {
     pub const CRA_RHO_MIN: &str = "cra_rho_min";
     /// CRA: each client's alignment e_k with the kept subspace (series).
     pub const CRA_CLIENT_ALIGNMENT: &str = "cra_client_alignment";
+    /// CRA: the cross-client share of the merged energy in the kept
+    /// directions (1 = identical clients, ~0 = independent).
+    pub const CRA_SHARED_SHARE: &str = "cra_shared_share";
+    /// CRA v2 shrinkage gain: energy-weighted mean, and quantiles (min,
+    /// 10%, 25%, median, 75%, 90%, max) over the kept directions.
+    pub const CRA_GAIN_MEAN: &str = "cra_gain_mean";
+    pub const CRA_GAIN_QUANTILES: &str = "cra_gain_quantiles";
+    /// CRA basis momentum: per matrix, 1 - cosine between the round's Gram
+    /// and the averaged Gram before it.
+    pub const CRA_BASIS_DRIFT: &str = "cra_basis_drift";
     /// OPM: share of momentum energy the basis change dropped.
     pub const OPM_DROPPED_FRACTION: &str = "opm_dropped_fraction";
 }

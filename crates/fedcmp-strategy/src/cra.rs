@@ -19,6 +19,26 @@
 //! Every other tensor (biases) gets the data-weighted mean delta
 //! `sum_k p_k delta_k`.
 //!
+//! CRA v2 (§3.1) changes what "reliable" means, one knob per item, v1
+//! being the defaults until the counterfactual harness chooses:
+//!
+//! ```text
+//! agreement = "leave-one-out":  a_kj = cos(c_kj, sum_{l != k} p_l c_lj)
+//! gain = "shrinkage":           r_j = sum_k p_k^2 ||c_kj||^2 / ||cbar_j||^2
+//!                               g_j = clip((1 - r_j) / (1 - sum_k p_k^2), 0, 1)
+//!                               c*_j = g_j rho_j^gamma sum_k alpha_kj c_kj
+//! basis-beta > 0:               U from G_t = beta G_{t-1} + sum_k p_k Delta_k Delta_k^T
+//! ```
+//!
+//! Both v2 rules read the `K x K` Gram matrix of the direction's
+//! coefficient rows, so that the cross-client term `sum_{k != l} p_k p_l
+//! <c_kj, c_lj>` is a sum of exact products: a direction that one client
+//! uses alone (the others exactly 0 there) gets gain exactly 0 and
+//! agreement exactly 0, not a rounding residue. The averaged Gram `G_t` is
+//! the aggregator's state (`cra_basis_gram`, one f32 `rows x rows` tensor
+//! per matrix, named like it, held in memory as saved): the basis is then
+//! always computed on the output side.
+//!
 //! The basis is computed from the smaller side of `S`, in f64: when
 //! `d_out <= K d_in`, `U` = eigenvectors of `G = S S^T = sum_k p_k Delta_k
 //! Delta_k^T` (accumulated client by client, lower triangle only, `S`
@@ -61,21 +81,31 @@
 //! in layout order), scalars `cra_rho_mean` / `cra_rho_min` (over all
 //! kept directions of all matrices) and series `cra_client_alignment`
 //! (`e_k = sum ||U C_k||_F^2 / sum ||Delta_k||_F^2` over the matrices, per
-//! client in id order; 0 for a zero delta).
+//! client in id order; 0 for a zero delta). Interference diagnostics:
+//! `cra_shared_share`, the cross-client share of the merged (FedAvg)
+//! energy in the kept directions, `sum_j cross_j / ((1 - sum_k p_k^2)
+//! sum_j ||cbar_j||^2)` (1 for identical clients, ~0 for independent ones,
+//! negative when they cancel); with the shrinkage gain, `cra_gain_mean`
+//! (`sum_j g_j ||cbar_j||^2 / sum_j ||cbar_j||^2`) and the series
+//! `cra_gain_quantiles` (min, 10%, 25%, median, 75%, 90%, max over all
+//! kept directions); with basis momentum, the series `cra_basis_drift`
+//! per matrix, `1 - <P_t, G_{t-1}>_F / (||P_t||_F ||G_{t-1}||_F)` between
+//! the round's Gram `P_t` and the averaged one before it (0 = the same
+//! directions and spectrum shape, 1 = orthogonal).
 
 use fedcmp_core::metrics::names;
 use std::ops::Range;
 
 use faer::Mat;
-use fedcmp_core::RoundMetrics;
+use fedcmp_core::{ParamSet, ParamTensor, RoundMetrics};
 use rayon::prelude::*;
 
 use serde::{Deserialize, Serialize};
 
 use crate::compose::{Aggregator, Composed, Plain, PseudoGradient, ServerOptimizer};
 use crate::round::RoundInput;
-use crate::validate::{check, non_negative, positive};
-use crate::{dense, ops, Result, StrategyError};
+use crate::validate::{check, non_negative, positive, unit_interval};
+use crate::{dense, ops, Result, StrategyError, StrategyState};
 
 /// Which side of `S` the basis is computed from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -111,6 +141,28 @@ pub enum Eigensolver {
 /// The Gram dimension from which `Eigensolver::Auto` refines.
 pub const REFINED_MIN_DIM: usize = 1024;
 
+/// What a client's coefficient row is compared with (§3 step 4, §3.1 item 1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Agreement {
+    /// v1: the consensus `cbar_j`, which includes the client itself.
+    #[default]
+    Consensus,
+    /// v2: the other clients' weighted sum `sum_{l != k} p_l c_lj`.
+    LeaveOneOut,
+}
+
+/// The per-direction factor on the fused coefficients (§3.1 item 2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Gain {
+    /// v1: none (1 on every direction).
+    #[default]
+    None,
+    /// v2: the positive-part James-Stein share of cross-client energy.
+    Shrinkage,
+}
+
 /// CRA's hyper-parameters (validated by the config layer).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CraParams {
@@ -127,6 +179,10 @@ pub struct CraParams {
     /// Which Gram matrix to decompose (tests pin both).
     pub side: BasisSide,
     pub eigensolver: Eigensolver,
+    pub agreement: Agreement,
+    pub gain: Gain,
+    /// `basis_beta` in [0, 1): weight of the previous averaged Gram.
+    pub basis_beta: f64,
 }
 
 impl Default for CraParams {
@@ -252,6 +308,8 @@ pub struct Basis {
     pub total_energy: f64,
     /// Whether the refined solver produced it (else the exact one).
     pub refined: bool,
+    /// With basis momentum: the averaged Gram it came from.
+    pub averaged: Option<AveragedGram>,
 }
 
 impl Basis {
@@ -267,13 +325,31 @@ impl Basis {
 }
 
 /// The shared basis `U` of `S = [sqrt(p_k) Delta_k]_k` for row-major
-/// `rows x cols` deltas.
+/// `rows x cols` deltas, without basis momentum.
 pub fn canonical_basis(
     deltas: &[&[f64]],
     weights: &[f64],
     rows: usize,
     cols: usize,
     params: &CraParams,
+) -> Result<Basis> {
+    let mut plain = *params;
+    plain.basis_beta = 0.0;
+    canonical_basis_with(deltas, weights, rows, cols, &plain, None)
+}
+
+/// The shared basis, with basis momentum when `params.basis_beta > 0`:
+/// then `U` = top eigenvectors of `G_t = basis_beta G_{t-1} + sum_k p_k
+/// Delta_k Delta_k^T`, `previous` being `G_{t-1}` (row-major `rows x
+/// rows`; none before the first round), and [`Basis::averaged`] holds
+/// `G_t`.
+pub fn canonical_basis_with(
+    deltas: &[&[f64]],
+    weights: &[f64],
+    rows: usize,
+    cols: usize,
+    params: &CraParams,
+    previous: Option<&[f32]>,
 ) -> Result<Basis> {
     if deltas.len() != weights.len() {
         return Err(StrategyError::Length {
@@ -293,11 +369,13 @@ pub fn canonical_basis(
     }
     let k = deltas.len();
     let wide = k * cols;
-    let output_side = match params.side {
-        BasisSide::Auto => rows <= wide,
-        BasisSide::Output => true,
-        BasisSide::Stacked => false,
-    };
+    let momentum = params.basis_beta > 0.0;
+    let output_side = momentum
+        || match params.side {
+            BasisSide::Auto => rows <= wide,
+            BasisSide::Output => true,
+            BasisSide::Stacked => false,
+        };
     // S is only formed on the stacked side, where it is the small one.
     let stacked = (!output_side).then(|| {
         Mat::<f64>::from_fn(rows, wide, |i, j| {
@@ -309,6 +387,11 @@ pub fn canonical_basis(
         None => dense::weighted_gram_lower(deltas, weights, rows, cols)?,
         Some(s) => dense::mul(s.transpose(), s.as_ref()),
     };
+    let averaged = if momentum {
+        Some(average_gram(&mut gram, previous, params.basis_beta)?)
+    } else {
+        None
+    };
     let refine = match params.eigensolver {
         Eigensolver::Exact => false,
         Eigensolver::Refined => true,
@@ -316,7 +399,10 @@ pub fn canonical_basis(
     };
     if output_side && refine && params.energy < 1.0 {
         dense::symmetrize_from_lower(&mut gram);
-        if let Some(basis) = refined_basis(&gram, rows, wide, params)? {
+        if let Some(mut basis) =
+            refined_basis(&gram, rows, wide, structural_rank(rows, wide, momentum), params)?
+        {
+            basis.averaged = averaged;
             return Ok(basis);
         }
     }
@@ -327,8 +413,9 @@ pub fn canonical_basis(
     let order: Vec<usize> = (0..n).rev().collect();
     let lambdas: Vec<f64> = order.iter().map(|&i| values[i].max(0.0)).collect();
     let mut sigma: Vec<f64> = lambdas.iter().map(|l| l.sqrt()).collect();
-    // Singular values of S beyond min(rows, wide) are structurally zero.
-    sigma.truncate(rows.min(wide));
+    // Singular values of S beyond min(rows, wide) are structurally zero
+    // (not those of an averaged Gram, which accumulates rounds).
+    sigma.truncate(structural_rank(rows, wide, momentum));
     let rank = choose_rank(&lambdas, rows.max(wide), params);
 
     // Eigenvalues come ascending: the top `rank` vectors are the last
@@ -355,6 +442,67 @@ pub fn canonical_basis(
         total_energy: lambdas.iter().sum(),
         sigma,
         refined: false,
+        averaged,
+    })
+}
+
+/// How many singular values the basis can have: `min(rows, K cols)` for
+/// one round's `S`, `rows` for an averaged Gram.
+fn structural_rank(rows: usize, wide: usize, momentum: bool) -> usize {
+    if momentum {
+        rows
+    } else {
+        rows.min(wide)
+    }
+}
+
+/// The averaged Gram after a round of basis momentum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AveragedGram {
+    /// `G_t`, row-major `rows x rows`, symmetric.
+    pub gram: Vec<f64>,
+    /// `1 - <P_t, G_{t-1}>_F / (||P_t||_F ||G_{t-1}||_F)`; none in the
+    /// first round or when either is 0.
+    pub drift: Option<f64>,
+}
+
+/// Turns the round's Gram `P_t` (lower triangle in `gram`) into `G_t =
+/// beta G_{t-1} + P_t` in place (whole matrix), measuring the drift.
+fn average_gram(gram: &mut Mat<f64>, previous: Option<&[f32]>, beta: f64) -> Result<AveragedGram> {
+    let n = gram.nrows();
+    dense::symmetrize_from_lower(gram);
+    let drift = match previous {
+        None => None,
+        Some(prev) => {
+            if prev.len() != n * n {
+                return Err(StrategyError::StateLayout {
+                    key: GRAM_KEY.to_string(),
+                    detail: fedcmp_core::CoreError::Invalid(format!(
+                        "{} values where a {n} x {n} Gram matrix was expected",
+                        prev.len()
+                    )),
+                });
+            }
+            let (mut inner, mut p_sq, mut g_sq) = (0.0, 0.0, 0.0);
+            for i in 0..n {
+                for j in 0..n {
+                    let (p, g) = (gram[(i, j)], f64::from(prev[i * n + j]));
+                    inner += p * g;
+                    p_sq += p * p;
+                    g_sq += g * g;
+                }
+            }
+            for i in 0..n {
+                for j in 0..n {
+                    gram[(i, j)] += beta * f64::from(prev[i * n + j]);
+                }
+            }
+            (p_sq > 0.0 && g_sq > 0.0).then(|| 1.0 - inner / (p_sq.sqrt() * g_sq.sqrt()))
+        }
+    };
+    Ok(AveragedGram {
+        gram: dense::to_row_major(gram.as_ref()),
+        drift,
     })
 }
 
@@ -364,6 +512,7 @@ fn refined_basis(
     g: &Mat<f64>,
     rows: usize,
     wide: usize,
+    structural: usize,
     params: &CraParams,
 ) -> Result<Option<Basis>> {
     let total: f64 = (0..rows).map(|i| g[(i, i)]).sum();
@@ -397,13 +546,14 @@ fn refined_basis(
     let mut u = Mat::<f64>::from_fn(rows, rank, |r, j| vectors[(r, j)]);
     dense::fix_signs(&mut u);
     let mut sigma: Vec<f64> = ritz.iter().chain(&rest).map(|l| l.sqrt()).collect();
-    sigma.truncate(rows.min(wide));
+    sigma.truncate(structural);
     Ok(Some(Basis {
         u: dense::to_row_major(u.as_ref()),
         rank,
         sigma,
         total_energy: total,
         refined: true,
+        averaged: None,
     }))
 }
 
@@ -437,7 +587,8 @@ fn choose_rank(lambdas: &[f64], max_dim: usize, params: &CraParams) -> usize {
     rank
 }
 
-/// One direction's reliability: agreements, weights, confidence, fusion.
+/// One direction's reliability: agreements, weights, confidence, gain,
+/// fusion.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reliability {
     /// `a_kj` per client.
@@ -446,18 +597,20 @@ pub struct Reliability {
     pub alpha: Vec<f64>,
     /// `rho_j` in [0, 1] (0 when every `c_kj` is 0).
     pub rho: f64,
-    /// `c*_j = rho^gamma sum_k alpha_kj c_kj`.
+    /// `g_j` in [0, 1] (1 without the shrinkage gain).
+    pub gain: f64,
+    /// The cross-client term `sum_{k != l} p_k p_l <c_kj, c_lj>`.
+    pub cross: f64,
+    /// `||cbar_j||^2`.
+    pub merged_sq: f64,
+    /// `c*_j = g_j rho^gamma sum_k alpha_kj c_kj`.
     pub fused: Vec<f64>,
 }
 
-/// The reliability rule of §3 step 4-5 for one direction `j`: `rows[k]` is
-/// `c_kj`, `weights[k]` is `p_k`.
-pub fn reliability(
-    rows: &[&[f64]],
-    weights: &[f64],
-    tau: f64,
-    confidence_power: f64,
-) -> Result<Reliability> {
+/// The reliability rule of §3 step 4-5 (and §3.1 items 1-2) for one
+/// direction `j`: `rows[k]` is `c_kj`, `weights[k]` is `p_k`; `params`
+/// gives `tau`, `gamma`, the agreement and the gain.
+pub fn reliability(rows: &[&[f64]], weights: &[f64], params: &CraParams) -> Result<Reliability> {
     if rows.len() != weights.len() {
         return Err(StrategyError::Length {
             what: "weights",
@@ -465,16 +618,54 @@ pub fn reliability(
             got: weights.len(),
         });
     }
+    let k = rows.len();
     let width = rows.first().map_or(0, |r| r.len());
     let mut cbar = vec![0.0; width];
     for (row, &p) in rows.iter().zip(weights) {
         ops::axpy(p, row, &mut cbar)?;
     }
-    let agreement = rows
-        .iter()
-        .map(|c| ops::cosine(c, &cbar))
-        .collect::<Result<Vec<f64>>>()?;
-    let alpha: Vec<f64> = if tau.is_infinite() {
+    let norms: Vec<f64> = rows.iter().map(|c| ops::norm(c)).collect();
+    let cbar_norm = ops::norm(&cbar);
+    // The v2 rules read the rows' Gram (exact cross terms); v1 never forms it.
+    let v2 = params.agreement == Agreement::LeaveOneOut || params.gain == Gain::Shrinkage;
+    let pairs = if v2 { Some(row_gram(rows)?) } else { None };
+    let (cross, merged_sq) = match &pairs {
+        Some(g) => {
+            let (mut own, mut cross) = (0.0, 0.0);
+            for i in 0..k {
+                for j in 0..k {
+                    let term = weights[i] * weights[j] * g[i * k + j];
+                    if i == j {
+                        own += term;
+                    } else {
+                        cross += term;
+                    }
+                }
+            }
+            (cross, own + cross)
+        }
+        None => {
+            let own: f64 = weights
+                .iter()
+                .zip(&norms)
+                .map(|(p, n)| (p * n) * (p * n))
+                .sum();
+            (cbar_norm * cbar_norm - own, cbar_norm * cbar_norm)
+        }
+    };
+    let agreement: Vec<f64> = match (params.agreement, &pairs) {
+        (Agreement::LeaveOneOut, Some(g)) => (0..k)
+            .map(|i| leave_one_out_cosine(g, weights, i))
+            .collect(),
+        _ => rows
+            .iter()
+            .map(|c| ops::cosine(c, &cbar))
+            .collect::<Result<_>>()?,
+    };
+    let tau = params.tau;
+    let all_equal = agreement.windows(2).all(|w| w[0] == w[1]);
+    let alpha: Vec<f64> = if tau.is_infinite() || all_equal {
+        // Equal agreements give alpha = p exactly, not up to rounding.
         weights.to_vec()
     } else {
         // Shifted by the largest agreement so that a small tau cannot
@@ -492,29 +683,86 @@ pub fn reliability(
             weights.to_vec()
         }
     };
-    let denom: f64 = rows
-        .iter()
-        .zip(weights)
-        .map(|(c, p)| p * ops::norm(c))
-        .sum();
+    let denom: f64 = norms.iter().zip(weights).map(|(n, p)| p * n).sum();
     let rho = if denom > 0.0 {
-        (ops::norm(&cbar) / denom).clamp(0.0, 1.0)
+        (cbar_norm / denom).clamp(0.0, 1.0)
     } else {
         0.0
+    };
+    let gain = match params.gain {
+        Gain::None => 1.0,
+        Gain::Shrinkage => shrinkage_gain(cross, merged_sq, weights),
     };
     let mut fused = vec![0.0; width];
     for (row, &a) in rows.iter().zip(&alpha) {
         ops::axpy(a, row, &mut fused)?;
     }
-    if confidence_power != 0.0 {
-        ops::scale(rho.powf(confidence_power), &mut fused);
+    let factor = gain
+        * if params.confidence_power != 0.0 {
+            rho.powf(params.confidence_power)
+        } else {
+            1.0
+        };
+    if factor != 1.0 {
+        ops::scale(factor, &mut fused);
     }
     Ok(Reliability {
         agreement,
         alpha,
         rho,
+        gain,
+        cross,
+        merged_sq,
         fused,
     })
+}
+
+/// `G[i][j] = <rows_i, rows_j>`, row-major `k x k`, each pair once, in
+/// order.
+fn row_gram(rows: &[&[f64]]) -> Result<Vec<f64>> {
+    let k = rows.len();
+    let mut g = vec![0.0; k * k];
+    for i in 0..k {
+        for j in i..k {
+            let v = ops::dot(rows[i], rows[j])?;
+            g[i * k + j] = v;
+            g[j * k + i] = v;
+        }
+    }
+    Ok(g)
+}
+
+/// `cos(c_i, sum_{l != i} p_l c_l)` from the rows' Gram `g`; 0 when either
+/// vector is 0.
+fn leave_one_out_cosine(g: &[f64], weights: &[f64], i: usize) -> f64 {
+    let k = weights.len();
+    let others = (0..k).filter(|&l| l != i);
+    let dot: f64 = others.clone().map(|l| weights[l] * g[i * k + l]).sum();
+    let rest_sq: f64 = others
+        .clone()
+        .flat_map(|l| others.clone().map(move |m| (l, m)))
+        .map(|(l, m)| weights[l] * weights[m] * g[l * k + m])
+        .sum();
+    let own_sq = g[i * k + i];
+    if own_sq > 0.0 && rest_sq > 0.0 {
+        (dot / (own_sq.sqrt() * rest_sq.sqrt())).clamp(-1.0, 1.0)
+    } else {
+        0.0
+    }
+}
+
+/// `g_j = clip((1 - r_j) / (1 - sum_k p_k^2), 0, 1)` with `1 - r_j =
+/// cross / ||cbar_j||^2`: 1 when one client holds all the weight, 0 when
+/// `cbar_j = 0`.
+fn shrinkage_gain(cross: f64, merged_sq: f64, weights: &[f64]) -> f64 {
+    let spread = 1.0 - weights.iter().map(|p| p * p).sum::<f64>();
+    if spread <= 16.0 * f64::EPSILON {
+        return 1.0;
+    }
+    if merged_sq <= 0.0 {
+        return 0.0;
+    }
+    (cross / (merged_sq * spread)).clamp(0.0, 1.0)
 }
 
 /// One matrix merged by CRA, with its diagnostics.
@@ -530,6 +778,14 @@ pub struct MergedMatrix {
     pub energy_kept: f64,
     /// `rho_j` per kept direction.
     pub rho: Vec<f64>,
+    /// `g_j` per kept direction.
+    pub gain: Vec<f64>,
+    /// The cross-client term per kept direction (see [`Reliability`]).
+    pub cross: Vec<f64>,
+    /// `||cbar_j||^2` per kept direction.
+    pub merged_sq: Vec<f64>,
+    /// With basis momentum: the averaged Gram to keep for the next round.
+    pub averaged: Option<AveragedGram>,
     /// `||C_k||_F^2` per client.
     pub kept: Vec<f64>,
     /// `||Delta_k||_F^2` per client.
@@ -548,7 +804,8 @@ impl MergedMatrix {
     }
 }
 
-/// CRA on one matrix: row-major `rows x cols` deltas with data weights.
+/// CRA on one matrix: row-major `rows x cols` deltas with data weights,
+/// without basis momentum.
 pub fn merge_matrix(
     slices: &[&[f64]],
     p: &[f64],
@@ -556,7 +813,23 @@ pub fn merge_matrix(
     cols: usize,
     params: &CraParams,
 ) -> Result<MergedMatrix> {
-    let basis = canonical_basis(slices, p, rows, cols, params)?;
+    let mut plain = *params;
+    plain.basis_beta = 0.0;
+    merge_matrix_with(slices, p, rows, cols, &plain, None)
+}
+
+/// CRA on one matrix, with basis momentum over `previous` (the averaged
+/// Gram of the rounds before, see [`canonical_basis_with`]).
+pub fn merge_matrix_with(
+    slices: &[&[f64]],
+    p: &[f64],
+    rows: usize,
+    cols: usize,
+    params: &CraParams,
+    previous: Option<&[f32]>,
+) -> Result<MergedMatrix> {
+    let mut basis = canonical_basis_with(slices, p, rows, cols, params, previous)?;
+    let averaged = basis.averaged.take();
     let r = basis.rank;
     let u = dense::view(&basis.u, rows, r)?;
     let coeffs: Vec<Vec<f64>> = slices
@@ -585,14 +858,22 @@ pub fn merge_matrix(
                 .iter()
                 .map(|c| &c[j * cols..(j + 1) * cols])
                 .collect();
-            reliability(&rows_j, p, params.tau, params.confidence_power)
+            reliability(&rows_j, p, params)
         })
         .collect::<Result<_>>()?;
     drop(coeffs);
     let mut fused = Vec::with_capacity(r * cols);
-    let mut rho = Vec::with_capacity(r);
+    let (mut rho, mut gain, mut cross, mut merged_sq) = (
+        Vec::with_capacity(r),
+        Vec::with_capacity(r),
+        Vec::with_capacity(r),
+        Vec::with_capacity(r),
+    );
     for d in directions {
         rho.push(d.rho);
+        gain.push(d.gain);
+        cross.push(d.cross);
+        merged_sq.push(d.merged_sq);
         fused.extend_from_slice(&d.fused);
     }
     let residual = if params.residual_weight != 0.0 {
@@ -621,21 +902,48 @@ pub fn merge_matrix(
         residual,
         rank: r,
         rho,
+        gain,
+        cross,
+        merged_sq,
+        averaged,
         kept,
         total,
     })
 }
 
-/// CRA as an [`Aggregator`]. Stateless.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// The state key of the averaged Gram matrices (basis momentum).
+const GRAM_KEY: &str = "cra_basis_gram";
+
+/// CRA as an [`Aggregator`]. Its only state is the averaged Gram of basis
+/// momentum (none when `basis_beta = 0`).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct CanonicalMerge {
     pub params: CraParams,
+    gram: Option<ParamSet>,
 }
 
 impl CanonicalMerge {
     pub fn new(params: CraParams) -> Self {
-        Self { params }
+        Self { params, gram: None }
     }
+
+    /// The averaged Gram per matrix (basis momentum; none before the first
+    /// round).
+    pub fn averaged_gram(&self) -> Option<&ParamSet> {
+        self.gram.as_ref()
+    }
+}
+
+/// Quantiles (min, 10%, 25%, median, 75%, 90%, max) of `values`, by the
+/// nearest-rank rule.
+fn quantiles(values: &[f64]) -> Vec<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
+        .iter()
+        .map(|q| sorted[((q * (n - 1) as f64).round() as usize).min(n - 1)])
+        .collect()
 }
 
 impl Aggregator for CanonicalMerge {
@@ -653,6 +961,10 @@ impl Aggregator for CanonicalMerge {
         let mut ranks = Vec::new();
         let mut energies = Vec::new();
         let mut rhos = Vec::new();
+        let mut gains = Vec::new();
+        let (mut gained_sq, mut cross_sum, mut merged_sum) = (0.0, 0.0, 0.0);
+        let mut grams = Vec::new();
+        let mut drifts = Vec::new();
         let mut kept = vec![0.0; k];
         let mut total = vec![0.0; k];
         for (name, shape, range) in ops::tensor_ranges(input.global) {
@@ -676,14 +988,34 @@ impl Aggregator for CanonicalMerge {
                 });
                 continue;
             };
-            let merged = merge_matrix(&slices, p, rows, cols, &self.params)?;
+            let previous = self
+                .gram
+                .as_ref()
+                .and_then(|g| g.get(name))
+                .map(|t| t.data.as_slice());
+            let merged = merge_matrix_with(&slices, p, rows, cols, &self.params, previous)?;
             for (i, (a, b)) in merged.kept.iter().zip(&merged.total).enumerate() {
                 kept[i] += a;
                 total[i] += b;
             }
             rhos.extend_from_slice(&merged.rho);
+            gains.extend_from_slice(&merged.gain);
+            for ((g, c), m) in merged.gain.iter().zip(&merged.cross).zip(&merged.merged_sq) {
+                gained_sq += g * m;
+                cross_sum += c;
+                merged_sum += m;
+            }
             ranks.push(merged.rank as f64);
             energies.push(merged.energy_kept);
+            if let Some(averaged) = &merged.averaged {
+                // Rounding to f32 is the state's representation (held as saved).
+                let values = averaged.gram.iter().map(|&x| x as f32).collect();
+                grams.push((
+                    name.to_string(),
+                    ParamTensor::new(name, vec![rows, rows], values)?,
+                ));
+                drifts.extend(averaged.drift);
+            }
             matrices.push(CanonicalMatrix {
                 name: name.to_string(),
                 range,
@@ -694,6 +1026,9 @@ impl Aggregator for CanonicalMerge {
                 residual: merged.residual,
                 rank: merged.rank,
             });
+        }
+        if !grams.is_empty() {
+            self.gram = Some(ParamSet::new(grams)?);
         }
         metrics.set_series(names::CRA_RANK, ranks);
         metrics.set_series(names::CRA_ENERGY_KEPT, energies);
@@ -706,6 +1041,19 @@ impl Aggregator for CanonicalMerge {
                 names::CRA_RHO_MIN,
                 rhos.iter().copied().fold(f64::INFINITY, f64::min),
             );
+        }
+        let spread = 1.0 - p.iter().map(|w| w * w).sum::<f64>();
+        if merged_sum > 0.0 && spread > 16.0 * f64::EPSILON {
+            metrics.set(names::CRA_SHARED_SHARE, cross_sum / (spread * merged_sum));
+        }
+        if self.params.gain != Gain::None && !gains.is_empty() {
+            metrics.set_series(names::CRA_GAIN_QUANTILES, quantiles(&gains));
+            if merged_sum > 0.0 {
+                metrics.set(names::CRA_GAIN_MEAN, gained_sq / merged_sum);
+            }
+        }
+        if !drifts.is_empty() {
+            metrics.set_series(names::CRA_BASIS_DRIFT, drifts);
         }
         metrics.set_series(
             names::CRA_CLIENT_ALIGNMENT,
@@ -725,6 +1073,15 @@ impl Aggregator for CanonicalMerge {
             vectors,
             len: input.global_flat.len(),
         })
+    }
+
+    fn save(&self, state: &mut StrategyState) {
+        state.put_tensor(GRAM_KEY, self.gram.as_ref());
+    }
+
+    fn load(&mut self, state: &mut StrategyState) -> Result<()> {
+        self.gram = state.take_tensor(GRAM_KEY);
+        Ok(())
     }
 }
 
@@ -779,6 +1136,12 @@ pub struct CraConfig {
     pub server_lr: f64,
     /// `auto` (default), `exact` or `refined`: see [`Eigensolver`].
     pub eigensolver: Eigensolver,
+    /// `consensus` (v1, default) or `leave-one-out` (v2).
+    pub agreement: Agreement,
+    /// `none` (v1, default) or `shrinkage` (v2).
+    pub gain: Gain,
+    /// Basis momentum `basis_beta` in [0, 1); 0 (default) = off.
+    pub basis_beta: f64,
 }
 
 impl Default for CraConfig {
@@ -791,6 +1154,9 @@ impl Default for CraConfig {
             residual_weight: 0.0,
             server_lr: 1.0,
             eigensolver: Eigensolver::Auto,
+            agreement: Agreement::Consensus,
+            gain: Gain::None,
+            basis_beta: 0.0,
         }
     }
 }
@@ -817,7 +1183,8 @@ impl CraConfig {
             (0.0..=1.0).contains(&self.residual_weight),
             "in [0, 1]",
         )?;
-        positive("server-lr", self.server_lr)
+        positive("server-lr", self.server_lr)?;
+        unit_interval("basis-beta", self.basis_beta)
     }
 
     /// The aggregator's parameters.
@@ -830,6 +1197,9 @@ impl CraConfig {
             residual_weight: self.residual_weight,
             side: BasisSide::Auto,
             eigensolver: self.eigensolver,
+            agreement: self.agreement,
+            gain: self.gain,
+            basis_beta: self.basis_beta,
         }
     }
 }

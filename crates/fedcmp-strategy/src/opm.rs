@@ -298,6 +298,10 @@ pub fn opm_only(config: &OpmOnlyConfig) -> Result<FedCmp> {
             residual_weight: 0.0,
             server_lr: config.server_lr,
             eigensolver: crate::cra::Eigensolver::Exact,
+            // Whatever Fed-CMP's defaults become, opm-only stays FedAvgM.
+            agreement: crate::cra::Agreement::Consensus,
+            gain: crate::cra::Gain::None,
+            basis_beta: 0.0,
         },
         beta: config.beta,
         nesterov: config.nesterov,

@@ -163,15 +163,43 @@ W_SHAPE = LAYOUT[0][1]
 W_LEN = W_SHAPE[0] * W_SHAPE[1]
 
 
-def cra_matrix(cfg, ds, p):
+def nearest_rank_quantiles(values):
+    """min, 10%, 25%, median, 75%, 90%, max: sorted[round(q (n - 1))],
+    rounding halves away from zero."""
+    v = sorted(values)
+    n = len(v)
+    return [v[min(int(math.floor(q * (n - 1) + 0.5)), n - 1)] for q in (0, 0.1, 0.25, 0.5, 0.75, 0.9, 1)]
+
+
+def cra_matrix(cfg, ds, p, st):
     """CRA on one matrix: ds are (d_out x d_in) deltas, p the data weights.
 
-    The basis is the exact thin SVD of S = [sqrt(p_k) Delta_k]_k (the Rust
-    side uses a Gram eigendecomposition; this checks that they agree)."""
+    Without basis momentum the basis is the exact thin SVD of S =
+    [sqrt(p_k) Delta_k]_k (the Rust side uses a Gram eigendecomposition;
+    this checks that they agree). With `basis-beta` (section 3.1 item 4) it
+    is the top eigenvectors of G_t = beta G_{t-1} + sum_k p_k Delta_k
+    Delta_k^T, G kept in st as float32 (the Rust side's state)."""
+    beta_b = cfg.get("basis-beta", 0.0)
     s = np.concatenate([np.sqrt(pk) * d for pk, d in zip(p, ds)], axis=1)
-    u, sig, _ = np.linalg.svd(s, full_matrices=False)
+    drift = None
+    if beta_b > 0:
+        g = sum(pk * d @ d.T for pk, d in zip(p, ds))
+        prev = st.get("gram")
+        if prev is not None:
+            drift = 1.0 - float(np.sum(g * prev) / (np.linalg.norm(g) * np.linalg.norm(prev)))
+            g = g + beta_b * prev
+        st["gram"] = g.astype(np.float32).astype(np.float64)
+        lam, vec = np.linalg.eigh(g)
+        order = np.argsort(lam)[::-1]
+        lam, u = np.clip(lam[order], 0.0, None), vec[:, order]
+        sig = np.sqrt(lam)
+        # The Gram rule for the numerical rank (as the Rust side's header says).
+        tol = max(s.shape) * np.finfo(float).eps * lam[0]
+        numerical = int(np.sum(lam > tol))
+    else:
+        u, sig, _ = np.linalg.svd(s, full_matrices=False)
+        numerical = int(np.sum(sig > max(s.shape) * np.finfo(float).eps * sig[0]))
     energy = cfg.get("energy", 0.95)
-    numerical = int(np.sum(sig > max(s.shape) * np.finfo(float).eps * sig[0]))
     if energy >= 1.0:
         r = numerical
     else:
@@ -183,10 +211,13 @@ def cra_matrix(cfg, ds, p):
     tau = cfg.get("tau", 1.0)
     tau = math.inf if tau == "inf" else tau
     gamma = cfg.get("confidence-power", 0.0)
-    lam = cfg.get("residual-weight", 0.0)
+    lam_res = cfg.get("residual-weight", 0.0)
+    loo = cfg.get("agreement", "consensus") == "leave-one-out"
+    shrink = cfg.get("gain", "none") == "shrinkage"
+    spread = 1.0 - sum(pk * pk for pk in p)
     coeffs = [u.T @ d for d in ds]  # C_k, r x d_in
     fused = np.zeros((r, ds[0].shape[1]))
-    rho = []
+    rho, gains, cross, merged = [], [], [], []
     for j in range(r):
         rows = [c[j] for c in coeffs]
         cbar = sum(pk * c for pk, c in zip(p, rows))
@@ -195,7 +226,10 @@ def cra_matrix(cfg, ds, p):
             na, nb = np.linalg.norm(a), np.linalg.norm(b)
             return 0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb))
 
-        agree = np.array([cos(c, cbar) for c in rows])
+        if loo:
+            agree = np.array([cos(c, cbar - pk * c) for pk, c in zip(p, rows)])
+        else:
+            agree = np.array([cos(c, cbar) for c in rows])
         if math.isinf(tau):
             alpha = np.array(p)
         else:
@@ -203,8 +237,28 @@ def cra_matrix(cfg, ds, p):
             alpha = w / w.sum()
         rho_j = np.linalg.norm(cbar) / sum(pk * np.linalg.norm(c) for pk, c in zip(p, rows))
         rho.append(rho_j)
-        fused[j] = rho_j**gamma * sum(a * c for a, c in zip(alpha, rows))
-    residual = lam * sum(pk * (d - u @ c) for pk, d, c in zip(p, ds, coeffs))
+        # Cross-client term and merged energy (section 3.1 item 2).
+        x_j = sum(
+            p[a] * p[b] * float(rows[a] @ rows[b])
+            for a in range(len(rows))
+            for b in range(len(rows))
+            if a != b
+        )
+        m_j = float(cbar @ cbar)
+        cross.append(x_j)
+        merged.append(m_j)
+        if not shrink:
+            g_j = 1.0
+        elif spread <= 16 * np.finfo(float).eps:
+            g_j = 1.0
+        elif m_j <= 0:
+            g_j = 0.0
+        else:
+            r_j = sum(pk * pk * float(c @ c) for pk, c in zip(p, rows)) / m_j
+            g_j = min(max((1.0 - r_j) / spread, 0.0), 1.0)
+        gains.append(g_j)
+        fused[j] = g_j * rho_j**gamma * sum(a * c for a, c in zip(alpha, rows))
+    residual = lam_res * sum(pk * (d - u @ c) for pk, d, c in zip(p, ds, coeffs))
     alignment_num = [float(np.sum((u @ c) ** 2)) for c in coeffs]
     alignment_den = [float(np.sum(d**2)) for d in ds]
     energy_kept = float(np.sum(sig[:r] ** 2) / np.sum(sig**2))
@@ -215,29 +269,40 @@ def cra_matrix(cfg, ds, p):
         "rank": r,
         "energy_kept": energy_kept,
         "rho": rho,
+        "gain": gains,
+        "cross": cross,
+        "merged": merged,
+        "spread": spread,
+        "drift": drift,
         "align": (alignment_num, alignment_den),
     }
 
 
-def cra_round(cfg, rd):
+def cra_round(cfg, rd, st):
     """CRA on the round: the matrix `w` merged canonically, the bias `b` by
     the weighted mean. Returns (merged matrix parts, bias mean, metrics)."""
     ds = [d[:W_LEN].reshape(W_SHAPE) for d in rd["d"]]
-    m = cra_matrix(cfg, ds, rd["p"])
+    m = cra_matrix(cfg, ds, rd["p"], st)
     bias = weighted_mean([d[W_LEN:] for d in rd["d"]], rd["p"])
     num, den = m["align"]
     extra = {"cra_rho_mean": float(np.mean(m["rho"])), "cra_rho_min": float(np.min(m["rho"]))}
+    extra["cra_shared_share"] = sum(m["cross"]) / (m["spread"] * sum(m["merged"]))
     series = {
         "cra_rank": [float(m["rank"])],
         "cra_energy_kept": [m["energy_kept"]],
         "cra_client_alignment": [a / b if b > 0 else 0.0 for a, b in zip(num, den)],
     }
+    if cfg.get("gain", "none") == "shrinkage":
+        extra["cra_gain_mean"] = sum(g * x for g, x in zip(m["gain"], m["merged"])) / sum(m["merged"])
+        series["cra_gain_quantiles"] = nearest_rank_quantiles(m["gain"])
+    if m["drift"] is not None:
+        series["cra_basis_drift"] = [m["drift"]]
     return m, bias, extra, series
 
 
 def cra_only(cfg, st, x, rd):
     # Section 3 with the plain server step: x + eta (U C* + residual).
-    m, bias, extra, series = cra_round(cfg, rd)
+    m, bias, extra, series = cra_round(cfg, rd, st)
     delta = np.concatenate([(m["u"] @ m["c_star"] + m["residual"]).reshape(-1), bias])
     extra["_series"] = series
     return delta, x + cfg.get("server-lr", 1.0) * delta, extra
@@ -245,7 +310,7 @@ def cra_only(cfg, st, x, rd):
 
 def fed_cmp(cfg, st, x, rd):
     # Section 4: momentum (U_m, K_m) transported onto the new basis.
-    m, bias, extra, series = cra_round(cfg, rd)
+    m, bias, extra, series = cra_round(cfg, rd, st)
     beta, lr = cfg.get("beta", 0.9), cfg.get("server-lr", 1.0)
     nesterov = cfg.get("nesterov", False)
     u, c_star = m["u"], m["c_star"]
@@ -344,6 +409,32 @@ CASES = [
         fed_cmp,
     ),
     ("opm-only", {"name": "opm-only", "server-lr": 1.0, "beta": 0.9}, opm_only),
+    (
+        "cra-only-v2",
+        {
+            "name": "cra-only",
+            "agreement": "leave-one-out",
+            "gain": "shrinkage",
+            "energy": 1.0,
+            "residual-weight": 1.0,
+            "tau": 0.5,
+        },
+        cra_only,
+    ),
+    (
+        "fed-cmp-v2-basis-momentum",
+        {
+            "name": "fed-cmp",
+            "agreement": "leave-one-out",
+            "gain": "shrinkage",
+            "energy": 0.8,
+            "residual-weight": 0.5,
+            "basis-beta": 0.6,
+            "tau": 1.0,
+            "beta": 0.9,
+        },
+        fed_cmp,
+    ),
 ]
 
 

@@ -78,6 +78,8 @@ pub fn all_configs() -> TestResult<Vec<StrategyConfig>> {
         r#"{"name": "fed-cmp"}"#,
         r#"{"name": "fed-cmp", "nesterov": true, "confidence-power": 1.0}"#,
         r#"{"name": "opm-only", "beta": 0.5}"#,
+        r#"{"name": "cra-only", "agreement": "leave-one-out", "gain": "shrinkage", "energy": 1.0, "residual-weight": 1.0}"#,
+        r#"{"name": "fed-cmp", "agreement": "leave-one-out", "gain": "shrinkage", "energy": 1.0, "residual-weight": 1.0, "basis-beta": 0.5}"#,
     ]
     .iter()
     .map(|j| config(j))

@@ -14,10 +14,10 @@ use fedcmp_strategy::{ops, Composed, Strategy};
 use crate::common::{aggregate_bits, config, shifted, update, wb, TestResult};
 
 /// A seeded Gaussian stream (xorshift64* + Box-Muller).
-struct Gauss(u64);
+pub(crate) struct Gauss(pub(crate) u64);
 
 impl Gauss {
-    fn uniform(&mut self) -> f64 {
+    pub(crate) fn uniform(&mut self) -> f64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -25,17 +25,17 @@ impl Gauss {
         ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 
-    fn next(&mut self) -> f64 {
+    pub(crate) fn next(&mut self) -> f64 {
         let (u1, u2) = (self.uniform(), self.uniform());
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 
-    fn vec(&mut self, n: usize) -> Vec<f64> {
+    pub(crate) fn vec(&mut self, n: usize) -> Vec<f64> {
         (0..n).map(|_| self.next()).collect()
     }
 }
 
-fn weights(counts: &[u64]) -> Vec<f64> {
+pub(crate) fn weights(counts: &[u64]) -> Vec<f64> {
     ops::sample_weights(counts).unwrap_or_default()
 }
 
@@ -48,10 +48,11 @@ fn params(energy: f64, tau: f64, gamma: f64, lambda: f64) -> CraParams {
         residual_weight: lambda,
         side: BasisSide::Auto,
         eigensolver: Eigensolver::Auto,
+        ..CraParams::default()
     }
 }
 
-fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+pub(crate) fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     let diff: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
     ops::norm(&diff) / ops::norm(b).max(f64::MIN_POSITIVE)
 }
@@ -68,7 +69,7 @@ fn merged(
 }
 
 /// `U U^T` (row-major `rows x rows`) of a row-major `rows x r` basis.
-fn projector(u: &[f64], rows: usize, r: usize) -> Vec<f64> {
+pub(crate) fn projector(u: &[f64], rows: usize, r: usize) -> Vec<f64> {
     let mut out = vec![0.0; rows * rows];
     for i in 0..rows {
         for j in 0..rows {
@@ -79,7 +80,7 @@ fn projector(u: &[f64], rows: usize, r: usize) -> Vec<f64> {
 }
 
 /// `a b` for row-major `a: m x k`, `b: k x n`.
-fn matmul(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
+pub(crate) fn matmul(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
     let mut out = vec![0.0; m * n];
     for i in 0..m {
         for j in 0..n {
@@ -90,14 +91,14 @@ fn matmul(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
 }
 
 /// A random orthogonal `n x n` matrix: Q of the QR of a seeded Gaussian.
-fn random_orthogonal(n: usize, g: &mut Gauss) -> Vec<f64> {
+pub(crate) fn random_orthogonal(n: usize, g: &mut Gauss) -> Vec<f64> {
     let a = Mat::<f64>::from_fn(n, n, |_, _| g.next());
     let q = a.qr().compute_Q();
     (0..n * n).map(|i| q[(i / n, i % n)]).collect()
 }
 
 /// Shapes covering both sides of the smaller-side switch: (rows, cols, K).
-const SHAPES: [(usize, usize, usize); 3] = [(6, 3, 4), (10, 2, 3), (5, 5, 2)];
+pub(crate) const SHAPES: [(usize, usize, usize); 3] = [(6, 3, 4), (10, 2, 3), (5, 5, 2)];
 
 #[test]
 fn infinite_temperature_full_energy_is_fedavg() -> TestResult {
@@ -152,7 +153,7 @@ fn identical_clients_keep_the_shared_part() -> TestResult {
     Ok(())
 }
 
-fn round_updates(
+pub(crate) fn round_updates(
     g: &mut Gauss,
     global: &fedcmp_core::ParamSet,
     ids: &[u32],
@@ -238,7 +239,7 @@ fn alpha_favours_agreeing_clients() -> TestResult {
     ];
     let p = [0.1, 0.4, 0.3, 0.2];
     for tau in [0.1, 1.0, 10.0] {
-        let r = reliability(&rows, &p, tau, 0.0)?;
+        let r = reliability(&rows, &p, &params(1.0, tau, 0.0, 0.0))?;
         let lo = (0..4)
             .min_by(|&a, &b| r.agreement[a].total_cmp(&r.agreement[b]))
             .unwrap_or(0);
@@ -256,11 +257,13 @@ fn alpha_favours_agreeing_clients() -> TestResult {
             assert!(r.alpha[w[0]] / p[w[0]] <= r.alpha[w[1]] / p[w[1]]);
         }
     }
-    let inf = reliability(&rows, &p, f64::INFINITY, 0.0)?;
+    let inf = reliability(&rows, &p, &params(1.0, f64::INFINITY, 0.0, 0.0))?;
     assert_eq!(inf.alpha, p.to_vec());
     // Agreeing clients: rho = 1.
     let same: [&[f64]; 2] = [&[1.0, 2.0], &[2.0, 4.0]];
-    assert!((reliability(&same, &[0.5, 0.5], 1.0, 1.0)?.rho - 1.0).abs() < 1e-12);
+    assert!(
+        (reliability(&same, &[0.5, 0.5], &params(1.0, 1.0, 1.0, 0.0))?.rho - 1.0).abs() < 1e-12
+    );
     Ok(())
 }
 
@@ -321,11 +324,11 @@ fn basis_matches_the_exact_svd_from_both_sides() -> TestResult {
     Ok(())
 }
 
-fn transpose(a: &[f64], m: usize, n: usize) -> Vec<f64> {
+pub(crate) fn transpose(a: &[f64], m: usize, n: usize) -> Vec<f64> {
     (0..n * m).map(|i| a[(i % m) * n + i / m]).collect()
 }
 
-fn rel_dist(a: &[f64], b: &[f64]) -> f64 {
+pub(crate) fn rel_dist(a: &[f64], b: &[f64]) -> f64 {
     let diff: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
     ops::norm(&diff)
 }

@@ -4,6 +4,7 @@
 
 mod common;
 mod config;
+mod cra_v2;
 mod errors;
 mod fedcmp;
 mod golden;
