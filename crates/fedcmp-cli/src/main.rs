@@ -52,6 +52,9 @@ enum Command {
     Probe(Box<args::RunArgs>),
     /// Methods x scenarios with fair tuning, seeds, and a report (resumable).
     Compare(Box<commands::compare::CompareArgs>),
+    /// The counterfactual harness: records client updates of FedAvg runs,
+    /// then scores aggregation rules on exactly those updates (resumable).
+    Harness(Box<commands::harness::HarnessArgs>),
     /// Centralized alignment on Fashion-MNIST with template captions: a
     /// quick single-domain check of a decoder (any LLaMA-family GGUF file
     /// or Hugging Face folder).
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         Some(Command::ShowConfig(args)) => commands::run::show_config(&args),
         Some(Command::Probe(args)) => commands::run::probe(cli.cache_dir, &args),
         Some(Command::Compare(args)) => commands::compare::run(cli.cache_dir, &args),
+        Some(Command::Harness(args)) => commands::harness::run(cli.cache_dir, &args),
         Some(Command::Align(args)) => commands::align::run(cli.cache_dir, &args),
         None => commands::compare::run(cli.cache_dir, &commands::compare::CompareArgs::main_job()),
     };

@@ -38,6 +38,7 @@ fn stage_name(stage: Stage) -> &'static str {
         Stage::Evaluate => "evaluate",
         Stage::LocalClients => "client",
         Stage::Cells => "cells",
+        Stage::Score => "score",
     }
 }
 
@@ -189,7 +190,7 @@ impl Observer for Progress {
             Event::Round(r) => self.round(r),
             Event::Status(text) => {
                 if let Ok(stages) = self.stages.lock() {
-                    let open = [Stage::Cells, Stage::LocalClients]
+                    let open = [Stage::Cells, Stage::Score, Stage::LocalClients]
                         .iter()
                         .find_map(|s| stages.get(stage_name(*s)));
                     match open {

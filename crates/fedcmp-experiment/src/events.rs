@@ -19,6 +19,8 @@ pub enum Stage {
     LocalClients,
     /// Cells of a comparison.
     Cells,
+    /// Proposals of aggregation rules scored by the harness.
+    Score,
 }
 
 /// How a training run starts (for a header line and a progress bar).

@@ -20,6 +20,8 @@
 //!   client states, resume, summary) and `fedcmp run` as a function;
 //! - [`compare`]: the comparison protocol (typed tuning grids, seeds,
 //!   resumable cells);
+//! - [`harness`]: the counterfactual harness that scores aggregation
+//!   rules on recorded client updates;
 //! - [`files`]: atomic writes and settings pinning, in one place.
 
 pub mod assembly;
@@ -29,6 +31,7 @@ pub mod compare;
 pub mod events;
 pub mod federation;
 pub mod files;
+pub mod harness;
 pub mod pilot;
 pub mod probe;
 pub mod run_folder;

@@ -195,7 +195,21 @@ pub fn train(
     storage: Option<Storage<'_>>,
     observe: &mut dyn FnMut(&RoundRecord),
 ) -> Result<Trained> {
-    let (clients, participation, strategy_config) = federation_of(experiment, &settings.training)?;
+    let (clients, _, strategy_config) = federation_of(experiment, &settings.training)?;
+    let strategy = strategy_config.build(clients.len())?;
+    train_with(experiment, settings, strategy, storage, observe)
+}
+
+/// [`train`] with a strategy built by the caller (e.g. one that records
+/// what it aggregates) instead of the one `settings` name.
+pub fn train_with(
+    experiment: &Experiment,
+    settings: &RunSettings,
+    mut strategy: Box<dyn Strategy>,
+    storage: Option<Storage<'_>>,
+    observe: &mut dyn FnMut(&RoundRecord),
+) -> Result<Trained> {
+    let (clients, participation, _) = federation_of(experiment, &settings.training)?;
     let budget = sample_budget(&clients);
     if budget == 0 {
         return Err(ExperimentError::Invalid(format!(
@@ -203,7 +217,6 @@ pub fn train(
             experiment.scenario.name
         )));
     }
-    let mut strategy = strategy_config.build(clients.len())?;
     let local = local_config(settings);
     let kind = settings.recipe.projector;
     let trainer = local_trainer(experiment, settings)?;

@@ -296,7 +296,7 @@ fn write_report(
                 &plan.out.join(format!("interference-{s}.png")),
                 &format!("{s}: interference per round (seed 0)"),
                 "round",
-                "mean pairwise cosine / rho / e_k",
+                "cosine / rho / e_k / shared share / gain / drift",
                 &diag,
             )?;
         }

@@ -200,13 +200,22 @@ pub struct Comparison {
 }
 
 /// Diagnostics kept per round in a cell (for the interference plots).
-const DIAGNOSTICS: [&str; 5] = [
+const DIAGNOSTICS: [&str; 7] = [
     names::COSINE_MEAN,
     names::CRA_RHO_MEAN,
     names::MOMENTUM_NORM,
     names::OPM_DROPPED_FRACTION,
     names::MEAN_DELTA_NORM,
+    names::CRA_SHARED_SHARE,
+    names::CRA_GAIN_MEAN,
 ];
+
+/// Per-round keys of a cell for the shrinkage gain's 10%, 50% and 90%
+/// quantiles over directions, and the mean basis drift over matrices.
+pub const CRA_GAIN_P10: &str = "cra_gain_p10";
+pub const CRA_GAIN_MEDIAN: &str = "cra_gain_median";
+pub const CRA_GAIN_P90: &str = "cra_gain_p90";
+pub const CRA_BASIS_DRIFT_MEAN: &str = "cra_basis_drift_mean";
 
 /// The per-round key for the mean client alignment e_k of a cell.
 pub const CRA_ALIGNMENT_MEAN: &str = "cra_alignment_mean";
@@ -221,6 +230,22 @@ fn diagnostics(r: &RoundRecord) -> BTreeMap<String, f64> {
             d.insert(
                 CRA_ALIGNMENT_MEAN.into(),
                 e.iter().sum::<f64>() / e.len() as f64,
+            );
+        }
+    }
+    // Quantiles come as (min, 10%, 25%, median, 75%, 90%, max).
+    if let Some(q) = r.metrics.series.get(names::CRA_GAIN_QUANTILES) {
+        for (key, i) in [(CRA_GAIN_P10, 1), (CRA_GAIN_MEDIAN, 3), (CRA_GAIN_P90, 5)] {
+            if let Some(v) = q.get(i) {
+                d.insert(key.into(), *v);
+            }
+        }
+    }
+    if let Some(drift) = r.metrics.series.get(names::CRA_BASIS_DRIFT) {
+        if !drift.is_empty() {
+            d.insert(
+                CRA_BASIS_DRIFT_MEAN.into(),
+                drift.iter().sum::<f64>() / drift.len() as f64,
             );
         }
     }

@@ -45,7 +45,7 @@ impl PairedDifference {
 /// One domain's per-item values for a measure: (numerator, weight) per
 /// item; the domain's value is `sum num / sum weight` (NLL: minus the
 /// log-likelihood over tokens; accuracy: hit over 1).
-type DomainValues = Vec<(f64, f64)>;
+pub(crate) type DomainValues = Vec<(f64, f64)>;
 
 fn domain_values(items: &DomainItems, measure: Measure) -> Option<DomainValues> {
     let values: DomainValues = match measure {
@@ -83,7 +83,7 @@ fn cell_values(cell: &Cell, measure: Measure) -> Option<Vec<Option<DomainValues>
 
 /// The macro average over domains of `sum num / sum weight`, over the
 /// items `pick[d]` of each domain.
-fn macro_value(domains: &[Option<DomainValues>], pick: &[Vec<usize>]) -> f64 {
+pub(crate) fn macro_value(domains: &[Option<DomainValues>], pick: &[Vec<usize>]) -> f64 {
     let mut sum = 0.0;
     let mut n = 0usize;
     for (values, idx) in domains.iter().zip(pick) {
@@ -139,6 +139,19 @@ pub fn paired_difference(
         };
         pairs.push((va, vb));
     }
+    paired_bootstrap(&pairs, seed)
+}
+
+/// One seed's per-domain values of a method and of its baseline (`None`
+/// where a domain has no items for the measure).
+pub(crate) type SeedPair = (Vec<Option<DomainValues>>, Vec<Option<DomainValues>>);
+
+/// The paired difference over `pairs` (one per seed): the mean over seeds
+/// of the macro value of the method minus that of the baseline, with the
+/// percentile bootstrap over seeds x items described in the module header.
+/// None without pairs, when the items do not line up (every seed and both
+/// sides must have the same items per domain) or when nothing is finite.
+pub(crate) fn paired_bootstrap(pairs: &[SeedPair], seed: u64) -> Option<PairedDifference> {
     let (first, _) = pairs.first()?;
     // Every cell must have the same items per domain.
     let lens: Vec<usize> = first

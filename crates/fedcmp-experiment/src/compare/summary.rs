@@ -5,7 +5,9 @@
 use fedcmp_core::metrics::names;
 use fedcmp_runtime::suite::recovery;
 
-use super::{Cell, Method, CRA_ALIGNMENT_MEAN};
+use super::{
+    Cell, Method, CRA_ALIGNMENT_MEAN, CRA_BASIS_DRIFT_MEAN, CRA_GAIN_MEDIAN, CRA_GAIN_P10, CRA_GAIN_P90,
+};
 
 /// A named series of (x, y) points for a line chart.
 pub type Series = (String, Vec<(f64, f64)>);
@@ -214,6 +216,11 @@ impl Summary<'_> {
                 (names::COSINE_MEAN, "client cosine"),
                 (names::CRA_RHO_MEAN, "rho"),
                 (CRA_ALIGNMENT_MEAN, "e_k"),
+                (names::CRA_SHARED_SHARE, "shared share"),
+                (CRA_GAIN_P10, "gain 10%"),
+                (CRA_GAIN_MEDIAN, "gain median"),
+                (CRA_GAIN_P90, "gain 90%"),
+                (CRA_BASIS_DRIFT_MEAN, "basis drift"),
             ] {
                 let points: Vec<(f64, f64)> = c
                     .diagnostics

@@ -3,5 +3,6 @@
 //! their folders on the generated tiny world (resume, failing clients).
 
 mod grid;
+mod harness;
 mod runs;
 mod settings;

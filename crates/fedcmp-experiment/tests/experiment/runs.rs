@@ -12,13 +12,13 @@ use fedcmp_experiment::settings::parse_strategy;
 use fedcmp_experiment::{Experiment, Layers, RunOptions, RunSettings, Silent};
 use fedcmp_runtime::suite::SuiteConfig;
 
-struct World {
-    dir: tempfile::TempDir,
+pub(crate) struct World {
+    pub(crate) dir: tempfile::TempDir,
     gguf: PathBuf,
     scenario: PathBuf,
 }
 
-fn world() -> Result<World> {
+pub(crate) fn world() -> Result<World> {
     let dir = tempfile::tempdir()?;
     let w = fedcmp_testkit::tiny_world(dir.path())?;
     Ok(World {
@@ -44,7 +44,7 @@ impl World {
     }
 
     /// Settings for a run on this world with `extra` options on top.
-    fn settings(&self, extra: RunOptions) -> Result<RunSettings> {
+    pub(crate) fn settings(&self, extra: RunOptions) -> Result<RunSettings> {
         let base = RunOptions {
             scenario: Some(self.scenario.display().to_string()),
             llm: Some(self.gguf.clone()),
@@ -64,7 +64,7 @@ impl World {
         Ok(RunSettings::resolve(&layers)?)
     }
 
-    fn experiment(&self, settings: &RunSettings) -> Result<Experiment> {
+    pub(crate) fn experiment(&self, settings: &RunSettings) -> Result<Experiment> {
         Ok(Experiment::assemble(
             &self.cache(),
             &settings.data,

@@ -1,0 +1,199 @@
+//! `fedcmp harness`: the counterfactual harness of ALGORITHMS.md §7.7
+//! (the library's `harness` module runs it) and its report: per scenario,
+//! each rule's chosen server lr, mean validation NLL and paired difference
+//! to FedAvg with its 95% interval; `results.json`, `report.md` and a plot
+//! of each rule's NLL minus FedAvg's per scored round.
+
+use std::num::NonZeroU64;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use fedcmp_assets::cache_root;
+use fedcmp_experiment::compare::PER_CELL_KEYS;
+use fedcmp_experiment::files::write_atomic;
+use fedcmp_experiment::harness::{self, HarnessPlan, Rule, ScenarioResult, BASELINE};
+use fedcmp_experiment::settings::RunOptions;
+use fedcmp_experiment::RunSettings;
+
+use super::report::difference_text;
+use crate::args::{layers, RecipeArgs};
+use crate::progress::Progress;
+
+#[derive(Debug, Clone, Args)]
+pub struct HarnessArgs {
+    /// Read the recipe from this TOML settings file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Scenarios: built-in names or TOML files, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "domain-silos")]
+    pub scenarios: Vec<String>,
+    /// Reported seeds (a FedAvg run is recorded for each, and one for the
+    /// tuning seed).
+    #[arg(long, default_value_t = 3)]
+    pub seeds: u64,
+    /// Rounds recorded per seed.
+    #[arg(long, default_value_t = 8)]
+    pub rounds: u64,
+    /// Score every this many rounds (and the last).
+    #[arg(long, default_value_t = 2)]
+    pub score_every: u64,
+    /// The server learning rates every rule searches, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = harness::SERVER_LRS.to_vec())]
+    pub server_lrs: Vec<f64>,
+    /// A rule as NAME=JSON (a strategy configuration), repeatable; one
+    /// must be named `fedavg` [default: FedAvg, FedAvgM, CRA v1, each
+    /// item of CRA v2 and their combinations with momentum].
+    #[arg(long = "rule")]
+    pub rules: Vec<String>,
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    /// Output folder (recorded rounds, scores, report); reused to resume.
+    #[arg(long, default_value = "runs/harness")]
+    pub out: PathBuf,
+    /// Skip the PNG plot (it needs the DejaVu font asset).
+    #[arg(long)]
+    pub no_plots: bool,
+}
+
+impl HarnessArgs {
+    fn resolve(&self) -> Result<(RunSettings, HarnessPlan)> {
+        // The research recipe of the headline (ALGORITHMS.md §7.1).
+        let defaults = RunOptions {
+            captions: Some(fedcmp_data::templates::CaptionStyle::Content),
+            caption_separator: Some("\n".into()),
+            visual_tokens: Some(1),
+            batch_size: Some(16),
+            local_steps: Some(1),
+            lr: Some(1e-2),
+            ..RunOptions::default()
+        };
+        let layers = layers(
+            Some(("harness's default (the research recipe)", defaults)),
+            self.config.as_deref(),
+            &self.recipe.options(),
+        )?;
+        layers.refuse(&PER_CELL_KEYS, "the harness sets it for every recorded run")?;
+        let template = RunSettings::resolve(&layers)?;
+        let rules = if self.rules.is_empty() {
+            harness::default_rules()?
+        } else {
+            self.rules
+                .iter()
+                .map(|r| Rule::parse(r))
+                .collect::<fedcmp_experiment::Result<_>>()?
+        };
+        let plan = HarnessPlan {
+            scenarios: self.scenarios.clone(),
+            seeds: NonZeroU64::new(self.seeds).context("--seeds must be at least 1")?,
+            rounds: NonZeroU64::new(self.rounds).context("--rounds must be at least 1")?,
+            score_every: NonZeroU64::new(self.score_every)
+                .context("--score-every must be at least 1")?,
+            server_lrs: self.server_lrs.clone(),
+            rules,
+            out: self.out.clone(),
+        };
+        plan.validate()?;
+        Ok((template, plan))
+    }
+}
+
+pub fn run(cache_dir: Option<PathBuf>, args: &HarnessArgs) -> Result<()> {
+    let (template, plan) = args.resolve()?;
+    let root = cache_root(cache_dir)?;
+    let progress = Progress::default();
+    let results = harness::run(&root, &template, &plan, &progress)?;
+    progress.finish();
+    let text = serde_json::to_vec_pretty(&results).context("encoding the results")?;
+    std::fs::create_dir_all(&plan.out)
+        .with_context(|| format!("creating {}", plan.out.display()))?;
+    write_atomic(&plan.out.join("results.json"), &text)?;
+    let mut md = String::from("# Counterfactual harness (ALGORITHMS.md §7.7)\n");
+    for r in &results {
+        md.push_str(&scenario_table(r));
+        if !args.no_plots {
+            let path = plan.out.join(format!("harness-{}.png", r.scenario));
+            plot(&root, r, &path)?;
+            md.push_str(&format!("\n![{}]({})\n", r.scenario, path.display()));
+        }
+    }
+    write_atomic(&plan.out.join("report.md"), md.as_bytes())?;
+    for r in &results {
+        print!("{}", scenario_table(r));
+    }
+    println!(
+        "\nThe report (report.md), every number (results.json) and the plots are in {}",
+        plan.out.display()
+    );
+    Ok(())
+}
+
+/// One scenario's table (markdown).
+pub fn scenario_table(r: &ScenarioResult) -> String {
+    let starts: Vec<String> = r
+        .start_nll
+        .iter()
+        .map(|(t, v)| format!("{t}: {v:.4}"))
+        .collect();
+    let mut md = format!(
+        "\n## {} ({} seeds, {} recorded rounds, scored at rounds {:?}, {} validation pairs, {:.1} \
+         min)\n\nValidation NLL per token of each rule's proposal, macro over domains, mean over \
+         seeds and scored rounds; the difference is rule - {BASELINE} with a 95% bootstrap \
+         interval over seeds x items. Recorded start before each scored round (no step): {}.\n\n\
+         | rule | server lr | val NLL | vs {BASELINE} | tuning (lr: NLL) |\n|---|---|---|---|---|\n",
+        r.scenario,
+        r.seeds,
+        r.rounds,
+        r.scored_rounds,
+        r.validation_items,
+        r.minutes,
+        starts.join(", "),
+    );
+    for rule in &r.rules {
+        let vs = rule
+            .vs_baseline
+            .as_ref()
+            .map_or_else(|| "(baseline)".to_string(), |d| difference_text(d, 4));
+        let tuning: Vec<String> = rule
+            .tuning
+            .iter()
+            .map(|(lr, v)| format!("{lr}: {v:.4}"))
+            .collect();
+        md.push_str(&format!(
+            "| {} | {} | {:.4} | {vs} | {} |\n",
+            rule.rule,
+            rule.server_lr,
+            rule.val_nll,
+            tuning.join(", ")
+        ));
+    }
+    md
+}
+
+/// Each rule's validation NLL minus FedAvg's, per scored round.
+fn plot(root: &Path, r: &ScenarioResult, path: &Path) -> Result<()> {
+    let Some(base) = r.rules.iter().find(|x| x.rule == BASELINE) else {
+        return Ok(());
+    };
+    let series: Vec<(String, Vec<(f64, f64)>)> = r
+        .rules
+        .iter()
+        .map(|rule| {
+            let points = rule
+                .per_round
+                .iter()
+                .zip(&base.per_round)
+                .map(|((t, v), (_, b))| (*t as f64, v - b))
+                .collect();
+            (format!("{} (lr {})", rule.rule, rule.server_lr), points)
+        })
+        .collect();
+    super::plot::line_chart(
+        root,
+        path,
+        &format!("{}: each rule's one-step proposal vs FedAvg's", r.scenario),
+        "recorded round",
+        &format!("validation NLL - {BASELINE}'s"),
+        &series,
+    )
+}

@@ -1,0 +1,836 @@
+//! The counterfactual harness for aggregation rules (ALGORITHMS.md §7.7):
+//! record every client's update for R rounds of a FedAvg run, then score
+//! any list of aggregation rules on exactly those updates, forward only.
+//!
+//! Recording: per seed, a FedAvg run (server lr 1) of the template's
+//! recipe, stopped after R rounds, writes each round it aggregates under
+//! `<out>/<scenario>/seed-<s>/round-<NNNN>/`: the global model the clients
+//! started from (`global.safetensors`), every client's returned model
+//! (`client-<id>.safetensors`) and `round.json` (sample and step counts,
+//! written last: a round folder without it is incomplete and recorded
+//! again). `complete.json` marks a finished seed; an interrupted seed is
+//! recorded again from round 1.
+//!
+//! Scoring: a rule at server lr `eta` is a fresh strategy fed the recorded
+//! rounds in order; at round t it aggregates the recorded updates on the
+//! recorded global theta_{t-1} (the FedAvg trajectory), and the model it
+//! proposes is scored on the validation split (per item: caption
+//! log-likelihood and tokens). Stateful rules (momenta, averaged Grams)
+//! carry their state along the recorded trajectory, so a rule's proposal
+//! at round t is what it would do given the updates of rounds 1..t: a
+//! one-step counterfactual, perfectly paired (same updates, same start,
+//! same items for every rule). Every rule's server lr is chosen from the
+//! same grid on the tuning seed ([`TUNING_SEED`], never reported), by the
+//! mean validation NLL over the scored rounds; the reported seeds are then
+//! scored at that lr. Scores are appended to `scores.jsonl` as they are
+//! made, so an interrupted harness resumes where it stopped.
+//!
+//! Result per rule: the mean validation NLL over reported seeds and
+//! scored rounds (macro over domains), and its paired difference to the
+//! rule named `fedavg` with a 95% bootstrap interval over seeds x items
+//! (the comparison's statistics, [`crate::compare::stats`]).
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU64;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use fedcmp_core::{ClientId, ClientInstruction, ClientUpdate, ParamSet};
+use fedcmp_runtime::convert::{load_projector, projector_params, read_params_file, save_params_file};
+use fedcmp_strategy::config::StrategyConfig;
+use fedcmp_strategy::fedavg::FedAvgConfig;
+use fedcmp_strategy::{Aggregate, Strategy, StrategyState};
+use serde::{Deserialize, Serialize};
+
+use crate::compare::stats::{macro_value, paired_bootstrap, DomainValues, PairedDifference, SeedPair};
+use crate::compare::TUNING_SEED;
+use crate::events::{Event, Observer, Stage};
+use crate::files::{append_jsonl, pin, write_atomic};
+use crate::settings::{DataSettings, RunSettings, Training};
+use crate::training::train_with;
+use crate::{io_error, Experiment, ExperimentError, Result};
+
+/// The rule every other is compared with.
+pub const BASELINE: &str = "fedavg";
+
+/// The server learning rates every rule searches (the comparison's grid).
+pub const SERVER_LRS: [f64; 4] = crate::compare::grid::SERVER_LRS;
+
+/// An aggregation rule: a name for tables and a strategy configuration
+/// (its server lr is replaced by the grid's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rule {
+    pub name: String,
+    pub config: StrategyConfig,
+}
+
+impl Rule {
+    /// Parses `NAME=JSON` (a strategy configuration as in a settings file).
+    pub fn parse(text: &str) -> Result<Self> {
+        let (name, json) = text.split_once('=').ok_or_else(|| {
+            ExperimentError::Invalid(format!(
+                "rule `{text}`: expected NAME=JSON, e.g. v2={{\"name\": \"cra-only\", \"gain\": \
+                 \"shrinkage\"}}"
+            ))
+        })?;
+        let config: StrategyConfig = serde_json::from_str(json)
+            .map_err(|e| ExperimentError::Invalid(format!("rule `{name}`: {e}")))?;
+        let rule = Self {
+            name: name.trim().to_string(),
+            config,
+        };
+        rule.check()?;
+        Ok(rule)
+    }
+
+    fn check(&self) -> Result<()> {
+        let ok = !self.name.is_empty()
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok {
+            return Err(ExperimentError::Invalid(format!(
+                "rule name `{}`: use letters, digits, - and _",
+                self.name
+            )));
+        }
+        with_server_lr(&self.config, 1.0)?;
+        Ok(())
+    }
+
+    fn new(name: &str, json: &str) -> Result<Self> {
+        let config = serde_json::from_str(json)
+            .map_err(|e| ExperimentError::Invalid(format!("built-in rule `{name}`: {e}")))?;
+        Ok(Self {
+            name: name.to_string(),
+            config,
+        })
+    }
+}
+
+/// The rules scored when none are given: the baselines, CRA v1 and each
+/// item of CRA v2 (§3.1) alone and together, with and without momentum.
+pub fn default_rules() -> Result<Vec<Rule>> {
+    const V2: &str = r#""agreement": "leave-one-out", "gain": "shrinkage", "energy": 1.0, "residual-weight": 1.0"#;
+    [
+        (BASELINE, r#"{"name": "fedavg"}"#.to_string()),
+        ("fedavgm", r#"{"name": "fedavgm"}"#.to_string()),
+        ("cra-v1", r#"{"name": "cra-only"}"#.to_string()),
+        (
+            "cra-v2-gain",
+            r#"{"name": "cra-only", "gain": "shrinkage", "energy": 1.0, "residual-weight": 1.0}"#
+                .to_string(),
+        ),
+        (
+            "cra-v2-loo",
+            r#"{"name": "cra-only", "agreement": "leave-one-out", "energy": 1.0, "residual-weight": 1.0}"#
+                .to_string(),
+        ),
+        ("cra-v2", format!(r#"{{"name": "cra-only", {V2}}}"#)),
+        ("fed-cmp-v1", r#"{"name": "fed-cmp"}"#.to_string()),
+        ("fed-cmp-v2", format!(r#"{{"name": "fed-cmp", {V2}}}"#)),
+        (
+            "fed-cmp-v2-basis",
+            format!(r#"{{"name": "fed-cmp", {V2}, "basis-beta": 0.5}}"#),
+        ),
+    ]
+    .iter()
+    .map(|(name, json)| Rule::new(name, json))
+    .collect()
+}
+
+/// `config` with its server learning rate set to `lr` (every strategy
+/// with a plain or adaptive server step has one, called `server-lr`).
+pub fn with_server_lr(config: &StrategyConfig, lr: f64) -> Result<StrategyConfig> {
+    let mut value = serde_json::to_value(config)
+        .map_err(|e| ExperimentError::Invalid(format!("cannot encode a strategy: {e}")))?;
+    let fields = value.as_object_mut().ok_or_else(|| {
+        ExperimentError::Invalid("a strategy configuration is not an object".into())
+    })?;
+    if !fields.contains_key("server-lr") {
+        return Err(ExperimentError::Invalid(format!(
+            "strategy `{}` has no server-lr to search",
+            config.name()
+        )));
+    }
+    fields.insert("server-lr".into(), lr.into());
+    serde_json::from_value(value)
+        .map_err(|e| ExperimentError::Invalid(format!("server-lr {lr}: {e}")))
+}
+
+/// What the harness runs.
+#[derive(Debug, Clone)]
+pub struct HarnessPlan {
+    pub scenarios: Vec<String>,
+    /// Reported seeds 0..seeds.
+    pub seeds: NonZeroU64,
+    /// Rounds recorded per seed.
+    pub rounds: NonZeroU64,
+    /// Rounds scored: every this many, and the last.
+    pub score_every: NonZeroU64,
+    pub server_lrs: Vec<f64>,
+    pub rules: Vec<Rule>,
+    pub out: PathBuf,
+}
+
+impl HarnessPlan {
+    pub fn validate(&self) -> Result<()> {
+        if self.rules.iter().all(|r| r.name != BASELINE) {
+            return Err(ExperimentError::Invalid(format!(
+                "the rules must include one named `{BASELINE}` (the baseline)"
+            )));
+        }
+        let mut names: Vec<&str> = self.rules.iter().map(|r| r.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ExperimentError::Invalid(format!("rule `{}` is given twice", w[0])));
+        }
+        for rule in &self.rules {
+            rule.check()?;
+        }
+        if self.server_lrs.is_empty() || self.server_lrs.iter().any(|l| !(l.is_finite() && *l > 0.0)) {
+            return Err(ExperimentError::Invalid(format!(
+                "server lrs must be positive numbers, got {:?}",
+                self.server_lrs
+            )));
+        }
+        if self.scenarios.is_empty() {
+            return Err(ExperimentError::Invalid("no scenario to run".into()));
+        }
+        Ok(())
+    }
+
+    /// The rounds scored: every `score_every`-th and the last.
+    pub fn scored_rounds(&self) -> Vec<u64> {
+        let (r, k) = (self.rounds.get(), self.score_every.get());
+        let mut out: Vec<u64> = (1..=r).filter(|t| t % k == 0).collect();
+        if out.last() != Some(&r) {
+            out.push(r);
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Recording.
+
+/// One aggregated round as recorded.
+#[derive(Debug, Clone)]
+pub struct RecordedRound {
+    pub round: u64,
+    /// The global model the clients started from.
+    pub global: ParamSet,
+    /// What they returned, by client id.
+    pub updates: Vec<ClientUpdate>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RoundMeta {
+    round: u64,
+    clients: Vec<ClientMeta>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ClientMeta {
+    client: u32,
+    num_samples: u64,
+    num_steps: u64,
+    lr_sum: f64,
+    mean_loss: f64,
+}
+
+fn round_dir(seed_dir: &Path, round: u64) -> PathBuf {
+    seed_dir.join(format!("round-{round:04}"))
+}
+
+fn client_file(dir: &Path, client: ClientId) -> PathBuf {
+    dir.join(format!("client-{:04}.safetensors", client.0))
+}
+
+/// Writes one round (the metadata last: it marks the round complete).
+fn write_round(seed_dir: &Path, round: &RecordedRound) -> Result<()> {
+    let dir = round_dir(seed_dir, round.round);
+    std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+    save_params_file(&round.global, &dir.join("global.safetensors"))?;
+    for u in &round.updates {
+        save_params_file(&u.params, &client_file(&dir, u.client))?;
+    }
+    let meta = RoundMeta {
+        round: round.round,
+        clients: round
+            .updates
+            .iter()
+            .map(|u| ClientMeta {
+                client: u.client.0,
+                num_samples: u.num_samples,
+                num_steps: u.num_steps,
+                lr_sum: u.lr_sum,
+                mean_loss: u.mean_loss,
+            })
+            .collect(),
+    };
+    let text = serde_json::to_vec_pretty(&meta)
+        .map_err(|e| ExperimentError::Invalid(format!("cannot encode a round: {e}")))?;
+    write_atomic(&dir.join("round.json"), &text)
+}
+
+/// Reads round `round` of a recorded seed, in `like`'s layout.
+pub fn read_round(seed_dir: &Path, round: u64, like: &ParamSet) -> Result<RecordedRound> {
+    let dir = round_dir(seed_dir, round);
+    let path = dir.join("round.json");
+    let text = std::fs::read_to_string(&path).map_err(io_error(&path))?;
+    let meta: RoundMeta = serde_json::from_str(&text).map_err(|e| ExperimentError::File {
+        path: path.clone(),
+        message: format!("not a recorded round: {e}"),
+    })?;
+    if meta.round != round {
+        return Err(ExperimentError::File {
+            path,
+            message: format!("holds round {} where round {round} was expected", meta.round),
+        });
+    }
+    let global = read_params_file(&dir.join("global.safetensors"), like)?;
+    let updates = meta
+        .clients
+        .iter()
+        .map(|c| {
+            Ok(ClientUpdate {
+                client: ClientId(c.client),
+                params: read_params_file(&client_file(&dir, ClientId(c.client)), like)?,
+                num_samples: c.num_samples,
+                num_steps: c.num_steps,
+                lr_sum: c.lr_sum,
+                mean_loss: c.mean_loss,
+                control_delta: None,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(RecordedRound {
+        round,
+        global,
+        updates,
+    })
+}
+
+/// A strategy that hands every round it aggregates to `slot` (the
+/// recording loop writes it out after the round) and otherwise is `inner`.
+#[derive(Debug)]
+struct Recorder {
+    inner: Box<dyn Strategy>,
+    slot: Arc<Mutex<Option<RecordedRound>>>,
+}
+
+impl Strategy for Recorder {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn configure_round(&self, round: u64, clients: &[ClientId]) -> Vec<ClientInstruction> {
+        self.inner.configure_round(round, clients)
+    }
+
+    fn aggregate(
+        &mut self,
+        round: u64,
+        global: &ParamSet,
+        updates: &[ClientUpdate],
+    ) -> fedcmp_strategy::Result<Aggregate> {
+        let out = self.inner.aggregate(round, global, updates)?;
+        let mut updates = updates.to_vec();
+        updates.sort_by_key(|u| u.client);
+        if let Ok(mut slot) = self.slot.lock() {
+            *slot = Some(RecordedRound {
+                round,
+                global: global.clone(),
+                updates,
+            });
+        }
+        Ok(out)
+    }
+
+    fn state(&self) -> StrategyState {
+        self.inner.state()
+    }
+
+    fn load_state(&mut self, state: StrategyState) -> fedcmp_strategy::Result<()> {
+        self.inner.load_state(state)
+    }
+}
+
+/// The settings of the recorded FedAvg run of `seed`.
+fn recording_settings(template: &RunSettings, rounds: NonZeroU64, seed: u64) -> RunSettings {
+    let mut s = template.clone();
+    s.training = Training::Federated(StrategyConfig::FedAvg(FedAvgConfig { server_lr: 1.0 }));
+    s.recipe.rounds = Some(rounds);
+    s.protocol.eval_every = rounds;
+    s.seed = seed;
+    s
+}
+
+/// Records `rounds` rounds of seed `seed` under `seed_dir` unless a
+/// complete recording is there.
+pub fn record(
+    experiment: &Experiment,
+    template: &RunSettings,
+    rounds: NonZeroU64,
+    seed: u64,
+    seed_dir: &Path,
+    observer: &dyn Observer,
+) -> Result<u64> {
+    let complete = seed_dir.join("complete.json");
+    if let Ok(text) = std::fs::read_to_string(&complete) {
+        if let Ok(done) = serde_json::from_str::<Complete>(&text) {
+            return Ok(done.rounds);
+        }
+    }
+    std::fs::create_dir_all(seed_dir).map_err(io_error(seed_dir))?;
+    let settings = recording_settings(template, rounds, seed);
+    observer.observe(Event::Status(format!(
+        "recording {} rounds of FedAvg, seed {seed}",
+        rounds
+    )));
+    let (clients, _, config) = crate::training::federation_of(experiment, &settings.training)?;
+    let slot = Arc::new(Mutex::new(None));
+    let recorder = Recorder {
+        inner: config.build(clients.len())?,
+        slot: Arc::clone(&slot),
+    };
+    let mut failure: Option<ExperimentError> = None;
+    let mut recorded = 0u64;
+    train_with(experiment, &settings, Box::new(recorder), None, &mut |record| {
+        observer.observe(Event::Round(record));
+        let taken = slot.lock().ok().and_then(|mut s| s.take());
+        if let (Some(round), None) = (taken, &failure) {
+            match write_round(seed_dir, &round) {
+                Ok(()) => recorded += 1,
+                Err(e) => failure = Some(e),
+            }
+        }
+    })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let text = serde_json::to_vec(&Complete { rounds: recorded })
+        .map_err(|e| ExperimentError::Invalid(format!("cannot encode: {e}")))?;
+    write_atomic(&complete, &text)?;
+    Ok(recorded)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Complete {
+    rounds: u64,
+}
+
+// ---------------------------------------------------------------------------
+// Scoring.
+
+/// One rule's proposal at one round of one seed, scored per validation
+/// item (in the experiment's validation order).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    pub seed: u64,
+    pub rule: String,
+    pub server_lr: f64,
+    pub round: u64,
+    /// `-log p(caption | image)` per item.
+    pub nll: Vec<f64>,
+    pub tokens: Vec<u32>,
+}
+
+/// Scores keyed by (seed, rule, lr bits, round).
+type ScoreKey = (u64, String, u64, u64);
+
+fn key_of(s: &Score) -> ScoreKey {
+    (s.seed, s.rule.clone(), s.server_lr.to_bits(), s.round)
+}
+
+/// Per-domain item values of scores (summed over the given scores, item
+/// by item): the macro NLL of the result is the mean over those rounds.
+fn domain_values(scores: &[&Score], domains: &[usize], n_domains: usize) -> Vec<Option<DomainValues>> {
+    let mut out: Vec<DomainValues> = vec![Vec::new(); n_domains];
+    let Some(first) = scores.first() else {
+        return vec![None; n_domains];
+    };
+    for (i, &d) in domains.iter().enumerate().take(first.nll.len()) {
+        let num: f64 = scores.iter().map(|s| s.nll[i]).sum();
+        let weight: f64 = scores.iter().map(|s| f64::from(s.tokens[i])).sum();
+        if let Some(v) = out.get_mut(d) {
+            v.push((num, weight));
+        }
+    }
+    out.into_iter()
+        .map(|v| (!v.is_empty()).then_some(v))
+        .collect()
+}
+
+/// One rule's result in one scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleResult {
+    pub rule: String,
+    /// The configuration at the chosen server lr.
+    pub config: StrategyConfig,
+    pub server_lr: f64,
+    /// Mean validation NLL at the tuning seed per server lr of the grid.
+    pub tuning: Vec<(f64, f64)>,
+    /// Mean validation NLL over reported seeds and scored rounds.
+    pub val_nll: f64,
+    /// Per scored round: the mean over reported seeds.
+    pub per_round: Vec<(u64, f64)>,
+    /// The paired difference to the baseline (None for the baseline).
+    pub vs_baseline: Option<PairedDifference>,
+}
+
+/// The harness's result in one scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioResult {
+    pub scenario: String,
+    pub seeds: u64,
+    pub rounds: u64,
+    pub scored_rounds: Vec<u64>,
+    pub validation_items: usize,
+    /// Mean validation NLL of the recorded global before each scored round
+    /// (the start every rule steps from), over reported seeds.
+    pub start_nll: Vec<(u64, f64)>,
+    pub rules: Vec<RuleResult>,
+    pub minutes: f64,
+}
+
+/// Scores proposals of the recorded rounds of one scenario.
+struct Scorer<'a> {
+    experiment: &'a Experiment,
+    work: fedcmp_model::projector::Projector,
+    like: ParamSet,
+    dir: PathBuf,
+    scores: BTreeMap<ScoreKey, Score>,
+    file: std::fs::File,
+    file_path: PathBuf,
+    observer: &'a dyn Observer,
+    done: u64,
+    total: u64,
+}
+
+impl Scorer<'_> {
+    fn seed_dir(&self, seed: u64) -> PathBuf {
+        self.dir.join(format!("seed-{seed}"))
+    }
+
+    /// Per-item validation scores of `params`.
+    fn score_params(&self, params: &ParamSet) -> Result<(Vec<f64>, Vec<u32>)> {
+        load_projector(&self.work, params)?;
+        let pairs: Vec<_> = self
+            .experiment
+            .validation_items
+            .iter()
+            .map(|i| (&i.sample.key, i.sample.caption.as_str()))
+            .collect();
+        let scores = self
+            .experiment
+            .scorer()
+            .score_pairs(&self.work, &pairs, 16, &mut |_| {})?;
+        Ok((
+            scores.iter().map(|s| -s.log_likelihood).collect(),
+            scores.iter().map(|s| s.tokens as u32).collect(),
+        ))
+    }
+
+    fn tick(&mut self) {
+        self.done += 1;
+        self.observer.observe(Event::Progress {
+            stage: Stage::Score,
+            done: self.done,
+            total: self.total,
+        });
+    }
+
+    fn keep(&mut self, score: Score) -> Result<()> {
+        append_jsonl(&mut self.file, &self.file_path, &score)?;
+        self.scores.insert(key_of(&score), score);
+        self.tick();
+        Ok(())
+    }
+
+    /// Scores `rule` at `lr` on the scored rounds of `seed` (those not
+    /// scored yet), running the rule over every recorded round up to the
+    /// last scored one.
+    fn score_rule(&mut self, seed: u64, rule: &Rule, lr: f64, scored: &[u64]) -> Result<()> {
+        let missing: Vec<u64> = scored
+            .iter()
+            .copied()
+            .filter(|&t| !self.scores.contains_key(&(seed, rule.name.clone(), lr.to_bits(), t)))
+            .collect();
+        let Some(&last) = missing.last() else {
+            return Ok(());
+        };
+        let config = with_server_lr(&rule.config, lr)?;
+        let clients = self.experiment.clients.len();
+        let mut strategy = config.build(clients)?;
+        let seed_dir = self.seed_dir(seed);
+        for t in 1..=last {
+            let round = read_round(&seed_dir, t, &self.like)?;
+            let proposed = strategy
+                .aggregate(t, &round.global, &round.updates)
+                .map_err(|e| ExperimentError::from(e).context(format!("rule {} at round {t}", rule.name)))?;
+            if missing.contains(&t) {
+                let (nll, tokens) = self.score_params(&proposed.params)?;
+                self.keep(Score {
+                    seed,
+                    rule: rule.name.clone(),
+                    server_lr: lr,
+                    round: t,
+                    nll,
+                    tokens,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Scores the recorded start of each scored round (no step at all).
+    fn score_starts(&mut self, seed: u64, scored: &[u64]) -> Result<()> {
+        for &t in scored {
+            if self.scores.contains_key(&(seed, START.to_string(), 0, t)) {
+                continue;
+            }
+            let round = read_round(&self.seed_dir(seed), t, &self.like)?;
+            let (nll, tokens) = self.score_params(&round.global)?;
+            self.keep(Score {
+                seed,
+                rule: START.to_string(),
+                server_lr: 0.0,
+                round: t,
+                nll,
+                tokens,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn get(&self, seed: u64, rule: &str, lr: f64, round: u64) -> Option<&Score> {
+        self.scores.get(&(seed, rule.to_string(), lr.to_bits(), round))
+    }
+}
+
+/// The pseudo-rule of the recorded starts in `scores.jsonl`.
+const START: &str = "(start)";
+
+fn read_scores(path: &Path) -> BTreeMap<ScoreKey, Score> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // A torn last line (a crash mid-write) is dropped and scored again.
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Score>(l).ok())
+        .map(|s| (key_of(&s), s))
+        .collect()
+}
+
+/// The text pinned in each scenario folder: the recipe of the recorded
+/// runs and the harness's shape.
+fn pinned_text(template: &RunSettings, plan: &HarnessPlan) -> Result<String> {
+    let mut recipe = recording_settings(template, plan.rounds, 0).to_options();
+    recipe.scenario = None;
+    recipe.seed = None;
+    recipe.out = None;
+    let body = toml::to_string(&recipe)
+        .map_err(|e| ExperimentError::Invalid(format!("cannot encode settings: {e}")))?;
+    Ok(format!(
+        "# fedcmp harness: the recipe of the recorded FedAvg runs in this folder.\n{body}"
+    ))
+}
+
+/// Runs the harness on every scenario of `plan`.
+pub fn run(
+    root: &Path,
+    template: &RunSettings,
+    plan: &HarnessPlan,
+    observer: &dyn Observer,
+) -> Result<Vec<ScenarioResult>> {
+    plan.validate()?;
+    let mut out = Vec::new();
+    for scenario in &plan.scenarios {
+        let data = DataSettings {
+            scenario: scenario.clone(),
+            ..template.data.clone()
+        };
+        let experiment = Experiment::assemble(root, &data, Default::default(), observer)?;
+        out.push(run_scenario(&experiment, template, plan, observer)?);
+    }
+    Ok(out)
+}
+
+/// The harness on one assembled scenario.
+pub fn run_scenario(
+    experiment: &Experiment,
+    template: &RunSettings,
+    plan: &HarnessPlan,
+    observer: &dyn Observer,
+) -> Result<ScenarioResult> {
+    plan.validate()?;
+    let started = std::time::Instant::now();
+    let name = experiment.scenario.name.clone();
+    let dir = plan.out.join(&name);
+    std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+    pin(
+        &dir.join("settings.toml"),
+        &pinned_text(template, plan)?,
+        "recorded rounds",
+        "use the same recipe and rounds, another --out, or delete the folder",
+    )?;
+    let seeds: Vec<u64> = (0..plan.seeds.get()).collect();
+    for &seed in std::iter::once(&TUNING_SEED).chain(&seeds) {
+        let recorded = record(
+            experiment,
+            template,
+            plan.rounds,
+            seed,
+            &dir.join(format!("seed-{seed}")),
+            observer,
+        )?;
+        if recorded < plan.rounds.get() {
+            return Err(ExperimentError::Invalid(format!(
+                "{name}, seed {seed}: the run ended after {recorded} rounds (data exhausted); \
+                 ask for at most {recorded} rounds"
+            )));
+        }
+    }
+    let scored = plan.scored_rounds();
+    let file_path = dir.join("scores.jsonl");
+    let scores = read_scores(&file_path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&file_path)
+        .map_err(io_error(&file_path))?;
+    let work = experiment.projector(template.recipe.projector, 0)?;
+    let like = projector_params(&work)?;
+    let rounds_scored = scored.len() as u64;
+    let rules = plan.rules.len() as u64;
+    let lrs = plan.server_lrs.len() as u64;
+    let total = rounds_scored * (rules * lrs + rules * plan.seeds.get() + plan.seeds.get());
+    let mut scorer = Scorer {
+        experiment,
+        work,
+        like,
+        dir: dir.clone(),
+        scores,
+        file,
+        file_path,
+        observer,
+        done: 0,
+        total,
+    };
+    scorer.done = scorer.scores.len() as u64;
+
+    let domains: Vec<usize> = experiment.validation_items.iter().map(|i| i.domain).collect();
+    let n_domains = experiment.suite.domains.len();
+    let macro_of = |scores: &[&Score]| -> f64 {
+        let values = domain_values(scores, &domains, n_domains);
+        let all: Vec<Vec<usize>> = values
+            .iter()
+            .map(|v| (0..v.as_ref().map_or(0, Vec::len)).collect())
+            .collect();
+        macro_value(&values, &all)
+    };
+
+    // Tuning: every rule at every lr on the tuning seed.
+    let mut chosen = Vec::new();
+    for rule in &plan.rules {
+        let mut tuning = Vec::new();
+        for &lr in &plan.server_lrs {
+            observer.observe(Event::Status(format!("{name}: tuning {} at server lr {lr}", rule.name)));
+            scorer.score_rule(TUNING_SEED, rule, lr, &scored)?;
+            let mine: Vec<&Score> = scored
+                .iter()
+                .filter_map(|&t| scorer.get(TUNING_SEED, &rule.name, lr, t))
+                .collect();
+            tuning.push((lr, macro_of(&mine)));
+        }
+        let best = tuning
+            .iter()
+            .filter(|(_, v)| v.is_finite())
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or(plan.server_lrs[0], |(lr, _)| *lr);
+        chosen.push((rule, best, tuning));
+    }
+    // Reported seeds at the chosen lr, and the starts.
+    for &seed in &seeds {
+        scorer.score_starts(seed, &scored)?;
+        for (rule, lr, _) in &chosen {
+            observer.observe(Event::Status(format!("{name}: seed {seed}, {} at server lr {lr}", rule.name)));
+            scorer.score_rule(seed, rule, *lr, &scored)?;
+        }
+    }
+    observer.observe(Event::StageDone(Stage::Score));
+
+    let seed_scores = |rule: &str, lr: f64, seed: u64| -> Vec<&Score> {
+        scored
+            .iter()
+            .filter_map(|&t| scorer.get(seed, rule, lr, t))
+            .collect()
+    };
+    let baseline_lr = chosen
+        .iter()
+        .find(|(r, _, _)| r.name == BASELINE)
+        .map_or(1.0, |(_, lr, _)| *lr);
+    let mut rule_results = Vec::new();
+    for (rule, lr, tuning) in &chosen {
+        let per_seed: Vec<f64> = seeds
+            .iter()
+            .map(|&s| macro_of(&seed_scores(&rule.name, *lr, s)))
+            .collect();
+        let per_round = scored
+            .iter()
+            .map(|&t| {
+                let v: Vec<f64> = seeds
+                    .iter()
+                    .filter_map(|&s| scorer.get(s, &rule.name, *lr, t))
+                    .map(|sc| macro_of(&[sc]))
+                    .collect();
+                (t, v.iter().sum::<f64>() / v.len().max(1) as f64)
+            })
+            .collect();
+        let vs_baseline = (rule.name != BASELINE)
+            .then(|| {
+                let pairs: Vec<SeedPair> = seeds
+                    .iter()
+                    .map(|&s| {
+                        (
+                            domain_values(&seed_scores(&rule.name, *lr, s), &domains, n_domains),
+                            domain_values(&seed_scores(BASELINE, baseline_lr, s), &domains, n_domains),
+                        )
+                    })
+                    .collect();
+                paired_bootstrap(&pairs, 0)
+            })
+            .flatten();
+        rule_results.push(RuleResult {
+            rule: rule.name.clone(),
+            config: with_server_lr(&rule.config, *lr)?,
+            server_lr: *lr,
+            tuning: tuning.clone(),
+            val_nll: per_seed.iter().sum::<f64>() / per_seed.len().max(1) as f64,
+            per_round,
+            vs_baseline,
+        });
+    }
+    let start_nll = scored
+        .iter()
+        .map(|&t| {
+            let v: Vec<f64> = seeds
+                .iter()
+                .filter_map(|&s| scorer.get(s, START, 0.0, t))
+                .map(|sc| macro_of(&[sc]))
+                .collect();
+            (t, v.iter().sum::<f64>() / v.len().max(1) as f64)
+        })
+        .collect();
+    Ok(ScenarioResult {
+        scenario: name,
+        seeds: plan.seeds.get(),
+        rounds: plan.rounds.get(),
+        scored_rounds: scored,
+        validation_items: experiment.validation_items.len(),
+        start_nll,
+        rules: rule_results,
+        minutes: started.elapsed().as_secs_f64() / 60.0,
+    })
+}

@@ -1,0 +1,142 @@
+//! The counterfactual harness on the generated tiny world: recorded rounds
+//! replay FedAvg exactly, every rule is scored on the same items, the
+//! chosen lr is the tuning argmin, and a second invocation resumes without
+//! scoring anything again.
+
+use std::num::NonZeroU64;
+
+use anyhow::Result;
+use fedcmp_experiment::compare::TUNING_SEED;
+use fedcmp_experiment::harness::{
+    default_rules, read_round, run_scenario, with_server_lr, HarnessPlan, Rule, BASELINE,
+};
+use fedcmp_experiment::{RunOptions, Silent};
+use fedcmp_runtime::convert::projector_params;
+use fedcmp_strategy::config::StrategyConfig;
+
+use crate::runs::world;
+
+fn plan(out: std::path::PathBuf, rules: Vec<Rule>) -> HarnessPlan {
+    HarnessPlan {
+        scenarios: vec!["unused: run_scenario takes the experiment".into()],
+        seeds: NonZeroU64::MIN.saturating_add(1),
+        rounds: NonZeroU64::MIN.saturating_add(2),
+        score_every: NonZeroU64::MIN.saturating_add(1),
+        server_lrs: vec![1.0, 0.5],
+        rules,
+        out,
+    }
+}
+
+fn rules() -> Result<Vec<Rule>> {
+    Ok(vec![
+        Rule::parse(r#"fedavg={"name": "fedavg"}"#)?,
+        Rule::parse(r#"fedavgm={"name": "fedavgm"}"#)?,
+        Rule::parse(
+            r#"v2={"name": "fed-cmp", "agreement": "leave-one-out", "gain": "shrinkage", "energy": 1.0, "residual-weight": 1.0, "basis-beta": 0.5}"#,
+        )?,
+    ])
+}
+
+#[test]
+fn rules_are_scored_paired_on_recorded_fedavg_rounds_and_resume() -> Result<()> {
+    let w = world()?;
+    let settings = w.settings(RunOptions::default())?;
+    let experiment = w.experiment(&settings)?;
+    let out = w.dir.path().join("harness");
+    let plan = plan(out.clone(), rules()?);
+    let first = run_scenario(&experiment, &settings, &plan, &Silent)?;
+    let dir = out.join(&experiment.scenario.name);
+
+    // FedAvg at server lr 1 on round t's updates is the recorded global of
+    // round t + 1, bit for bit: the recording is the FedAvg trajectory.
+    let like = projector_params(&experiment.projector(settings.recipe.projector, 0)?)?;
+    for seed in [TUNING_SEED, 0, 1] {
+        let seed_dir = dir.join(format!("seed-{seed}"));
+        let r1 = read_round(&seed_dir, 1, &like)?;
+        let r2 = read_round(&seed_dir, 2, &like)?;
+        assert!(!r1.updates.is_empty());
+        let fedavg = with_server_lr(&StrategyConfig::default(), 1.0)?;
+        let next = fedavg.build(experiment.clients.len())?.aggregate(1, &r1.global, &r1.updates)?;
+        assert_eq!(next.params, r2.global, "seed {seed}");
+    }
+
+    assert_eq!(first.scored_rounds, vec![2, 3]);
+    assert_eq!(first.rules.len(), 3);
+    assert_eq!(first.start_nll.len(), 2);
+    for rule in &first.rules {
+        assert_eq!(rule.per_round.len(), 2, "{}", rule.rule);
+        assert!(rule.val_nll.is_finite());
+        assert_eq!(rule.tuning.len(), 2);
+        // The chosen lr is the tuning argmin.
+        let best = rule
+            .tuning
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(lr, _)| *lr);
+        assert_eq!(Some(rule.server_lr), best, "{}", rule.rule);
+        match rule.rule.as_str() {
+            BASELINE => assert!(rule.vs_baseline.is_none()),
+            _ => {
+                let d = rule.vs_baseline.as_ref().ok_or("no paired difference")
+                    .map_err(anyhow::Error::msg)?;
+                assert_eq!(d.seeds, 2);
+                assert!(d.low <= d.mean && d.mean <= d.high);
+            }
+        }
+    }
+
+    // Resumed: nothing is scored again, the result is the same.
+    let lines = |p: &std::path::Path| -> Result<usize> {
+        Ok(std::fs::read_to_string(p)?.lines().count())
+    };
+    let scores = dir.join("scores.jsonl");
+    let before = lines(&scores)?;
+    // 2 lrs x 3 rules x 2 rounds (tuning) + 3 rules x 2 seeds x 2 rounds
+    // (reported) + 2 seeds x 2 rounds (starts).
+    assert_eq!(before, 12 + 12 + 4);
+    let second = run_scenario(&experiment, &settings, &plan, &Silent)?;
+    assert_eq!(lines(&scores)?, before);
+    assert_eq!(
+        serde_json::to_value(&second.rules)?,
+        serde_json::to_value(&first.rules)?
+    );
+
+    // Other rounds are refused, naming the folder.
+    let mut other = plan.clone();
+    other.rounds = NonZeroU64::MIN.saturating_add(3);
+    let err = run_scenario(&experiment, &settings, &other, &Silent)
+        .err()
+        .ok_or(anyhow::anyhow!("a different recording was accepted"))?;
+    assert!(format!("{err}").contains("settings.toml"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn rules_and_plans_are_checked() -> Result<()> {
+    let defaults = default_rules()?;
+    assert!(defaults.iter().any(|r| r.name == BASELINE));
+    let mut names: Vec<&str> = defaults.iter().map(|r| r.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), defaults.len());
+    for bad in [
+        "fedavg",
+        r#"fedavg={"name": "nope"}"#,
+        r#"bad name={"name": "fedavg"}"#,
+        r#"x={"name": "fedavg", "momentum": 0.9}"#,
+    ] {
+        assert!(Rule::parse(bad).is_err(), "{bad} was accepted");
+    }
+    let dir = tempfile::tempdir()?;
+    let mut p = plan(dir.path().to_path_buf(), rules()?);
+    p.rules.remove(0);
+    assert!(p.validate().is_err(), "no baseline");
+    let mut p = plan(dir.path().to_path_buf(), rules()?);
+    p.rules.push(p.rules[1].clone());
+    assert!(p.validate().is_err(), "a rule twice");
+    let mut p = plan(dir.path().to_path_buf(), rules()?);
+    p.server_lrs = vec![1.0, -1.0];
+    assert!(p.validate().is_err(), "a negative lr");
+    Ok(())
+}
