@@ -36,13 +36,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use fedcmp_core::{ClientId, ClientInstruction, ClientUpdate, ParamSet};
-use fedcmp_runtime::convert::{load_projector, projector_params, read_params_file, save_params_file};
+use fedcmp_runtime::convert::{
+    load_projector, projector_params, read_params_file, save_params_file,
+};
 use fedcmp_strategy::config::StrategyConfig;
 use fedcmp_strategy::fedavg::FedAvgConfig;
 use fedcmp_strategy::{Aggregate, Strategy, StrategyState};
 use serde::{Deserialize, Serialize};
 
-use crate::compare::stats::{macro_value, paired_bootstrap, DomainValues, PairedDifference, SeedPair};
+use crate::compare::stats::{
+    macro_value, paired_bootstrap, DomainValues, PairedDifference, SeedPair,
+};
 use crate::compare::TUNING_SEED;
 use crate::events::{Event, Observer, Stage};
 use crate::files::{append_jsonl, pin, write_atomic};
@@ -52,6 +56,9 @@ use crate::{io_error, Experiment, ExperimentError, Result};
 
 /// The rule every other is compared with.
 pub const BASELINE: &str = "fedavg";
+/// The second baseline, when a rule has its name: Fed-CMP's variants must
+/// beat it to become the default (server momentum without CRA).
+pub const MOMENTUM_BASELINE: &str = "fedavgm";
 
 /// The server learning rates every rule searches (the comparison's grid).
 pub const SERVER_LRS: [f64; 4] = crate::compare::grid::SERVER_LRS;
@@ -184,12 +191,17 @@ impl HarnessPlan {
         let mut names: Vec<&str> = self.rules.iter().map(|r| r.name.as_str()).collect();
         names.sort_unstable();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-            return Err(ExperimentError::Invalid(format!("rule `{}` is given twice", w[0])));
+            return Err(ExperimentError::Invalid(format!(
+                "rule `{}` is given twice",
+                w[0]
+            )));
         }
         for rule in &self.rules {
             rule.check()?;
         }
-        if self.server_lrs.is_empty() || self.server_lrs.iter().any(|l| !(l.is_finite() && *l > 0.0)) {
+        if self.server_lrs.is_empty()
+            || self.server_lrs.iter().any(|l| !(l.is_finite() && *l > 0.0))
+        {
             return Err(ExperimentError::Invalid(format!(
                 "server lrs must be positive numbers, got {:?}",
                 self.server_lrs
@@ -287,7 +299,10 @@ pub fn read_round(seed_dir: &Path, round: u64, like: &ParamSet) -> Result<Record
     if meta.round != round {
         return Err(ExperimentError::File {
             path,
-            message: format!("holds round {} where round {round} was expected", meta.round),
+            message: format!(
+                "holds round {} where round {round} was expected",
+                meta.round
+            ),
         });
     }
     let global = read_params_file(&dir.join("global.safetensors"), like)?;
@@ -398,16 +413,22 @@ pub fn record(
     };
     let mut failure: Option<ExperimentError> = None;
     let mut recorded = 0u64;
-    train_with(experiment, &settings, Box::new(recorder), None, &mut |record| {
-        observer.observe(Event::Round(record));
-        let taken = slot.lock().ok().and_then(|mut s| s.take());
-        if let (Some(round), None) = (taken, &failure) {
-            match write_round(seed_dir, &round) {
-                Ok(()) => recorded += 1,
-                Err(e) => failure = Some(e),
+    train_with(
+        experiment,
+        &settings,
+        Box::new(recorder),
+        None,
+        &mut |record| {
+            observer.observe(Event::Round(record));
+            let taken = slot.lock().ok().and_then(|mut s| s.take());
+            if let (Some(round), None) = (taken, &failure) {
+                match write_round(seed_dir, &round) {
+                    Ok(()) => recorded += 1,
+                    Err(e) => failure = Some(e),
+                }
             }
-        }
-    })?;
+        },
+    )?;
     if let Some(e) = failure {
         return Err(e);
     }
@@ -447,7 +468,11 @@ fn key_of(s: &Score) -> ScoreKey {
 
 /// Per-domain item values of scores (summed over the given scores, item
 /// by item): the macro NLL of the result is the mean over those rounds.
-fn domain_values(scores: &[&Score], domains: &[usize], n_domains: usize) -> Vec<Option<DomainValues>> {
+fn domain_values(
+    scores: &[&Score],
+    domains: &[usize],
+    n_domains: usize,
+) -> Vec<Option<DomainValues>> {
     let mut out: Vec<DomainValues> = vec![Vec::new(); n_domains];
     let Some(first) = scores.first() else {
         return vec![None; n_domains];
@@ -479,6 +504,9 @@ pub struct RuleResult {
     pub per_round: Vec<(u64, f64)>,
     /// The paired difference to the baseline (None for the baseline).
     pub vs_baseline: Option<PairedDifference>,
+    /// The paired difference to [`MOMENTUM_BASELINE`] (None for it, or
+    /// when no rule has its name).
+    pub vs_momentum: Option<PairedDifference>,
 }
 
 /// The harness's result in one scenario.
@@ -497,7 +525,7 @@ pub struct ScenarioResult {
 }
 
 /// Scores proposals of the recorded rounds of one scenario.
-struct Scorer<'a> {
+struct Scoring<'a> {
     experiment: &'a Experiment,
     work: fedcmp_model::projector::Projector,
     like: ParamSet,
@@ -510,7 +538,7 @@ struct Scorer<'a> {
     total: u64,
 }
 
-impl Scorer<'_> {
+impl Scoring<'_> {
     fn seed_dir(&self, seed: u64) -> PathBuf {
         self.dir.join(format!("seed-{seed}"))
     }
@@ -557,7 +585,11 @@ impl Scorer<'_> {
         let missing: Vec<u64> = scored
             .iter()
             .copied()
-            .filter(|&t| !self.scores.contains_key(&(seed, rule.name.clone(), lr.to_bits(), t)))
+            .filter(|&t| {
+                !self
+                    .scores
+                    .contains_key(&(seed, rule.name.clone(), lr.to_bits(), t))
+            })
             .collect();
         let Some(&last) = missing.last() else {
             return Ok(());
@@ -570,7 +602,9 @@ impl Scorer<'_> {
             let round = read_round(&seed_dir, t, &self.like)?;
             let proposed = strategy
                 .aggregate(t, &round.global, &round.updates)
-                .map_err(|e| ExperimentError::from(e).context(format!("rule {} at round {t}", rule.name)))?;
+                .map_err(|e| {
+                    ExperimentError::from(e).context(format!("rule {} at round {t}", rule.name))
+                })?;
             if missing.contains(&t) {
                 let (nll, tokens) = self.score_params(&proposed.params)?;
                 self.keep(Score {
@@ -607,7 +641,8 @@ impl Scorer<'_> {
     }
 
     fn get(&self, seed: u64, rule: &str, lr: f64, round: u64) -> Option<&Score> {
-        self.scores.get(&(seed, rule.to_string(), lr.to_bits(), round))
+        self.scores
+            .get(&(seed, rule.to_string(), lr.to_bits(), round))
     }
 }
 
@@ -706,7 +741,7 @@ pub fn run_scenario(
     let rules = plan.rules.len() as u64;
     let lrs = plan.server_lrs.len() as u64;
     let total = rounds_scored * (rules * lrs + rules * plan.seeds.get() + plan.seeds.get());
-    let mut scorer = Scorer {
+    let mut scorer = Scoring {
         experiment,
         work,
         like,
@@ -720,7 +755,11 @@ pub fn run_scenario(
     };
     scorer.done = scorer.scores.len() as u64;
 
-    let domains: Vec<usize> = experiment.validation_items.iter().map(|i| i.domain).collect();
+    let domains: Vec<usize> = experiment
+        .validation_items
+        .iter()
+        .map(|i| i.domain)
+        .collect();
     let n_domains = experiment.suite.domains.len();
     let macro_of = |scores: &[&Score]| -> f64 {
         let values = domain_values(scores, &domains, n_domains);
@@ -736,7 +775,10 @@ pub fn run_scenario(
     for rule in &plan.rules {
         let mut tuning = Vec::new();
         for &lr in &plan.server_lrs {
-            observer.observe(Event::Status(format!("{name}: tuning {} at server lr {lr}", rule.name)));
+            observer.observe(Event::Status(format!(
+                "{name}: tuning {} at server lr {lr}",
+                rule.name
+            )));
             scorer.score_rule(TUNING_SEED, rule, lr, &scored)?;
             let mine: Vec<&Score> = scored
                 .iter()
@@ -755,7 +797,10 @@ pub fn run_scenario(
     for &seed in &seeds {
         scorer.score_starts(seed, &scored)?;
         for (rule, lr, _) in &chosen {
-            observer.observe(Event::Status(format!("{name}: seed {seed}, {} at server lr {lr}", rule.name)));
+            observer.observe(Event::Status(format!(
+                "{name}: seed {seed}, {} at server lr {lr}",
+                rule.name
+            )));
             scorer.score_rule(seed, rule, *lr, &scored)?;
         }
     }
@@ -767,10 +812,29 @@ pub fn run_scenario(
             .filter_map(|&t| scorer.get(seed, rule, lr, t))
             .collect()
     };
-    let baseline_lr = chosen
-        .iter()
-        .find(|(r, _, _)| r.name == BASELINE)
-        .map_or(1.0, |(_, lr, _)| *lr);
+    let lr_of = |name: &str| {
+        chosen
+            .iter()
+            .find(|(r, _, _)| r.name == name)
+            .map(|(_, lr, _)| *lr)
+    };
+    // Paired by seed and item: the rule's scores against `base`'s at its lr.
+    let versus = |rule: &Rule, lr: f64, base: &str| -> Option<PairedDifference> {
+        let base_lr = lr_of(base)?;
+        if rule.name == base {
+            return None;
+        }
+        let pairs: Vec<SeedPair> = seeds
+            .iter()
+            .map(|&s| {
+                (
+                    domain_values(&seed_scores(&rule.name, lr, s), &domains, n_domains),
+                    domain_values(&seed_scores(base, base_lr, s), &domains, n_domains),
+                )
+            })
+            .collect();
+        paired_bootstrap(&pairs, 0)
+    };
     let mut rule_results = Vec::new();
     for (rule, lr, tuning) in &chosen {
         let per_seed: Vec<f64> = seeds
@@ -788,20 +852,6 @@ pub fn run_scenario(
                 (t, v.iter().sum::<f64>() / v.len().max(1) as f64)
             })
             .collect();
-        let vs_baseline = (rule.name != BASELINE)
-            .then(|| {
-                let pairs: Vec<SeedPair> = seeds
-                    .iter()
-                    .map(|&s| {
-                        (
-                            domain_values(&seed_scores(&rule.name, *lr, s), &domains, n_domains),
-                            domain_values(&seed_scores(BASELINE, baseline_lr, s), &domains, n_domains),
-                        )
-                    })
-                    .collect();
-                paired_bootstrap(&pairs, 0)
-            })
-            .flatten();
         rule_results.push(RuleResult {
             rule: rule.name.clone(),
             config: with_server_lr(&rule.config, *lr)?,
@@ -809,7 +859,8 @@ pub fn run_scenario(
             tuning: tuning.clone(),
             val_nll: per_seed.iter().sum::<f64>() / per_seed.len().max(1) as f64,
             per_round,
-            vs_baseline,
+            vs_baseline: versus(rule, *lr, BASELINE),
+            vs_momentum: versus(rule, *lr, MOMENTUM_BASELINE),
         });
     }
     let start_nll = scored

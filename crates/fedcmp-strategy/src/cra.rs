@@ -399,9 +399,13 @@ pub fn canonical_basis_with(
     };
     if output_side && refine && params.energy < 1.0 {
         dense::symmetrize_from_lower(&mut gram);
-        if let Some(mut basis) =
-            refined_basis(&gram, rows, wide, structural_rank(rows, wide, momentum), params)?
-        {
+        if let Some(mut basis) = refined_basis(
+            &gram,
+            rows,
+            wide,
+            structural_rank(rows, wide, momentum),
+            params,
+        )? {
             basis.averaged = averaged;
             return Ok(basis);
         }

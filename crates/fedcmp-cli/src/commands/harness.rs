@@ -12,7 +12,9 @@ use clap::Args;
 use fedcmp_assets::cache_root;
 use fedcmp_experiment::compare::PER_CELL_KEYS;
 use fedcmp_experiment::files::write_atomic;
-use fedcmp_experiment::harness::{self, HarnessPlan, Rule, ScenarioResult, BASELINE};
+use fedcmp_experiment::harness::{
+    self, HarnessPlan, Rule, ScenarioResult, BASELINE, MOMENTUM_BASELINE,
+};
 use fedcmp_experiment::settings::RunOptions;
 use fedcmp_experiment::RunSettings;
 
@@ -36,7 +38,7 @@ pub struct HarnessArgs {
     #[arg(long, default_value_t = 8)]
     pub rounds: u64,
     /// Score every this many rounds (and the last).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 4)]
     pub score_every: u64,
     /// The server learning rates every rule searches, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = harness::SERVER_LRS.to_vec())]
@@ -137,10 +139,11 @@ pub fn scenario_table(r: &ScenarioResult) -> String {
         .collect();
     let mut md = format!(
         "\n## {} ({} seeds, {} recorded rounds, scored at rounds {:?}, {} validation pairs, {:.1} \
-         min)\n\nValidation NLL per token of each rule's proposal, macro over domains, mean over \
-         seeds and scored rounds; the difference is rule - {BASELINE} with a 95% bootstrap \
-         interval over seeds x items. Recorded start before each scored round (no step): {}.\n\n\
-         | rule | server lr | val NLL | vs {BASELINE} | tuning (lr: NLL) |\n|---|---|---|---|---|\n",
+         min in this invocation)\n\nValidation NLL per token of each rule's proposal, macro over domains, mean over \
+         seeds and scored rounds; a difference is rule - baseline (each at its chosen lr) with \
+         a 95% bootstrap interval over seeds x items. Recorded start before each scored round (no step): {}.\n\n\
+         | rule | server lr | val NLL | vs {BASELINE} | vs {MOMENTUM_BASELINE} | tuning (lr: NLL) \
+         |\n|---|---|---|---|---|---|\n",
         r.scenario,
         r.seeds,
         r.rounds,
@@ -150,17 +153,21 @@ pub fn scenario_table(r: &ScenarioResult) -> String {
         starts.join(", "),
     );
     for rule in &r.rules {
-        let vs = rule
-            .vs_baseline
-            .as_ref()
-            .map_or_else(|| "(baseline)".to_string(), |d| difference_text(d, 4));
+        let text = |d: Option<&fedcmp_experiment::compare::stats::PairedDifference>| {
+            d.map_or_else(
+                || "(itself or absent)".to_string(),
+                |d| difference_text(d, 4),
+            )
+        };
+        let vs = text(rule.vs_baseline.as_ref());
+        let vs_momentum = text(rule.vs_momentum.as_ref());
         let tuning: Vec<String> = rule
             .tuning
             .iter()
             .map(|(lr, v)| format!("{lr}: {v:.4}"))
             .collect();
         md.push_str(&format!(
-            "| {} | {} | {:.4} | {vs} | {} |\n",
+            "| {} | {} | {:.4} | {vs} | {vs_momentum} | {} |\n",
             rule.rule,
             rule.server_lr,
             rule.val_nll,

@@ -6,7 +6,8 @@ use fedcmp_core::metrics::names;
 use fedcmp_runtime::suite::recovery;
 
 use super::{
-    Cell, Method, CRA_ALIGNMENT_MEAN, CRA_BASIS_DRIFT_MEAN, CRA_GAIN_MEDIAN, CRA_GAIN_P10, CRA_GAIN_P90,
+    Cell, Method, CRA_ALIGNMENT_MEAN, CRA_BASIS_DRIFT_MEAN, CRA_GAIN_MEDIAN, CRA_GAIN_P10,
+    CRA_GAIN_P90,
 };
 
 /// A named series of (x, y) points for a line chart.

@@ -57,7 +57,9 @@ fn rules_are_scored_paired_on_recorded_fedavg_rounds_and_resume() -> Result<()> 
         let r2 = read_round(&seed_dir, 2, &like)?;
         assert!(!r1.updates.is_empty());
         let fedavg = with_server_lr(&StrategyConfig::default(), 1.0)?;
-        let next = fedavg.build(experiment.clients.len())?.aggregate(1, &r1.global, &r1.updates)?;
+        let next = fedavg
+            .build(experiment.clients.len())?
+            .aggregate(1, &r1.global, &r1.updates)?;
         assert_eq!(next.params, r2.global, "seed {seed}");
     }
 
@@ -78,7 +80,10 @@ fn rules_are_scored_paired_on_recorded_fedavg_rounds_and_resume() -> Result<()> 
         match rule.rule.as_str() {
             BASELINE => assert!(rule.vs_baseline.is_none()),
             _ => {
-                let d = rule.vs_baseline.as_ref().ok_or("no paired difference")
+                let d = rule
+                    .vs_baseline
+                    .as_ref()
+                    .ok_or("no paired difference")
                     .map_err(anyhow::Error::msg)?;
                 assert_eq!(d.seeds, 2);
                 assert!(d.low <= d.mean && d.mean <= d.high);
@@ -87,9 +92,8 @@ fn rules_are_scored_paired_on_recorded_fedavg_rounds_and_resume() -> Result<()> 
     }
 
     // Resumed: nothing is scored again, the result is the same.
-    let lines = |p: &std::path::Path| -> Result<usize> {
-        Ok(std::fs::read_to_string(p)?.lines().count())
-    };
+    let lines =
+        |p: &std::path::Path| -> Result<usize> { Ok(std::fs::read_to_string(p)?.lines().count()) };
     let scores = dir.join("scores.jsonl");
     let before = lines(&scores)?;
     // 2 lrs x 3 rules x 2 rounds (tuning) + 3 rules x 2 seeds x 2 rounds
@@ -138,5 +142,17 @@ fn rules_and_plans_are_checked() -> Result<()> {
     let mut p = plan(dir.path().to_path_buf(), rules()?);
     p.server_lrs = vec![1.0, -1.0];
     assert!(p.validate().is_err(), "a negative lr");
+    Ok(())
+}
+
+#[test]
+fn every_registered_strategy_takes_a_server_lr() -> Result<()> {
+    for name in fedcmp_strategy::config::NAMES {
+        let config: StrategyConfig = serde_json::from_str(&format!(r#"{{"name": "{name}"}}"#))?;
+        let set = with_server_lr(&config, 0.25)?;
+        let json = serde_json::to_value(&set)?;
+        assert_eq!(json["server-lr"], 0.25, "{name}");
+        assert_eq!(set.name(), config.name());
+    }
     Ok(())
 }
