@@ -700,3 +700,45 @@ fn run_methods(scene: &Scene<'_>, tick: &(dyn Fn() + Sync)) -> Result<Vec<Cell>>
     }
     Ok(reported)
 }
+
+#[cfg(test)]
+mod diagnostics_tests {
+    use super::*;
+    use fedcmp_core::RoundMetrics;
+
+    #[test]
+    fn a_round_keeps_the_gain_quantiles_and_the_mean_drift() {
+        let mut metrics = RoundMetrics::default();
+        metrics.set(names::CRA_SHARED_SHARE, 0.4);
+        metrics.set(names::CRA_GAIN_MEAN, 0.5);
+        metrics.set_series(
+            names::CRA_GAIN_QUANTILES,
+            vec![0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0],
+        );
+        metrics.set_series(names::CRA_BASIS_DRIFT, vec![0.2, 0.4]);
+        let record = RoundRecord {
+            round: 3,
+            sampled: Vec::new(),
+            failures: Vec::new(),
+            stragglers: Vec::new(),
+            answered: Vec::new(),
+            retired: Vec::new(),
+            aggregated: true,
+            samples: 0,
+            samples_total: 7,
+            lr_end: 0.0,
+            train_loss: 0.0,
+            val_loss: None,
+            seconds: 0.0,
+            metrics,
+        };
+        let d = diagnostics(&record);
+        assert_eq!(d[names::CRA_SHARED_SHARE], 0.4);
+        assert_eq!(d[names::CRA_GAIN_MEAN], 0.5);
+        assert_eq!(d[CRA_GAIN_P10], 0.1);
+        assert_eq!(d[CRA_GAIN_MEDIAN], 0.5);
+        assert_eq!(d[CRA_GAIN_P90], 0.9);
+        assert!((d[CRA_BASIS_DRIFT_MEAN] - 0.3).abs() < 1e-15);
+        assert_eq!(d["round"], 3.0);
+    }
+}
