@@ -22,6 +22,10 @@ use super::report::difference_text;
 use crate::args::{layers, RecipeArgs};
 use crate::progress::Progress;
 
+/// The recipe flags are `run`'s, with the research recipe as their
+/// defaults (content captions after a newline, one visual token, batch 16,
+/// one local step, peak lr 1e-2) and `--rounds` (default 8) the rounds
+/// recorded per seed.
 #[derive(Debug, Clone, Args)]
 pub struct HarnessArgs {
     /// Read the recipe from this TOML settings file.
@@ -34,9 +38,6 @@ pub struct HarnessArgs {
     /// tuning seed).
     #[arg(long, default_value_t = 3)]
     pub seeds: u64,
-    /// Rounds recorded per seed.
-    #[arg(long, default_value_t = 8)]
-    pub rounds: u64,
     /// Score every this many rounds (and the last).
     #[arg(long, default_value_t = 4)]
     pub score_every: u64,
@@ -68,6 +69,8 @@ impl HarnessArgs {
             batch_size: Some(16),
             local_steps: Some(1),
             lr: Some(1e-2),
+            // The rounds recorded per seed (`--rounds`).
+            rounds: Some(8),
             ..RunOptions::default()
         };
         let layers = layers(
@@ -88,7 +91,10 @@ impl HarnessArgs {
         let plan = HarnessPlan {
             scenarios: self.scenarios.clone(),
             seeds: NonZeroU64::new(self.seeds).context("--seeds must be at least 1")?,
-            rounds: NonZeroU64::new(self.rounds).context("--rounds must be at least 1")?,
+            rounds: template
+                .recipe
+                .rounds
+                .context("the harness records a fixed number of rounds (--rounds)")?,
             score_every: NonZeroU64::new(self.score_every)
                 .context("--score-every must be at least 1")?,
             server_lrs: self.server_lrs.clone(),
