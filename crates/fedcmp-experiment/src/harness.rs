@@ -835,23 +835,27 @@ pub fn run_scenario(
             .collect();
         paired_bootstrap(&pairs, 0)
     };
+    // Per scored round, the mean over reported seeds of a rule's macro NLL.
+    let curve = |rule: &str, lr: f64| -> Vec<(u64, f64)> {
+        scored
+            .iter()
+            .map(|&t| {
+                let v: Vec<f64> = seeds
+                    .iter()
+                    .filter_map(|&s| scorer.get(s, rule, lr, t))
+                    .map(|sc| macro_of(&[sc]))
+                    .collect();
+                (t, v.iter().sum::<f64>() / v.len().max(1) as f64)
+            })
+            .collect()
+    };
     let mut rule_results = Vec::new();
     for (rule, lr, tuning) in &chosen {
         let per_seed: Vec<f64> = seeds
             .iter()
             .map(|&s| macro_of(&seed_scores(&rule.name, *lr, s)))
             .collect();
-        let per_round = scored
-            .iter()
-            .map(|&t| {
-                let v: Vec<f64> = seeds
-                    .iter()
-                    .filter_map(|&s| scorer.get(s, &rule.name, *lr, t))
-                    .map(|sc| macro_of(&[sc]))
-                    .collect();
-                (t, v.iter().sum::<f64>() / v.len().max(1) as f64)
-            })
-            .collect();
+        let per_round = curve(&rule.name, *lr);
         rule_results.push(RuleResult {
             rule: rule.name.clone(),
             config: with_server_lr(&rule.config, *lr)?,
@@ -863,17 +867,7 @@ pub fn run_scenario(
             vs_momentum: versus(rule, *lr, MOMENTUM_BASELINE),
         });
     }
-    let start_nll = scored
-        .iter()
-        .map(|&t| {
-            let v: Vec<f64> = seeds
-                .iter()
-                .filter_map(|&s| scorer.get(s, START, 0.0, t))
-                .map(|sc| macro_of(&[sc]))
-                .collect();
-            (t, v.iter().sum::<f64>() / v.len().max(1) as f64)
-        })
-        .collect();
+    let start_nll = curve(START, 0.0);
     Ok(ScenarioResult {
         scenario: name,
         seeds: plan.seeds.get(),
