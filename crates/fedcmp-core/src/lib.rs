@@ -7,13 +7,16 @@
 //! - [`schedule`]: the learning-rate schedule (plain data: it travels);
 //! - [`task`]: the round protocol (the task a client gets, its reply and
 //!   status, failures);
-//! - [`metrics`]: named numbers a round reports, and their names.
+//! - [`metrics`]: named numbers a round reports, and their names;
+//! - [`wire`]: tasks and replies as a JSON header plus named arrays, for
+//!   transports that carry arrays (Flower).
 
 pub mod metrics;
 pub mod params;
 pub mod schedule;
 pub mod task;
 pub mod update;
+pub mod wire;
 
 pub use metrics::RoundMetrics;
 pub use params::{ParamSet, ParamTensor};

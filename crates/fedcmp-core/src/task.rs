@@ -79,6 +79,10 @@ pub enum FailureKind {
     Error,
     /// No answer before the round's deadline.
     Timeout,
+    /// The server refused its update: names or shapes unlike the global
+    /// model's, values that are not finite, no samples, or a client or
+    /// round it was not asked for.
+    Refused,
 }
 
 /// A client that failed a round, and how.

@@ -67,15 +67,8 @@ impl Experiment {
         }
         let federation = crate::federation::build(root, &scenario, &base, observer)?;
         let loaded = backbones::load(root, &data.backbones, observer)?;
-        let mut cache = backbones::feature_cache(root, loaded.encoder.as_ref())?;
-        if let Some(tokens) = data.backbones.visual_tokens {
-            cache = cache.with_visual_tokens(tokens).map_err(|e| {
-                crate::ExperimentError::from(e).context(format!(
-                    "visual-tokens = {tokens} with {}",
-                    loaded.encoder.identity()
-                ))
-            })?;
-        }
+        let mut cache =
+            backbones::served_cache(root, loaded.encoder.as_ref(), data.backbones.visual_tokens)?;
         let corpus = &federation.corpus;
         let keys = backbones::cache_features(
             &mut cache,
@@ -164,16 +157,12 @@ impl Experiment {
 
     /// A fresh projector (its initialisation depends on `seed` only).
     pub fn projector(&self, kind: ProjectorKind, seed: u64) -> Result<Projector> {
-        Ok(Projector::new(
-            ProjectorConfig {
-                kind,
-                input_dim: self.feature_dim,
-                output_dim: self.decoder.config().hidden_size,
-            },
+        fresh_projector(
+            kind,
+            self.feature_dim,
+            self.decoder.config().hidden_size,
             seed,
-            DType::F32,
-            &Device::Cpu,
-        )?)
+        )
     }
 
     fn evaluator<'a>(&'a self, samples: &'a [Sample]) -> Evaluator<'a> {
@@ -206,4 +195,25 @@ impl Experiment {
             cache: &self.cache,
         }
     }
+}
+
+/// A fresh projector from `input_dim` features to the decoder's
+/// `output_dim`; its values depend on `seed` only, so a server and its
+/// sites, or two runs, start from the same one.
+pub fn fresh_projector(
+    kind: ProjectorKind,
+    input_dim: usize,
+    output_dim: usize,
+    seed: u64,
+) -> Result<Projector> {
+    Ok(Projector::new(
+        ProjectorConfig {
+            kind,
+            input_dim,
+            output_dim,
+        },
+        seed,
+        DType::F32,
+        &Device::Cpu,
+    )?)
 }

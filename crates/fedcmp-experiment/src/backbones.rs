@@ -136,6 +136,25 @@ pub fn feature_cache(root: &Path, encoder: &dyn VisionEncoder) -> Result<Feature
     Ok(FeatureCache::open(root, encoder, preprocess)?)
 }
 
+/// [`feature_cache`], serving `visual_tokens` tokens per image (None: the
+/// encoder's whole grid).
+pub fn served_cache(
+    root: &Path,
+    encoder: &dyn VisionEncoder,
+    visual_tokens: Option<usize>,
+) -> Result<FeatureCache> {
+    let cache = feature_cache(root, encoder)?;
+    match visual_tokens {
+        None => Ok(cache),
+        Some(tokens) => cache.with_visual_tokens(tokens).map_err(|e| {
+            crate::ExperimentError::from(e).context(format!(
+                "visual-tokens = {tokens} with {}",
+                encoder.identity()
+            ))
+        }),
+    }
+}
+
 /// Encodes (or finds in the cache) every record's image, reporting
 /// progress as `stage`; returns each record's key (None for an unusable
 /// image, counted and logged with its file).

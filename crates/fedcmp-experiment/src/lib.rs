@@ -22,6 +22,9 @@
 //!   resumable cells);
 //! - [`harness`]: the counterfactual harness that scores aggregation
 //!   rules on recorded client updates;
+//! - [`sites`] and [`server`]: a federation across sites (a site answering
+//!   round tasks on its own data; the server's round loop over any
+//!   transport; a scenario dealt into site folders);
 //! - [`files`]: atomic writes and settings pinning, in one place.
 
 pub mod assembly;
@@ -35,7 +38,9 @@ pub mod harness;
 pub mod pilot;
 pub mod probe;
 pub mod run_folder;
+pub mod server;
 pub mod settings;
+pub mod sites;
 pub mod training;
 
 use std::path::PathBuf;

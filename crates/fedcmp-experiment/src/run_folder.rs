@@ -84,6 +84,63 @@ impl RunFolder {
         }
         Ok(())
     }
+
+    /// Readies the folder for training under `settings_text` (resolved
+    /// settings): with a checkpoint there (and not `fresh`), pins the
+    /// settings, keeps the metrics of the rounds up to the checkpoint and
+    /// returns it to resume from; otherwise clears what a previous run
+    /// left and writes the settings. Either way, the metrics file opened
+    /// for appending.
+    pub fn open_for_training(
+        &self,
+        settings_text: &str,
+        fresh: bool,
+    ) -> Result<(Option<checkpoint::Checkpoint>, std::fs::File)> {
+        std::fs::create_dir_all(&self.dir).map_err(io_error(&self.dir))?;
+        let saved = if fresh {
+            None
+        } else {
+            checkpoint::load_latest(&self.checkpoints())?
+        };
+        match &saved {
+            Some(_) => {
+                pin(
+                    &self.settings(),
+                    settings_text,
+                    "a checkpoint of a run",
+                    "rerun with the same settings to resume it, pass --fresh to start over, or \
+                     choose another --out",
+                )?;
+            }
+            None => {
+                self.clear()?;
+                write_atomic(&self.settings(), settings_text.as_bytes())?;
+            }
+        }
+        let metrics_path = self.metrics();
+        if let Some(saved) = &saved {
+            // Rounds after the checkpoint will be run again: drop their lines.
+            let round = saved.round_loop.round;
+            let text = std::fs::read_to_string(&metrics_path).unwrap_or_default();
+            let kept: String = text
+                .lines()
+                .filter(|line| {
+                    serde_json::from_str::<serde_json::Value>(line)
+                        .ok()
+                        .and_then(|v| v.get("round").and_then(serde_json::Value::as_u64))
+                        .is_some_and(|r| r <= round)
+                })
+                .map(|line| format!("{line}\n"))
+                .collect();
+            write_atomic(&metrics_path, kept.as_bytes())?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(io_error(&metrics_path))?;
+        Ok((saved, file))
+    }
 }
 
 /// The federation a run trained on (summary.json's `federation`).
@@ -140,6 +197,18 @@ pub struct FailureCounts {
     pub dropped: usize,
     pub errors: usize,
     pub timeouts: usize,
+    /// Updates the server refused (see the round loop's checks).
+    pub refused: usize,
+}
+
+impl FailureCounts {
+    /// Counts a round's failures.
+    pub fn add(&mut self, record: &fedcmp_runtime::round_loop::RoundRecord) {
+        self.dropped += record.failed(FailureKind::Dropped);
+        self.errors += record.failed(FailureKind::Error);
+        self.timeouts += record.failed(FailureKind::Timeout);
+        self.refused += record.failed(FailureKind::Refused);
+    }
 }
 
 /// One client of the local-only reference.
@@ -232,48 +301,9 @@ pub fn run_on(
             measured: report,
         });
     }
-    let saved = if fresh {
-        None
-    } else {
-        checkpoint::load_latest(&folder.checkpoints())?
-    };
-    match &saved {
-        Some(_) => {
-            pin(
-                &folder.settings(),
-                &settings_text,
-                "a checkpoint of a run",
-                "rerun with the same settings to resume it, pass --fresh to start over, or choose \
-                 another --out",
-            )?;
-        }
-        None => {
-            folder.clear()?;
-            write_atomic(&folder.settings(), settings_text.as_bytes())?;
-        }
-    }
+    let (saved, mut metrics_file) = folder.open_for_training(&settings_text, fresh)?;
     let resumed_after = saved.as_ref().map(|s| s.round_loop.round);
     let metrics_path = folder.metrics();
-    if let Some(round) = resumed_after {
-        // Rounds after the checkpoint will be run again: drop their lines.
-        let text = std::fs::read_to_string(&metrics_path).unwrap_or_default();
-        let kept: String = text
-            .lines()
-            .filter(|line| {
-                serde_json::from_str::<serde_json::Value>(line)
-                    .ok()
-                    .and_then(|v| v.get("round").and_then(serde_json::Value::as_u64))
-                    .is_some_and(|r| r <= round)
-            })
-            .map(|line| format!("{line}\n"))
-            .collect();
-        write_atomic(&metrics_path, kept.as_bytes())?;
-    }
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(io_error(&metrics_path))?;
 
     let (clients, participation, _) = training::federation_of(experiment, &settings.training)?;
     let shard_sizes: Vec<usize> = clients.iter().map(|c| c.samples.len()).collect();
@@ -311,9 +341,7 @@ pub fn run_on(
             resume: saved,
         }),
         &mut |record| {
-            failures.dropped += record.failed(FailureKind::Dropped);
-            failures.errors += record.failed(FailureKind::Error);
-            failures.timeouts += record.failed(FailureKind::Timeout);
+            failures.add(record);
             observer.observe(Event::Round(record));
             if let Err(e) = append_jsonl(&mut metrics_file, &metrics_path, record) {
                 write_error.get_or_insert(e);

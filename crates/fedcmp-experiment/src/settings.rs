@@ -305,11 +305,25 @@ impl Layers {
     /// A TOML settings file (a run folder's `settings.toml` is one).
     pub fn file(self, path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(crate::io_error(path))?;
-        let options: RunOptions = toml::from_str(&text).map_err(|e| ExperimentError::File {
-            path: path.to_path_buf(),
+        self.settings_text(Origin::File(path.to_path_buf()), &text)
+    }
+
+    /// Settings in TOML text that did not come from a file of this
+    /// process (e.g. what a federation's server sent its sites), `what`
+    /// naming them in messages.
+    pub fn text(self, what: &str, text: &str) -> Result<Self> {
+        self.settings_text(Origin::Defaults(what.to_string()), text)
+    }
+
+    fn settings_text(self, origin: Origin, text: &str) -> Result<Self> {
+        let options: RunOptions = toml::from_str(text).map_err(|e| ExperimentError::File {
+            path: match &origin {
+                Origin::File(path) => path.clone(),
+                other => PathBuf::from(origin_text(other, "settings")),
+            },
             message: format!("not a settings file: {e}"),
         })?;
-        self.push(Origin::File(path.to_path_buf()), &options)
+        self.push(origin, &options)
     }
 
     /// The `FEDCMP_<KEY>` variables among `vars` (others are ignored;

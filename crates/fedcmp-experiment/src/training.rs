@@ -267,7 +267,7 @@ pub fn train_with(
         strategy.as_mut(),
         &mut transport,
         start,
-        &mut |p: &ParamSet| validator.nll_of(&work, p),
+        &mut |p: &ParamSet| validator.nll_of(&work, p).map(Some),
         &mut |r| {
             observe(r);
             records.push(r.clone());
@@ -314,8 +314,7 @@ pub fn train_local_only(
         let node = ClientNode::new(client.clone(), &local, None);
         let mut transport = InProcess::new(trainer, &experiment.cache, vec![node]);
         let mut strategy = StrategyConfig::default().build(1)?;
-        let mut config = round_loop_config(settings, &Participation::default(), size);
-        config.eval_every = u64::MAX;
+        let config = round_loop_config(settings, &Participation::default(), size);
         let summary = drive(
             &config,
             &RoundRng::new(settings.seed),
@@ -324,7 +323,7 @@ pub fn train_local_only(
             Start::Fresh(projector_params(
                 &experiment.projector(kind, settings.seed)?,
             )?),
-            &mut |_| Ok(f64::NAN),
+            &mut |_| Ok(None),
             &mut |_| {},
             None,
         )?;

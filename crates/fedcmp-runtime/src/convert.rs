@@ -98,3 +98,17 @@ pub fn read_params_file(path: &std::path::Path, like: &ParamSet) -> Result<Param
     like.check_same_layout(&set)?;
     Ok(set)
 }
+
+/// Reads any file written by [`save_params_file`], tensors in name order
+/// (for tools that have no projector at hand to take the order from).
+pub fn load_params_file(path: &std::path::Path) -> Result<ParamSet> {
+    let tensors: std::collections::BTreeMap<_, _> =
+        candle_core::safetensors::load(path, &Device::Cpu)?
+            .into_iter()
+            .collect();
+    let entries = tensors
+        .iter()
+        .map(|(name, t)| Ok((name.clone(), tensor_to_param(name, t)?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ParamSet::new(entries)?)
+}

@@ -7,8 +7,10 @@
 //! Failures never end a run. A round aggregates when at least `quorum`
 //! updates came back by the deadline; below that it is recorded and the
 //! global model stays as it was. A client that fails `failure_limit`
-//! rounds in a row (errors and timeouts, not simulated dropouts) is
-//! retired, so a broken site cannot keep a one-pass run from ending.
+//! rounds in a row (errors, timeouts and refused updates, not simulated
+//! dropouts) is retired, so a broken site cannot keep a one-pass run from
+//! ending; a site that reconnects (a transport reports it as joined) is
+//! taken back.
 //!
 //! What the server knows of its clients comes from them: the status each
 //! reports (samples left, samples consumed) when the loop starts and with
@@ -19,7 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedcmp_core::{
-    ClientFailure, ClientId, ClientStatus, ParamSet, RoundMetrics, RoundTask, WarmupCosine,
+    ClientFailure, ClientId, ClientReply, ClientStatus, FailureKind, ParamSet, RoundMetrics,
+    RoundTask, WarmupCosine,
 };
 use fedcmp_strategy::Strategy;
 use rand::seq::IndexedRandom;
@@ -149,8 +152,10 @@ pub struct LoopSummary {
     pub retired: Vec<ClientId>,
 }
 
-/// Computes a validation loss for a global model.
-pub type Evaluate<'a> = dyn FnMut(&ParamSet) -> Result<f64> + 'a;
+/// Computes a validation loss for a global model (None: this server has
+/// no validation data, e.g. a server across sites without a split of its
+/// own).
+pub type Evaluate<'a> = dyn FnMut(&ParamSet) -> Result<Option<f64>> + 'a;
 
 /// What the server remembers of a client besides its reported status.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -242,6 +247,51 @@ impl ClientBook {
     }
 }
 
+/// Why an update cannot be aggregated, if it cannot: it must come from a
+/// client sampled this round, have trained on samples, and match the
+/// global model's names and shapes with finite values (its control
+/// variate too). Checked for every transport, so a broken or hostile site
+/// costs its own update, never the round.
+fn refusal(reply: &ClientReply, global: &ParamSet, sampled: &[ClientId]) -> Option<String> {
+    let client = reply.status.client;
+    if !sampled.contains(&client) {
+        return Some(format!("client {} was not sampled this round", client.0));
+    }
+    let update = reply.update.as_ref()?;
+    if update.client != client {
+        return Some(format!(
+            "client {} sent an update of client {}",
+            client.0, update.client.0
+        ));
+    }
+    if update.num_samples == 0 {
+        return Some("an update trained on no sample".into());
+    }
+    if !(update.lr_sum.is_finite() && update.mean_loss.is_finite()) {
+        return Some("its learning-rate sum or loss is not finite".into());
+    }
+    let sets = std::iter::once(("parameters", &update.params)).chain(
+        update
+            .control_delta
+            .as_ref()
+            .map(|c| ("control variate", c)),
+    );
+    for (what, set) in sets {
+        if let Err(e) = global.check_same_layout(set) {
+            return Some(format!("its {what} do not match the global model: {e}"));
+        }
+        for (name, tensor) in set.entries() {
+            if let Some(i) = tensor.data.iter().position(|v| !v.is_finite()) {
+                return Some(format!(
+                    "its {what}: `{name}` holds a non-finite value ({} at index {i})",
+                    tensor.data[i]
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// Drives rounds until no client has data left or `max_rounds` is reached,
 /// starting from `start` (a resumed start needs the strategy restored from
 /// the same checkpoint; the clients restore themselves when asked for
@@ -316,12 +366,35 @@ pub fn drive(
             })
             .collect();
         let deadline = config.deadline.map(|d| started + d);
-        let outcome = transport.run_round(tasks, deadline)?;
+        let mut outcome = transport.run_round(tasks, deadline)?;
+        for status in &outcome.joined {
+            // A site that reconnects gets another chance, even if retired.
+            if book.records.remove(&status.client).is_some() {
+                tracing::info!(
+                    client = status.client.0,
+                    "client reconnected; its failures are forgiven"
+                );
+            }
+            book.report(status);
+        }
         let mut updates = Vec::with_capacity(outcome.replies.len());
         for reply in outcome.replies {
+            if let Some(reason) = refusal(&reply, &global, &sampled) {
+                let client = reply.status.client;
+                tracing::warn!(round, client = client.0, %reason, "update refused");
+                outcome.failures.push(ClientFailure {
+                    client,
+                    kind: FailureKind::Refused,
+                    message: reason,
+                });
+                continue;
+            }
             book.report(&reply.status);
             updates.extend(reply.update);
         }
+        // Replies arrive in any order across sites; aggregating in client
+        // order makes the sums, hence the run, independent of it.
+        updates.sort_by_key(|u| u.client);
         let answered: Vec<ClientId> = updates.iter().map(|u| u.client).collect();
         let retired = book.book_round(&answered, &outcome.failures, config.failure_limit);
         for c in &retired {
@@ -360,8 +433,10 @@ pub fn drive(
         let last = exhausted || round == config.max_rounds;
         let val_loss = if round.is_multiple_of(config.eval_every) || last {
             let v = evaluate(&global)?;
-            last_val = Some(v);
-            Some(v)
+            if v.is_some() {
+                last_val = v;
+            }
+            v
         } else {
             None
         };

@@ -21,6 +21,10 @@ pub struct RoundOutcome {
     pub failures: Vec<ClientFailure>,
     /// Clients told to stop after fewer local steps (simulated stragglers).
     pub stragglers: Vec<ClientId>,
+    /// Statuses of clients the transport found this round besides the
+    /// replies (a site that connected or reconnected since the loop
+    /// started): the round loop samples them from the next round on.
+    pub joined: Vec<ClientStatus>,
 }
 
 /// Delivers round tasks and status queries to clients.

@@ -254,7 +254,7 @@ fn run_with(
         strategy.as_mut(),
         transport.as_mut(),
         start,
-        &mut |p: &ParamSet| evaluator.nll_of(&work, p),
+        &mut |p: &ParamSet| evaluator.nll_of(&work, p).map(Some),
         &mut |r| records.push(r.clone()),
         Some(CheckpointHook {
             every: 1,

@@ -109,6 +109,10 @@ fn every_algorithm_matches_the_numpy_reference() -> TestResult {
     let golden: Golden = serde_json::from_str(GOLDEN)?;
     let mut seen = std::collections::BTreeSet::new();
     let mut report = Vec::new();
+    // Every round's output, bit for bit, for the Python package's test
+    // (python/tests/test_strategy.py: the same cases through
+    // `fedcmp.Strategy` must give these exact bits).
+    let mut outputs: BTreeMap<String, Vec<Vec<Vec<u32>>>> = BTreeMap::new();
     for case in &golden.cases {
         seen.insert(case.config.name());
         let mut strategy = case.config.build(golden.num_clients)?;
@@ -189,6 +193,13 @@ fn every_algorithm_matches_the_numpy_reference() -> TestResult {
                 assert!(e <= TOL, "{ctx}: server control differs by {e:e}");
                 worst = worst.max(e);
             }
+            outputs.entry(case.id.clone()).or_default().push(
+                out.params
+                    .entries()
+                    .iter()
+                    .map(|(_, t)| t.data.iter().map(|v| v.to_bits()).collect())
+                    .collect(),
+            );
             global = out.params;
         }
         report.push(format!("{}: {worst:.1e}", case.id));
@@ -197,5 +208,15 @@ fn every_algorithm_matches_the_numpy_reference() -> TestResult {
         fedcmp_strategy::config::NAMES.iter().copied().collect();
     assert_eq!(seen, all, "a golden case for every algorithm");
     eprintln!("golden max abs error per case: {}", report.join(", "));
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"),
+        std::path::PathBuf::from,
+    );
+    let dir = target.join("golden");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("rust-outputs.json"),
+        serde_json::to_string(&outputs)?,
+    )?;
     Ok(())
 }

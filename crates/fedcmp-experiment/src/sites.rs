@@ -1,0 +1,379 @@
+//! Federation across sites, the site's side: a [`Site`] is one real
+//! client, its private data a manifest on its own disk, answering the
+//! server's round tasks with the same client node, local trainer and
+//! frozen backbones as a simulated client. It is opened once per process
+//! (backbones loaded, every image encoded into the feature cache) and then
+//! answers any number of tasks; its state between rounds lives in its own
+//! state folder, so a retried or repeated round trains from the same state
+//! and consumes no sample twice, and a restarted site resumes.
+//!
+//! [`export`] deals a scenario's data into one folder per site (images and
+//! a manifest in shard order) plus the held-out splits, so that a
+//! federation across sites can be tried on one machine with the built-in
+//! scenarios, and so that it trains exactly what the simulation trains.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fedcmp_core::{ClientId, ClientReply, ClientStatus, RoundTask};
+use fedcmp_data::cache::FeatureCache;
+use fedcmp_data::corpus::{self, ManifestSpec, SourceEnv, SourceSpec};
+use fedcmp_data::record::{Record, SkipReport};
+use fedcmp_data::scenario::Scenario;
+use fedcmp_model::alignment::CaptionTemplate;
+use fedcmp_model::llm::decoder::FrozenDecoder;
+use fedcmp_model::projector::{Projector, ProjectorKind};
+use fedcmp_model::tokenizer::TextTokenizer;
+use fedcmp_model::vision::VisionEncoder;
+use fedcmp_runtime::client::{ClientData, LocalTrainer, Sample};
+use fedcmp_runtime::eval::Evaluator;
+use fedcmp_runtime::node::ClientNode;
+use serde::Serialize;
+
+use crate::assembly::fresh_projector;
+use crate::backbones::{self, BackboneSettings};
+use crate::events::{Observer, Stage};
+use crate::files::write_atomic;
+use crate::settings::RunSettings;
+use crate::training::local_config;
+use crate::{io_error, ExperimentError, Result};
+
+/// The frozen side of one process: decoder, tokenizer, the encoder's
+/// feature cache (images encoded once), and the caption layout.
+#[derive(Debug)]
+pub struct Frozen {
+    pub decoder: Arc<FrozenDecoder>,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub encoder: Box<dyn VisionEncoder>,
+    pub cache: FeatureCache,
+    pub template: CaptionTemplate,
+    /// Where assets and features are cached.
+    pub cache_dir: PathBuf,
+}
+
+impl Frozen {
+    /// Loads the backbones of `settings` (the LLM at `llm` instead, when
+    /// given) with assets and features cached under `cache_dir`.
+    pub fn load(
+        cache_dir: &Path,
+        settings: &RunSettings,
+        llm: Option<&Path>,
+        observer: &dyn Observer,
+    ) -> Result<Self> {
+        let wanted = BackboneSettings {
+            llm: llm
+                .map(Path::to_path_buf)
+                .or(settings.data.backbones.llm.clone()),
+            ..settings.data.backbones.clone()
+        };
+        let loaded = backbones::load(cache_dir, &wanted, observer)?;
+        let cache =
+            backbones::served_cache(cache_dir, loaded.encoder.as_ref(), wanted.visual_tokens)?;
+        Ok(Self {
+            decoder: Arc::new(loaded.decoder),
+            tokenizer: Arc::new(loaded.tokenizer),
+            encoder: loaded.encoder,
+            cache,
+            template: CaptionTemplate {
+                separator: settings.data.caption_separator.clone(),
+                ..CaptionTemplate::plain()
+            },
+            cache_dir: cache_dir.to_path_buf(),
+        })
+    }
+
+    /// The records of a JSONL or CSV manifest (by its extension) as
+    /// samples, their images encoded; skipped records counted.
+    pub fn read_manifest(
+        &mut self,
+        manifest: &Path,
+        observer: &dyn Observer,
+    ) -> Result<(Vec<Sample>, SkipReport)> {
+        let spec = ManifestSpec {
+            path: manifest.to_path_buf(),
+            image_root: None,
+            columns: Default::default(),
+            verify_images: false,
+            common: Default::default(),
+        };
+        let is_jsonl = manifest
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
+        let spec = if is_jsonl {
+            SourceSpec::Jsonl(spec)
+        } else {
+            SourceSpec::Csv(spec)
+        };
+        let env = SourceEnv::new(&self.cache_dir);
+        let corpus = corpus::load_source(&spec, &env)?;
+        let keys = backbones::cache_features(
+            &mut self.cache,
+            self.encoder.as_ref(),
+            &corpus.records,
+            Stage::Encode,
+            observer,
+        )?;
+        let samples = corpus
+            .records
+            .iter()
+            .zip(keys)
+            .filter_map(|(record, key)| {
+                key.map(|key| Sample {
+                    key,
+                    caption: record.caption.clone(),
+                })
+            })
+            .collect();
+        Ok((samples, corpus.skipped))
+    }
+
+    /// A fresh projector for these backbones (its values depend on `seed`
+    /// only).
+    pub fn projector(&self, kind: ProjectorKind, seed: u64) -> Result<Projector> {
+        fresh_projector(
+            kind,
+            self.encoder.feature_dim(),
+            self.decoder.config().hidden_size,
+            seed,
+        )
+    }
+
+    /// Caption NLL on `samples`.
+    pub fn evaluator<'a>(&'a self, samples: &'a [Sample]) -> Evaluator<'a> {
+        Evaluator {
+            decoder: &self.decoder,
+            tokenizer: &self.tokenizer,
+            template: &self.template,
+            cache: &self.cache,
+            samples,
+            batch_size: 16,
+        }
+    }
+}
+
+/// Where one site finds its data and keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteConfig {
+    /// The site's stable client id (not the transport's node id, which
+    /// changes when a site restarts).
+    pub client: ClientId,
+    /// The site's own pairs: a JSONL or CSV manifest (`image`, `caption`).
+    pub manifest: PathBuf,
+    /// The site's state between rounds (`client-<id>/`).
+    pub state_dir: PathBuf,
+    /// Assets and the feature cache.
+    pub cache_dir: PathBuf,
+    /// The site's copy of the LLM, where the settings name another path.
+    pub llm: Option<PathBuf>,
+}
+
+/// One site: its data, its node and its trainer over frozen backbones
+/// loaded once.
+#[derive(Debug)]
+pub struct Site {
+    frozen: Frozen,
+    trainer: LocalTrainer,
+    node: ClientNode,
+    skipped: SkipReport,
+    samples: usize,
+}
+
+impl Site {
+    /// Opens the site for the federation of `settings`: loads the
+    /// backbones, reads and encodes its manifest, and finds its saved
+    /// state (if any) in its state folder.
+    pub fn open(
+        settings: &RunSettings,
+        config: &SiteConfig,
+        observer: &dyn Observer,
+    ) -> Result<Self> {
+        let mut frozen =
+            Frozen::load(&config.cache_dir, settings, config.llm.as_deref(), observer)?;
+        let (samples, skipped) = frozen.read_manifest(&config.manifest, observer)?;
+        if samples.is_empty() {
+            return Err(ExperimentError::File {
+                path: config.manifest.clone(),
+                message: format!(
+                    "holds no usable pair ({} skipped); a site needs data to train on",
+                    skipped.total()
+                ),
+            });
+        }
+        let local = local_config(settings);
+        let trainer = LocalTrainer::new(
+            Arc::clone(&frozen.decoder),
+            Arc::clone(&frozen.tokenizer),
+            frozen.template.clone(),
+            frozen.projector(settings.recipe.projector, settings.seed)?,
+            local,
+        )?;
+        let store = crate::training::client_store(&config.state_dir, config.client)?;
+        let count = samples.len();
+        let node = ClientNode::new(
+            ClientData {
+                id: config.client,
+                samples,
+            },
+            &local,
+            Some(store),
+        );
+        Ok(Self {
+            frozen,
+            trainer,
+            node,
+            skipped,
+            samples: count,
+        })
+    }
+
+    /// The site's client id.
+    pub fn id(&self) -> ClientId {
+        self.node.id()
+    }
+
+    /// Pairs the site trains on.
+    pub fn num_samples(&self) -> usize {
+        self.samples
+    }
+
+    /// Records of its manifest that were skipped, by kind.
+    pub fn skipped(&self) -> &SkipReport {
+        &self.skipped
+    }
+
+    /// What the site has as of the end of `round`.
+    pub fn status(&mut self, round: u64) -> Result<ClientStatus> {
+        Ok(self.node.status(round)?)
+    }
+
+    /// Trains for one task and answers it.
+    pub fn handle(&mut self, task: &RoundTask) -> Result<ClientReply> {
+        Ok(self
+            .node
+            .handle(&mut self.trainer, &self.frozen.cache, task)?)
+    }
+}
+
+/// One exported site folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExportedSite {
+    pub client: u32,
+    pub manifest: PathBuf,
+    pub pairs: usize,
+}
+
+/// What [`export`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Exported {
+    pub sites: Vec<ExportedSite>,
+    /// The held-out splits as manifests (`validation.jsonl`, `test.jsonl`).
+    pub validation: PathBuf,
+    pub test: PathBuf,
+}
+
+/// Writes `records` (with their images, as PNG) as a JSONL manifest at
+/// `dir/name`, in order; images under `dir/images/`.
+fn write_manifest(
+    dir: &Path,
+    name: &str,
+    records: &[&Record],
+    label_name: &dyn Fn(&Record) -> Option<String>,
+) -> Result<PathBuf> {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).map_err(io_error(&images))?;
+    let mut lines = String::new();
+    for (i, record) in records.iter().enumerate() {
+        let image = corpus::load_image(&record.image).map_err(|e| {
+            ExperimentError::Invalid(format!(
+                "record {}: cannot export its image: {e}",
+                record.id
+            ))
+        })?;
+        let file = format!("{name}-{i:06}.png");
+        let path = images.join(&file);
+        let mut png = Vec::new();
+        image
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .map_err(|e| ExperimentError::Invalid(format!("record {}: {e}", record.id)))?;
+        write_atomic(&path, &png)?;
+        let id = record
+            .id
+            .split_once('/')
+            .map_or(record.id.as_str(), |(_, rest)| rest);
+        let mut line = serde_json::json!({
+            "image": format!("images/{file}"),
+            "caption": record.caption,
+            "source": record.source,
+            "id": id,
+        });
+        if let Some(label) = label_name(record) {
+            line["label"] = serde_json::Value::String(label);
+        }
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    let manifest = dir.join(format!("{name}.jsonl"));
+    write_atomic(&manifest, lines.as_bytes())?;
+    Ok(manifest)
+}
+
+/// Deals the scenario of `settings` into `out`: `site-<id>/data.jsonl`
+/// (with `images/`) per client, in shard order, and `held-out/validation.jsonl`
+/// and `held-out/test.jsonl`. Captions are written as drawn, so every site
+/// trains on exactly the pairs its simulated client would.
+pub fn export(
+    root: &Path,
+    settings: &RunSettings,
+    out: &Path,
+    observer: &dyn Observer,
+) -> Result<Exported> {
+    let data = &settings.data;
+    let (mut scenario, base) = Scenario::load(&data.scenario)?;
+    if let Some(limit) = data.limit {
+        scenario.cap_sources(limit);
+    }
+    if let Some(style) = data.captions {
+        scenario.captions = style;
+    }
+    let federation = crate::federation::build(root, &scenario, &base, observer)?;
+    let corpus = &federation.corpus;
+    let label_name = |r: &Record| -> Option<String> {
+        let label = r.label?;
+        corpus
+            .label_names
+            .get(&r.source)
+            .and_then(|names| names.get(label as usize).cloned())
+            .or(Some(label.to_string()))
+    };
+    let pick = |indices: &[usize]| -> Vec<&Record> {
+        indices
+            .iter()
+            .filter_map(|&i| corpus.records.get(i))
+            .collect()
+    };
+    let mut sites = Vec::new();
+    for (c, shard) in federation.plan.shards.iter().enumerate() {
+        let dir = out.join(format!("site-{c:04}"));
+        let records = pick(shard);
+        let manifest = write_manifest(&dir, "data", &records, &label_name)?;
+        sites.push(ExportedSite {
+            client: c as u32,
+            manifest,
+            pairs: records.len(),
+        });
+    }
+    let held_out = out.join("held-out");
+    let splits = &federation.plan.splits;
+    let validation = write_manifest(
+        &held_out,
+        "validation",
+        &pick(&splits.validation),
+        &label_name,
+    )?;
+    let test = write_manifest(&held_out, "test", &pick(&splits.test), &label_name)?;
+    Ok(Exported {
+        sites,
+        validation,
+        test,
+    })
+}

@@ -1,0 +1,1 @@
+"""The fedcmp Flower App (see fedcmp.flower)."""

@@ -1,0 +1,296 @@
+"""A site's long-lived process: it holds the site's client node (frozen
+backbones loaded once, features cached, state on the site's disk) and
+answers round tasks over a local socket.
+
+Flower starts a fresh ClientApp process for every message, which would
+reload the frozen backbones every round. The ClientApp therefore forwards
+each task to this process (starting it on first use) and returns its
+answer: the backbones are loaded once per site and run settings, not once
+per round. The socket is a Unix socket in the site's state folder,
+protected by a random key kept there (mode 0600); nothing listens on the
+network.
+
+Run by hand (or let the ClientApp start it)::
+
+    python -m fedcmp.site --client-id 0 --manifest site/data.jsonl \\
+        --state-dir site/state [--cache-dir DIR] [--llm FILE] [--idle-timeout 3600]
+
+It exits after ``--idle-timeout`` seconds without a request. Its log is
+``<state-dir>/site.log`` when started by the ClientApp; ``site-stats.json``
+counts the requests it answered and how often it loaded the backbones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Listener
+from pathlib import Path
+from typing import Any
+
+SOCKET = "site.sock"
+KEY = "site.key"
+PID = "site.pid"
+LOCK = "site.lock"
+LOG = "site.log"
+STATS = "site-stats.json"
+
+
+@dataclass(frozen=True)
+class SiteOptions:
+    """Where a site finds its data and keeps its state (the SuperNode's
+    node config: ``client-id``, ``manifest``, ``state-dir``, optional
+    ``cache-dir``, ``llm`` and ``site-idle-timeout``)."""
+
+    client_id: int
+    manifest: Path
+    state_dir: Path
+    cache_dir: Path
+    llm: Path | None = None
+    idle_timeout: float = 3600.0
+
+    @staticmethod
+    def from_node_config(config: dict[str, Any]) -> "SiteOptions":
+        missing = [k for k in ("client-id", "manifest", "state-dir") if k not in config]
+        if missing:
+            raise ValueError(
+                "the SuperNode's --node-config lacks "
+                + ", ".join(missing)
+                + " (e.g. --node-config 'client-id=0 manifest=\"/data/site.jsonl\" "
+                "state-dir=\"/var/fedcmp/site0\"')"
+            )
+        cache = config.get("cache-dir") or os.environ.get("FEDCMP_CACHE_DIR") or str(
+            Path.home() / ".cache" / "fedcmp"
+        )
+        llm = config.get("llm") or None
+        return SiteOptions(
+            client_id=int(config["client-id"]),
+            manifest=Path(str(config["manifest"])).expanduser().resolve(),
+            state_dir=Path(str(config["state-dir"])).expanduser().resolve(),
+            cache_dir=Path(str(cache)).expanduser().resolve(),
+            llm=Path(str(llm)).expanduser().resolve() if llm else None,
+            idle_timeout=float(config.get("site-idle-timeout", 3600.0)),
+        )
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "fedcmp.site",
+            "--client-id",
+            str(self.client_id),
+            "--manifest",
+            str(self.manifest),
+            "--state-dir",
+            str(self.state_dir),
+            "--cache-dir",
+            str(self.cache_dir),
+            "--idle-timeout",
+            str(self.idle_timeout),
+        ]
+        if self.llm is not None:
+            cmd += ["--llm", str(self.llm)]
+        return cmd
+
+
+def _key(state_dir: Path, create: bool) -> bytes:
+    path = state_dir / KEY
+    if create and not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+    return path.read_bytes()
+
+
+class _Server:
+    """The process's state: one open site per run settings."""
+
+    def __init__(self, options: SiteOptions) -> None:
+        self.options = options
+        self.site = None
+        self.loads = 0
+        self.requests = 0
+        self.last = time.monotonic()
+        self.busy = False
+
+    def _site_for(self, settings: str):
+        if self.site is None or self.site.settings != settings:
+            from fedcmp import Site
+
+            self.site = None
+            self.site = Site(
+                settings,
+                self.options.client_id,
+                str(self.options.manifest),
+                str(self.options.state_dir),
+                str(self.options.cache_dir),
+                str(self.options.llm) if self.options.llm else None,
+            )
+            self.loads += 1
+            print(
+                f"site {self.options.client_id}: backbones loaded (load {self.loads}), "
+                f"{self.site.num_samples} pairs, skipped {self.site.skipped()}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return self.site
+
+    def answer(self, request: tuple) -> tuple:
+        kind = request[0]
+        if kind == "status":
+            _, settings, round_ = request
+            return ("ok", self._site_for(settings).status(int(round_)))
+        if kind == "train":
+            _, settings, header, arrays = request
+            reply_header, reply_arrays = self._site_for(settings).handle(header, arrays)
+            return ("ok", reply_header, reply_arrays)
+        if kind == "ping":
+            return ("ok", os.getpid())
+        return ("error", f"unknown request {kind!r}")
+
+    def write_stats(self) -> None:
+        stats = {"pid": os.getpid(), "loads": self.loads, "requests": self.requests}
+        path = self.options.state_dir / STATS
+        tmp = path.with_suffix(".partial")
+        tmp.write_text(json.dumps(stats))
+        os.replace(tmp, path)
+
+
+def run_site(options: SiteOptions) -> None:
+    """Serves requests until idle for ``options.idle_timeout`` seconds."""
+    state = options.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    sock = state / SOCKET
+    if sock.exists():
+        sock.unlink()
+    key = _key(state, create=True)
+    server = _Server(options)
+    listener = Listener(str(sock), family="AF_UNIX", authkey=key)
+    (state / PID).write_text(str(os.getpid()))
+    server.write_stats()
+
+    def watchdog() -> None:
+        while True:
+            time.sleep(1.0)
+            if not server.busy and time.monotonic() - server.last > options.idle_timeout:
+                print(f"site {options.client_id}: idle, exiting", file=sys.stderr, flush=True)
+                try:
+                    sock.unlink()
+                finally:
+                    os._exit(0)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    while True:
+        try:
+            conn = listener.accept()
+        except Exception as e:  # a peer with a wrong key, a dropped connection
+            print(f"site {options.client_id}: refused a connection: {e}", file=sys.stderr, flush=True)
+            continue
+        with conn:
+            server.busy = True
+            try:
+                request = conn.recv()
+                try:
+                    reply = server.answer(request)
+                except Exception as e:  # the site's own error: the round gets it
+                    reply = ("error", f"{type(e).__name__}: {e}")
+                server.requests += 1
+                server.write_stats()
+                conn.send(reply)
+            except (EOFError, OSError) as e:
+                print(f"site {options.client_id}: connection lost: {e}", file=sys.stderr, flush=True)
+            finally:
+                server.busy = False
+                server.last = time.monotonic()
+
+
+def _connect(options: SiteOptions):
+    return Client(str(options.state_dir / SOCKET), family="AF_UNIX", authkey=_key(options.state_dir, False))
+
+
+def ensure_site(options: SiteOptions, start_timeout: float = 300.0):
+    """A connection to the site's process, starting it when none runs."""
+    try:
+        return _connect(options)
+    except (FileNotFoundError, ConnectionRefusedError, OSError):
+        pass
+    options.state_dir.mkdir(parents=True, exist_ok=True)
+    _key(options.state_dir, create=True)
+    with open(options.state_dir / LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _connect(options)
+        except (FileNotFoundError, ConnectionRefusedError, OSError):
+            pass
+        log = open(options.state_dir / LOG, "ab")
+        process = subprocess.Popen(
+            options.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + start_timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                tail = (options.state_dir / LOG).read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the site process exited with {process.returncode}:\n{tail}")
+            try:
+                return _connect(options)
+            except (FileNotFoundError, ConnectionRefusedError, OSError):
+                time.sleep(0.2)
+        process.kill()
+        raise RuntimeError(f"the site process did not start within {start_timeout:.0f} s")
+
+
+def call_site(options: SiteOptions, request: tuple) -> tuple:
+    """Sends one request to the site's process and returns its answer;
+    an error there is raised here, with its message."""
+    with ensure_site(options) as conn:
+        conn.send(request)
+        reply = conn.recv()
+    if reply[0] != "ok":
+        raise RuntimeError(f"site {options.client_id}: {reply[1]}")
+    return reply[1:]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedcmp.site", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--client-id", type=int, required=True)
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("FEDCMP_CACHE_DIR", Path.home() / ".cache" / "fedcmp")),
+    )
+    parser.add_argument("--llm", type=Path, default=None)
+    parser.add_argument("--idle-timeout", type=float, default=3600.0)
+    parser.add_argument("--log", default=os.environ.get("RUST_LOG", "info"))
+    args = parser.parse_args(argv)
+    from fedcmp import init_logging
+
+    init_logging(args.log)
+    run_site(
+        SiteOptions(
+            client_id=args.client_id,
+            manifest=args.manifest.resolve(),
+            state_dir=args.state_dir.resolve(),
+            cache_dir=args.cache_dir.resolve(),
+            llm=args.llm.resolve() if args.llm else None,
+            idle_timeout=args.idle_timeout,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
