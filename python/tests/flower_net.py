@@ -11,8 +11,6 @@ their pid into their state folder and are stopped the same way.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import signal
@@ -23,10 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from fedcmp.certs import write_tls
 
 APP = Path(__file__).resolve().parents[1] / "app"
 BIN = Path(sys.executable).parent
@@ -52,72 +47,6 @@ def stop(pid: int, grace: float = 5.0) -> None:
             except ProcessLookupError:
                 return
             time.sleep(0.1)
-
-
-def write_tls(dir: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1: (ca.crt, server.pem, server.key)."""
-    dir.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedcmp test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP384R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = (dir / "ca.crt", dir / "server.pem", dir / "server.key")
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return paths
-
-
-def write_node_key(path: Path) -> Path:
-    """An EC P-384 OpenSSH key pair (what `ssh-keygen -t ecdsa -b 384`
-    writes): `path` and `path.pub`; returns the public key's path."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
-    pub = path.with_suffix(".pub")
-    pub.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    )
-    return pub
 
 
 @dataclass
@@ -212,11 +141,15 @@ class Federation:
             return None
 
     def run(self, overrides: dict[str, object]) -> str:
-        """Submits the App with run-config overrides; returns the run id."""
+        """Submits fedcmp's App with run-config overrides; returns the run id."""
+        return self.run_app(APP, overrides)
+
+    def run_app(self, app: Path, overrides: dict[str, object]) -> str:
+        """Submits the App in `app` with run-config overrides; returns the run id."""
         lines = [f"{k} = {json.dumps(v)}" for k, v in overrides.items()]
         path = self.dir / "run-config.toml"
         path.write_text("\n".join(lines) + "\n")
-        done = self.flwr("run", str(APP), "test", "--run-config", str(path), "--format", "json")
+        done = self.flwr("run", str(app), "test", "--run-config", str(path), "--format", "json")
         if done.returncode != 0:
             raise RuntimeError(f"flwr run failed:\n{done.stdout}\n{done.stderr}")
         return str(json.loads(done.stdout)["run-id"])

@@ -23,7 +23,8 @@ import numpy as np
 
 import fedcmp
 from conftest import settings_text
-from flower_net import Federation, stop, write_node_key
+from fedcmp.certs import write_node_key
+from flower_net import Federation, stop
 
 def projector(folder: Path) -> dict[str, np.ndarray]:
     return fedcmp.to_numpy(fedcmp.load_params(str(folder / "projector.safetensors")))
@@ -71,8 +72,8 @@ def test_tls_and_node_auth_train_what_the_simulation_trains(world, tmp_path):
         keys = [tmp_path / f"node{i}" for i in range(3)]
         for k in keys:
             write_node_key(k)
-        net.register(keys[0].with_suffix(".pub"))
-        net.register(keys[1].with_suffix(".pub"))
+        net.register(keys[0].with_name("node0.pub"))
+        net.register(keys[1].with_name("node1.pub"))
         for client in (0, 1):
             net.start_site(
                 f"site{client}", client, manifest(world, client), tmp_path / f"state{client}", world["cache"], keys[client]

@@ -16,7 +16,7 @@ use fedcmp_experiment::{Layers, RunOptions};
 use fedcmp_strategy::config::StrategyConfig;
 
 /// A kebab-case enum value, parsed as the settings file would.
-fn kebab<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+pub(crate) fn kebab<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
     T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(text))
         .map_err(|e| e.to_string())
 }

@@ -58,14 +58,7 @@ impl Experiment {
         suite_config: SuiteConfig,
         observer: &dyn Observer,
     ) -> Result<Self> {
-        let (mut scenario, base) = Scenario::load(&data.scenario)?;
-        if let Some(limit) = data.limit {
-            scenario.cap_sources(limit);
-        }
-        if let Some(style) = data.captions {
-            scenario.captions = style;
-        }
-        let federation = crate::federation::build(root, &scenario, &base, observer)?;
+        let (scenario, federation) = crate::federation::build_data(root, data, observer)?;
         let loaded = backbones::load(root, &data.backbones, observer)?;
         let mut cache =
             backbones::served_cache(root, loaded.encoder.as_ref(), data.backbones.visual_tokens)?;

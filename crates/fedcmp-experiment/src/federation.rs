@@ -38,6 +38,24 @@ pub fn build(
     })
 }
 
+/// The scenario `data` names, its sources capped and captioned as `data`
+/// asks, built.
+pub fn build_data(
+    root: &Path,
+    data: &crate::settings::DataSettings,
+    observer: &dyn Observer,
+) -> Result<(Scenario, Federation)> {
+    let (mut scenario, base) = Scenario::load(&data.scenario)?;
+    if let Some(limit) = data.limit {
+        scenario.cap_sources(limit);
+    }
+    if let Some(style) = data.captions {
+        scenario.captions = style;
+    }
+    let federation = build(root, &scenario, &base, observer)?;
+    Ok((scenario, federation))
+}
+
 /// A built-in scenario by name, or a scenario file, built.
 pub fn resolve(root: &Path, name: &str, observer: &dyn Observer) -> Result<(Scenario, Federation)> {
     let (scenario, base) = Scenario::load(name)?;

@@ -19,7 +19,6 @@ use fedcmp_core::{ClientId, ClientReply, ClientStatus, RoundTask};
 use fedcmp_data::cache::FeatureCache;
 use fedcmp_data::corpus::{self, ManifestSpec, SourceEnv, SourceSpec};
 use fedcmp_data::record::{Record, SkipReport};
-use fedcmp_data::scenario::Scenario;
 use fedcmp_model::alignment::CaptionTemplate;
 use fedcmp_model::llm::decoder::FrozenDecoder;
 use fedcmp_model::projector::{Projector, ProjectorKind};
@@ -327,15 +326,7 @@ pub fn export(
     out: &Path,
     observer: &dyn Observer,
 ) -> Result<Exported> {
-    let data = &settings.data;
-    let (mut scenario, base) = Scenario::load(&data.scenario)?;
-    if let Some(limit) = data.limit {
-        scenario.cap_sources(limit);
-    }
-    if let Some(style) = data.captions {
-        scenario.captions = style;
-    }
-    let federation = crate::federation::build(root, &scenario, &base, observer)?;
+    let (_, federation) = crate::federation::build_data(root, &settings.data, observer)?;
     let corpus = &federation.corpus;
     let label_name = |r: &Record| -> Option<String> {
         let label = r.label?;

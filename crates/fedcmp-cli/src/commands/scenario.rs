@@ -1,5 +1,6 @@
-//! `fedcmp scenario`: list the standard scenarios, and show how one deals
-//! its data to clients (shard sizes, source and label histograms, skew).
+//! `fedcmp scenario`: list the standard scenarios, show how one deals its
+//! data to clients (shard sizes, source and label histograms, skew), and
+//! export its shards as site folders for a federation across sites.
 
 use std::path::PathBuf;
 
@@ -8,6 +9,8 @@ use clap::Subcommand;
 use fedcmp_assets::cache_root;
 use fedcmp_data::scenario::{built_in_names, Federation, Scenario};
 use fedcmp_experiment::federation::{label_name, resolve};
+use fedcmp_experiment::sites::export;
+use fedcmp_experiment::{Layers, RunOptions, RunSettings};
 
 use crate::progress::Progress;
 
@@ -22,6 +25,23 @@ pub enum ScenarioAction {
         /// Also write a PNG bar chart of the shards to this file.
         #[arg(long)]
         plot: Option<PathBuf>,
+    },
+    /// Deal a scenario's data into one folder per site (`site-<id>/`: its
+    /// images and `data.jsonl`, in shard order) and `held-out/` (the
+    /// validation and test splits), for a federation across sites that
+    /// trains exactly the pairs of the simulation.
+    Export {
+        /// A built-in name (iid, concept-skew, domain-silos, cross-device) or a TOML file.
+        name: String,
+        /// Folder to write the sites into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Cap every source of the scenario at this many records.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// How template-captioned sources caption: varied, or content.
+        #[arg(long, value_parser = crate::args::kebab::<fedcmp_data::templates::CaptionStyle>)]
+        captions: Option<fedcmp_data::templates::CaptionStyle>,
     },
 }
 
@@ -44,6 +64,34 @@ pub fn run(cache_dir: Option<PathBuf>, action: ScenarioAction) -> Result<()> {
                 super::plot::shard_chart(&root, &scenario, &federation, &path)?;
                 println!("\nplot written to {}", path.display());
             }
+            Ok(())
+        }
+        ScenarioAction::Export {
+            name,
+            out,
+            limit,
+            captions,
+        } => {
+            let options = RunOptions {
+                scenario: Some(name),
+                limit,
+                captions,
+                ..RunOptions::default()
+            };
+            let settings = RunSettings::resolve(&Layers::new().flags(&options)?)?;
+            let progress = Progress::default();
+            let exported = export(&root, &settings, &out, &progress)?;
+            progress.finish();
+            for site in &exported.sites {
+                println!(
+                    "site {:>3}: {:>6} pairs  {}",
+                    site.client,
+                    site.pairs,
+                    site.manifest.display()
+                );
+            }
+            println!("validation: {}", exported.validation.display());
+            println!("test:       {}", exported.test.display());
             Ok(())
         }
     }

@@ -4,4 +4,5 @@
 //! `show-config` and `--config` agree.
 
 mod compare;
+mod export;
 mod settings;

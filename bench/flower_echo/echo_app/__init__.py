@@ -1,0 +1,1 @@
+"""Benchmark App: parameters there and back through Flower."""
