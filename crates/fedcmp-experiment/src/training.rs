@@ -14,7 +14,7 @@
 use std::num::NonZeroU64;
 use std::path::Path;
 
-use fedcmp_core::{ClientId, ParamSet, WarmupCosine};
+use fedcmp_core::{ClientId, FailureKind, ParamSet, WarmupCosine};
 use fedcmp_data::scenario::Participation;
 use fedcmp_model::optim::AdamWConfig;
 use fedcmp_runtime::checkpoint::{self, Checkpoint};
@@ -261,6 +261,12 @@ pub fn train_with(
         None => Ok(()),
     };
     let mut records = Vec::new();
+    // In simulation every client is this process's own training, so an
+    // update the round loop refuses (non-finite values) means the run
+    // diverged: the run fails rather than ending quietly without its
+    // clients (across sites a refused update is a bad site, and the round
+    // goes on; see `server`).
+    let mut refused: Option<String> = None;
     let summary = drive(
         &round_loop_config(settings, &participation, budget),
         &rng,
@@ -269,6 +275,13 @@ pub fn train_with(
         start,
         &mut |p: &ParamSet| validator.nll_of(&work, p).map(Some),
         &mut |r| {
+            if refused.is_none() {
+                refused = r
+                    .failures
+                    .iter()
+                    .find(|f| f.kind == FailureKind::Refused)
+                    .map(|f| format!("round {}, client {}: {}", r.round, f.client.0, f.message));
+            }
             observe(r);
             records.push(r.clone());
         },
@@ -277,6 +290,11 @@ pub fn train_with(
             save: &mut save,
         }),
     )?;
+    if let Some(reason) = refused {
+        return Err(ExperimentError::Invalid(format!(
+            "the run diverged: the server refused an update ({reason})"
+        )));
+    }
     let val_nll = match summary.final_val_loss {
         Some(v) => v,
         None => validator.nll_of(&work, &summary.final_params)?,
