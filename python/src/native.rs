@@ -373,7 +373,7 @@ impl Transport for PyTransport {
                 kind: FailureKind::Refused,
                 message,
             };
-            let decoded = Python::attach(|_| arrays_in(arrays))
+            let decoded = arrays_in(arrays)
                 .map_err(|e| e.to_string())
                 .and_then(|arrays| {
                     wire::decode_reply(&WireMessage { header, arrays }).map_err(|e| e.to_string())

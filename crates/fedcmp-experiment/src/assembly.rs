@@ -159,14 +159,13 @@ impl Experiment {
     }
 
     fn evaluator<'a>(&'a self, samples: &'a [Sample]) -> Evaluator<'a> {
-        Evaluator {
-            decoder: &self.decoder,
-            tokenizer: &self.tokenizer,
-            template: &self.template,
-            cache: &self.cache,
+        evaluator(
+            &self.decoder,
+            &self.tokenizer,
+            &self.template,
+            &self.cache,
             samples,
-            batch_size: 16,
-        }
+        )
     }
 
     /// Caption NLL on the validation split.
@@ -209,4 +208,23 @@ pub fn fresh_projector(
         DType::F32,
         &Device::Cpu,
     )?)
+}
+
+/// Caption NLL on `samples` over these frozen parts, at the one
+/// evaluation batch size every split uses.
+pub(crate) fn evaluator<'a>(
+    decoder: &'a FrozenDecoder,
+    tokenizer: &'a TextTokenizer,
+    template: &'a CaptionTemplate,
+    cache: &'a FeatureCache,
+    samples: &'a [Sample],
+) -> Evaluator<'a> {
+    Evaluator {
+        decoder,
+        tokenizer,
+        template,
+        cache,
+        samples,
+        batch_size: 16,
+    }
 }

@@ -139,14 +139,13 @@ impl Frozen {
 
     /// Caption NLL on `samples`.
     pub fn evaluator<'a>(&'a self, samples: &'a [Sample]) -> Evaluator<'a> {
-        Evaluator {
-            decoder: &self.decoder,
-            tokenizer: &self.tokenizer,
-            template: &self.template,
-            cache: &self.cache,
+        crate::assembly::evaluator(
+            &self.decoder,
+            &self.tokenizer,
+            &self.template,
+            &self.cache,
             samples,
-            batch_size: 16,
-        }
+        )
     }
 }
 
