@@ -16,7 +16,7 @@
 //! reports (samples left, samples consumed) when the loop starts and with
 //! every reply.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -233,7 +233,11 @@ impl ClientBook {
             }
         }
         let mut retired = Vec::new();
-        for f in failures.iter().filter(|f| f.counts_against_client()) {
+        // A refused second reply from a client that answered is the
+        // transport's fault, not the client's.
+        let against =
+            |f: &&ClientFailure| f.counts_against_client() && !answered.contains(&f.client);
+        for f in failures.iter().filter(against) {
             let r = self.records.entry(f.client).or_default();
             r.failures_in_a_row += 1;
             if r.failures_in_a_row >= limit && !r.retired {
@@ -248,14 +252,23 @@ impl ClientBook {
 }
 
 /// Why an update cannot be aggregated, if it cannot: it must come from a
-/// client sampled this round, have trained on samples, and match the
+/// client sampled this round that has not answered already (a second reply
+/// would count that client twice), have trained on samples, and match the
 /// global model's names and shapes with finite values (its control
 /// variate too). Checked for every transport, so a broken or hostile site
 /// costs its own update, never the round.
-fn refusal(reply: &ClientReply, global: &ParamSet, sampled: &[ClientId]) -> Option<String> {
+fn refusal(
+    reply: &ClientReply,
+    global: &ParamSet,
+    sampled: &[ClientId],
+    answered: &BTreeSet<ClientId>,
+) -> Option<String> {
     let client = reply.status.client;
     if !sampled.contains(&client) {
         return Some(format!("client {} was not sampled this round", client.0));
+    }
+    if answered.contains(&client) {
+        return Some(format!("client {} already answered this round", client.0));
     }
     let update = reply.update.as_ref()?;
     if update.client != client {
@@ -378,8 +391,9 @@ pub fn drive(
             book.report(status);
         }
         let mut updates = Vec::with_capacity(outcome.replies.len());
+        let mut replied = BTreeSet::new();
         for reply in outcome.replies {
-            if let Some(reason) = refusal(&reply, &global, &sampled) {
+            if let Some(reason) = refusal(&reply, &global, &sampled, &replied) {
                 let client = reply.status.client;
                 tracing::warn!(round, client = client.0, %reason, "update refused");
                 outcome.failures.push(ClientFailure {
@@ -389,6 +403,7 @@ pub fn drive(
                 });
                 continue;
             }
+            replied.insert(reply.status.client);
             book.report(&reply.status);
             updates.extend(reply.update);
         }

@@ -146,6 +146,28 @@ struct Setup<'p> {
     /// The round deadline and quorum (default none and 1).
     deadline: Option<std::time::Duration>,
     quorum: Option<usize>,
+    /// Every reply delivered twice (a broken or hostile transport).
+    doubled: bool,
+}
+
+/// A transport that hands every reply to the round loop twice.
+struct Doubling<'a>(Box<dyn Transport + 'a>);
+
+impl Transport for Doubling<'_> {
+    fn status(&mut self, round: u64) -> fedcmp_runtime::Result<Vec<fedcmp_core::ClientStatus>> {
+        self.0.status(round)
+    }
+
+    fn run_round(
+        &mut self,
+        tasks: Vec<RoundTask>,
+        deadline: Option<std::time::Instant>,
+    ) -> fedcmp_runtime::Result<fedcmp_runtime::transport::RoundOutcome> {
+        let mut outcome = self.0.run_round(tasks, deadline)?;
+        let copies = outcome.replies.clone();
+        outcome.replies.extend(copies);
+        Ok(outcome)
+    }
 }
 
 fn run_once(
@@ -204,6 +226,9 @@ fn run_with(
         )?),
         None => Box::new(in_process),
     };
+    if setup.doubled {
+        transport = Box::new(Doubling(transport));
+    }
     let budget = budget(f);
     let config = RoundLoopConfig {
         max_rounds,
@@ -664,6 +689,34 @@ fn a_client_failing_every_round_is_recorded_and_retired() -> Result<()> {
         vec![10, 0, 14],
         "the healthy shards are consumed once"
     );
+    Ok(())
+}
+
+/// A second reply from the same client in one round is refused with a
+/// reason, so no client is counted twice: the run equals the one where
+/// every reply came once, and the client is not retired for it.
+#[test]
+fn a_second_reply_from_a_client_is_refused() -> Result<()> {
+    let f = fixture()?;
+    let (once, _) = run_with(&f, "fedavg", 4, Setup::default())?;
+    let doubled = Setup {
+        doubled: true,
+        ..Setup::default()
+    };
+    let (twice, _) = run_with(&f, "fedavg", 4, doubled)?;
+    assert_eq!(once.final_params, twice.final_params);
+    assert!(twice.retired.is_empty(), "{:?}", twice.retired);
+    let records = last_records();
+    assert_eq!(records.len(), 4);
+    for r in records {
+        let n = r.answered.len();
+        assert!(n > 0, "round {}", r.round);
+        assert_eq!(r.failed(FailureKind::Refused), n, "round {}", r.round);
+        assert!(r
+            .failures
+            .iter()
+            .all(|x| x.message.contains("already answered")));
+    }
     Ok(())
 }
 
