@@ -16,27 +16,35 @@
 //! half-rotation layout (GGUF's interleaved layout is converted at load time).
 //! Sequences are right-padded, so with a causal mask no real position ever
 //! attends to padding and no padding mask is needed.
+//!
+//! Packing: when a loss is taken, the blocks run only on the positions it
+//! needs, each sequence up to its last scored position (padding, and the
+//! final token that predicts nothing, are never computed). Every
+//! row-wise operation (norms, projections, MLP: nearly all the FLOPs)
+//! works on those rows packed into one (rows, hidden) matrix; only
+//! attention lays them out per sequence again ([`Packing`]). Outputs are
+//! the same as on the padded batch up to float rounding.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::llm::config::DecoderConfig;
+use crate::llm::kernels;
 use crate::weights::WeightMap;
 
-/// One transformer block's frozen weights.
+/// One transformer block's frozen weights. The q, k and v projections are
+/// stacked into one matrix, and so are gate and up: one product each
+/// instead of three and two, forward and backward.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
     attn_norm: Tensor,
-    wq: Tensor,
-    wk: Tensor,
-    wv: Tensor,
-    bq: Option<Tensor>,
-    bk: Option<Tensor>,
-    bv: Option<Tensor>,
+    /// (q_dim + 2 kv_dim, hidden): q rows, then k, then v.
+    w_qkv: Tensor,
+    b_qkv: Option<Tensor>,
     wo: Tensor,
     ffn_norm: Tensor,
-    w_gate: Tensor,
-    w_up: Tensor,
+    /// (2 ffn, hidden): gate rows, then up.
+    w_gate_up: Tensor,
     w_down: Tensor,
 }
 
@@ -50,7 +58,8 @@ pub struct FrozenDecoder {
     lm_head: Tensor,
 }
 
-/// What one block's backward needs from its forward.
+/// What one block's backward needs from its forward (row tensors are
+/// packed, attention tensors per sequence; see [`Packing`]).
 #[derive(Debug)]
 struct LayerTrace {
     x: Tensor,
@@ -61,17 +70,193 @@ struct LayerTrace {
     probs: Tensor,
     h: Tensor,
     inv_rms_ffn: Tensor,
-    gate: Tensor,
-    up: Tensor,
+    gate_up: Tensor,
 }
 
 /// Activations recorded by [`FrozenDecoder::forward_traced`].
 #[derive(Debug)]
-pub struct DecoderTrace {
+struct DecoderTrace {
     layers: Vec<LayerTrace>,
     last_hidden: Tensor,
     inv_rms_final: Tensor,
     rope: Rope,
+}
+
+/// Which positions of a right-padded (batch, time) input the blocks run
+/// on: sequence i its first `lengths[i]` positions, packed row after row
+/// into one (rows, hidden) matrix. Attention needs each sequence's
+/// positions together again: it runs on a (batch, heads, span, head_dim)
+/// layout, span the longest length, gathered from the packed rows in one
+/// copy (positions past a sequence's end read row 0 in the forward, whose
+/// values nobody attends to, and zero in the backward).
+#[derive(Debug)]
+struct Packing {
+    batch: usize,
+    span: usize,
+    rows: usize,
+    /// Packed row -> flat input position (b * time + s).
+    input_rows: Tensor,
+    /// Flat input position -> packed row, `rows` (a zero row) where none.
+    to_input: Tensor,
+    /// Flat input position -> packed row, where one.
+    packed_of: Vec<Option<u32>>,
+    /// Per sequence position (b, s < span): its packed row, or None.
+    span_rows: Vec<Option<u32>>,
+}
+
+impl Packing {
+    fn new(batch: usize, time: usize, lengths: &[usize], device: &Device) -> Result<Self> {
+        let span = lengths.iter().copied().max().unwrap_or(0).max(1);
+        let mut input_rows = Vec::new();
+        let mut packed_of = vec![None; batch * time];
+        let mut span_rows = vec![None; batch * span];
+        for (b, &len) in lengths.iter().enumerate() {
+            for s in 0..len.min(time) {
+                let row = input_rows.len() as u32;
+                packed_of[b * time + s] = Some(row);
+                span_rows[b * span + s] = Some(row);
+                input_rows.push((b * time + s) as u32);
+            }
+        }
+        let rows = input_rows.len();
+        let to_input: Vec<u32> = packed_of.iter().map(|r| r.unwrap_or(rows as u32)).collect();
+        Ok(Self {
+            batch,
+            span,
+            rows,
+            input_rows: Tensor::from_vec(input_rows, rows, device)?,
+            to_input: Tensor::from_vec(to_input, batch * time, device)?,
+            packed_of,
+            span_rows,
+        })
+    }
+
+    /// Every position of every sequence.
+    fn full(batch: usize, time: usize, device: &Device) -> Result<Self> {
+        Self::new(batch, time, &vec![time; batch], device)
+    }
+
+    /// Each sequence up to its last scored position: the only positions
+    /// a loss at `targets` depends on (causal attention).
+    fn for_targets(
+        batch: usize,
+        time: usize,
+        targets: &LossTargets,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut lengths = vec![0usize; batch];
+        for p in targets.positions.to_vec1::<u32>()? {
+            let p = p as usize;
+            if p >= batch * time {
+                return Err(ModelError::InvalidInput(format!(
+                    "loss position {p} is outside a batch of {batch} x {time} positions"
+                )));
+            }
+            let (b, s) = (p / time, p % time);
+            lengths[b] = lengths[b].max(s + 1);
+        }
+        Self::new(batch, time, &lengths, device)
+    }
+
+    /// `targets` with positions renumbered as packed rows.
+    fn targets(&self, targets: &LossTargets) -> Result<LossTargets> {
+        let positions = targets
+            .positions
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(|p| {
+                self.packed_of
+                    .get(p as usize)
+                    .copied()
+                    .flatten()
+                    .ok_or_else(|| {
+                        ModelError::InvalidInput(format!("loss position {p} is not packed"))
+                    })
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        let n = positions.len();
+        Ok(LossTargets {
+            positions: Tensor::from_vec(positions, n, targets.positions.device())?,
+            labels: targets.labels.clone(),
+        })
+    }
+
+    /// (batch, time, d) -> packed (rows, d).
+    fn pack(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        Ok(x.reshape((b * t, d))?.index_select(&self.input_rows, 0)?)
+    }
+
+    /// Packed (rows, d) -> (batch, time, d), zero where nothing ran.
+    fn unpack(&self, y: &Tensor, time: usize) -> Result<Tensor> {
+        let d = y.dim(1)?;
+        let zero = Tensor::zeros((1, d), y.dtype(), y.device())?;
+        Ok(Tensor::cat(&[y, &zero], 0)?
+            .index_select(&self.to_input, 0)?
+            .reshape((self.batch, time, d))?)
+    }
+
+    /// Heads `first..first + heads` of packed rows `y` (rows, all * hd)
+    /// as (batch, heads, span, hd); positions past a sequence's end read
+    /// packed row `fill` (row 0, or the zero row appended at `rows`).
+    fn gather_heads(
+        &self,
+        y: &Tensor,
+        (all, first, heads): (usize, usize, usize),
+        fill: u32,
+    ) -> Result<Tensor> {
+        let hd = y.dim(1)? / all;
+        let (b, span) = (self.batch, self.span);
+        let mut index = Vec::with_capacity(b * heads * span);
+        for bi in 0..b {
+            for h in first..first + heads {
+                for s in 0..span {
+                    let row = self.span_rows[bi * span + s].unwrap_or(fill);
+                    index.push(row * all as u32 + h as u32);
+                }
+            }
+        }
+        let n = index.len();
+        let rows = y.dim(0)?;
+        Ok(y.reshape((rows * all, hd))?
+            .index_select(&Tensor::from_vec(index, n, y.device())?, 0)?
+            .reshape((b, heads, span, hd))?)
+    }
+
+    /// Heads `first..first + heads` of packed rows (rows, all * hd) as
+    /// (batch, heads, span, hd) for the forward (past the end: row 0, never
+    /// attended to).
+    fn to_heads(&self, y: &Tensor, all: usize, first: usize, heads: usize) -> Result<Tensor> {
+        self.gather_heads(y, (all, first, heads), 0)
+    }
+
+    /// Packed (rows, heads * hd) as (batch, heads, span, hd), zeros past
+    /// the end (gradients).
+    fn to_heads_zero_filled(&self, y: &Tensor, heads: usize) -> Result<Tensor> {
+        let zero = Tensor::zeros((1, y.dim(1)?), y.dtype(), y.device())?;
+        let padded = Tensor::cat(&[y, &zero], 0)?;
+        self.gather_heads(&padded, (heads, 0, heads), self.rows as u32)
+    }
+
+    /// (batch, heads, span, hd) -> packed (rows, heads * hd).
+    fn rows_from_heads(&self, z: &Tensor) -> Result<Tensor> {
+        let (b, heads, span, hd) = z.dims4()?;
+        let mut index = Vec::with_capacity(self.rows * heads);
+        for bi in 0..b {
+            for s in 0..span {
+                if self.span_rows[bi * span + s].is_some() {
+                    for h in 0..heads {
+                        index.push(((bi * heads + h) * span + s) as u32);
+                    }
+                }
+            }
+        }
+        let n = index.len();
+        Ok(z.contiguous()?
+            .reshape((b * heads * span, hd))?
+            .index_select(&Tensor::from_vec(index, n, z.device())?, 0)?
+            .reshape((self.rows, heads * hd))?)
+    }
 }
 
 /// Keys and values of every layer for the positions fed so far to
@@ -197,32 +382,12 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     })
 }
 
-/// 1 / sqrt(mean(x^2) + eps) over the last dimension, kept as (.., 1).
-fn inv_rms(x: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok((x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?)
-}
-
-/// y = x * inv_rms * g.
-fn rms_apply(x: &Tensor, inv: &Tensor, g: &Tensor) -> Result<Tensor> {
-    Ok(x.broadcast_mul(inv)?.broadcast_mul(g)?)
-}
-
-/// Input gradient of y = g * x / rms(x):
-/// dx = inv * (g*dy - x * inv^2 * mean(g*dy*x)).
-fn rms_backward(x: &Tensor, inv: &Tensor, g: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    let gy = dy.broadcast_mul(g)?;
-    let dot = (&gy * x)?.mean_keepdim(D::Minus1)?;
-    let coeff = (inv.sqr()? * dot)?;
-    let dx = (gy - x.broadcast_mul(&coeff)?)?;
-    Ok(dx.broadcast_mul(inv)?)
-}
-
 /// Grouped-query attention of `q` (b, nh, t, hd) over `k` and `v`
 /// (b, nkv, total, hd) with an additive `mask` broadcast to
 /// (b, nh, t, total); returns the grouped queries (b, nkv, g t, hd), the
 /// attention probabilities (b, nkv, g t, total), both kept for the
-/// backward pass, and the attended values as rows (b t, nh hd). Query
-/// heads j*g..(j+1)*g share kv head j (Hugging Face's repeat_kv order), so
+/// backward pass, and the attended values (b, nh, t, hd). Query heads
+/// j*g..(j+1)*g share kv head j (Hugging Face's repeat_kv order), so
 /// grouping them along time lets one batched matmul serve the whole group
 /// without copying k and v.
 fn grouped_attention(
@@ -240,11 +405,7 @@ fn grouped_attention(
         .reshape((b, nh, t, total))?
         .broadcast_add(mask)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, g * t, total))?;
-    let attn = probs
-        .matmul(v)?
-        .reshape((b, nh, t, hd))?
-        .transpose(1, 2)?
-        .reshape((b * t, nh * hd))?;
+    let attn = probs.matmul(v)?.reshape((b, nh, t, hd))?;
     Ok((q_grouped, probs, attn))
 }
 
@@ -268,27 +429,46 @@ impl FrozenDecoder {
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let p = format!("model.layers.{i}");
-            let bias = |name: &str, n: usize| -> Result<Option<Tensor>> {
-                if config.attention_bias {
-                    Ok(Some(
-                        weights.get(&format!("{p}.self_attn.{name}.bias"), &[n])?,
-                    ))
-                } else {
-                    Ok(None)
-                }
+            let attn = |name: &str, n: usize| -> Result<Tensor> {
+                weights.get(&format!("{p}.self_attn.{name}.weight"), &[n, d])
             };
+            let bias = |name: &str, n: usize| -> Result<Tensor> {
+                weights.get(&format!("{p}.self_attn.{name}.bias"), &[n])
+            };
+            let w_qkv = Tensor::cat(
+                &[
+                    attn("q_proj", q_dim)?,
+                    attn("k_proj", kv_dim)?,
+                    attn("v_proj", kv_dim)?,
+                ],
+                0,
+            )?;
+            let b_qkv = if config.attention_bias {
+                Some(Tensor::cat(
+                    &[
+                        bias("q_proj", q_dim)?,
+                        bias("k_proj", kv_dim)?,
+                        bias("v_proj", kv_dim)?,
+                    ],
+                    0,
+                )?)
+            } else {
+                None
+            };
+            let w_gate_up = Tensor::cat(
+                &[
+                    weights.get(&format!("{p}.mlp.gate_proj.weight"), &[ffn, d])?,
+                    weights.get(&format!("{p}.mlp.up_proj.weight"), &[ffn, d])?,
+                ],
+                0,
+            )?;
             layers.push(DecoderLayer {
                 attn_norm: weights.get(&format!("{p}.input_layernorm.weight"), &[d])?,
-                wq: weights.get(&format!("{p}.self_attn.q_proj.weight"), &[q_dim, d])?,
-                wk: weights.get(&format!("{p}.self_attn.k_proj.weight"), &[kv_dim, d])?,
-                wv: weights.get(&format!("{p}.self_attn.v_proj.weight"), &[kv_dim, d])?,
-                bq: bias("q_proj", q_dim)?,
-                bk: bias("k_proj", kv_dim)?,
-                bv: bias("v_proj", kv_dim)?,
+                w_qkv,
+                b_qkv,
                 wo: weights.get(&format!("{p}.self_attn.o_proj.weight"), &[d, q_dim])?,
                 ffn_norm: weights.get(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
-                w_gate: weights.get(&format!("{p}.mlp.gate_proj.weight"), &[ffn, d])?,
-                w_up: weights.get(&format!("{p}.mlp.up_proj.weight"), &[ffn, d])?,
+                w_gate_up,
                 w_down: weights.get(&format!("{p}.mlp.down_proj.weight"), &[d, ffn])?,
             });
         }
@@ -337,19 +517,16 @@ impl FrozenDecoder {
         for l in &self.layers {
             for t in [
                 &l.attn_norm,
-                &l.wq,
-                &l.wk,
-                &l.wv,
+                &l.w_qkv,
                 &l.wo,
                 &l.ffn_norm,
-                &l.w_gate,
-                &l.w_up,
+                &l.w_gate_up,
                 &l.w_down,
             ] {
                 n += t.elem_count();
             }
-            for t in [&l.bq, &l.bk, &l.bv].into_iter().flatten() {
-                n += t.elem_count();
+            if let Some(b) = &l.b_qkv {
+                n += b.elem_count();
             }
         }
         n
@@ -363,16 +540,11 @@ impl FrozenDecoder {
         for l in &self.layers {
             layers.push(DecoderLayer {
                 attn_norm: c(&l.attn_norm)?,
-                wq: c(&l.wq)?,
-                wk: c(&l.wk)?,
-                wv: c(&l.wv)?,
-                bq: co(&l.bq)?,
-                bk: co(&l.bk)?,
-                bv: co(&l.bv)?,
+                w_qkv: c(&l.w_qkv)?,
+                b_qkv: co(&l.b_qkv)?,
                 wo: c(&l.wo)?,
                 ffn_norm: c(&l.ffn_norm)?,
-                w_gate: c(&l.w_gate)?,
-                w_up: c(&l.w_up)?,
+                w_gate_up: c(&l.w_gate_up)?,
                 w_down: c(&l.w_down)?,
             });
         }
@@ -414,9 +586,10 @@ impl FrozenDecoder {
     /// Logits at every position, for inference and reference checks:
     /// (batch, time, hidden) -> (batch, time, vocab).
     pub fn logits(&self, inputs_embeds: &Tensor) -> Result<Tensor> {
-        let (hidden, _) = self.run(inputs_embeds, false)?;
-        let (b, t, d) = hidden.dims3()?;
-        let logits = linear(&hidden.reshape((b * t, d))?, &self.lm_head, None)?;
+        let (b, t, _) = inputs_embeds.dims3()?;
+        let packing = Packing::full(b, t, self.device())?;
+        let (hidden, _) = self.run(inputs_embeds, &packing, false)?;
+        let logits = linear(&hidden, &self.lm_head, None)?;
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
 
@@ -467,8 +640,7 @@ impl FrozenDecoder {
             x = out;
         }
         cache.len += t;
-        let inv = inv_rms(&x, self.config.rms_norm_eps)?;
-        let hidden = rms_apply(&x, &inv, &self.final_norm)?;
+        let (hidden, _) = kernels::rms_norm(&x, &self.final_norm, self.config.rms_norm_eps)?;
         let logits = linear(&hidden.reshape((b * t, d))?, &self.lm_head, None)?;
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
@@ -488,14 +660,18 @@ impl FrozenDecoder {
         let c = &self.config;
         let (nh, nkv, hd, g) = (c.num_heads, c.num_kv_heads, c.head_dim, c.group_size());
         let d = c.hidden_size;
-        let inv = inv_rms(x, c.rms_norm_eps)?;
-        let xn = rms_apply(x, &inv, &l.attn_norm)?.reshape((b * t, d))?;
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        let (xn, _) = kernels::rms_norm(x, &l.attn_norm, c.rms_norm_eps)?;
+        let qkv = linear(&xn.reshape((b * t, d))?, &l.w_qkv, l.b_qkv.as_ref())?;
+        let heads = |first: usize, n: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(1, first * hd, n * hd)?
+                .reshape((b, t, n, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
-        let q = rope.apply(&heads(linear(&xn, &l.wq, l.bq.as_ref())?, nh)?)?;
-        let k_new = rope.apply(&heads(linear(&xn, &l.wk, l.bk.as_ref())?, nkv)?)?;
-        let v_new = heads(linear(&xn, &l.wv, l.bv.as_ref())?, nkv)?;
+        let q = rope.apply(&heads(0, nh)?)?;
+        let k_new = rope.apply(&heads(nh, nkv)?)?;
+        let v_new = heads(nh + nkv, nkv)?;
         let (k, v) = match past {
             Some((k, v)) => (
                 Tensor::cat(&[&k, &k_new], 2)?.contiguous()?,
@@ -504,11 +680,10 @@ impl FrozenDecoder {
             None => (k_new, v_new),
         };
         let (_, _, attn) = grouped_attention(&q, &k, &v, mask, (nkv, g))?;
+        let attn = attn.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         let h = (x + linear(&attn, &l.wo, None)?.reshape((b, t, d))?)?;
-        let inv_ffn = inv_rms(&h, c.rms_norm_eps)?;
-        let hn = rms_apply(&h, &inv_ffn, &l.ffn_norm)?.reshape((b * t, d))?;
-        let act =
-            (candle_nn::ops::silu(&linear(&hn, &l.w_gate, None)?)? * linear(&hn, &l.w_up, None)?)?;
+        let (hn, _) = kernels::rms_norm(&h, &l.ffn_norm, c.rms_norm_eps)?;
+        let act = kernels::silu_gate(&linear(&hn.reshape((b * t, d))?, &l.w_gate_up, None)?)?;
         let out = (&h + linear(&act, &l.w_down, None)?.reshape((b, t, d))?)?;
         Ok((out, k, v))
     }
@@ -516,9 +691,10 @@ impl FrozenDecoder {
     /// Mean caption cross-entropy at `targets`, without recording anything
     /// for a backward pass (evaluation).
     pub fn caption_loss(&self, inputs_embeds: &Tensor, targets: &LossTargets) -> Result<f64> {
-        let (hidden, _) = self.run(inputs_embeds, false)?;
-        let (loss, _) = self.head_loss(&hidden, targets, false)?;
-        Ok(loss)
+        let (packing, targets) = self.packing_for(inputs_embeds, targets)?;
+        let (hidden, _) = self.run(inputs_embeds, &packing, false)?;
+        let (nll, _) = self.head_nll(&hidden, &targets, None)?;
+        Ok(nll.iter().sum::<f64>() / nll.len() as f64)
     }
 
     /// Mean caption cross-entropy at `targets` and its gradient with respect
@@ -528,22 +704,51 @@ impl FrozenDecoder {
         inputs_embeds: &Tensor,
         targets: &LossTargets,
     ) -> Result<(f64, Tensor)> {
-        let (hidden, trace) = self.run(inputs_embeds, true)?;
+        let (packing, packed_targets) = self.packing_for(inputs_embeds, targets)?;
+        let (hidden, trace) = self.run(inputs_embeds, &packing, true)?;
         let trace = trace.ok_or_else(|| {
             ModelError::InvalidInput("internal: forward recorded no trace".to_string())
         })?;
-        let (loss, d_hidden) = self.head_loss(&hidden, targets, true)?;
+        // d(mean CE) = sum over tokens of d(CE) / n.
+        let n = packed_targets.len();
+        let weights = vec![1.0 / n as f64; n];
+        let (nll, d_hidden) = self.head_nll(&hidden, &packed_targets, Some(&weights))?;
+        let loss = nll.iter().sum::<f64>() / n as f64;
         let d_hidden = d_hidden.ok_or_else(|| {
             ModelError::InvalidInput("internal: loss produced no gradient".to_string())
         })?;
-        let d_inputs = self.backward(&trace, &d_hidden)?;
-        Ok((loss, d_inputs))
+        let d_inputs = self.backward(&trace, &packing, &d_hidden)?;
+        Ok((loss, packing.unpack(&d_inputs, inputs_embeds.dim(1)?)?))
     }
 
-    /// The blocks and the final norm; returns the normalised last hidden
-    /// state and, when `record`, what the backward needs.
-    fn run(&self, x: &Tensor, record: bool) -> Result<(Tensor, Option<DecoderTrace>)> {
-        let (b, t, d) = x.dims3()?;
+    /// The packing a loss at `targets` needs, and the targets renumbered
+    /// as its rows.
+    fn packing_for(
+        &self,
+        inputs_embeds: &Tensor,
+        targets: &LossTargets,
+    ) -> Result<(Packing, LossTargets)> {
+        let (b, t, _) = inputs_embeds.dims3()?;
+        if targets.is_empty() {
+            return Err(ModelError::InvalidInput(
+                "the batch has no caption token to score".to_string(),
+            ));
+        }
+        let packing = Packing::for_targets(b, t, targets, self.device())?;
+        let renumbered = packing.targets(targets)?;
+        Ok((packing, renumbered))
+    }
+
+    /// The blocks and the final norm on the rows `packing` selects; returns
+    /// the normalised last hidden state (rows, hidden) and, when `record`,
+    /// what the backward needs.
+    fn run(
+        &self,
+        x: &Tensor,
+        packing: &Packing,
+        record: bool,
+    ) -> Result<(Tensor, Option<DecoderTrace>)> {
+        let (_, _, d) = x.dims3()?;
         if d != self.config.hidden_size {
             return Err(ModelError::InvalidInput(format!(
                 "input embeddings have width {d}, the decoder expects {}",
@@ -557,19 +762,19 @@ impl FrozenDecoder {
                 self.dtype()
             )));
         }
-        let rope = Rope::new(&self.config, t, self.dtype(), self.device())?;
-        let mask = causal_mask(t, self.dtype(), self.device())?;
+        let span = packing.span;
+        let rope = Rope::new(&self.config, span, self.dtype(), self.device())?;
+        let mask = causal_mask(span, self.dtype(), self.device())?;
         let mut traces = Vec::with_capacity(if record { self.layers.len() } else { 0 });
-        let mut x = x.contiguous()?;
+        let mut x = packing.pack(&x.contiguous()?)?;
         for layer in &self.layers {
-            let (out, trace) = self.layer_forward(layer, &x, &rope, &mask, (b, t))?;
+            let (out, trace) = self.layer_forward(layer, &x, &rope, &mask, packing)?;
             if record {
                 traces.push(trace);
             }
             x = out;
         }
-        let inv = inv_rms(&x, self.config.rms_norm_eps)?;
-        let hidden = rms_apply(&x, &inv, &self.final_norm)?;
+        let (hidden, inv) = kernels::rms_norm(&x, &self.final_norm, self.config.rms_norm_eps)?;
         let trace = record.then(|| DecoderTrace {
             layers: traces,
             last_hidden: x,
@@ -579,35 +784,29 @@ impl FrozenDecoder {
         Ok((hidden, trace))
     }
 
+    /// One block on packed rows `x` (rows, hidden).
     fn layer_forward(
         &self,
         l: &DecoderLayer,
         x: &Tensor,
         rope: &Rope,
         mask: &Tensor,
-        (b, t): (usize, usize),
+        packing: &Packing,
     ) -> Result<(Tensor, LayerTrace)> {
         let c = &self.config;
-        let (nh, nkv, hd, g) = (c.num_heads, c.num_kv_heads, c.head_dim, c.group_size());
-        let d = c.hidden_size;
-        let inv_rms_attn = inv_rms(x, c.rms_norm_eps)?;
-        let xn = rms_apply(x, &inv_rms_attn, &l.attn_norm)?.reshape((b * t, d))?;
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = heads(linear(&xn, &l.wq, l.bq.as_ref())?, nh)?;
-        let k = heads(linear(&xn, &l.wk, l.bk.as_ref())?, nkv)?;
-        let v = heads(linear(&xn, &l.wv, l.bv.as_ref())?, nkv)?;
-        let q = rope.apply(&q)?;
-        let k = rope.apply(&k)?;
+        let (nh, nkv, g) = (c.num_heads, c.num_kv_heads, c.group_size());
+        let (xn, inv_rms_attn) = kernels::rms_norm(x, &l.attn_norm, c.rms_norm_eps)?;
+        let qkv = linear(&xn, &l.w_qkv, l.b_qkv.as_ref())?;
+        let all = nh + 2 * nkv;
+        let q = rope.apply(&packing.to_heads(&qkv, all, 0, nh)?)?;
+        let k = rope.apply(&packing.to_heads(&qkv, all, nh, nkv)?)?;
+        let v = packing.to_heads(&qkv, all, nh + nkv, nkv)?;
         let (q_grouped, probs, attn) = grouped_attention(&q, &k, &v, mask, (nkv, g))?;
-        let h = (x + linear(&attn, &l.wo, None)?.reshape((b, t, d))?)?;
-        let inv_rms_ffn = inv_rms(&h, c.rms_norm_eps)?;
-        let hn = rms_apply(&h, &inv_rms_ffn, &l.ffn_norm)?.reshape((b * t, d))?;
-        let gate = linear(&hn, &l.w_gate, None)?;
-        let up = linear(&hn, &l.w_up, None)?;
-        let act = (candle_nn::ops::silu(&gate)? * &up)?;
-        let out = (&h + linear(&act, &l.w_down, None)?.reshape((b, t, d))?)?;
+        let h = (x + linear(&packing.rows_from_heads(&attn)?, &l.wo, None)?)?;
+        let (hn, inv_rms_ffn) = kernels::rms_norm(&h, &l.ffn_norm, c.rms_norm_eps)?;
+        let gate_up = linear(&hn, &l.w_gate_up, None)?;
+        let act = kernels::silu_gate(&gate_up)?;
+        let out = (&h + linear(&act, &l.w_down, None)?)?;
         let trace = LayerTrace {
             x: x.clone(),
             inv_rms_attn,
@@ -617,24 +816,41 @@ impl FrozenDecoder {
             probs,
             h,
             inv_rms_ffn,
-            gate,
-            up,
+            gate_up,
         };
         Ok((out, trace))
     }
 
-    /// Cross-entropy at the target positions only (the LM head never runs
-    /// anywhere else) and, when `want_grad`, its gradient with respect to
-    /// the normalised hidden state.
-    /// Log-softmax over the vocabulary at the target positions of the
-    /// flattened `(b * t, d)` hidden states, and the log-probability of each
-    /// target token (`(n, 1)`).
-    fn target_log_probs(&self, flat: &Tensor, targets: &LossTargets) -> Result<(Tensor, Tensor)> {
-        let selected = flat.index_select(&targets.positions, 0)?;
+    /// The cross-entropy of each target token, in target order, from the
+    /// packed hidden states (rows, hidden): the LM head runs at the target
+    /// rows only. With `weights` (one per target), also the gradient of
+    /// `sum weights * nll` with respect to the hidden states.
+    fn head_nll(
+        &self,
+        hidden: &Tensor,
+        targets: &LossTargets,
+        weights: Option<&[f64]>,
+    ) -> Result<(Vec<f64>, Option<Tensor>)> {
+        let n = targets.len();
+        if targets.positions.elem_count() != n {
+            return Err(ModelError::InvalidInput(format!(
+                "{} loss positions but {n} labels",
+                targets.positions.elem_count()
+            )));
+        }
+        let selected = hidden.index_select(&targets.positions, 0)?;
         let logits = linear(&selected, &self.lm_head, None)?;
-        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let picked = log_probs.gather(&targets.labels.unsqueeze(1)?, 1)?;
-        Ok((log_probs, picked))
+        let labels = targets.labels.to_vec1::<u32>()?;
+        let (nll, d_logits) = kernels::cross_entropy(&logits, &labels, weights)?;
+        let d_hidden = match d_logits {
+            Some(d_logits) => Some(hidden.zeros_like()?.index_add(
+                &targets.positions,
+                &d_logits.matmul(&self.lm_head)?,
+                0,
+            )?),
+            None => None,
+        };
+        Ok((nll, d_hidden))
     }
 
     /// The log-probability of each target token, in target order (no
@@ -648,63 +864,29 @@ impl FrozenDecoder {
         if targets.is_empty() {
             return Ok(Vec::new());
         }
-        let (hidden, _) = self.run(inputs_embeds, false)?;
-        let (b, t, d) = hidden.dims3()?;
-        let (_, picked) = self.target_log_probs(&hidden.reshape((b * t, d))?, targets)?;
-        Ok(picked
-            .flatten_all()?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?)
-    }
-
-    fn head_loss(
-        &self,
-        hidden: &Tensor,
-        targets: &LossTargets,
-        want_grad: bool,
-    ) -> Result<(f64, Option<Tensor>)> {
-        let (b, t, d) = hidden.dims3()?;
-        let n = targets.len();
-        if n == 0 {
-            return Err(ModelError::InvalidInput(
-                "the batch has no caption token to score".to_string(),
-            ));
-        }
-        if targets.positions.elem_count() != n {
-            return Err(ModelError::InvalidInput(format!(
-                "{} loss positions but {n} labels",
-                targets.positions.elem_count()
-            )));
-        }
-        let flat = hidden.reshape((b * t, d))?;
-        let (log_probs, picked) = self.target_log_probs(&flat, targets)?;
-        let labels = targets.labels.unsqueeze(1)?;
-        let loss = -picked.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? / n as f64;
-        if !want_grad {
-            return Ok((loss, None));
-        }
-        // d(mean CE)/d logits = (softmax - onehot) / n.
-        let probs = log_probs.exp()?;
-        let minus_one = Tensor::full(-1.0f32, (n, 1), hidden.device())?.to_dtype(probs.dtype())?;
-        let d_logits = (probs.scatter_add(&labels, &minus_one, 1)? / n as f64)?;
-        let d_selected = d_logits.matmul(&self.lm_head)?;
-        let d_flat = flat
-            .zeros_like()?
-            .index_add(&targets.positions, &d_selected, 0)?;
-        Ok((loss, Some(d_flat.reshape((b, t, d))?)))
+        let (packing, targets) = self.packing_for(inputs_embeds, targets)?;
+        let (hidden, _) = self.run(inputs_embeds, &packing, false)?;
+        let (nll, _) = self.head_nll(&hidden, &targets, None)?;
+        Ok(nll.into_iter().map(|v| -v).collect())
     }
 
     /// Backward through final norm and blocks: d(normalised last hidden) ->
-    /// d(input embeddings).
-    fn backward(&self, trace: &DecoderTrace, d_hidden: &Tensor) -> Result<Tensor> {
-        let mut dx = rms_backward(
+    /// d(input embeddings), both as packed rows.
+    fn backward(
+        &self,
+        trace: &DecoderTrace,
+        packing: &Packing,
+        d_hidden: &Tensor,
+    ) -> Result<Tensor> {
+        let mut dx = kernels::rms_norm_backward(
             &trace.last_hidden,
             &trace.inv_rms_final,
             &self.final_norm,
             d_hidden,
+            &d_hidden.zeros_like()?,
         )?;
         for (layer, lt) in self.layers.iter().zip(&trace.layers).rev() {
-            dx = self.layer_backward(layer, lt, &trace.rope, &dx)?;
+            dx = self.layer_backward(layer, lt, &trace.rope, packing, &dx)?;
         }
         Ok(dx)
     }
@@ -714,50 +896,39 @@ impl FrozenDecoder {
         l: &DecoderLayer,
         s: &LayerTrace,
         rope: &Rope,
+        packing: &Packing,
         d_out: &Tensor,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let (nh, nkv, hd, g) = (c.num_heads, c.num_kv_heads, c.head_dim, c.group_size());
-        let (b, t, d) = d_out.dims3()?;
-        let n = b * t;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
 
         // Feed-forward: out = h + W_down (silu(W_gate hn) * W_up hn).
-        let d_act = d_out.reshape((n, d))?.matmul(&l.w_down)?;
-        let sig = candle_nn::ops::sigmoid(&s.gate)?;
-        let silu = (&s.gate * &sig)?;
-        // silu'(z) = sig(z) * (1 + z * (1 - sig(z))).
-        let dsilu = (&sig * ((&s.gate * (1.0 - &sig)?)? + 1.0)?)?;
-        let d_gate = ((&d_act * &s.up)? * dsilu)?;
-        let d_up = (&d_act * silu)?;
-        let d_hn = (d_gate.matmul(&l.w_gate)? + d_up.matmul(&l.w_up)?)?.reshape((b, t, d))?;
-        let d_h = (d_out + rms_backward(&s.h, &s.inv_rms_ffn, &l.ffn_norm, &d_hn)?)?;
+        let d_act = d_out.matmul(&l.w_down)?;
+        let d_gate_up = kernels::silu_gate_backward(&s.gate_up, &d_act)?;
+        let d_hn = d_gate_up.matmul(&l.w_gate_up)?;
+        let d_h = kernels::rms_norm_backward(&s.h, &s.inv_rms_ffn, &l.ffn_norm, &d_hn, d_out)?;
 
         // Attention: h = x + W_o attn.
-        let d_attn = d_h.reshape((n, d))?.matmul(&l.wo)?;
-        let d_o = d_attn
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, nkv, g * t, hd))?;
+        let d_attn = d_h.matmul(&l.wo)?;
+        let d_o = packing.to_heads_zero_filled(&d_attn, nh)?;
+        let (b, _, span, _) = d_o.dims4()?;
+        let d_o = d_o.reshape((b, nkv, nh / nkv * span, hd))?;
         let d_probs = d_o.matmul(&s.v.t()?)?;
         let d_v = s.probs.t()?.matmul(&d_o)?;
-        // Softmax backward: dS = P * (dP - sum(dP * P)).
-        let row_dot = (&d_probs * &s.probs)?.sum_keepdim(D::Minus1)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let d_scores = ((&s.probs * d_probs.broadcast_sub(&row_dot)?)? * scale)?;
-        let d_q = d_scores
-            .matmul(&s.k)?
-            .reshape((b, nh, t, hd))?
-            .contiguous()?;
-        let d_k = d_scores.t()?.matmul(&s.q_grouped)?.contiguous()?;
-        let d_q = rope.apply_transpose(&d_q)?;
-        let d_k = rope.apply_transpose(&d_k)?;
-        let flat = |y: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(y.transpose(1, 2)?.reshape((n, heads * hd))?)
-        };
-        let d_xn = ((flat(d_q, nh)?.matmul(&l.wq)? + flat(d_k, nkv)?.matmul(&l.wk)?)?
-            + flat(d_v, nkv)?.matmul(&l.wv)?)?
-        .reshape((b, t, d))?;
-        Ok((d_h + rms_backward(&s.x, &s.inv_rms_attn, &l.attn_norm, &d_xn)?)?)
+        let d_scores = kernels::softmax_backward(&s.probs, &d_probs, 1.0 / (hd as f64).sqrt())?;
+        let d_q = d_scores.matmul(&s.k)?.reshape((b, nh, span, hd))?;
+        let d_k = d_scores.t()?.matmul(&s.q_grouped)?;
+        let d_q = rope.apply_transpose(&d_q.contiguous()?)?;
+        let d_k = rope.apply_transpose(&d_k.contiguous()?)?;
+        let d_qkv = Tensor::cat(
+            &[
+                packing.rows_from_heads(&d_q)?,
+                packing.rows_from_heads(&d_k)?,
+                packing.rows_from_heads(&d_v)?,
+            ],
+            1,
+        )?;
+        let d_xn = d_qkv.matmul(&l.w_qkv)?;
+        kernels::rms_norm_backward(&s.x, &s.inv_rms_attn, &l.attn_norm, &d_xn, &d_h)
     }
 }

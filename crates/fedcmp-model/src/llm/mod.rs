@@ -5,6 +5,7 @@ pub mod config;
 pub mod decoder;
 pub mod gguf;
 pub mod hf;
+pub mod kernels;
 pub mod synthetic;
 
 pub use config::{DecoderConfig, DecoderFamily};
