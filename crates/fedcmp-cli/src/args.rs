@@ -87,6 +87,10 @@ pub struct RecipeArgs {
     /// Rounds a client may fail in a row before it is retired [default: 3].
     #[arg(long)]
     pub failure_limit: Option<u32>,
+    /// Simulation: clients whose local steps share one decoder pass
+    /// (same results up to float rounding) [default: 1].
+    #[arg(long)]
+    pub clients_per_pass: Option<usize>,
     /// Decoder LLM: a .gguf file or a Hugging Face folder [default: SmolLM2-135M].
     #[arg(long)]
     pub llm: Option<PathBuf>,
@@ -120,6 +124,7 @@ impl RecipeArgs {
             quorum: self.quorum,
             round_deadline: self.round_deadline,
             failure_limit: self.failure_limit,
+            clients_per_pass: self.clients_per_pass,
             llm: self.llm.clone(),
             vision: self.vision,
             image_size: self.image_size,

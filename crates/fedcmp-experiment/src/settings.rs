@@ -122,6 +122,9 @@ pub struct RunOptions {
     /// Rounds a client may fail in a row before it is retired.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure_limit: Option<u32>,
+    /// Simulation: clients whose local steps share one decoder pass.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clients_per_pass: Option<usize>,
     /// Decoder LLM: a .gguf file or a Hugging Face folder (default:
     /// SmolLM2-135M from the registries).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -151,7 +154,7 @@ pub struct RunOptions {
 }
 
 /// Every option key, in file order.
-pub const KEYS: [&str; 24] = [
+pub const KEYS: [&str; 25] = [
     "scenario",
     "limit",
     "captions",
@@ -170,6 +173,7 @@ pub const KEYS: [&str; 24] = [
     "quorum",
     "round-deadline",
     "failure-limit",
+    "clients-per-pass",
     "llm",
     "vision",
     "image-size",
@@ -465,6 +469,11 @@ pub struct Protocol {
     pub quorum: NonZeroUsize,
     pub round_deadline: Option<Duration>,
     pub failure_limit: NonZeroU32,
+    /// Simulation only: a round's clients train this many at a time, their
+    /// local steps through the frozen decoder in one pass (each with its
+    /// own projector, optimiser and loss). Equal to one at a time up to
+    /// float rounding.
+    pub clients_per_pass: NonZeroUsize,
 }
 
 /// What an experiment is assembled from: the scenario and its data, how a
@@ -634,6 +643,7 @@ impl RunSettings {
                 round_deadline,
                 failure_limit: NonZeroU32::new(failure_limit)
                     .ok_or_else(|| r.fail("failure-limit", 0, "must be at least 1"))?,
+                clients_per_pass: nz_usize("clients-per-pass", o.clients_per_pass, 1)?,
             },
             out: o.out.unwrap_or_else(|| PathBuf::from("runs")),
         })
@@ -667,6 +677,7 @@ impl RunSettings {
             quorum: Some(self.protocol.quorum.get()),
             round_deadline: self.protocol.round_deadline.map(|d| d.as_secs_f64()),
             failure_limit: Some(self.protocol.failure_limit.get()),
+            clients_per_pass: Some(self.protocol.clients_per_pass.get()),
             llm: data.backbones.llm.clone(),
             vision: Some(data.backbones.vision),
             image_size: Some(data.backbones.image_size),

@@ -232,7 +232,8 @@ pub fn train_with(
         .collect::<Result<Vec<_>>>()?;
     let rng = RoundRng::new(settings.seed);
     let mut transport = Simulated::new(
-        InProcess::new(trainer, &experiment.cache, nodes),
+        InProcess::new(trainer, &experiment.cache, nodes)
+            .clients_per_pass(settings.protocol.clients_per_pass.get()),
         rng.clone(),
         unreliability(settings, &participation),
     )?;

@@ -395,19 +395,106 @@ pub fn loss_and_grads(
     let inputs = batch.inputs(&visual.detach())?;
     let (loss, d_inputs) = decoder.caption_loss_and_input_grad(&inputs, &batch.targets)?;
     let n_vis = visual.dims()[1];
-    let d_visual = d_inputs.narrow(1, batch.prefix_len(), n_vis)?.detach();
-    let surrogate = (&visual * &d_visual)?.sum_all()?;
-    let grad_store = surrogate.backward()?;
-    let grads = projector
-        .named_params()
-        .iter()
-        .map(|(_, var)| grad_store.get(var.as_tensor()).cloned())
-        .collect();
+    let d_visual = d_inputs.narrow(1, batch.prefix_len(), n_vis)?;
     Ok(StepOutput {
         loss,
         tokens: batch.num_target_tokens(),
-        grads,
+        grads: projector_grads(projector, &visual, &d_visual)?,
     })
+}
+
+/// The projector's parameter gradients given dL/d(its output) `d_visual`,
+/// through candle's autograd on the surrogate `sum(visual * d_visual)`.
+fn projector_grads(
+    projector: &Projector,
+    visual: &Tensor,
+    d_visual: &Tensor,
+) -> Result<Vec<Option<Tensor>>> {
+    let surrogate = (visual * d_visual.detach())?.sum_all()?;
+    let grad_store = surrogate.backward()?;
+    Ok(projector
+        .named_params()
+        .iter()
+        .map(|(_, var)| grad_store.get(var.as_tensor()).cloned())
+        .collect())
+}
+
+/// Loss and exact gradient of several batches, each with its own projector
+/// (several clients' local steps), in ONE pass through the frozen decoder.
+/// The decoder is frozen and its sequences never see each other, so each
+/// batch's gradient is exactly its own: the sequences are stacked (padded
+/// to the longest, which the decoder skips), every target weighted by
+/// 1 / (its batch's scored tokens), and each projector backpropagates its
+/// own rows. Equal to [`loss_and_grads`] on each batch up to float
+/// rounding; the batches must share the caption layout (prefix, visual
+/// tokens, separator).
+pub fn loss_and_grads_many(
+    decoder: &FrozenDecoder,
+    items: &[(&Projector, &AlignmentBatch)],
+) -> Result<Vec<StepOutput>> {
+    if let [(projector, batch)] = items {
+        return Ok(vec![loss_and_grads(decoder, projector, batch)?]);
+    }
+    let Some((_, first)) = items.first() else {
+        return Ok(Vec::new());
+    };
+    let prefix = first.prefix_len();
+    let mut visuals = Vec::with_capacity(items.len());
+    let mut inputs = Vec::with_capacity(items.len());
+    for (projector, batch) in items {
+        if batch.prefix_len() != prefix || batch.features.dims()[1] != first.features.dims()[1] {
+            return Err(ModelError::InvalidInput(
+                "batches passed together must share the caption layout".to_string(),
+            ));
+        }
+        let visual = projector.forward(&batch.features)?;
+        inputs.push(batch.inputs(&visual.detach())?);
+        visuals.push(visual);
+    }
+    let time = inputs.iter().map(|x| x.dims()[1]).max().unwrap_or(0);
+    let (mut positions, mut labels, mut weights) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rows = 0usize;
+    let mut padded = Vec::with_capacity(items.len());
+    for ((_, batch), x) in items.iter().zip(&inputs) {
+        let (b, t, d) = x.dims3()?;
+        let n = batch.num_target_tokens();
+        for p in batch.targets.positions.to_vec1::<u32>()? {
+            let (row, s) = (p as usize / t, p as usize % t);
+            positions.push(((rows + row) * time + s) as u32);
+        }
+        labels.extend(batch.targets.labels.to_vec1::<u32>()?);
+        weights.extend(std::iter::repeat_n(1.0 / n.max(1) as f64, n));
+        padded.push(if t < time {
+            let zeros = Tensor::zeros((b, time - t, d), x.dtype(), x.device())?;
+            Tensor::cat(&[x, &zeros], 1)?
+        } else {
+            x.clone()
+        });
+        rows += b;
+    }
+    let device = decoder.device();
+    let n = labels.len();
+    let targets = LossTargets {
+        positions: Tensor::from_vec(positions, n, device)?,
+        labels: Tensor::from_vec(labels, n, device)?,
+    };
+    let stacked = Tensor::cat(&padded, 0)?;
+    let (nll, d_inputs) = decoder.weighted_nll_and_input_grad(&stacked, &targets, &weights)?;
+    let mut out = Vec::with_capacity(items.len());
+    let (mut row, mut token) = (0usize, 0usize);
+    for ((projector, batch), visual) in items.iter().zip(&visuals) {
+        let (b, n_vis, _) = visual.dims3()?;
+        let n = batch.num_target_tokens();
+        let d_visual = d_inputs.narrow(0, row, b)?.narrow(1, prefix, n_vis)?;
+        out.push(StepOutput {
+            loss: nll[token..token + n].iter().sum::<f64>() / n.max(1) as f64,
+            tokens: n,
+            grads: projector_grads(projector, visual, &d_visual)?,
+        });
+        row += b;
+        token += n;
+    }
+    Ok(out)
 }
 
 /// One optimisation step: loss, gradient, AdamW update with `lr`.

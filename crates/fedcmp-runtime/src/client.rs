@@ -11,12 +11,15 @@
 //! exhausted); an exhausted client retires. `epochs > 1` reshuffles and
 //! starts again, for studies.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::{Tensor, Var};
 use fedcmp_core::{ClientId, ClientUpdate, ParamSet, RoundTask};
 use fedcmp_data::cache::{FeatureCache, FeatureKey};
-use fedcmp_model::alignment::{loss_and_grads, AlignmentBatch, CaptionTemplate, TokenizedCaptions};
+use fedcmp_model::alignment::{
+    loss_and_grads, loss_and_grads_many, AlignmentBatch, CaptionTemplate, TokenizedCaptions,
+};
 use fedcmp_model::llm::decoder::FrozenDecoder;
 use fedcmp_model::optim::AdamWConfig;
 use fedcmp_model::projector::Projector;
@@ -26,7 +29,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::convert::{load_projector, projector_params};
-use crate::local::{local_round, LocalProblem, LossAndGrads};
+use crate::local::{
+    local_round, local_rounds_together, JointJob, JointProblem, LocalProblem, LossAndGrads,
+};
 use crate::{Result, RuntimeError};
 
 /// One training sample: its cached image features and its caption.
@@ -125,15 +130,51 @@ pub struct LocalConfig {
 }
 
 /// Runs local training against a shared frozen decoder. One trainer serves
-/// every simulated client in turn: it owns only a working copy of the
-/// projector, so memory does not grow with the number of clients.
+/// every simulated client: it owns a working copy of the projector per
+/// client trained at once (one, or the clients of one joint pass), so
+/// memory does not grow with the number of clients.
 #[derive(Debug)]
 pub struct LocalTrainer {
     decoder: Arc<FrozenDecoder>,
     tokenizer: Arc<TextTokenizer>,
     template: CaptionTemplate,
     projector: Projector,
+    /// Working copies for the other clients of a joint pass, made when
+    /// first needed.
+    more_projectors: Vec<Projector>,
     config: LocalConfig,
+    passes: PassCounter,
+}
+
+/// Decoder passes a trainer has made and the client steps they served
+/// (their ratio: clients per pass). A shared handle: clones count
+/// together.
+#[derive(Debug, Clone, Default)]
+pub struct PassCounter(Arc<[AtomicU64; 2]>);
+
+impl PassCounter {
+    /// Decoder passes (forward and backward) so far.
+    pub fn passes(&self) -> u64 {
+        self.0[0].load(Ordering::Relaxed)
+    }
+
+    /// Client local steps those passes served.
+    pub fn client_steps(&self) -> u64 {
+        self.0[1].load(Ordering::Relaxed)
+    }
+
+    fn record(&self, clients: usize) {
+        self.0[0].fetch_add(1, Ordering::Relaxed);
+        self.0[1].fetch_add(clients as u64, Ordering::Relaxed);
+    }
+}
+
+/// One client's round task, for [`LocalTrainer::train_together`].
+#[derive(Debug)]
+pub struct TrainJob<'a> {
+    pub data: &'a ClientData,
+    pub state: &'a mut ClientState,
+    pub task: &'a RoundTask,
 }
 
 impl LocalTrainer {
@@ -151,8 +192,15 @@ impl LocalTrainer {
             tokenizer,
             template,
             projector,
+            more_projectors: Vec::new(),
             config,
+            passes: PassCounter::default(),
         })
+    }
+
+    /// The trainer's pass counts (a handle that stays live).
+    pub fn pass_counter(&self) -> PassCounter {
+        self.passes.clone()
     }
 
     /// The local configuration.
@@ -177,8 +225,64 @@ impl LocalTrainer {
             projector: &self.projector,
             cache,
             data,
+            passes: &self.passes,
         };
         local_round(&mut problem, &self.config, data.id, state, task)
+    }
+
+    /// One round for several clients whose local steps go through the
+    /// decoder together, each with its own projector copy, optimiser and
+    /// loss ([`local_rounds_together`]); one result per job, in order. A
+    /// single job trains exactly as [`Self::train`].
+    pub fn train_together(
+        &mut self,
+        cache: &FeatureCache,
+        mut jobs: Vec<TrainJob<'_>>,
+    ) -> Result<Vec<Result<Option<ClientUpdate>>>> {
+        if jobs.len() == 1 {
+            if let Some(job) = jobs.pop() {
+                return Ok(vec![self.train(cache, job.data, job.state, job.task)]);
+            }
+        }
+        while self.more_projectors.len() + 1 < jobs.len() {
+            let first = &self.projector;
+            let dtype = self.decoder.dtype();
+            self.more_projectors.push(Projector::new(
+                *first.config(),
+                0,
+                dtype,
+                self.decoder.device(),
+            )?);
+        }
+        let projectors = std::iter::once(&self.projector).chain(&self.more_projectors);
+        let members = jobs
+            .iter()
+            .zip(projectors)
+            .map(|(job, projector)| CaptionProblem {
+                decoder: &self.decoder,
+                tokenizer: &self.tokenizer,
+                template: &self.template,
+                projector,
+                cache,
+                data: job.data,
+                passes: &self.passes,
+            })
+            .collect();
+        let mut joint = CaptionJoint {
+            decoder: &self.decoder,
+            members,
+        };
+        let mut joint_jobs: Vec<JointJob<'_>> = jobs
+            .into_iter()
+            .enumerate()
+            .map(|(member, job)| JointJob {
+                member,
+                client: job.data.id,
+                state: job.state,
+                task: job.task,
+            })
+            .collect();
+        local_rounds_together(&mut joint, &self.config, &mut joint_jobs)
     }
 }
 
@@ -202,6 +306,7 @@ struct CaptionProblem<'a> {
     projector: &'a Projector,
     cache: &'a FeatureCache,
     data: &'a ClientData,
+    passes: &'a PassCounter,
 }
 
 impl LocalProblem for CaptionProblem<'_> {
@@ -222,17 +327,83 @@ impl LocalProblem for CaptionProblem<'_> {
     }
 
     fn loss_and_grads(&mut self, batch: &[usize]) -> Result<LossAndGrads> {
+        let aligned = self.prepare(batch)?;
+        let out = loss_and_grads(self.decoder, self.projector, &aligned)?;
+        self.passes.record(1);
+        Ok(LossAndGrads {
+            loss: out.loss,
+            grads: out.grads,
+        })
+    }
+}
+
+impl CaptionProblem<'_> {
+    /// The shard's samples `batch`, features and tokens laid out for the
+    /// decoder.
+    fn prepare(&self, batch: &[usize]) -> Result<AlignmentBatch> {
         let samples = &self.data.samples;
         let keys: Vec<&FeatureKey> = batch.iter().map(|&i| &samples[i].key).collect();
         let captions: Vec<&str> = batch.iter().map(|&i| samples[i].caption.as_str()).collect();
         let tokens = TokenizedCaptions::new(self.tokenizer, self.template, &captions)?;
         let features = self.cache.batch(&keys)?;
-        let aligned = AlignmentBatch::new(self.decoder, features, &tokens)?;
-        let out = loss_and_grads(self.decoder, self.projector, &aligned)?;
-        Ok(LossAndGrads {
-            loss: out.loss,
-            grads: out.grads,
+        Ok(AlignmentBatch::new(self.decoder, features, &tokens)?)
+    }
+}
+
+/// Several clients' caption problems over one frozen decoder.
+struct CaptionJoint<'a> {
+    decoder: &'a FrozenDecoder,
+    members: Vec<CaptionProblem<'a>>,
+}
+
+impl<'a> CaptionJoint<'a> {
+    fn get(&mut self, i: usize) -> Result<&mut CaptionProblem<'a>> {
+        let n = self.members.len();
+        self.members.get_mut(i).ok_or_else(|| {
+            RuntimeError::Config(format!("internal: member {i} of a joint pass of {n}"))
         })
+    }
+}
+
+impl JointProblem for CaptionJoint<'_> {
+    fn member(&mut self, i: usize) -> Result<&mut dyn LocalProblem> {
+        Ok(self.get(i)?)
+    }
+
+    fn joint_loss_and_grads(
+        &mut self,
+        requests: &[(usize, Vec<usize>)],
+    ) -> Result<Vec<Result<LossAndGrads>>> {
+        let mut prepared = Vec::with_capacity(requests.len());
+        for (i, batch) in requests {
+            let member = self.get(*i)?;
+            prepared.push(member.prepare(batch).map(|b| (member.projector, b)));
+        }
+        let items: Vec<(&Projector, &AlignmentBatch)> = prepared
+            .iter()
+            .filter_map(|p| {
+                p.as_ref()
+                    .ok()
+                    .map(|(projector, batch)| (*projector, batch))
+            })
+            .collect();
+        let mut outs = loss_and_grads_many(self.decoder, &items)?.into_iter();
+        if let Some(member) = self.members.first() {
+            member.passes.record(items.len());
+        }
+        Ok(prepared
+            .into_iter()
+            .map(|p| {
+                let _ = p?;
+                let out = outs.next().ok_or_else(|| {
+                    RuntimeError::Config("internal: a joint pass lost a result".into())
+                })?;
+                Ok(LossAndGrads {
+                    loss: out.loss,
+                    grads: out.grads,
+                })
+            })
+            .collect())
     }
 }
 

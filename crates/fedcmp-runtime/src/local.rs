@@ -161,108 +161,259 @@ pub fn local_round(
     state: &mut ClientState,
     task: &RoundTask,
 ) -> Result<Option<ClientUpdate>> {
-    let global: &ParamSet = &task.global;
-    let instruction = &task.instruction;
-    if instruction.client != client {
-        return Err(RuntimeError::Config(format!(
-            "instruction for client {} sent to client {}",
-            instruction.client.0, client.0
-        )));
+    let mut run = LocalRun::start(problem, config, client, state, task)?;
+    while let Some(batch) = run.next_batch(problem.shard_len(), state) {
+        let out = problem.loss_and_grads(&batch)?;
+        run.step(out, batch.len())?;
     }
-    problem.set_params(global)?;
-    let dtype = DType::F32;
-    let vars = problem.vars();
-    let mut optimizer = AdamW::new(vars.clone(), config.adamw)?;
-    if let (false, Some(saved)) = (config.reset_optimizer, &state.optimizer) {
-        optimizer.set_state(AdamWState {
-            step: saved.step,
-            first_moments: params_to_tensors(&saved.first_moments, dtype)?,
-            second_moments: params_to_tensors(&saved.second_moments, dtype)?,
-        })?;
-    }
-    let global_tensors = params_to_tensors(global, dtype)?;
-    let mut corrections = Corrections::new(
-        &instruction.objective,
-        global,
-        &global_tensors,
-        state.control.as_ref(),
-    )?;
+    run.finish(problem, state)
+}
 
-    let shard_len = problem.shard_len();
-    let mut losses = Vec::new();
-    let mut consumed = 0u64;
-    let mut lr_sum = 0.0;
-    let steps = instruction
-        .max_local_steps
-        .map_or(config.local_steps, |k| (k as usize).min(config.local_steps));
-    for _ in 0..steps {
-        let batch = next_batch(config, client, shard_len, state);
-        if batch.is_empty() {
+/// Several clients' problems whose losses can be computed in one pass
+/// (the simulation's clients sharing one frozen decoder).
+pub trait JointProblem {
+    /// Member `i`'s own problem.
+    fn member(&mut self, i: usize) -> Result<&mut dyn LocalProblem>;
+    /// For each `(member, batch)`, that member's loss and gradients at its
+    /// current values, all in one pass. An inner error is that member's
+    /// alone (its batch could not be prepared); the outer one fails the
+    /// pass.
+    fn joint_loss_and_grads(
+        &mut self,
+        requests: &[(usize, Vec<usize>)],
+    ) -> Result<Vec<Result<LossAndGrads>>>;
+}
+
+/// One round task for member `member` of a [`JointProblem`].
+#[derive(Debug)]
+pub struct JointJob<'a> {
+    pub member: usize,
+    pub client: ClientId,
+    pub state: &'a mut ClientState,
+    pub task: &'a RoundTask,
+}
+
+/// Trains several clients for one round in lockstep: at each local step,
+/// every client that still has a step to take contributes its next batch
+/// to one joint pass, then each takes its own optimiser step. Each client
+/// does exactly what [`local_round`] would (the same batches, learning
+/// rates, objective and optimiser state); only the float rounding of the
+/// shared pass differs. Returns one result per job, in job order; a
+/// client whose step fails is dropped from later passes with its error.
+pub fn local_rounds_together(
+    problems: &mut dyn JointProblem,
+    config: &LocalConfig,
+    jobs: &mut [JointJob<'_>],
+) -> Result<Vec<Result<Option<ClientUpdate>>>> {
+    let mut runs: Vec<Result<LocalRun<'_>>> = jobs
+        .iter()
+        .map(|job| {
+            LocalRun::start(
+                problems.member(job.member)?,
+                config,
+                job.client,
+                &*job.state,
+                job.task,
+            )
+        })
+        .collect();
+    let mut done = vec![false; jobs.len()];
+    loop {
+        let mut requests = Vec::new();
+        let mut who = Vec::new();
+        for (i, (job, run)) in jobs.iter_mut().zip(runs.iter_mut()).enumerate() {
+            let Ok(run) = run else { continue };
+            if done[i] {
+                continue;
+            }
+            let shard_len = problems.member(job.member)?.shard_len();
+            match run.next_batch(shard_len, job.state) {
+                Some(batch) => {
+                    requests.push((job.member, batch));
+                    who.push(i);
+                }
+                None => done[i] = true,
+            }
+        }
+        if requests.is_empty() {
             break;
         }
-        let mut out = problem.loss_and_grads(&batch)?;
-        if let Some(s) = &corrections.scaffold {
-            if losses.is_empty() && tracing::enabled!(tracing::Level::DEBUG) {
+        let outs = problems.joint_loss_and_grads(&requests)?;
+        for ((i, (_, batch)), out) in who.into_iter().zip(&requests).zip(outs) {
+            let stepped = out.and_then(|out| match &mut runs[i] {
+                Ok(run) => run.step(out, batch.len()),
+                Err(_) => Ok(()),
+            });
+            if let Err(e) = stepped {
+                runs[i] = Err(e);
+            }
+        }
+    }
+    Ok(jobs
+        .iter_mut()
+        .zip(runs)
+        .map(|(job, run)| run.and_then(|run| run.finish(problems.member(job.member)?, job.state)))
+        .collect())
+}
+
+/// One client's round in progress: its optimiser, its objective's
+/// corrections and what it has done so far.
+struct LocalRun<'t> {
+    client: ClientId,
+    config: LocalConfig,
+    vars: Vec<Var>,
+    optimizer: AdamW,
+    corrections: Corrections,
+    global: &'t ParamSet,
+    schedule_start: u64,
+    schedule: fedcmp_core::WarmupCosine,
+    steps: usize,
+    losses: Vec<f64>,
+    consumed: u64,
+    lr_sum: f64,
+}
+
+impl<'t> LocalRun<'t> {
+    /// Loads the task's global parameters into `problem` and the client's
+    /// optimiser state.
+    fn start(
+        problem: &mut dyn LocalProblem,
+        config: &LocalConfig,
+        client: ClientId,
+        state: &ClientState,
+        task: &'t RoundTask,
+    ) -> Result<Self> {
+        let global: &ParamSet = &task.global;
+        let instruction = &task.instruction;
+        if instruction.client != client {
+            return Err(RuntimeError::Config(format!(
+                "instruction for client {} sent to client {}",
+                instruction.client.0, client.0
+            )));
+        }
+        problem.set_params(global)?;
+        let dtype = DType::F32;
+        let vars = problem.vars();
+        let mut optimizer = AdamW::new(vars.clone(), config.adamw)?;
+        if let (false, Some(saved)) = (config.reset_optimizer, &state.optimizer) {
+            optimizer.set_state(AdamWState {
+                step: saved.step,
+                first_moments: params_to_tensors(&saved.first_moments, dtype)?,
+                second_moments: params_to_tensors(&saved.second_moments, dtype)?,
+            })?;
+        }
+        let global_tensors = params_to_tensors(global, dtype)?;
+        let corrections = Corrections::new(
+            &instruction.objective,
+            global,
+            &global_tensors,
+            state.control.as_ref(),
+        )?;
+        let steps = instruction
+            .max_local_steps
+            .map_or(config.local_steps, |k| (k as usize).min(config.local_steps));
+        Ok(Self {
+            client,
+            config: *config,
+            vars,
+            optimizer,
+            corrections,
+            global,
+            schedule_start: task.samples_before,
+            schedule: task.schedule,
+            steps,
+            losses: Vec::new(),
+            consumed: 0,
+            lr_sum: 0.0,
+        })
+    }
+
+    /// The next batch, or None when the round's steps are taken or the
+    /// shard is exhausted.
+    fn next_batch(&mut self, shard_len: usize, state: &mut ClientState) -> Option<Vec<usize>> {
+        if self.losses.len() >= self.steps {
+            return None;
+        }
+        let batch = next_batch(&self.config, self.client, shard_len, state);
+        (!batch.is_empty()).then_some(batch)
+    }
+
+    /// One optimiser step with the loss and gradients of a batch of
+    /// `batch_len` samples.
+    fn step(&mut self, mut out: LossAndGrads, batch_len: usize) -> Result<()> {
+        if let Some(s) = &self.corrections.scaffold {
+            if self.losses.is_empty() && tracing::enabled!(tracing::Level::DEBUG) {
                 // Whether the control variates are on the scale of the
                 // gradients they correct.
                 tracing::debug!(
-                    client = client.0,
+                    client = self.client.0,
                     gradient_norm = global_norm(out.grads.iter().flatten())?,
                     correction_norm = global_norm(s.correction.iter())?,
                     "SCAFFOLD first local step"
                 );
             }
         }
-        let lr = task
+        let lr = self
             .schedule
-            .lr_for_batch(task.samples_before + consumed, batch.len() as u64);
-        consumed += batch.len() as u64;
-        corrections.before_step(&mut out.grads, lr)?;
-        optimizer.step(&out.grads, lr)?;
-        corrections.after_step(&vars, lr)?;
-        lr_sum += lr;
-        losses.push(out.loss);
+            .lr_for_batch(self.schedule_start + self.consumed, batch_len as u64);
+        self.consumed += batch_len as u64;
+        self.corrections.before_step(&mut out.grads, lr)?;
+        self.optimizer.step(&out.grads, lr)?;
+        self.corrections.after_step(&self.vars, lr)?;
+        self.lr_sum += lr;
+        self.losses.push(out.loss);
+        Ok(())
     }
-    if consumed == 0 {
-        return Ok(None);
-    }
-    state.consumed += consumed;
-    let params = problem.params()?;
-    let saved = optimizer.state();
-    state.optimizer = Some(OptimizerState {
-        step: saved.step,
-        first_moments: tensors_to_params(global, &saved.first_moments)?,
-        second_moments: tensors_to_params(global, &saved.second_moments)?,
-    });
-    let control_delta = match corrections.scaffold {
-        Some(s) if lr_sum > 0.0 => {
-            // c_i+ = sum lr g / sum lr, in raw-gradient units.
-            let mut next = Vec::with_capacity(s.client.len());
-            let mut delta = Vec::with_capacity(s.client.len());
-            for (sum, ci) in s.weighted_grads.iter().zip(&s.client) {
-                let c = (sum / lr_sum)?;
-                delta.push((&c - ci)?);
-                next.push(c);
-            }
-            state.control = Some(tensors_to_params(global, &next)?);
-            Some(tensors_to_params(global, &delta)?)
+
+    /// The client's update (None when it trained on nothing), with its
+    /// optimiser state and control variate saved into `state`.
+    fn finish(
+        self,
+        problem: &mut dyn LocalProblem,
+        state: &mut ClientState,
+    ) -> Result<Option<ClientUpdate>> {
+        let (global, consumed, lr_sum) = (self.global, self.consumed, self.lr_sum);
+        if consumed == 0 {
+            return Ok(None);
         }
-        // A round at learning rate 0 moved nothing and measured no
-        // gradient with any weight: the client keeps c_i and reports a
-        // zero change, which the server needs from every update to keep c
-        // the mean of the c_i.
-        Some(_) => Some(ParamSet::zeros_like(global)),
-        None => None,
-    };
-    Ok(Some(ClientUpdate {
-        client,
-        params,
-        num_samples: consumed,
-        num_steps: losses.len() as u64,
-        lr_sum,
-        mean_loss: losses.iter().sum::<f64>() / losses.len() as f64,
-        control_delta,
-    }))
+        state.consumed += consumed;
+        let params = problem.params()?;
+        let saved = self.optimizer.state();
+        state.optimizer = Some(OptimizerState {
+            step: saved.step,
+            first_moments: tensors_to_params(global, &saved.first_moments)?,
+            second_moments: tensors_to_params(global, &saved.second_moments)?,
+        });
+        let control_delta = match self.corrections.scaffold {
+            Some(s) if lr_sum > 0.0 => {
+                // c_i+ = sum lr g / sum lr, in raw-gradient units.
+                let mut next = Vec::with_capacity(s.client.len());
+                let mut delta = Vec::with_capacity(s.client.len());
+                for (sum, ci) in s.weighted_grads.iter().zip(&s.client) {
+                    let c = (sum / lr_sum)?;
+                    delta.push((&c - ci)?);
+                    next.push(c);
+                }
+                state.control = Some(tensors_to_params(global, &next)?);
+                Some(tensors_to_params(global, &delta)?)
+            }
+            // A round at learning rate 0 moved nothing and measured no
+            // gradient with any weight: the client keeps c_i and reports a
+            // zero change, which the server needs from every update to keep c
+            // the mean of the c_i.
+            Some(_) => Some(ParamSet::zeros_like(global)),
+            None => None,
+        };
+        Ok(Some(ClientUpdate {
+            client: self.client,
+            params,
+            num_samples: consumed,
+            num_steps: self.losses.len() as u64,
+            lr_sum,
+            mean_loss: self.losses.iter().sum::<f64>() / self.losses.len() as f64,
+            control_delta,
+        }))
+    }
 }
 
 /// The next batch of sample indices, advancing the cursor (and the epoch

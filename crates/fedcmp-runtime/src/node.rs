@@ -17,7 +17,7 @@
 //! same state as of the round before, so it gets the same answer and no
 //! sample is consumed twice; that needs a store to go back to.
 
-use fedcmp_core::{ClientId, ClientReply, ClientStatus, RoundTask};
+use fedcmp_core::{ClientId, ClientReply, ClientStatus, ClientUpdate, RoundTask};
 use fedcmp_data::cache::FeatureCache;
 
 use crate::client::{ClientData, ClientState, LocalConfig, LocalTrainer};
@@ -116,6 +116,14 @@ impl ClientNode {
         cache: &FeatureCache,
         task: &RoundTask,
     ) -> Result<ClientReply> {
+        let mut working = self.begin(task)?;
+        let update = trainer.train(cache, &self.data, &mut working, task)?;
+        self.commit(task, working, update)
+    }
+
+    /// The state a task trains from (a copy, committed only on success),
+    /// after checking that the task is this client's.
+    pub fn begin(&mut self, task: &RoundTask) -> Result<ClientState> {
         if task.client() != self.data.id {
             return Err(RuntimeError::Config(format!(
                 "a task for client {} reached client {}",
@@ -123,9 +131,22 @@ impl ClientNode {
                 self.data.id.0
             )));
         }
+        Ok(self.state_as_of(task.round().saturating_sub(1))?.clone())
+    }
+
+    /// The client's data (what a trainer trains on).
+    pub fn data(&self) -> &ClientData {
+        &self.data
+    }
+
+    /// Keeps (and saves) the state a task trained to, and answers it.
+    pub fn commit(
+        &mut self,
+        task: &RoundTask,
+        working: ClientState,
+        update: Option<ClientUpdate>,
+    ) -> Result<ClientReply> {
         let round = task.round();
-        let mut working = self.state_as_of(round.saturating_sub(1))?.clone();
-        let update = trainer.train(cache, &self.data, &mut working, task)?;
         let status = self.status_of(&working);
         if update.is_some() {
             if let Some(store) = &self.store {

@@ -44,6 +44,7 @@ fn every_option_key_is_listed_and_maps_to_its_variable() -> Result<()> {
         quorum: Some(1),
         round_deadline: Some(1.0),
         failure_limit: Some(1),
+        clients_per_pass: Some(2),
         llm: Some("x.gguf".into()),
         vision: Some(Default::default()),
         image_size: Some(1),

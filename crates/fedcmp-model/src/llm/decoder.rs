@@ -704,21 +704,42 @@ impl FrozenDecoder {
         inputs_embeds: &Tensor,
         targets: &LossTargets,
     ) -> Result<(f64, Tensor)> {
+        // d(mean CE) = sum over tokens of d(CE) / n.
+        let n = targets.len().max(1);
+        let (nll, d_inputs) =
+            self.weighted_nll_and_input_grad(inputs_embeds, targets, &vec![1.0 / n as f64; n])?;
+        Ok((nll.iter().sum::<f64>() / n as f64, d_inputs))
+    }
+
+    /// The cross-entropy of each target token (in target order) and the
+    /// gradient of `sum_j weights[j] * nll[j]` with respect to
+    /// `inputs_embeds`: with weights 1 / n_g over each group g of targets,
+    /// the gradient of the sum of the groups' mean losses, i.e. several
+    /// independent batches' gradients from one pass.
+    pub fn weighted_nll_and_input_grad(
+        &self,
+        inputs_embeds: &Tensor,
+        targets: &LossTargets,
+        weights: &[f64],
+    ) -> Result<(Vec<f64>, Tensor)> {
+        if weights.len() != targets.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "{} loss weights for {} targets",
+                weights.len(),
+                targets.len()
+            )));
+        }
         let (packing, packed_targets) = self.packing_for(inputs_embeds, targets)?;
         let (hidden, trace) = self.run(inputs_embeds, &packing, true)?;
         let trace = trace.ok_or_else(|| {
             ModelError::InvalidInput("internal: forward recorded no trace".to_string())
         })?;
-        // d(mean CE) = sum over tokens of d(CE) / n.
-        let n = packed_targets.len();
-        let weights = vec![1.0 / n as f64; n];
-        let (nll, d_hidden) = self.head_nll(&hidden, &packed_targets, Some(&weights))?;
-        let loss = nll.iter().sum::<f64>() / n as f64;
+        let (nll, d_hidden) = self.head_nll(&hidden, &packed_targets, Some(weights))?;
         let d_hidden = d_hidden.ok_or_else(|| {
             ModelError::InvalidInput("internal: loss produced no gradient".to_string())
         })?;
         let d_inputs = self.backward(&trace, &packing, &d_hidden)?;
-        Ok((loss, packing.unpack(&d_inputs, inputs_embeds.dim(1)?)?))
+        Ok((nll, packing.unpack(&d_inputs, inputs_embeds.dim(1)?)?))
     }
 
     /// The packing a loss at `targets` needs, and the targets renumbered

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use fedcmp_model::alignment::{
-    caption_loss, caption_scores, generate_caption, loss_and_grads, train_step, AlignmentBatch,
-    TokenizedCaptions,
+    caption_loss, caption_scores, generate_caption, loss_and_grads, loss_and_grads_many,
+    train_step, AlignmentBatch, TokenizedCaptions,
 };
 use fedcmp_model::llm::config::DecoderConfig;
 use fedcmp_model::llm::decoder::{FrozenDecoder, KvCache, LossTargets};
@@ -149,6 +149,84 @@ fn decoder_input_gradient_matches_finite_differences() -> Result<()> {
     // Causality: positions after the last scored one get exactly zero.
     let last_row = grad.narrow(0, 1, 1)?.narrow(1, 5, 2)?;
     assert_eq!(last_row.abs()?.sum_all()?.to_scalar::<f64>()?, 0.0);
+    Ok(())
+}
+
+/// Several batches, each with its own projector, through the decoder in
+/// one pass: each gets the loss and gradient it gets alone (batches of
+/// different sizes and caption lengths, so the stack is padded), and a
+/// batch with another caption layout is refused.
+#[test]
+fn batches_passed_together_get_their_own_gradients() -> Result<()> {
+    let decoder = tiny_decoder(DecoderConfig::tiny(VOCAB), DType::F64)?;
+    let d_v = 6;
+    let projector = |seed: u64| -> Result<Projector> {
+        Ok(Projector::new(
+            ProjectorConfig {
+                kind: ProjectorKind::Mlp2xGelu,
+                input_dim: d_v,
+                output_dim: decoder.config().hidden_size,
+            },
+            seed,
+            DType::F64,
+            &Device::Cpu,
+        )?)
+    };
+    let projectors = [projector(1)?, projector(2)?, projector(3)?];
+    let short = TokenizedCaptions {
+        captions: vec![vec![6, 7]],
+        ..tokens()
+    };
+    let long = TokenizedCaptions {
+        captions: vec![vec![3, 4, 5, 6, 7, 8, 9], vec![10], vec![11, 12]],
+        ..tokens()
+    };
+    let batches = [
+        AlignmentBatch::new(
+            &decoder,
+            random_tensor(&[3, 4, d_v], 21, DType::F64)?,
+            &tokens(),
+        )?,
+        AlignmentBatch::new(
+            &decoder,
+            random_tensor(&[1, 4, d_v], 22, DType::F64)?,
+            &short,
+        )?,
+        AlignmentBatch::new(
+            &decoder,
+            random_tensor(&[3, 4, d_v], 23, DType::F64)?,
+            &long,
+        )?,
+    ];
+    let items: Vec<(&Projector, &AlignmentBatch)> = projectors.iter().zip(&batches).collect();
+    let together = loss_and_grads_many(&decoder, &items)?;
+    assert_eq!(together.len(), 3);
+    for (i, ((projector, batch), joint)) in items.iter().zip(&together).enumerate() {
+        let alone = loss_and_grads(&decoder, projector, batch)?;
+        assert!((joint.loss - alone.loss).abs() < 1e-12, "batch {i}: loss");
+        assert_eq!(joint.tokens, alone.tokens);
+        for (g, h) in joint.grads.iter().zip(&alone.grads) {
+            let (Some(g), Some(h)) = (g, h) else {
+                anyhow::bail!("batch {i}: a missing gradient");
+            };
+            let (g, h): (Vec<f64>, Vec<f64>) =
+                (g.flatten_all()?.to_vec1()?, h.flatten_all()?.to_vec1()?);
+            let err = relative_error(&g, &h);
+            assert!(err < 1e-10, "batch {i}: relative error {err:.2e}");
+            assert!(h.iter().any(|v| *v != 0.0), "batch {i}: a zero gradient");
+        }
+    }
+    let no_prefix = TokenizedCaptions {
+        prefix: Vec::new(),
+        ..tokens()
+    };
+    let other = AlignmentBatch::new(
+        &decoder,
+        random_tensor(&[3, 4, d_v], 24, DType::F64)?,
+        &no_prefix,
+    )?;
+    let refused = loss_and_grads_many(&decoder, &[items[0], (&projectors[1], &other)]);
+    assert!(refused.is_err_and(|e| e.to_string().contains("caption layout")));
     Ok(())
 }
 

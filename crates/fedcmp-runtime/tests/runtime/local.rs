@@ -14,11 +14,14 @@ use std::sync::Arc;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use fedcmp_core::{
-    ClientId, ClientInstruction, ClientUpdate, ParamSet, ParamTensor, RoundTask, WarmupCosine,
+    ClientId, ClientInstruction, ClientUpdate, LocalObjective, ParamSet, ParamTensor, RoundTask,
+    WarmupCosine,
 };
 use fedcmp_model::optim::AdamWConfig;
 use fedcmp_runtime::client::{ClientState, LocalConfig};
-use fedcmp_runtime::local::{local_round, LocalProblem, LossAndGrads};
+use fedcmp_runtime::local::{
+    local_round, local_rounds_together, JointJob, JointProblem, LocalProblem, LossAndGrads,
+};
 use fedcmp_strategy::config::StrategyConfig;
 
 /// f(x) = 1/2 sum_j h_j (x_j - a_j)^2, the same for every batch.
@@ -28,6 +31,8 @@ struct Quadratic {
     a: Tensor,
     /// The largest gradient norm seen (for the units check).
     max_grad_norm: f64,
+    /// Samples in the (toy) shard.
+    shard: usize,
 }
 
 impl Quadratic {
@@ -38,6 +43,7 @@ impl Quadratic {
             h: Tensor::new(h, &Device::Cpu)?,
             a: Tensor::new(a, &Device::Cpu)?,
             max_grad_norm: 0.0,
+            shard: 1_000_000,
         })
     }
 }
@@ -62,7 +68,7 @@ impl LocalProblem for Quadratic {
     }
 
     fn shard_len(&self) -> usize {
-        1_000_000
+        self.shard
     }
 
     fn loss_and_grads(&mut self, _batch: &[usize]) -> fedcmp_runtime::Result<LossAndGrads> {
@@ -244,5 +250,123 @@ fn fedprox_keeps_clients_near_the_global_model_as_mu_grows() -> Result<()> {
     // lr * mu = 0.5: a step of ~lr out, half of it pulled back, so about
     // lr from the global model per coordinate.
     assert!(drifts[3] < 0.1, "{drifts:?}");
+    Ok(())
+}
+
+/// Quadratics whose "joint pass" asks each member in turn: exact, so the
+/// lockstep driver must reproduce the one-client-at-a-time rounds bit for
+/// bit.
+struct Together(Vec<Quadratic>);
+
+impl JointProblem for Together {
+    fn member(&mut self, i: usize) -> fedcmp_runtime::Result<&mut dyn LocalProblem> {
+        let n = self.0.len();
+        self.0
+            .get_mut(i)
+            .map(|q| q as &mut dyn LocalProblem)
+            .ok_or_else(|| fedcmp_runtime::RuntimeError::Config(format!("member {i} of {n}")))
+    }
+
+    fn joint_loss_and_grads(
+        &mut self,
+        requests: &[(usize, Vec<usize>)],
+    ) -> fedcmp_runtime::Result<Vec<fedcmp_runtime::Result<LossAndGrads>>> {
+        Ok(requests
+            .iter()
+            .map(|(i, batch)| self.member(*i)?.loss_and_grads(batch))
+            .collect())
+    }
+}
+
+/// Clients trained in lockstep take exactly the steps they take alone:
+/// SCAFFOLD, FedProx and plain objectives side by side, a straggler told
+/// to stop after 2 steps, and a shard that runs out after 3; two rounds,
+/// so the optimiser state and control variates carry over.
+#[test]
+fn lockstep_rounds_equal_the_rounds_one_client_at_a_time() -> Result<()> {
+    let make = || -> Result<Vec<Quadratic>> {
+        let mut q = vec![
+            Quadratic::new(&[10.0, 2.0], &[1.0, -0.5])?,
+            Quadratic::new(&[1.0, 3.0], &[-1.0, 0.25])?,
+            Quadratic::new(&[4.0, 0.5], &[0.5, 2.0])?,
+        ];
+        q[2].shard = 3;
+        Ok(q)
+    };
+    let local = config(5);
+    let global = Arc::new(ParamSet::new(vec![(
+        "x".to_string(),
+        ParamTensor::new("x", vec![2], vec![0.1, -0.2])?,
+    )])?);
+    let server_control = ParamSet::new(vec![(
+        "x".to_string(),
+        ParamTensor::new("x", vec![2], vec![0.3, -0.1])?,
+    )])?;
+    let objectives = [
+        LocalObjective::Scaffold { server_control },
+        LocalObjective::Proximal { mu: 0.5 },
+        LocalObjective::Plain,
+    ];
+    let task = |round: u64, i: usize| RoundTask {
+        instruction: ClientInstruction {
+            round,
+            client: ClientId(i as u32),
+            objective: objectives[i].clone(),
+            max_local_steps: (i == 1).then_some(2),
+        },
+        global: global.clone(),
+        schedule: WarmupCosine {
+            peak_lr: 0.05,
+            total_samples: 40,
+            warmup_ratio: 0.1,
+        },
+        samples_before: (round - 1) * 12,
+        checkpointed_round: None,
+    };
+    let fresh = |q: &[Quadratic]| -> Vec<ClientState> {
+        q.iter()
+            .enumerate()
+            .map(|(i, c)| ClientState::fresh(c.shard, 1, ClientId(i as u32)))
+            .collect()
+    };
+    let mut alone = make()?;
+    let mut alone_states = fresh(&alone);
+    let mut together = Together(make()?);
+    let mut together_states = fresh(&together.0);
+    for round in 1..=2 {
+        let tasks: Vec<RoundTask> = (0..3).map(|i| task(round, i)).collect();
+        let mut expected = Vec::new();
+        for (i, (problem, state)) in alone.iter_mut().zip(&mut alone_states).enumerate() {
+            expected.push(local_round(
+                problem,
+                &local,
+                ClientId(i as u32),
+                state,
+                &tasks[i],
+            )?);
+        }
+        let mut jobs: Vec<JointJob<'_>> = together_states
+            .iter_mut()
+            .zip(&tasks)
+            .enumerate()
+            .map(|(i, (state, task))| JointJob {
+                member: i,
+                client: ClientId(i as u32),
+                state,
+                task,
+            })
+            .collect();
+        let got = local_rounds_together(&mut together, &local, &mut jobs)?
+            .into_iter()
+            .collect::<fedcmp_runtime::Result<Vec<_>>>()?;
+        assert_eq!(got, expected, "round {round}");
+        assert_eq!(together_states, alone_states, "round {round}");
+    }
+    let steps: Vec<u64> = alone_states.iter().map(|s| s.consumed).collect();
+    assert_eq!(
+        steps,
+        vec![10, 4, 3],
+        "5 + 5 steps, 2 + 2, then the shard ran out"
+    );
     Ok(())
 }
