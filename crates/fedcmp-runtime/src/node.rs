@@ -11,6 +11,12 @@
 //! reads its store when asked about an earlier round (a resumed server) or
 //! when it starts cold with a store that has states.
 //!
+//! With a store, the node keeps only the light part of its state in memory
+//! between the rounds it trains (shuffle order, cursor, counts): the AdamW
+//! moments and SCAFFOLD's control variate are on disk and read back when
+//! the client next trains. A simulation's memory then does not grow with
+//! its number of clients.
+//!
 //! A task that fails (an error while training) leaves the node's state as
 //! it was: training works on a copy, committed (and saved) only on success.
 //! A task delivered again (a retry after a lost reply) trains from the
@@ -35,6 +41,8 @@ pub struct ClientNode {
     /// The newest state in memory and the round it is as of; None until
     /// first needed (a node with a store may have saved states).
     state: Option<(u64, ClientState)>,
+    /// The in-memory state lacks its tensors (saved in the store).
+    light: bool,
     store: Option<ClientStore>,
 }
 
@@ -48,6 +56,7 @@ impl ClientNode {
             seed: local.seed,
             epochs: local.epochs,
             state: None,
+            light: false,
             store,
         }
     }
@@ -88,6 +97,7 @@ impl ClientNode {
                 None => (0, ClientState::new(&self.data, self.seed)),
             };
             self.state = Some((as_of, state));
+            self.light = false;
         }
         match &self.state {
             Some((_, state)) => Ok(state),
@@ -131,7 +141,27 @@ impl ClientNode {
                 self.data.id.0
             )));
         }
-        Ok(self.state_as_of(task.round().saturating_sub(1))?.clone())
+        let as_of = task.round().saturating_sub(1);
+        self.state_as_of(as_of)?;
+        if let (true, Some(store), Some((saved, _))) = (self.light, &self.store, &self.state) {
+            let saved = *saved;
+            let (_, full) = store
+                .load_as_of(saved)?
+                .filter(|(r, _)| *r == saved)
+                .ok_or_else(|| {
+                    RuntimeError::Config(format!(
+                        "client {}: its state after round {saved} is missing from {}",
+                        self.data.id.0,
+                        store.dir().display()
+                    ))
+                })?;
+            self.state = Some((saved, full));
+            self.light = false;
+        }
+        match &self.state {
+            Some((_, state)) => Ok(state.clone()),
+            None => Err(RuntimeError::Config("client state missing".into())),
+        }
     }
 
     /// The client's data (what a trainer trains on).
@@ -154,8 +184,19 @@ impl ClientNode {
                 if let Some(checkpointed) = task.checkpointed_round {
                     store.prune(checkpointed)?;
                 }
+                // Saved: keep the light part only.
+                self.state = Some((
+                    round,
+                    ClientState {
+                        optimizer: None,
+                        control: None,
+                        ..working
+                    },
+                ));
+                self.light = true;
+            } else {
+                self.state = Some((round, working));
             }
-            self.state = Some((round, working));
         }
         Ok(ClientReply { status, update })
     }

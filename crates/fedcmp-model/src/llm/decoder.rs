@@ -420,6 +420,13 @@ impl FrozenDecoder {
     /// Builds the decoder from Hugging Face tensor names
     /// (`model.layers.N.self_attn.q_proj.weight`, ...), checking every shape.
     pub fn from_weights(config: DecoderConfig, weights: &WeightMap) -> Result<Self> {
+        Self::from_weight_map(config, weights.clone())
+    }
+
+    /// Like [`Self::from_weights`], taking the map: each layer's q/k/v and
+    /// gate/up are stacked and their separate tensors freed as it goes, so
+    /// loading never holds both copies of the model.
+    pub fn from_weight_map(config: DecoderConfig, mut weights: WeightMap) -> Result<Self> {
         config.validate(weights.origin())?;
         let d = config.hidden_size;
         let q_dim = config.num_heads * config.head_dim;
@@ -429,11 +436,13 @@ impl FrozenDecoder {
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let p = format!("model.layers.{i}");
-            let attn = |name: &str, n: usize| -> Result<Tensor> {
-                weights.get(&format!("{p}.self_attn.{name}.weight"), &[n, d])
+            let mut take = |name: String, shape: &[usize]| -> Result<Tensor> {
+                let t = weights.get(&name, shape)?;
+                weights.remove(&name);
+                Ok(t)
             };
-            let bias = |name: &str, n: usize| -> Result<Tensor> {
-                weights.get(&format!("{p}.self_attn.{name}.bias"), &[n])
+            let mut attn = |name: &str, n: usize| -> Result<Tensor> {
+                take(format!("{p}.self_attn.{name}.weight"), &[n, d])
             };
             let w_qkv = Tensor::cat(
                 &[
@@ -444,6 +453,9 @@ impl FrozenDecoder {
                 0,
             )?;
             let b_qkv = if config.attention_bias {
+                let mut bias = |name: &str, n: usize| -> Result<Tensor> {
+                    take(format!("{p}.self_attn.{name}.bias"), &[n])
+                };
                 Some(Tensor::cat(
                     &[
                         bias("q_proj", q_dim)?,
@@ -457,8 +469,8 @@ impl FrozenDecoder {
             };
             let w_gate_up = Tensor::cat(
                 &[
-                    weights.get(&format!("{p}.mlp.gate_proj.weight"), &[ffn, d])?,
-                    weights.get(&format!("{p}.mlp.up_proj.weight"), &[ffn, d])?,
+                    take(format!("{p}.mlp.gate_proj.weight"), &[ffn, d])?,
+                    take(format!("{p}.mlp.up_proj.weight"), &[ffn, d])?,
                 ],
                 0,
             )?;

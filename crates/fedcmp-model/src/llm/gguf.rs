@@ -238,7 +238,7 @@ pub fn load_gguf_decoder(path: &Path, device: &Device) -> Result<GgufDecoder> {
         tensors.insert(hf_name, t);
     }
     let weights = WeightMap::new(path, tensors);
-    let decoder = FrozenDecoder::from_weights(config.clone(), &weights)?;
+    let decoder = FrozenDecoder::from_weight_map(config.clone(), weights)?;
 
     let model = meta
         .get("tokenizer.ggml.model")?

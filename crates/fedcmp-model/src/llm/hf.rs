@@ -16,7 +16,7 @@ use crate::weights::load_hf_folder_weights;
 pub fn load_hf_decoder(folder: &Path, device: &Device) -> Result<FrozenDecoder> {
     let config = DecoderConfig::from_hf_config(&folder.join("config.json"))?;
     let weights = load_hf_folder_weights(folder, device)?;
-    FrozenDecoder::from_weights(config, &weights)
+    FrozenDecoder::from_weight_map(config, weights)
 }
 
 /// Reads decoder and tokenizer, and checks that they agree on the vocabulary.
