@@ -183,11 +183,6 @@ fn align_step(args: &AlignStepArgs) -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::AlignStep(args) if std::env::var_os("ON_POOL").is_some() => {
-            rayon::ThreadPoolBuilder::new()
-                .build()?
-                .install(|| align_step(&args))
-        }
         Command::AlignStep(args) => align_step(&args),
         Command::ServerStep(args) => server_step::run(&args),
         Command::ClientState(args) => client_state::run(&args),
