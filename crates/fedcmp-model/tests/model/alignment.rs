@@ -230,6 +230,34 @@ fn batches_passed_together_get_their_own_gradients() -> Result<()> {
     Ok(())
 }
 
+/// The composed-candle path of every fused kernel (what a GPU or another
+/// dtype takes) runs the whole decoder: here in f16 on the CPU, which the
+/// fused loops do not take, against the f32 (fused) loss and input
+/// gradient.
+#[test]
+fn the_decoder_runs_on_the_reference_kernels_too() -> Result<()> {
+    let fused = tiny_decoder(DecoderConfig::tiny(VOCAB), DType::F32)?;
+    let composed = fused.to_dtype(DType::F16)?;
+    let (b, t, d) = (2, 7, fused.config().hidden_size);
+    let inputs = random_tensor(&[b, t, d], 5, DType::F32)?;
+    let targets = LossTargets {
+        positions: Tensor::new(&[2u32, 3, 5, 7 + 1, 7 + 4], &Device::Cpu)?,
+        labels: Tensor::new(&[3u32, 9, 60, 1, 2], &Device::Cpu)?,
+    };
+    let (loss, grad) = fused.caption_loss_and_input_grad(&inputs, &targets)?;
+    let (loss_16, grad_16) =
+        composed.caption_loss_and_input_grad(&inputs.to_dtype(DType::F16)?, &targets)?;
+    assert!((loss - loss_16).abs() < 2e-2 * loss, "{loss} vs {loss_16}");
+    let grad: Vec<f64> = grad.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let grad_16: Vec<f64> = grad_16.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let err = relative_error(&grad_16, &grad);
+    assert!(
+        err < 3e-2,
+        "input gradient, f16 reference path vs f32 fused: {err:.2e}"
+    );
+    Ok(())
+}
+
 #[test]
 fn padding_does_not_change_the_loss_of_real_tokens() -> Result<()> {
     let decoder = tiny_decoder(DecoderConfig::tiny(VOCAB), DType::F64)?;
