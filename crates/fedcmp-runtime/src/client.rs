@@ -271,6 +271,7 @@ impl LocalTrainer {
         let mut joint = CaptionJoint {
             decoder: &self.decoder,
             members,
+            passes: &self.passes,
         };
         let mut joint_jobs: Vec<JointJob<'_>> = jobs
             .into_iter()
@@ -354,6 +355,7 @@ impl CaptionProblem<'_> {
 struct CaptionJoint<'a> {
     decoder: &'a FrozenDecoder,
     members: Vec<CaptionProblem<'a>>,
+    passes: &'a PassCounter,
 }
 
 impl<'a> CaptionJoint<'a> {
@@ -388,9 +390,7 @@ impl JointProblem for CaptionJoint<'_> {
             })
             .collect();
         let mut outs = loss_and_grads_many(self.decoder, &items)?.into_iter();
-        if let Some(member) = self.members.first() {
-            member.passes.record(items.len());
-        }
+        self.passes.record(items.len());
         Ok(prepared
             .into_iter()
             .map(|p| {

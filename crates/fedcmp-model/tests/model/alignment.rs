@@ -122,17 +122,23 @@ fn projector_gradient_matches_finite_differences_linear_qwen2_biases_untied_head
     check_projector_gradient(config, ProjectorKind::Linear)
 }
 
+/// Two sequences of 7 input embeddings; the second is scored at two
+/// positions only, so packing leaves its end out.
+fn input_gradient_case(decoder: &FrozenDecoder, dtype: DType) -> Result<(Tensor, LossTargets)> {
+    let inputs = random_tensor(&[2, 7, decoder.config().hidden_size], 5, dtype)?;
+    let targets = LossTargets {
+        positions: Tensor::new(&[2u32, 3, 5, 7 + 1, 7 + 4], &Device::Cpu)?,
+        labels: Tensor::new(&[3u32, 9, 60, 1, 2], &Device::Cpu)?,
+    };
+    Ok((inputs, targets))
+}
+
 /// The decoder's own backward, isolated: d loss / d input embeddings at
 /// every position, including the prefix and the padding.
 #[test]
 fn decoder_input_gradient_matches_finite_differences() -> Result<()> {
     let decoder = tiny_decoder(DecoderConfig::tiny(VOCAB), DType::F64)?;
-    let (b, t, d) = (2, 7, decoder.config().hidden_size);
-    let inputs = random_tensor(&[b, t, d], 5, DType::F64)?;
-    let targets = LossTargets {
-        positions: Tensor::new(&[2u32, 3, 5, 7 + 1, 7 + 4], &Device::Cpu)?,
-        labels: Tensor::new(&[3u32, 9, 60, 1, 2], &Device::Cpu)?,
-    };
+    let (inputs, targets) = input_gradient_case(&decoder, DType::F64)?;
     let (_, grad) = decoder.caption_loss_and_input_grad(&inputs, &targets)?;
     let analytic: Vec<f64> = grad.flatten_all()?.to_vec1()?;
     let values: Vec<f64> = inputs.flatten_all()?.to_vec1()?;
@@ -238,12 +244,7 @@ fn batches_passed_together_get_their_own_gradients() -> Result<()> {
 fn the_decoder_runs_on_the_reference_kernels_too() -> Result<()> {
     let fused = tiny_decoder(DecoderConfig::tiny(VOCAB), DType::F32)?;
     let composed = fused.to_dtype(DType::F16)?;
-    let (b, t, d) = (2, 7, fused.config().hidden_size);
-    let inputs = random_tensor(&[b, t, d], 5, DType::F32)?;
-    let targets = LossTargets {
-        positions: Tensor::new(&[2u32, 3, 5, 7 + 1, 7 + 4], &Device::Cpu)?,
-        labels: Tensor::new(&[3u32, 9, 60, 1, 2], &Device::Cpu)?,
-    };
+    let (inputs, targets) = input_gradient_case(&fused, DType::F32)?;
     let (loss, grad) = fused.caption_loss_and_input_grad(&inputs, &targets)?;
     let (loss_16, grad_16) =
         composed.caption_loss_and_input_grad(&inputs.to_dtype(DType::F16)?, &targets)?;
