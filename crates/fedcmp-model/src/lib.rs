@@ -6,6 +6,7 @@
 //!   Hugging Face folders or GGUF files, run frozen with a hand-written
 //!   backward that yields only the gradient of the input embeddings;
 //! - [`tokenizer`]: tokenizer.json, or a tokenizer rebuilt from GGUF metadata;
+//! - [`special_tokens`]: BOS/EOS/PAD ids from the backbone's own metadata;
 //! - [`vision`]: frozen vision encoders (MobileNetV2, CLIP, SigLIP);
 //! - [`projector`]: the trainable cross-modal projector;
 //! - [`alignment`]: caption cross-entropy through the frozen decoder, its
@@ -16,6 +17,7 @@ pub mod error;
 pub mod llm;
 pub mod optim;
 pub mod projector;
+pub mod special_tokens;
 pub mod tokenizer;
 pub mod vision;
 pub mod weights;

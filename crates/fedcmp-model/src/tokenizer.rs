@@ -11,15 +11,15 @@ use serde_json::json;
 use tokenizers::Tokenizer;
 
 use crate::error::{ModelError, Result};
+use crate::special_tokens::SpecialTokens;
 
-/// A tokenizer plus the special ids alignment needs.
+/// A tokenizer plus the special ids alignment needs (set by the loader from
+/// the backbone's metadata, [`crate::special_tokens`]).
 #[derive(Debug, Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
     origin: PathBuf,
-    bos_id: Option<u32>,
-    eos_id: Option<u32>,
-    pad_id: Option<u32>,
+    special: SpecialTokens,
 }
 
 /// The byte-level BPE description found in GGUF metadata
@@ -89,7 +89,8 @@ impl GgufBpeSpec {
 }
 
 impl TextTokenizer {
-    /// Reads a Hugging Face `tokenizer.json`.
+    /// Reads a Hugging Face `tokenizer.json`, with no special ids yet: the
+    /// folder's other files declare them ([`Self::set_special`]).
     pub fn from_file(path: &Path) -> Result<Self> {
         let mut inner = Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer {
             path: path.to_path_buf(),
@@ -102,15 +103,10 @@ impl TextTokenizer {
                 path: path.to_path_buf(),
                 message: e.to_string(),
             })?;
-        let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
-        let bos_id = find(&["<s>", "<|begin_of_text|>", "<|endoftext|>"]);
-        let eos_id = find(&["</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>"]);
         Ok(Self {
-            pad_id: None,
             inner,
             origin: path.to_path_buf(),
-            bos_id,
-            eos_id,
+            special: SpecialTokens::default(),
         })
     }
 
@@ -176,16 +172,23 @@ impl TextTokenizer {
         Ok(Self {
             inner,
             origin: path.to_path_buf(),
-            bos_id: spec.bos_id,
-            eos_id: spec.eos_id,
-            pad_id: spec.pad_id,
+            special: SpecialTokens::from_gguf(spec.bos_id, spec.eos_id, spec.pad_id),
         })
     }
 
-    /// Takes the model config's ids where the tokenizer did not name them.
-    pub fn fill_missing_ids(&mut self, bos: Option<u32>, eos: Option<u32>) {
-        self.bos_id = self.bos_id.or(bos);
-        self.eos_id = self.eos_id.or(eos);
+    /// Sets the special ids (the loader resolves them from the metadata).
+    pub fn set_special(&mut self, special: SpecialTokens) {
+        self.special = special;
+    }
+
+    /// The special ids in use.
+    pub fn special(&self) -> &SpecialTokens {
+        &self.special
+    }
+
+    /// The id of `token`, if the vocabulary has it (special tokens included).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
     }
 
     /// Token ids of `text`, with no special tokens added.
@@ -217,19 +220,24 @@ impl TextTokenizer {
 
     /// Beginning-of-sequence id, if the tokenizer has one.
     pub fn bos_id(&self) -> Option<u32> {
-        self.bos_id
+        self.special.bos
     }
 
     /// End-of-sequence id, if the tokenizer has one.
     pub fn eos_id(&self) -> Option<u32> {
-        self.eos_id
+        self.special.eos
+    }
+
+    /// Every id generation stops at (the EOS first).
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.special.stop
     }
 
     /// Padding id: the declared one, else end-of-sequence, else 0. Padding
     /// is never scored and, being right-aligned under a causal mask, never
     /// attended to, so any valid id serves.
     pub fn pad_id(&self) -> u32 {
-        self.pad_id.or(self.eos_id).unwrap_or(0)
+        self.special.pad.or(self.special.eos).unwrap_or(0)
     }
 
     /// The underlying Hugging Face tokenizer (e.g. to save it as JSON).

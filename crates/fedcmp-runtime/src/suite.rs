@@ -447,7 +447,7 @@ impl Scorer<'_> {
     ) -> Result<String> {
         let layout = TokenizedCaptions::new(self.tokenizer, self.template, &["x"])?;
         let mut stops = self.tokenizer.encode("\n")?;
-        stops.extend(self.tokenizer.eos_id());
+        stops.extend(self.tokenizer.stop_ids());
         let ids = generate_caption(
             self.decoder,
             projector,

@@ -48,8 +48,6 @@ pub struct DecoderConfig {
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry biases (Qwen2).
     pub attention_bias: bool,
-    pub bos_token_id: Option<u32>,
-    pub eos_token_id: Option<u32>,
 }
 
 /// The subset of a Hugging Face `config.json` we read.
@@ -67,20 +65,7 @@ struct HfConfigFile {
     rope_theta: Option<f64>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
-    bos_token_id: Option<serde_json::Value>,
-    eos_token_id: Option<serde_json::Value>,
     rope_scaling: Option<serde_json::Value>,
-}
-
-fn first_token_id(value: &Option<serde_json::Value>) -> Option<u32> {
-    match value {
-        Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|v| u32::try_from(v).ok()),
-        Some(serde_json::Value::Array(items)) => items
-            .first()
-            .and_then(serde_json::Value::as_u64)
-            .and_then(|v| u32::try_from(v).ok()),
-        _ => None,
-    }
 }
 
 impl DecoderConfig {
@@ -126,8 +111,6 @@ impl DecoderConfig {
             rope_theta: raw.rope_theta.unwrap_or(10_000.0),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             attention_bias: raw.attention_bias.unwrap_or(family == DecoderFamily::Qwen2),
-            bos_token_id: first_token_id(&raw.bos_token_id),
-            eos_token_id: first_token_id(&raw.eos_token_id),
         };
         config.validate(path)?;
         Ok(config)
@@ -196,8 +179,6 @@ impl DecoderConfig {
             rope_theta: 10_000.0,
             tie_word_embeddings: true,
             attention_bias: false,
-            bos_token_id: None,
-            eos_token_id: None,
         }
     }
 
@@ -216,8 +197,6 @@ impl DecoderConfig {
             rope_theta: 100_000.0,
             tie_word_embeddings: true,
             attention_bias: false,
-            bos_token_id: Some(1),
-            eos_token_id: Some(2),
         }
     }
 }

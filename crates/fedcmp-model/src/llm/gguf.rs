@@ -153,9 +153,37 @@ pub struct GgufDecoder {
     pub tokenizer: TextTokenizer,
 }
 
+/// What a GGUF decoder file holds, before the decoder is assembled: its
+/// config, its f32 weights under Hugging Face names and layout, and its
+/// tokenizer description (e.g. to write the model out as a HF folder).
+#[derive(Debug)]
+pub struct GgufParts {
+    pub config: DecoderConfig,
+    pub weights: WeightMap,
+    pub tokenizer: GgufBpeSpec,
+}
+
 /// Reads a GGUF decoder file: f32 weights in Hugging Face layout, and the
 /// tokenizer rebuilt from its metadata.
 pub fn load_gguf_decoder(path: &Path, device: &Device) -> Result<GgufDecoder> {
+    let parts = read_gguf_parts(path, device)?;
+    let tokenizer = TextTokenizer::from_gguf_bpe(path, &parts.tokenizer)?;
+    tokenizer
+        .special()
+        .check_range(parts.config.vocab_size, path)?;
+    if tokenizer.vocab_size() > parts.config.vocab_size {
+        return Err(ModelError::VocabMismatch {
+            path: path.to_path_buf(),
+            tokenizer: tokenizer.vocab_size(),
+            model: parts.config.vocab_size,
+        });
+    }
+    let decoder = FrozenDecoder::from_weight_map(parts.config, parts.weights)?;
+    Ok(GgufDecoder { decoder, tokenizer })
+}
+
+/// Reads a GGUF decoder file into its [`GgufParts`].
+pub fn read_gguf_parts(path: &Path, device: &Device) -> Result<GgufParts> {
     let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
     let mut reader = BufReader::new(file);
     let content =
@@ -211,8 +239,6 @@ pub fn load_gguf_decoder(path: &Path, device: &Device) -> Result<GgufDecoder> {
         rope_theta: meta.f64(&key("rope.freq_base")).unwrap_or(10_000.0),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
-        bos_token_id: meta.opt_u32("tokenizer.ggml.bos_token_id"),
-        eos_token_id: meta.opt_u32("tokenizer.ggml.eos_token_id"),
     };
     config.validate(path)?;
 
@@ -238,7 +264,6 @@ pub fn load_gguf_decoder(path: &Path, device: &Device) -> Result<GgufDecoder> {
         tensors.insert(hf_name, t);
     }
     let weights = WeightMap::new(path, tensors);
-    let decoder = FrozenDecoder::from_weight_map(config.clone(), weights)?;
 
     let model = meta
         .get("tokenizer.ggml.model")?
@@ -269,19 +294,15 @@ pub fn load_gguf_decoder(path: &Path, device: &Device) -> Result<GgufDecoder> {
             .metadata
             .get("tokenizer.ggml.pre")
             .and_then(|v| v.to_string().ok().cloned()),
-        bos_id: config.bos_token_id,
-        eos_id: config.eos_token_id,
+        bos_id: meta.opt_u32("tokenizer.ggml.bos_token_id"),
+        eos_id: meta.opt_u32("tokenizer.ggml.eos_token_id"),
         pad_id: meta.opt_u32("tokenizer.ggml.padding_token_id"),
     };
-    let tokenizer = TextTokenizer::from_gguf_bpe(path, &spec)?;
-    if tokenizer.vocab_size() > config.vocab_size {
-        return Err(ModelError::VocabMismatch {
-            path: path.to_path_buf(),
-            tokenizer: tokenizer.vocab_size(),
-            model: config.vocab_size,
-        });
-    }
-    Ok(GgufDecoder { decoder, tokenizer })
+    Ok(GgufParts {
+        config,
+        weights,
+        tokenizer: spec,
+    })
 }
 
 /// Writes a LLaMA-arch GGUF file (f32 tensors) from Hugging Face-named

@@ -1,6 +1,7 @@
 //! Loads a decoder from a Hugging Face model folder: `config.json`,
 //! `model.safetensors` (or shards listed in `model.safetensors.index.json`)
-//! and `tokenizer.json`.
+//! and `tokenizer.json`; the special ids from the folder's metadata files
+//! ([`crate::special_tokens`]).
 
 use std::path::Path;
 
@@ -9,6 +10,7 @@ use candle_core::Device;
 use crate::error::{ModelError, Result};
 use crate::llm::config::DecoderConfig;
 use crate::llm::decoder::FrozenDecoder;
+use crate::special_tokens::SpecialTokens;
 use crate::tokenizer::TextTokenizer;
 use crate::weights::load_hf_folder_weights;
 
@@ -27,8 +29,10 @@ pub fn load_hf_decoder_and_tokenizer(
     let decoder = load_hf_decoder(folder, device)?;
     let tokenizer_path = folder.join("tokenizer.json");
     let mut tokenizer = TextTokenizer::from_file(&tokenizer_path)?;
+    let special = SpecialTokens::from_hf_folder(folder, &|token| tokenizer.token_id(token))?;
     let config = decoder.config();
-    tokenizer.fill_missing_ids(config.bos_token_id, config.eos_token_id);
+    special.check_range(config.vocab_size, folder)?;
+    tokenizer.set_special(special);
     // A model may pad its embedding beyond the tokenizer (e.g. to a multiple
     // of 64); the reverse would index past the embedding.
     if tokenizer.vocab_size() > config.vocab_size {

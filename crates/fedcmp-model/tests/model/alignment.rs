@@ -408,7 +408,7 @@ fn gguf_tokenizer_applies_merges_digits_and_control_tokens() -> Result<()> {
     Ok(())
 }
 
-fn write_hf_folder(
+pub(crate) fn write_hf_folder(
     dir: &std::path::Path,
     config: &DecoderConfig,
     weights: &WeightMap,
@@ -483,6 +483,178 @@ fn hf_and_gguf_paths_compute_the_same_model() -> Result<()> {
         wrong_diff > 1e-3,
         "the rotary layout made no difference: {wrong_diff}"
     );
+    Ok(())
+}
+
+/// A byte-level BPE whose BOS and EOS are `<|im_start|>` (1) and
+/// `<|im_end|>` (2), next to `<|endoftext|>` (0): the token a guess by name
+/// takes for both.
+fn chat_bpe_spec() -> GgufBpeSpec {
+    let mut spec = GgufBpeSpec::byte_level(
+        &["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        &[("h", "e"), ("l", "l"), ("he", "ll"), ("o", "r")],
+    );
+    spec.bos_id = Some(1);
+    spec.eos_id = Some(2);
+    spec.pad_id = Some(2);
+    spec
+}
+
+pub(crate) fn write_json(path: std::path::PathBuf, value: serde_json::Value) -> Result<()> {
+    Ok(std::fs::write(path, serde_json::to_string_pretty(&value)?)?)
+}
+
+/// One generated model saved as a Hugging Face folder, with the metadata
+/// files a real one ships, and as GGUF: the same special ids, hence the
+/// same token ids and the same caption loss. The ids are ones a guess by
+/// token name gets wrong.
+#[test]
+fn hf_folder_and_gguf_agree_on_special_tokens_and_loss() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spec = chat_bpe_spec();
+    let config = DecoderConfig::tiny(spec.tokens.len());
+    let weights = random_decoder_weights(&config, 5, &Device::Cpu)?;
+    write_hf_folder(dir.path(), &config, &weights)?;
+    let gguf_path = dir.path().join("tiny.gguf");
+    write_llama_gguf(&gguf_path, &config, &weights, &spec)?;
+    let tokenizer = TextTokenizer::from_gguf_bpe(&gguf_path, &spec)?;
+    tokenizer
+        .inner()
+        .save(dir.path().join("tokenizer.json"), false)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut config_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json"))?)?;
+    config_json["bos_token_id"] = 1.into();
+    config_json["eos_token_id"] = 2.into();
+    write_json(dir.path().join("config.json"), config_json)?;
+    write_json(
+        dir.path().join("generation_config.json"),
+        serde_json::json!({"bos_token_id": 1, "eos_token_id": 2}),
+    )?;
+    write_json(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::json!({"bos_token": "<|im_start|>",
+                           "eos_token": {"content": "<|im_end|>", "special": true},
+                           "pad_token": "<|im_end|>"}),
+    )?;
+
+    let (hf_decoder, hf_tokenizer) = load_hf_decoder_and_tokenizer(dir.path(), &Device::Cpu)?;
+    let gguf = load_gguf_decoder(&gguf_path, &Device::Cpu)?;
+    // The name a guess would take exists, and is not what the files say.
+    assert_eq!(hf_tokenizer.token_id("<|endoftext|>"), Some(0));
+    let expected = fedcmp_model::special_tokens::SpecialTokens {
+        bos: Some(1),
+        eos: Some(2),
+        pad: Some(2),
+        stop: vec![2],
+    };
+    assert_eq!(hf_tokenizer.special(), &expected);
+    assert_eq!(gguf.tokenizer.special(), &expected);
+
+    let template = fedcmp_model::alignment::CaptionTemplate::plain();
+    let captions = ["hello world", "or 42 hell"];
+    let a = TokenizedCaptions::new(&hf_tokenizer, &template, &captions)?;
+    let b = TokenizedCaptions::new(&gguf.tokenizer, &template, &captions)?;
+    assert_eq!(
+        (&a.prefix, &a.captions, a.pad_id),
+        (&b.prefix, &b.captions, b.pad_id)
+    );
+    assert_eq!(a.prefix, vec![1]);
+    let projector = Projector::new(
+        ProjectorConfig {
+            kind: ProjectorKind::Mlp2xGelu,
+            input_dim: 6,
+            output_dim: config.hidden_size,
+        },
+        3,
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    let features = random_tensor(&[2, 2, 6], 9, DType::F32)?;
+    let loss_hf = caption_loss(
+        &hf_decoder,
+        &projector,
+        &AlignmentBatch::new(&hf_decoder, features.clone(), &a)?,
+    )?;
+    let loss_gguf = caption_loss(
+        &gguf.decoder,
+        &projector,
+        &AlignmentBatch::new(&gguf.decoder, features, &b)?,
+    )?;
+    assert!(
+        (loss_hf - loss_gguf).abs() < 1e-5 * loss_hf.abs(),
+        "HF {loss_hf} vs GGUF {loss_gguf}"
+    );
+    Ok(())
+}
+
+/// Files that disagree on a special token stop the load, naming each file;
+/// a list of EOS ids agrees with an id it holds and adds stop ids; a token
+/// that is not in the vocabulary is refused naming the field.
+#[test]
+fn special_token_metadata_is_checked_across_files() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spec = chat_bpe_spec();
+    let config = DecoderConfig::tiny(spec.tokens.len());
+    write_hf_folder(
+        dir.path(),
+        &config,
+        &random_decoder_weights(&config, 1, &Device::Cpu)?,
+    )?;
+    TextTokenizer::from_gguf_bpe(std::path::Path::new("t"), &spec)?
+        .inner()
+        .save(dir.path().join("tokenizer.json"), false)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let load = || load_hf_decoder_and_tokenizer(dir.path(), &Device::Cpu);
+
+    write_json(
+        dir.path().join("generation_config.json"),
+        serde_json::json!({"bos_token_id": 1, "eos_token_id": [2, 0]}),
+    )?;
+    write_json(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::json!({"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"}),
+    )?;
+    let msg = load().err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(msg.contains("disagree on the BOS token"), "{msg}");
+    assert!(
+        msg.contains("tokenizer_config.json `bos_token` = \"<|endoftext|>\" (id 0)"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("generation_config.json `bos_token_id` = 1"),
+        "{msg}"
+    );
+
+    write_json(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}),
+    )?;
+    let (_, tokenizer) = load()?;
+    assert_eq!(tokenizer.bos_id(), Some(1));
+    assert_eq!(tokenizer.eos_id(), Some(2));
+    assert_eq!(tokenizer.stop_ids(), &[2, 0]);
+
+    write_json(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::json!({"eos_token": "<|nope|>"}),
+    )?;
+    let msg = load().err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        msg.contains("tokenizer_config.json: field `eos_token`") && msg.contains("<|nope|>"),
+        "{msg}"
+    );
+
+    write_json(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::json!({}),
+    )?;
+    write_json(
+        dir.path().join("generation_config.json"),
+        serde_json::json!({"eos_token_id": 1_000_000}),
+    )?;
+    let msg = load().err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(msg.contains("outside the vocabulary"), "{msg}");
     Ok(())
 }
 
