@@ -59,6 +59,9 @@ enum Command {
     /// quick single-domain check of a decoder (any LLaMA-family GGUF file
     /// or Hugging Face folder).
     Align(commands::align::AlignArgs),
+    /// Write a trained projector in the Hugging Face LLaVA and LLaVA
+    /// layouts, with a sidecar naming the backbones it was aligned with.
+    Export(Box<commands::export::ExportArgs>),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
         Some(Command::Compare(args)) => commands::compare::run(cli.cache_dir, &args),
         Some(Command::Harness(args)) => commands::harness::run(cli.cache_dir, &args),
         Some(Command::Align(args)) => commands::align::run(cli.cache_dir, &args),
+        Some(Command::Export(args)) => commands::export::run(&args),
         None => commands::compare::run(cli.cache_dir, &commands::compare::CompareArgs::main_job()),
     };
     match result {

@@ -25,6 +25,8 @@
 //! - [`sites`] and [`server`]: a federation across sites (a site answering
 //!   round tasks on its own data; the server's round loop over any
 //!   transport; a scenario dealt into site folders);
+//! - [`saved`] and [`export`]: a trained projector found in a run or
+//!   comparison folder, and written in the LLaVA and Hugging Face layouts;
 //! - [`files`]: atomic writes and settings pinning, in one place.
 
 pub mod assembly;
@@ -32,12 +34,14 @@ pub mod assets;
 pub mod backbones;
 pub mod compare;
 pub mod events;
+pub mod export;
 pub mod federation;
 pub mod files;
 pub mod harness;
 pub mod pilot;
 pub mod probe;
 pub mod run_folder;
+pub mod saved;
 pub mod server;
 pub mod settings;
 pub mod sites;

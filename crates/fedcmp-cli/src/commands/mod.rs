@@ -3,6 +3,7 @@
 pub mod align;
 pub mod assets;
 pub mod compare;
+pub mod export;
 pub mod harness;
 pub mod plot;
 pub mod report;

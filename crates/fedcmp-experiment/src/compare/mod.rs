@@ -15,7 +15,10 @@
 //! Every cell is a run with [`RunSettings`]: the comparison's template with
 //! the cell's scenario, training and seed. A cell is a JSON file under
 //! `<out>/cells/<scenario>/<method>/g<setting>-s<seed>.json`, written
-//! atomically when it finishes, so an interrupted comparison resumes where
+//! atomically when it finishes (beside it its projector, `.safetensors`,
+//! and its own settings, `.settings.toml`; local-only cells, one projector
+//! per client, keep neither),
+//! so an interrupted comparison resumes where
 //! it stopped and never reruns a finished cell. What cells depend on (the
 //! template and the evaluation sizes) is pinned in `<out>/settings.toml`:
 //! a folder refuses other settings. A run that fails (diverges, ...) is a
@@ -261,6 +264,24 @@ fn cell_path(out: &Path, scenario: &str, method: Method, setting: usize, seed: u
         .join(format!("g{setting}-s{seed}.json"))
 }
 
+/// Saves a cell's projector and the cell's own settings next to its JSON
+/// (before the JSON, so that a finished cell always has both): `fedcmp
+/// export`, `caption` and `eval` use them, and a tuning run's suite is
+/// computed from the projector later.
+fn save_cell_projector(cell: &Path, params: &ParamSet, settings: &RunSettings) -> Result<()> {
+    if let Some(dir) = cell.parent() {
+        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+    }
+    write_atomic(
+        &cell.with_extension("settings.toml"),
+        settings.to_toml()?.as_bytes(),
+    )?;
+    Ok(save_params_file(
+        params,
+        &cell.with_extension("safetensors"),
+    )?)
+}
+
 fn read_cell(path: &Path) -> Result<Option<Cell>> {
     match std::fs::read(path) {
         Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {
@@ -362,9 +383,9 @@ impl Scene<'_> {
         )?)
     }
 
-    /// Trains (federated or centralized) unless the cell exists; without
-    /// `with_suite` (a tuning run), saves the projector next to the cell
-    /// for a later suite run.
+    /// Trains (federated or centralized) unless the cell exists, and saves
+    /// the projector next to the cell; without `with_suite` (a tuning run)
+    /// the suite is left for later.
     fn trained_cell(
         &self,
         method: Method,
@@ -424,13 +445,10 @@ impl Scene<'_> {
                 return Ok(cell);
             }
         };
+        save_cell_projector(&path, &trained.summary.final_params, &settings)?;
         let suite = if with_suite {
             Some(self.suite(&trained.summary.final_params)?)
         } else {
-            if let Some(dir) = weights.parent() {
-                std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-            }
-            save_params_file(&trained.summary.final_params, &weights)?;
             None
         };
         let cell = Cell {
@@ -460,6 +478,11 @@ impl Scene<'_> {
             .experiment
             .projector(self.template.recipe.projector, seed)?;
         let params = projector_params(&work)?;
+        save_cell_projector(
+            &path,
+            &params,
+            &self.settings(self.template.training.clone(), seed),
+        )?;
         let cell = Cell {
             val_nll: self.experiment.validator().nll(&work)?,
             suite: Some(self.suite(&params)?),

@@ -28,7 +28,7 @@ pub(crate) fn world() -> Result<World> {
     })
 }
 
-fn small_suite() -> SuiteConfig {
+pub(crate) fn small_suite() -> SuiteConfig {
     SuiteConfig {
         zero_shot_per_domain: 4,
         caption_checks: 2,
@@ -39,7 +39,7 @@ fn small_suite() -> SuiteConfig {
 }
 
 impl World {
-    fn cache(&self) -> PathBuf {
+    pub(crate) fn cache(&self) -> PathBuf {
         self.dir.path().join("cache")
     }
 
@@ -326,6 +326,10 @@ fn a_grid_of_one_setting_trains_no_tuning_run() -> Result<()> {
         .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
         .collect::<Result<_>>()?;
     files.sort();
-    assert_eq!(files, ["g0-s0.json"], "no run at the tuning seed");
+    assert_eq!(
+        files,
+        ["g0-s0.json", "g0-s0.safetensors", "g0-s0.settings.toml"],
+        "no run at the tuning seed; the cell's projector and settings kept"
+    );
     Ok(())
 }
