@@ -62,6 +62,12 @@ enum Command {
     /// Write a trained projector in the Hugging Face LLaVA and LLaVA
     /// layouts, with a sidecar naming the backbones it was aligned with.
     Export(Box<commands::export::ExportArgs>),
+    /// Caption your own images with a trained projector (greedy or beam
+    /// search).
+    Caption(Box<commands::use_saved::CaptionArgs>),
+    /// The evaluation suite (caption NLL, zero-shot accuracy, captions) of
+    /// a trained projector on any scenario's test split.
+    Eval(Box<commands::use_saved::EvalArgs>),
 }
 
 fn main() -> ExitCode {
@@ -84,6 +90,8 @@ fn main() -> ExitCode {
         Some(Command::Harness(args)) => commands::harness::run(cli.cache_dir, &args),
         Some(Command::Align(args)) => commands::align::run(cli.cache_dir, &args),
         Some(Command::Export(args)) => commands::export::run(&args),
+        Some(Command::Caption(args)) => commands::use_saved::caption(cli.cache_dir, &args),
+        Some(Command::Eval(args)) => commands::use_saved::eval(cli.cache_dir, &args),
         None => commands::compare::run(cli.cache_dir, &commands::compare::CompareArgs::main_job()),
     };
     match result {

@@ -141,10 +141,7 @@ impl Experiment {
             suite,
             train_items,
             validation_items,
-            template: CaptionTemplate {
-                separator: data.caption_separator.clone(),
-                ..CaptionTemplate::plain()
-            },
+            template: caption_template(data),
         })
     }
 
@@ -186,6 +183,14 @@ impl Experiment {
             template: &self.template,
             cache: &self.cache,
         }
+    }
+}
+
+/// How `data` lays a pair out: LLaVA's plain template with its separator.
+pub fn caption_template(data: &DataSettings) -> CaptionTemplate {
+    CaptionTemplate {
+        separator: data.caption_separator.clone(),
+        ..CaptionTemplate::plain()
     }
 }
 

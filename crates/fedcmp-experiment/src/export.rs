@@ -196,8 +196,7 @@ pub fn export(
     out: &Path,
     formats: &[ExportFormat],
 ) -> Result<Vec<PathBuf>> {
-    let params = saved.params()?;
-    let config = saved.config(&params)?;
+    let (config, params) = saved.load()?;
     let sidecar = provenance(saved, &config);
     let tokens = saved.settings.data.backbones.visual_tokens;
     let mut written = Vec::new();

@@ -25,8 +25,9 @@
 //! - [`sites`] and [`server`]: a federation across sites (a site answering
 //!   round tasks on its own data; the server's round loop over any
 //!   transport; a scenario dealt into site folders);
-//! - [`saved`] and [`export`]: a trained projector found in a run or
-//!   comparison folder, and written in the LLaVA and Hugging Face layouts;
+//! - [`saved`], [`export`] and [`use_saved`]: a trained projector found in
+//!   a run or comparison folder, written in the LLaVA and Hugging Face
+//!   layouts, captioning a user's images, evaluated on any scenario;
 //! - [`files`]: atomic writes and settings pinning, in one place.
 
 pub mod assembly;
@@ -46,6 +47,7 @@ pub mod server;
 pub mod settings;
 pub mod sites;
 pub mod training;
+pub mod use_saved;
 
 use std::path::PathBuf;
 

@@ -15,8 +15,10 @@ use std::path::{Path, PathBuf};
 
 use fedcmp_core::ParamSet;
 use fedcmp_model::projector::{ProjectorConfig, ProjectorKind};
-use fedcmp_runtime::convert::load_params_file;
+use fedcmp_runtime::convert::{load_params_file, projector_params, read_params_file};
+use fedcmp_runtime::suite::SuiteConfig;
 
+use crate::assembly::fresh_projector;
 use crate::compare::TUNING_SEED;
 use crate::settings::{Layers, RunSettings};
 use crate::{io_error, ExperimentError, Result};
@@ -38,6 +40,9 @@ pub struct SavedProjector {
     pub settings: RunSettings,
     /// For people and file names: `<scenario>-<method>-s<seed>`.
     pub label: String,
+    /// The evaluation sizes its numbers were measured with (a comparison's
+    /// pinned `[evaluation]`; a run's are the defaults).
+    pub suite: SuiteConfig,
 }
 
 impl SavedProjector {
@@ -69,7 +74,19 @@ impl SavedProjector {
             file: dir.join("projector.safetensors"),
             settings,
             label,
+            suite: SuiteConfig::default(),
         })
+    }
+
+    /// The scenarios a comparison folder holds cells of (empty for any
+    /// other folder).
+    pub fn cell_scenarios(dir: &Path) -> Result<Vec<String>> {
+        let cells = dir.join("cells");
+        if cells.is_dir() {
+            subfolders(&cells)
+        } else {
+            Ok(Vec::new())
+        }
     }
 
     fn from_comparison(dir: &Path, choice: &CellChoice) -> Result<Self> {
@@ -143,18 +160,28 @@ impl SavedProjector {
             file,
             settings,
             label: format!("{scenario}-{method}-s{seed}"),
+            suite: pinned_suite(dir)?,
         })
     }
 
-    /// The projector's parameters.
-    pub fn params(&self) -> Result<ParamSet> {
-        load_params_file(&self.file).map_err(|e| {
-            ExperimentError::from(e).context(format!("reading {}", self.file.display()))
-        })
+    /// The projector's shape and parameters (in the projector's own
+    /// order), checked against the recipe's kind.
+    pub fn load(&self) -> Result<(ProjectorConfig, ParamSet)> {
+        let context = |e: ExperimentError| e.context(format!("reading {}", self.file.display()));
+        let by_name = load_params_file(&self.file).map_err(|e| context(e.into()))?;
+        let config = self.config(&by_name)?;
+        let like = projector_params(&fresh_projector(
+            config.kind,
+            config.input_dim,
+            config.output_dim,
+            0,
+        )?)?;
+        let params = read_params_file(&self.file, &like).map_err(|e| context(e.into()))?;
+        Ok((config, params))
     }
 
     /// The projector's shape, from the file's tensors and the recipe's kind.
-    pub fn config(&self, params: &ParamSet) -> Result<ProjectorConfig> {
+    fn config(&self, params: &ParamSet) -> Result<ProjectorConfig> {
         let kind = self.settings.recipe.projector;
         let bad = |what: &str| ExperimentError::File {
             path: self.file.clone(),
@@ -194,4 +221,19 @@ fn subfolders(dir: &Path) -> Result<Vec<String>> {
         .collect();
     names.sort();
     Ok(names)
+}
+
+/// A comparison's pinned `[evaluation]` sizes (`settings.toml`).
+fn pinned_suite(dir: &Path) -> Result<SuiteConfig> {
+    #[derive(serde::Deserialize)]
+    struct Pinned {
+        evaluation: SuiteConfig,
+    }
+    let path = dir.join("settings.toml");
+    let text = std::fs::read_to_string(&path).map_err(io_error(&path))?;
+    let pinned: Pinned = toml::from_str(&text).map_err(|e| ExperimentError::File {
+        path: path.clone(),
+        message: format!("not a comparison's settings file: {e}"),
+    })?;
+    Ok(pinned.evaluation)
 }

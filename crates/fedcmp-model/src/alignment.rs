@@ -510,19 +510,15 @@ pub fn train_step(
     Ok(out)
 }
 
-/// Greedy decoding of a caption for one image: `features` (1, n, d_v),
-/// `prefix` and `separator` the template's ids before and after the image.
-/// Stops at any of `stop_ids` or after `max_new_tokens`. The context is
-/// run once; each new token costs only its own position (a KV cache).
-pub fn generate_caption(
+/// The context a caption continues: `prefix`, the image's visual tokens,
+/// `separator`, embedded as (1, len, d).
+fn caption_context(
     decoder: &FrozenDecoder,
     projector: &Projector,
     features: &Tensor,
     prefix: &[u32],
     separator: &[u32],
-    stop_ids: &[u32],
-    max_new_tokens: usize,
-) -> Result<Vec<u32>> {
+) -> Result<Tensor> {
     let device = decoder.device();
     let visual = projector
         .forward(&features.to_dtype(decoder.dtype())?)?
@@ -537,7 +533,24 @@ pub fn generate_caption(
         let ids = Tensor::from_vec(separator.to_vec(), (1, separator.len()), device)?;
         parts.push(decoder.embed_tokens(&ids)?);
     }
-    let mut inputs = Tensor::cat(&parts, 1)?;
+    Ok(Tensor::cat(&parts, 1)?)
+}
+
+/// Greedy decoding of a caption for one image: `features` (1, n, d_v),
+/// `prefix` and `separator` the template's ids before and after the image.
+/// Stops at any of `stop_ids` or after `max_new_tokens`. The context is
+/// run once; each new token costs only its own position (a KV cache).
+pub fn generate_caption(
+    decoder: &FrozenDecoder,
+    projector: &Projector,
+    features: &Tensor,
+    prefix: &[u32],
+    separator: &[u32],
+    stop_ids: &[u32],
+    max_new_tokens: usize,
+) -> Result<Vec<u32>> {
+    let device = decoder.device();
+    let mut inputs = caption_context(decoder, projector, features, prefix, separator)?;
     let mut cache = KvCache::default();
     let mut out = Vec::new();
     for _ in 0..max_new_tokens {
@@ -555,4 +568,183 @@ pub fn generate_caption(
         inputs = decoder.embed_tokens(&Tensor::new(&[[next]], device)?)?;
     }
     Ok(out)
+}
+
+/// How a caption is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoding {
+    /// The likeliest token at every step ([`generate_caption`]).
+    Greedy,
+    /// Beam search over `width` hypotheses ([`beam_search_caption`]).
+    Beam { width: usize },
+}
+
+/// A caption's token ids for one image, decoded as `decoding` says (see
+/// [`generate_caption`] for the arguments).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_caption(
+    decoder: &FrozenDecoder,
+    projector: &Projector,
+    features: &Tensor,
+    prefix: &[u32],
+    separator: &[u32],
+    stop_ids: &[u32],
+    max_new_tokens: usize,
+    decoding: Decoding,
+) -> Result<Vec<u32>> {
+    match decoding {
+        Decoding::Greedy => generate_caption(
+            decoder,
+            projector,
+            features,
+            prefix,
+            separator,
+            stop_ids,
+            max_new_tokens,
+        ),
+        Decoding::Beam { width } => Ok(beam_search_caption(
+            decoder,
+            projector,
+            features,
+            prefix,
+            separator,
+            stop_ids,
+            max_new_tokens,
+            width,
+        )?
+        .ids),
+    }
+}
+
+/// A caption hypothesis: its tokens (without the stop token) and the sum
+/// of their log-probabilities (with the stop token's, once it ended).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hypothesis {
+    pub ids: Vec<u32>,
+    pub log_prob: f64,
+    /// Tokens scored: the caption's, plus one if it ended at a stop token.
+    pub scored: usize,
+}
+
+impl Hypothesis {
+    /// Log-probability per scored token (beam search's length-normalised
+    /// score, transformers' `length_penalty = 1`).
+    pub fn score(&self) -> f64 {
+        self.log_prob / self.scored.max(1) as f64
+    }
+}
+
+/// Beam search for one image's caption: `width` hypotheses advance
+/// together through the decoder as one batch, sharing the context's KV
+/// cache; a hypothesis that picks a stop token is finished. The search
+/// ends after `max_new_tokens` (live hypotheses then count as finished),
+/// or once `width` finished hypotheses are at least as good as the best
+/// live one could be at its current length (transformers' heuristic).
+/// Returns the best finished hypothesis by [`Hypothesis::score`]. Width 1
+/// is not greedy decoding: a finished hypothesis may lose to a longer one.
+#[allow(clippy::too_many_arguments)]
+pub fn beam_search_caption(
+    decoder: &FrozenDecoder,
+    projector: &Projector,
+    features: &Tensor,
+    prefix: &[u32],
+    separator: &[u32],
+    stop_ids: &[u32],
+    max_new_tokens: usize,
+    width: usize,
+) -> Result<Hypothesis> {
+    if width == 0 {
+        return Err(ModelError::InvalidInput("beam width 0".to_string()));
+    }
+    let device = decoder.device();
+    let mut inputs = caption_context(decoder, projector, features, prefix, separator)?;
+    let mut cache = KvCache::default();
+    let mut live = vec![Hypothesis {
+        ids: Vec::new(),
+        log_prob: 0.0,
+        scored: 0,
+    }];
+    let mut finished: Vec<Hypothesis> = Vec::new();
+    for _ in 0..max_new_tokens {
+        let logits = decoder.logits_cached(&inputs, &mut cache)?;
+        let t = logits.dims()[1];
+        let log_probs: Vec<Vec<f32>> = candle_nn::ops::log_softmax(
+            &logits
+                .narrow(1, t - 1, 1)?
+                .squeeze(1)?
+                .to_dtype(DType::F32)?,
+            1,
+        )?
+        .to_vec2()?;
+        // Each live hypothesis's best 2 * width continuations: enough for
+        // `width` of them not to stop.
+        let mut candidates: Vec<(f64, usize, u32)> = Vec::new();
+        for (row, lp) in log_probs.iter().enumerate() {
+            let mut order: Vec<u32> = (0..lp.len() as u32).collect();
+            let keep = (2 * width).min(order.len());
+            order.select_nth_unstable_by(keep.saturating_sub(1), |&a, &b| {
+                lp[b as usize].total_cmp(&lp[a as usize])
+            });
+            for &token in &order[..keep] {
+                candidates.push((
+                    live[row].log_prob + f64::from(lp[token as usize]),
+                    row,
+                    token,
+                ));
+            }
+        }
+        candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        let mut next = Vec::with_capacity(width);
+        let mut rows = Vec::with_capacity(width);
+        for (log_prob, row, token) in candidates {
+            if next.len() == width {
+                break;
+            }
+            let parent = &live[row];
+            if stop_ids.contains(&token) {
+                finished.push(Hypothesis {
+                    ids: parent.ids.clone(),
+                    log_prob,
+                    scored: parent.scored + 1,
+                });
+            } else {
+                let mut ids = parent.ids.clone();
+                ids.push(token);
+                next.push(Hypothesis {
+                    ids,
+                    log_prob,
+                    scored: parent.scored + 1,
+                });
+                rows.push(row);
+            }
+        }
+        live = next;
+        if live.is_empty() {
+            break;
+        }
+        finished.sort_by(|a, b| b.score().total_cmp(&a.score()));
+        finished.truncate(width);
+        let best_live = live
+            .iter()
+            .map(Hypothesis::score)
+            .fold(f64::NEG_INFINITY, f64::max);
+        if finished.len() == width && finished.iter().all(|h| h.score() >= best_live) {
+            live.clear();
+            break;
+        }
+        let index = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            device,
+        )?;
+        cache = cache.select(&index)?;
+        let tokens: Vec<u32> = live.iter().filter_map(|h| h.ids.last().copied()).collect();
+        let n = tokens.len();
+        inputs = decoder.embed_tokens(&Tensor::from_vec(tokens, (n, 1), device)?)?;
+    }
+    finished.extend(live);
+    finished
+        .into_iter()
+        .max_by(|a, b| a.score().total_cmp(&b.score()))
+        .ok_or_else(|| ModelError::InvalidInput("beam search produced nothing".to_string()))
 }

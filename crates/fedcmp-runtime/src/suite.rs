@@ -32,8 +32,8 @@
 use candle_core::Tensor;
 use fedcmp_data::cache::{FeatureCache, FeatureKey};
 use fedcmp_model::alignment::{
-    caption_scores, caption_scores_given_visual, continuation_scores, generate_caption,
-    AlignmentBatch, CaptionScore, CaptionTemplate, TokenizedCaptions,
+    caption_scores, caption_scores_given_visual, continuation_scores, decode_caption,
+    AlignmentBatch, CaptionScore, CaptionTemplate, Decoding, TokenizedCaptions,
 };
 use fedcmp_model::llm::decoder::FrozenDecoder;
 use fedcmp_model::projector::Projector;
@@ -438,17 +438,20 @@ impl Scorer<'_> {
         )?)
     }
 
-    /// A greedy caption for one cached image.
+    /// A caption for one cached image: it ends at a newline (the
+    /// template's end of caption), at any of the tokenizer's stop ids, or
+    /// after `max_tokens`.
     pub fn caption(
         &self,
         projector: &Projector,
         key: &FeatureKey,
         max_tokens: usize,
+        decoding: Decoding,
     ) -> Result<String> {
         let layout = TokenizedCaptions::new(self.tokenizer, self.template, &["x"])?;
         let mut stops = self.tokenizer.encode("\n")?;
         stops.extend(self.tokenizer.stop_ids());
-        let ids = generate_caption(
+        let ids = decode_caption(
             self.decoder,
             projector,
             &self.cache.batch(&[key])?,
@@ -456,6 +459,7 @@ impl Scorer<'_> {
             &layout.separator,
             &stops,
             max_tokens,
+            decoding,
         )?;
         Ok(self.tokenizer.decode(&ids)?.trim().to_string())
     }
@@ -583,8 +587,12 @@ pub fn evaluate(
         let part = std::time::Instant::now();
         for &i in &suite.checks[d] {
             let item = &suite.items[i];
-            let generated =
-                scorer.caption(projector, &item.sample.key, suite.config.max_caption_tokens)?;
+            let generated = scorer.caption(
+                projector,
+                &item.sample.key,
+                suite.config.max_caption_tokens,
+                Decoding::Greedy,
+            )?;
             if let (Some(label), false) = (item.label, domain.class_names.is_empty()) {
                 let named = named_class(&generated, &domain.class_names);
                 items.caption.push(named == Some(label as usize));

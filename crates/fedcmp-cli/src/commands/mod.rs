@@ -9,3 +9,4 @@ pub mod plot;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod use_saved;

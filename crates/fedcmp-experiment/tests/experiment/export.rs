@@ -64,9 +64,8 @@ fn a_comparison_cell_exports_in_both_layouts_and_reads_back() -> Result<()> {
     assert!(saved.label.ends_with("-fedavg-s0"), "{}", saved.label);
     assert_eq!(saved.settings.data.scenario, template.data.scenario);
     assert_eq!(saved.settings.data.backbones, template.data.backbones);
-    let params = saved.params()?;
-    let config = saved.config(&params)?;
-    let init = SavedProjector::locate(&out, &choice(Some("init"), 0))?.params()?;
+    let (config, params) = saved.load()?;
+    let (_, init) = SavedProjector::locate(&out, &choice(Some("init"), 0))?.load()?;
     assert!(
         params != init,
         "the trained cell differs from the untrained one"

@@ -8,3 +8,4 @@ mod grid;
 mod harness;
 mod runs;
 mod settings;
+mod use_saved;

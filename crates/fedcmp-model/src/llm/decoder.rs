@@ -292,6 +292,20 @@ impl KvCache {
         })
     }
 
+    /// The sequences at `rows` (a u32 index, repeats allowed), in that
+    /// order: beam search keeps the contexts of the hypotheses it keeps.
+    pub fn select(&self, rows: &Tensor) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((k.index_select(rows, 0)?, v.index_select(rows, 0)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            len: self.len,
+        })
+    }
+
     /// Positions held.
     pub fn len(&self) -> usize {
         self.len

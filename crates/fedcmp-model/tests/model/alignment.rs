@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use fedcmp_model::alignment::{
-    caption_loss, caption_scores, generate_caption, loss_and_grads, loss_and_grads_many,
-    train_step, AlignmentBatch, TokenizedCaptions,
+    beam_search_caption, caption_loss, caption_scores, generate_caption, loss_and_grads,
+    loss_and_grads_many, train_step, AlignmentBatch, TokenizedCaptions,
 };
 use fedcmp_model::llm::config::DecoderConfig;
 use fedcmp_model::llm::decoder::{FrozenDecoder, KvCache, LossTargets};
@@ -931,5 +931,106 @@ fn continuation_scores_equal_the_plain_forward() -> Result<()> {
     assert!(
         fedcmp_model::alignment::continuation_scores(&decoder, &contexts, &[vec![]], 0).is_err()
     );
+    Ok(())
+}
+
+/// Beam search against exhaustive search over every caption of at most two
+/// tokens (each scored by a full forward pass, no cache): with a width of
+/// the whole vocabulary it finds the best length-normalised caption; with
+/// width 3, a caption whose reported log-probability is its true one and
+/// whose score is at most the best.
+#[test]
+fn beam_search_matches_exhaustive_search_over_short_captions() -> Result<()> {
+    let decoder = tiny_decoder(DecoderConfig::tiny(VOCAB), DType::F64)?;
+    let d = decoder.config().hidden_size;
+    let projector = Projector::new(
+        ProjectorConfig {
+            kind: ProjectorKind::Mlp2xGelu,
+            input_dim: 6,
+            output_dim: d,
+        },
+        8,
+        DType::F64,
+        &Device::Cpu,
+    )?;
+    let features = random_tensor(&[1, 4, 6], 9, DType::F64)?;
+    let (prefix, separator) = ([1u32, 5], [2u32]);
+    let embed = |ids: &[u32]| -> Result<Tensor> {
+        Ok(decoder.embed_tokens(&Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?)?)
+    };
+    let context = Tensor::cat(
+        &[
+            embed(&prefix)?,
+            projector.forward(&features)?,
+            embed(&separator)?,
+        ],
+        1,
+    )?;
+    let next_log_probs = |seq: &Tensor| -> Result<Vec<f64>> {
+        let logits = decoder.logits(seq)?;
+        let t = logits.dims()[1];
+        Ok(
+            candle_nn::ops::log_softmax(&logits.narrow(1, t - 1, 1)?.flatten_all()?, 0)?
+                .to_vec1()?,
+        )
+    };
+    // Two stop tokens: the third and the eighth likeliest first token, so
+    // that stopping early is a contender but not a sure winner.
+    let first = next_log_probs(&context)?;
+    let mut order: Vec<usize> = (0..first.len()).collect();
+    order.sort_by(|&a, &b| first[b].total_cmp(&first[a]));
+    let stops = [order[2] as u32, order[7] as u32];
+    // Every caption: (tokens, log-probability, scored tokens).
+    let mut all: Vec<(Vec<u32>, f64, usize)> = Vec::new();
+    for a in 0..first.len() as u32 {
+        if stops.contains(&a) {
+            all.push((vec![], first[a as usize], 1));
+            continue;
+        }
+        let second = next_log_probs(&Tensor::cat(&[context.clone(), embed(&[a])?], 1)?)?;
+        for b in 0..second.len() as u32 {
+            let lp = first[a as usize] + second[b as usize];
+            if stops.contains(&b) {
+                all.push((vec![a], lp, 2));
+            } else {
+                all.push((vec![a, b], lp, 2));
+            }
+        }
+    }
+    let score = |c: &(Vec<u32>, f64, usize)| c.1 / c.2 as f64;
+    let best = all
+        .iter()
+        .max_by(|x, y| score(x).total_cmp(&score(y)))
+        .ok_or_else(|| anyhow::anyhow!("no caption"))?;
+
+    let search = |width: usize| {
+        beam_search_caption(
+            &decoder, &projector, &features, &prefix, &separator, &stops, 2, width,
+        )
+    };
+    let wide = search(VOCAB)?;
+    assert_eq!(wide.ids, best.0);
+    assert_eq!(
+        wide.ids.len(),
+        2,
+        "the best caption here runs to the length limit"
+    );
+    assert!(
+        (wide.score() - score(best)).abs() < 1e-5,
+        "{} vs {}",
+        wide.score(),
+        score(best)
+    );
+
+    // Its log-probability is that of one caption with its tokens (captions
+    // that stop at different stop tokens share their tokens).
+    let narrow = search(3)?;
+    let closest = all
+        .iter()
+        .filter(|c| c.0 == narrow.ids && c.2 == narrow.scored)
+        .map(|c| (c.1 - narrow.log_prob).abs())
+        .fold(f64::INFINITY, f64::min);
+    assert!(closest < 1e-5, "{narrow:?}: off by {closest}");
+    assert!(narrow.score() <= score(best) + 1e-6);
     Ok(())
 }

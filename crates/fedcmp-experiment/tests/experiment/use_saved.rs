@@ -1,0 +1,106 @@
+//! Using a saved projector: the evaluation suite run again on a saved
+//! projector (a run folder's, a comparison cell's) reproduces the numbers
+//! its run reported, and captions for image files skip unreadable ones
+//! with their reason.
+
+use anyhow::{Context, Result};
+use fedcmp_experiment::compare::{self, Method, Plan};
+use fedcmp_experiment::run_folder::{run_on, Measured};
+use fedcmp_experiment::saved::{CellChoice, SavedProjector};
+use fedcmp_experiment::use_saved::{caption_images, evaluate_saved, CaptionOptions, Decoding};
+use fedcmp_experiment::{RunOptions, Silent};
+use fedcmp_runtime::suite::SuiteConfig;
+
+use crate::runs::{small_suite, world};
+
+#[test]
+fn eval_of_a_saved_projector_reproduces_what_its_run_reported() -> Result<()> {
+    let w = world()?;
+    // A run folder (its suite: the defaults).
+    let settings = w.settings(RunOptions::default())?;
+    let experiment = fedcmp_experiment::Experiment::assemble(
+        &w.cache(),
+        &settings.data,
+        SuiteConfig::default(),
+        &Silent,
+    )?;
+    let report = run_on(&experiment, &settings, false, &Silent)?;
+    let Measured::Trained(trained) = &report.measured else {
+        anyhow::bail!("no training");
+    };
+    let saved = SavedProjector::locate(&report.folder.dir, &CellChoice::default())?;
+    let (scenario, again) = evaluate_saved(&w.cache(), &saved, None, &Silent)?;
+    assert_eq!(scenario, experiment.scenario.name);
+    assert!(
+        again == trained.suite.r#final,
+        "the run folder's final suite, again"
+    );
+    assert!(again != trained.suite.init);
+
+    // A comparison cell (its suite: the comparison's pinned sizes).
+    let out = w.dir.path().join("compare");
+    let plan = Plan {
+        scenarios: vec![settings.data.scenario.clone()],
+        methods: vec![Method::parse("fedavg")?],
+        seeds: std::num::NonZeroU64::MIN,
+        grid: 1,
+        jobs: std::num::NonZeroUsize::MIN,
+        suite: small_suite(),
+        out: out.clone(),
+    };
+    let comparison = compare::run(&w.cache(), &settings, &plan, &Silent)?;
+    let cell_suite = comparison.reported[0]
+        .suite
+        .clone()
+        .context("a reported cell has a suite")?;
+    let saved = SavedProjector::locate(
+        &out,
+        &CellChoice {
+            method: Some("fedavg".into()),
+            ..CellChoice::default()
+        },
+    )?;
+    assert_eq!(saved.suite, small_suite());
+    let (_, again) = evaluate_saved(&w.cache(), &saved, None, &Silent)?;
+    assert!(again == cell_suite, "the cell's suite, again");
+    Ok(())
+}
+
+#[test]
+fn captions_for_image_files_skip_the_unreadable_ones() -> Result<()> {
+    let w = world()?;
+    let settings = w.settings(RunOptions::default())?;
+    let experiment = w.experiment(&settings)?;
+    run_on(&experiment, &settings, false, &Silent)?;
+    let dir = settings
+        .out
+        .join(format!("{}-fedavg-s0", experiment.scenario.name));
+    let saved = SavedProjector::locate(&dir, &CellChoice::default())?;
+
+    let images = w.dir.path().join("images");
+    let corrupt = w.dir.path().join("corrupt.png");
+    std::fs::write(&corrupt, b"\x89PNG\r\n\x1a\n but no more")?;
+    let given = vec![
+        images.join("0.png"),
+        corrupt.clone(),
+        images.join("40.png"),
+        w.dir.path().join("missing.png"),
+    ];
+    for decoding in [Decoding::Greedy, Decoding::Beam { width: 3 }] {
+        let options = CaptionOptions {
+            decoding,
+            max_tokens: 5,
+        };
+        let captions = caption_images(&w.cache(), &saved, &given, options, &Silent)?;
+        let order: Vec<_> = captions.iter().map(|c| c.image.clone()).collect();
+        assert_eq!(order, given, "in the order given");
+        assert!(captions[0].caption.is_ok() && captions[2].caption.is_ok());
+        let why = |i: usize| captions[i].caption.clone().err().unwrap_or_default();
+        assert!(why(1).contains("undecodable image"), "{}", why(1));
+        assert!(why(3).contains("missing image"), "{}", why(3));
+        // The same image, the same caption (deterministic decoding).
+        let again = caption_images(&w.cache(), &saved, &given[..1], options, &Silent)?;
+        assert_eq!(again[0].caption, captions[0].caption);
+    }
+    Ok(())
+}
