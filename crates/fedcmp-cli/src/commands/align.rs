@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 use fedcmp_assets::cache_root;
+use fedcmp_experiment::backbones::VisionChoice;
 use fedcmp_experiment::pilot::write_fashion_scenario;
 use fedcmp_experiment::run_folder::{self, Measured};
 use fedcmp_experiment::settings::{RunOptions, TrainingKind};
@@ -50,6 +51,13 @@ pub struct AlignArgs {
     /// Decoder LLM: a .gguf file or a Hugging Face folder (default: SmolLM2-135M from the cache).
     #[arg(long)]
     pub llm: Option<PathBuf>,
+    /// Vision encoder: mobilenet-v2, or a Hugging Face CLIP or SigLIP model
+    /// folder (its own image size; --image-size then does not apply).
+    #[arg(long, value_parser = |s: &str| s.parse::<VisionChoice>())]
+    pub vision: Option<VisionChoice>,
+    /// A CLIP/SigLIP folder's feature layer [default: -2].
+    #[arg(long, allow_hyphen_values = true)]
+    pub vision_feature_layer: Option<i32>,
     /// Folder for the scenario file and the run folder.
     #[arg(long, default_value = "runs/align")]
     pub out: PathBuf,
@@ -74,7 +82,12 @@ pub fn run(cache_dir: Option<PathBuf>, args: &AlignArgs) -> Result<()> {
         projector: Some(args.projector.clone()),
         eval_every: Some(1),
         llm: args.llm.clone(),
-        image_size: Some(args.image_size),
+        image_size: match &args.vision {
+            Some(VisionChoice::Folder(_)) => None,
+            _ => Some(args.image_size),
+        },
+        vision: args.vision.clone(),
+        vision_feature_layer: args.vision_feature_layer,
         out: Some(args.out.clone()),
         ..RunOptions::default()
     };

@@ -173,7 +173,7 @@ fn a_linear_projector_exports_to_llava_only() -> Result<()> {
 #[ignore = "needs PyTorch and transformers: bash bench/setup_torch_venv.sh"]
 fn transformers_loads_the_hf_export() -> Result<()> {
     use candle_core::{DType, Device, Tensor};
-    use fedcmp_experiment::export::write_layout;
+    use fedcmp_experiment::export::{write_layout, LayoutShape};
     use fedcmp_model::projector::{Projector, ProjectorConfig};
     use fedcmp_model::vision::vit::{load_vit, VitOptions};
     use fedcmp_model::vision::VisionEncoder;
@@ -201,7 +201,10 @@ fn transformers_loads_the_hf_export() -> Result<()> {
         ExportFormat::HfLlava,
         &projector_params(&projector)?,
         &config,
-        Some(encoder.num_patches()),
+        LayoutShape {
+            visual_tokens: Some(encoder.num_patches()),
+            feature_layer: Some(-2),
+        },
         &serde_json::json!({}),
         &export_dir,
     )?;

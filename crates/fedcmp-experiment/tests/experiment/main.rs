@@ -9,3 +9,4 @@ mod harness;
 mod runs;
 mod settings;
 mod use_saved;
+mod vision;

@@ -45,7 +45,15 @@ impl World {
 
     /// Settings for a run on this world with `extra` options on top.
     pub(crate) fn settings(&self, extra: RunOptions) -> Result<RunSettings> {
-        let base = RunOptions {
+        let layers = Layers::new()
+            .defaults("the test world", &self.options()?)?
+            .flags(&extra)?;
+        Ok(RunSettings::resolve(&layers)?)
+    }
+
+    /// The options every run on this world starts from.
+    pub(crate) fn options(&self) -> Result<RunOptions> {
+        Ok(RunOptions {
             scenario: Some(self.scenario.display().to_string()),
             llm: Some(self.gguf.clone()),
             vision: Some(VisionChoice::PatchMeans),
@@ -57,11 +65,7 @@ impl World {
             checkpoint_every: Some(1),
             out: Some(self.dir.path().join("runs")),
             ..RunOptions::default()
-        };
-        let layers = Layers::new()
-            .defaults("the test world", &base)?
-            .flags(&extra)?;
-        Ok(RunSettings::resolve(&layers)?)
+        })
     }
 
     pub(crate) fn experiment(&self, settings: &RunSettings) -> Result<Experiment> {

@@ -47,6 +47,7 @@ fn every_option_key_is_listed_and_maps_to_its_variable() -> Result<()> {
         clients_per_pass: Some(2),
         llm: Some("x.gguf".into()),
         vision: Some(Default::default()),
+        vision_feature_layer: Some(-2),
         image_size: Some(1),
         visual_tokens: Some(4),
         out: Some("o".into()),
@@ -332,6 +333,7 @@ fn a_settings_file_names_every_resolved_value() -> Result<()> {
             "llm",
             "captions",
             "visual-tokens",
+            "vision-feature-layer",
         ]
         .contains(&key);
         assert_eq!(table.contains_key(key), !optional, "{key} in\n{text}");
