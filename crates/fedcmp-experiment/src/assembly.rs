@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use fedcmp_core::ClientId;
-use fedcmp_data::cache::FeatureCache;
+use fedcmp_data::cache::{FeatureCache, FeatureKey};
+use fedcmp_data::record::Corpus;
 use fedcmp_data::scenario::Scenario;
 use fedcmp_model::alignment::CaptionTemplate;
 use fedcmp_model::llm::decoder::FrozenDecoder;
@@ -94,30 +95,8 @@ impl Experiment {
             .collect();
         let test: Vec<Sample> = splits.test.iter().filter_map(|&i| sample(i)).collect();
 
-        // Domains in order of first appearance among the sources.
-        let mut names: Vec<String> = Vec::new();
-        for r in &corpus.records {
-            if !names.contains(&r.source) {
-                names.push(r.source.clone());
-            }
-        }
-        let domains: Vec<Domain> = names
-            .iter()
-            .map(|n| Domain {
-                name: n.clone(),
-                class_names: corpus.label_names.get(n).cloned().unwrap_or_default(),
-                class_prompts: corpus.class_prompts(n).unwrap_or_default(),
-            })
-            .collect();
-        let item = |i: usize| -> Option<Item> {
-            let record = &corpus.records[i];
-            Some(Item {
-                id: record.id.clone(),
-                sample: sample(i)?,
-                domain: names.iter().position(|n| *n == record.source)?,
-                label: record.label,
-            })
-        };
+        let domains = evaluation_domains(corpus);
+        let item = |i: usize| evaluation_item(corpus, &keys, &domains, i);
         let items = splits.test.iter().filter_map(|&i| item(i)).collect();
         let train_items = splits.train.iter().filter_map(|&i| item(i)).collect();
         let validation_items = splits.validation.iter().filter_map(|&i| item(i)).collect();
@@ -184,6 +163,45 @@ impl Experiment {
             cache: &self.cache,
         }
     }
+}
+
+/// The evaluation domains of `corpus`: its sources in order of first
+/// appearance, with their class names and zero-shot prompts.
+pub(crate) fn evaluation_domains(corpus: &Corpus) -> Vec<Domain> {
+    let mut names: Vec<&String> = Vec::new();
+    for r in &corpus.records {
+        if !names.contains(&&r.source) {
+            names.push(&r.source);
+        }
+    }
+    names
+        .into_iter()
+        .map(|n| Domain {
+            name: n.clone(),
+            class_names: corpus.label_names.get(n).cloned().unwrap_or_default(),
+            class_prompts: corpus.class_prompts(n).unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// Record `i` of `corpus` as an evaluation item (None when its image was
+/// skipped: no key).
+pub(crate) fn evaluation_item(
+    corpus: &Corpus,
+    keys: &[Option<FeatureKey>],
+    domains: &[Domain],
+    i: usize,
+) -> Option<Item> {
+    let record = corpus.records.get(i)?;
+    Some(Item {
+        id: record.id.clone(),
+        sample: Sample {
+            key: keys.get(i).cloned().flatten()?,
+            caption: record.caption.clone(),
+        },
+        domain: domains.iter().position(|d| d.name == record.source)?,
+        label: record.label,
+    })
 }
 
 /// How `data` lays a pair out: LLaVA's plain template with its separator.

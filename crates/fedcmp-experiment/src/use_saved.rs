@@ -1,17 +1,19 @@
 //! Using a saved projector: captions for a user's own images (`fedcmp
-//! caption`) and the evaluation suite on a scenario's test split (`fedcmp
-//! eval`), with the backbones and caption layout it was trained with.
+//! caption`) and the evaluation suite (`fedcmp eval`) on a scenario's test
+//! split or on every pair of a manifest, with the backbones and caption
+//! layout it was trained with.
 
 use std::path::{Path, PathBuf};
 
-use fedcmp_data::corpus::load_image;
-use fedcmp_data::record::{ImageSource, Record};
+use fedcmp_data::corpus::{load_image, load_source, SourceEnv, SourceSpec};
+use fedcmp_data::record::{ImageSource, Record, SkipReport};
 pub use fedcmp_model::alignment::Decoding;
 use fedcmp_model::projector::Projector;
 use fedcmp_runtime::convert::load_projector;
-use fedcmp_runtime::suite::{evaluate, Scorer, SuiteReport};
+use fedcmp_runtime::suite::{evaluate, Scorer, Suite, SuiteReport};
+use serde::Deserialize;
 
-use crate::assembly::{caption_template, fresh_projector};
+use crate::assembly::{caption_template, evaluation_domains, evaluation_item, fresh_projector};
 use crate::backbones::{self, Backbones};
 use crate::events::{Observer, Stage};
 use crate::saved::SavedProjector;
@@ -147,4 +149,93 @@ pub fn evaluate_saved(
         &mut |_| {},
     )?;
     Ok((experiment.scenario.name.clone(), report))
+}
+
+/// What a manifest evaluation scored, and what it could not.
+#[derive(Debug, Clone)]
+pub struct ManifestEvaluation {
+    pub report: SuiteReport,
+    /// Pairs scored (images that decoded, captions that were not empty).
+    pub pairs: usize,
+    /// Records the manifest's reader skipped, and images the encoder could
+    /// not read, with file and line.
+    pub skipped: SkipReport,
+}
+
+/// The source kind a manifest file's extension names.
+fn manifest_spec(manifest: &Path) -> Result<SourceSpec> {
+    let kind = match manifest.extension().and_then(|e| e.to_str()) {
+        Some("jsonl") => "jsonl",
+        Some("csv" | "tsv") => "csv",
+        Some("json") => "llava-json",
+        _ => {
+            return Err(ExperimentError::File {
+                path: manifest.to_path_buf(),
+                message: "expected a .jsonl or .csv manifest (columns image, caption, optional \
+                          label and source) or a LLaVA .json file"
+                    .into(),
+            })
+        }
+    };
+    let mut table = toml::Table::new();
+    table.insert("kind".into(), kind.into());
+    table.insert("path".into(), manifest.display().to_string().into());
+    SourceSpec::deserialize(toml::Value::Table(table)).map_err(|e| ExperimentError::File {
+        path: manifest.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// The evaluation suite of the saved projector on every pair of
+/// `manifest` (a site's own held-out data): caption NLL per source, and
+/// where the manifest has labels, calibrated zero-shot accuracy (prompts
+/// `A photo of {label}.`) and captions that name the class. The "no image"
+/// calibration uses the mean visual token of the manifest's own images.
+/// Relative image paths start at the manifest's folder.
+pub fn evaluate_manifest(
+    root: &Path,
+    saved: &SavedProjector,
+    manifest: &Path,
+    observer: &dyn Observer,
+) -> Result<ManifestEvaluation> {
+    let spec = manifest_spec(manifest)?;
+    let env = SourceEnv::new(root);
+    let corpus = load_source(&spec, &env)?;
+    let data = &saved.settings.data;
+    let Backbones {
+        decoder,
+        tokenizer,
+        encoder,
+    } = backbones::load(root, &data.backbones, observer)?;
+    let projector = projector_for(saved, encoder.feature_dim(), decoder.config().hidden_size)?;
+    let mut cache = backbones::served_cache(root, encoder.as_ref(), data.backbones.visual_tokens)?;
+    let report = cache.ensure(&corpus.records, encoder.as_ref(), 32, &mut |_| {})?;
+    let mut skipped = corpus.skipped.clone();
+    skipped.merge(report.skipped.clone());
+    let domains = evaluation_domains(&corpus);
+    let items: Vec<_> = (0..corpus.records.len())
+        .filter_map(|i| evaluation_item(&corpus, &report.keys, &domains, i))
+        .collect();
+    if items.is_empty() {
+        return Err(ExperimentError::File {
+            path: manifest.to_path_buf(),
+            message: format!("no usable pair ({} skipped)", skipped.total()),
+        });
+    }
+    let calibration = items.iter().map(|item| item.sample.key.clone()).collect();
+    let pairs = items.len();
+    let suite = Suite::new(domains, items, calibration, saved.suite)?;
+    let template = caption_template(data);
+    let scorer = Scorer {
+        decoder: &decoder,
+        tokenizer: &tokenizer,
+        template: &template,
+        cache: &cache,
+    };
+    let report = evaluate(&scorer, &projector, &suite, &mut |_| {})?;
+    Ok(ManifestEvaluation {
+        report,
+        pairs,
+        skipped,
+    })
 }

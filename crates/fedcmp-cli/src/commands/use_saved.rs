@@ -8,7 +8,9 @@ use anyhow::Result;
 use clap::Args;
 use fedcmp_assets::cache_root;
 use fedcmp_experiment::saved::{CellChoice, SavedProjector};
-use fedcmp_experiment::use_saved::{caption_images, evaluate_saved, CaptionOptions, Decoding};
+use fedcmp_experiment::use_saved::{
+    caption_images, evaluate_manifest, evaluate_saved, CaptionOptions, Decoding,
+};
 
 use super::export::ProjectorArgs;
 use super::report::print_suite;
@@ -74,8 +76,13 @@ pub struct EvalArgs {
     /// scenario file) [default: the one the projector was trained on]; in
     /// a comparison folder it also picks the cell when the folder has cells
     /// of it.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "manifest")]
     pub scenario: Option<String>,
+    /// Evaluate on every pair of this manifest instead (a .jsonl or .csv
+    /// with columns image, caption, optional label and source; or a LLaVA
+    /// .json): a site's own held-out data.
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
 }
 
 pub fn eval(cache_dir: Option<PathBuf>, args: &EvalArgs) -> Result<()> {
@@ -91,6 +98,32 @@ pub fn eval(cache_dir: Option<PathBuf>, args: &EvalArgs) -> Result<()> {
     )?;
     let root = cache_root(cache_dir)?;
     let progress = Progress::default();
+    if let Some(manifest) = &args.manifest {
+        let outcome = evaluate_manifest(&root, &saved, manifest, &progress)?;
+        progress.finish();
+        println!(
+            "projector {} ({}) on {} pairs of {}:",
+            saved.label,
+            saved.file.display(),
+            outcome.pairs,
+            manifest.display()
+        );
+        print_suite(&[(saved.label.as_str(), &outcome.report)]);
+        let skipped = &outcome.skipped;
+        if skipped.total() > 0 {
+            let counts: Vec<String> = skipped
+                .counts()
+                .iter()
+                .map(|(kind, n)| format!("{n} {kind}"))
+                .collect();
+            println!("skipped: {}", counts.join(", "));
+            for ex in skipped.examples() {
+                let line = ex.line.map(|l| format!(":{l}")).unwrap_or_default();
+                println!("  {}{line}: {}", ex.file.display(), ex.message);
+            }
+        }
+        return Ok(());
+    }
     let (scenario, report) = evaluate_saved(&root, &saved, args.scenario.as_deref(), &progress)?;
     progress.finish();
     println!(

@@ -104,3 +104,62 @@ fn captions_for_image_files_skip_the_unreadable_ones() -> Result<()> {
     }
     Ok(())
 }
+
+/// A site's own manifest: every usable pair is scored (per source, with
+/// zero-shot where it has labels); malformed lines and missing images are
+/// skipped and reported with file and line.
+#[test]
+fn eval_on_a_manifest_scores_every_usable_pair_and_reports_the_rest() -> Result<()> {
+    use fedcmp_experiment::use_saved::evaluate_manifest;
+    let w = world()?;
+    let settings = w.settings(RunOptions::default())?;
+    let experiment = w.experiment(&settings)?;
+    run_on(&experiment, &settings, false, &Silent)?;
+    let dir = settings
+        .out
+        .join(format!("{}-fedavg-s0", experiment.scenario.name));
+    let saved = SavedProjector::locate(&dir, &CellChoice::default())?;
+
+    let site = w.dir.path().join("site");
+    std::fs::create_dir_all(&site)?;
+    let mut lines = Vec::new();
+    for i in 0..6 {
+        let label = if i % 2 == 0 { "day" } else { "night" };
+        let image = w.dir.path().join(format!("images/{i}.png"));
+        lines.push(
+            serde_json::json!({"image": image, "caption": format!("{label}."),
+                                      "label": label, "source": "my-site"})
+            .to_string(),
+        );
+    }
+    lines.push("{\"image\": \"x.png\", \"caption\": ".to_string());
+    lines.push(serde_json::json!({"image": "missing.png", "caption": "day."}).to_string());
+    let manifest = site.join("held-out.jsonl");
+    std::fs::write(&manifest, lines.join("\n") + "\n")?;
+
+    let outcome = evaluate_manifest(&w.cache(), &saved, &manifest, &Silent)?;
+    assert_eq!(outcome.pairs, 6);
+    assert_eq!(outcome.skipped.total(), 2);
+    let lines_named: Vec<Option<usize>> =
+        outcome.skipped.examples().iter().map(|e| e.line).collect();
+    assert!(
+        lines_named.contains(&Some(7)) && lines_named.contains(&Some(8)),
+        "{lines_named:?}"
+    );
+    let report = &outcome.report;
+    assert_eq!(report.domains.len(), 1);
+    assert!(report.macro_nll.is_finite());
+    assert!(
+        report.macro_zero_shot_accuracy.is_some(),
+        "labels give zero-shot"
+    );
+    let again = evaluate_manifest(&w.cache(), &saved, &manifest, &Silent)?;
+    assert!(again.report == outcome.report, "deterministic");
+
+    let msg = evaluate_manifest(&w.cache(), &saved, &site.join("pairs.txt"), &Silent)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(msg.contains("expected a .jsonl or .csv manifest"), "{msg}");
+    Ok(())
+}
