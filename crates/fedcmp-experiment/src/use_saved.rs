@@ -5,8 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
+use fedcmp_data::cache::FeatureCache;
 use fedcmp_data::corpus::{load_image, load_source, SourceEnv, SourceSpec};
 use fedcmp_data::record::{ImageSource, Record, SkipReport};
+use fedcmp_model::alignment::CaptionTemplate;
 pub use fedcmp_model::alignment::Decoding;
 use fedcmp_model::projector::Projector;
 use fedcmp_runtime::convert::load_projector;
@@ -54,6 +56,47 @@ fn projector_for(saved: &SavedProjector, feature_dim: usize, hidden: usize) -> R
     Ok(projector)
 }
 
+/// A saved projector between the backbones of its settings, with their
+/// feature cache and the run's caption layout.
+struct Ready {
+    backbones: Backbones,
+    projector: Projector,
+    cache: FeatureCache,
+    template: CaptionTemplate,
+}
+
+impl Ready {
+    fn load(root: &Path, saved: &SavedProjector, observer: &dyn Observer) -> Result<Self> {
+        let data = &saved.settings.data;
+        let backbones = backbones::load(root, &data.backbones, observer)?;
+        let projector = projector_for(
+            saved,
+            backbones.encoder.feature_dim(),
+            backbones.decoder.config().hidden_size,
+        )?;
+        let cache = backbones::served_cache(
+            root,
+            backbones.encoder.as_ref(),
+            data.backbones.visual_tokens,
+        )?;
+        Ok(Self {
+            backbones,
+            projector,
+            cache,
+            template: caption_template(data),
+        })
+    }
+
+    fn scorer(&self) -> Scorer<'_> {
+        Scorer {
+            decoder: &self.backbones.decoder,
+            tokenizer: &self.backbones.tokenizer,
+            template: &self.template,
+            cache: &self.cache,
+        }
+    }
+}
+
 /// Captions `images` with the saved projector: each image goes through the
 /// run's vision encoder (and its feature cache under `root`), its visual
 /// tokens after the run's prefix and before its separator, then the decoder
@@ -65,13 +108,7 @@ pub fn caption_images(
     options: CaptionOptions,
     observer: &dyn Observer,
 ) -> Result<Vec<ImageCaption>> {
-    let data = &saved.settings.data;
-    let Backbones {
-        decoder,
-        tokenizer,
-        encoder,
-    } = backbones::load(root, &data.backbones, observer)?;
-    let projector = projector_for(saved, encoder.feature_dim(), decoder.config().hidden_size)?;
+    let mut ready = Ready::load(root, saved, observer)?;
     let mut out: Vec<ImageCaption> = Vec::with_capacity(images.len());
     let mut records = Vec::new();
     for image in images {
@@ -89,21 +126,14 @@ pub fn caption_images(
             }),
         }
     }
-    let mut cache = backbones::served_cache(root, encoder.as_ref(), data.backbones.visual_tokens)?;
     let keys = backbones::cache_features(
-        &mut cache,
-        encoder.as_ref(),
+        &mut ready.cache,
+        ready.backbones.encoder.as_ref(),
         &records,
         Stage::Encode,
         observer,
     )?;
-    let template = caption_template(data);
-    let scorer = Scorer {
-        decoder: &decoder,
-        tokenizer: &tokenizer,
-        template: &template,
-        cache: &cache,
-    };
+    let scorer = ready.scorer();
     for (record, key) in records.iter().zip(keys) {
         let image = match &record.image {
             ImageSource::File(path) => path.clone(),
@@ -111,7 +141,7 @@ pub fn caption_images(
         };
         let caption = match key {
             Some(key) => {
-                Ok(scorer.caption(&projector, &key, options.max_tokens, options.decoding)?)
+                Ok(scorer.caption(&ready.projector, &key, options.max_tokens, options.decoding)?)
             }
             None => Err("skipped: the encoder could not read it (see the log)".to_string()),
         };
@@ -201,15 +231,13 @@ pub fn evaluate_manifest(
     let spec = manifest_spec(manifest)?;
     let env = SourceEnv::new(root);
     let corpus = load_source(&spec, &env)?;
-    let data = &saved.settings.data;
-    let Backbones {
-        decoder,
-        tokenizer,
-        encoder,
-    } = backbones::load(root, &data.backbones, observer)?;
-    let projector = projector_for(saved, encoder.feature_dim(), decoder.config().hidden_size)?;
-    let mut cache = backbones::served_cache(root, encoder.as_ref(), data.backbones.visual_tokens)?;
-    let report = cache.ensure(&corpus.records, encoder.as_ref(), 32, &mut |_| {})?;
+    let mut ready = Ready::load(root, saved, observer)?;
+    let report = ready.cache.ensure(
+        &corpus.records,
+        ready.backbones.encoder.as_ref(),
+        32,
+        &mut |_| {},
+    )?;
     let mut skipped = corpus.skipped.clone();
     skipped.merge(report.skipped.clone());
     let domains = evaluation_domains(&corpus);
@@ -225,14 +253,7 @@ pub fn evaluate_manifest(
     let calibration = items.iter().map(|item| item.sample.key.clone()).collect();
     let pairs = items.len();
     let suite = Suite::new(domains, items, calibration, saved.suite)?;
-    let template = caption_template(data);
-    let scorer = Scorer {
-        decoder: &decoder,
-        tokenizer: &tokenizer,
-        template: &template,
-        cache: &cache,
-    };
-    let report = evaluate(&scorer, &projector, &suite, &mut |_| {})?;
+    let report = evaluate(&ready.scorer(), &ready.projector, &suite, &mut |_| {})?;
     Ok(ManifestEvaluation {
         report,
         pairs,

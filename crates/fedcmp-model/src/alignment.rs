@@ -510,15 +510,26 @@ pub fn train_step(
     Ok(out)
 }
 
+/// What a caption continues and where it stops: the template's ids
+/// before (`prefix`) and after (`separator`) the image's visual tokens; it
+/// ends at any of `stop_ids` or after `max_new_tokens`.
+#[derive(Debug, Clone, Copy)]
+pub struct CaptionPrompt<'a> {
+    pub prefix: &'a [u32],
+    pub separator: &'a [u32],
+    pub stop_ids: &'a [u32],
+    pub max_new_tokens: usize,
+}
+
 /// The context a caption continues: `prefix`, the image's visual tokens,
 /// `separator`, embedded as (1, len, d).
 fn caption_context(
     decoder: &FrozenDecoder,
     projector: &Projector,
     features: &Tensor,
-    prefix: &[u32],
-    separator: &[u32],
+    prompt: &CaptionPrompt<'_>,
 ) -> Result<Tensor> {
+    let (prefix, separator) = (prompt.prefix, prompt.separator);
     let device = decoder.device();
     let visual = projector
         .forward(&features.to_dtype(decoder.dtype())?)?
@@ -536,24 +547,20 @@ fn caption_context(
     Ok(Tensor::cat(&parts, 1)?)
 }
 
-/// Greedy decoding of a caption for one image: `features` (1, n, d_v),
-/// `prefix` and `separator` the template's ids before and after the image.
-/// Stops at any of `stop_ids` or after `max_new_tokens`. The context is
-/// run once; each new token costs only its own position (a KV cache).
+/// Greedy decoding of a caption for one image's `features` (1, n, d_v).
+/// The context is run once; each new token costs only its own position (a
+/// KV cache).
 pub fn generate_caption(
     decoder: &FrozenDecoder,
     projector: &Projector,
     features: &Tensor,
-    prefix: &[u32],
-    separator: &[u32],
-    stop_ids: &[u32],
-    max_new_tokens: usize,
+    prompt: &CaptionPrompt<'_>,
 ) -> Result<Vec<u32>> {
     let device = decoder.device();
-    let mut inputs = caption_context(decoder, projector, features, prefix, separator)?;
+    let mut inputs = caption_context(decoder, projector, features, prompt)?;
     let mut cache = KvCache::default();
     let mut out = Vec::new();
-    for _ in 0..max_new_tokens {
+    for _ in 0..prompt.max_new_tokens {
         let logits = decoder.logits_cached(&inputs, &mut cache)?;
         let t = logits.dims()[1];
         let next = logits
@@ -561,7 +568,7 @@ pub fn generate_caption(
             .flatten_all()?
             .argmax(0)?
             .to_scalar::<u32>()?;
-        if stop_ids.contains(&next) {
+        if prompt.stop_ids.contains(&next) {
             break;
         }
         out.push(next);
@@ -579,40 +586,19 @@ pub enum Decoding {
     Beam { width: usize },
 }
 
-/// A caption's token ids for one image, decoded as `decoding` says (see
-/// [`generate_caption`] for the arguments).
-#[allow(clippy::too_many_arguments)]
+/// A caption's token ids for one image, decoded as `decoding` says.
 pub fn decode_caption(
     decoder: &FrozenDecoder,
     projector: &Projector,
     features: &Tensor,
-    prefix: &[u32],
-    separator: &[u32],
-    stop_ids: &[u32],
-    max_new_tokens: usize,
+    prompt: &CaptionPrompt<'_>,
     decoding: Decoding,
 ) -> Result<Vec<u32>> {
     match decoding {
-        Decoding::Greedy => generate_caption(
-            decoder,
-            projector,
-            features,
-            prefix,
-            separator,
-            stop_ids,
-            max_new_tokens,
-        ),
-        Decoding::Beam { width } => Ok(beam_search_caption(
-            decoder,
-            projector,
-            features,
-            prefix,
-            separator,
-            stop_ids,
-            max_new_tokens,
-            width,
-        )?
-        .ids),
+        Decoding::Greedy => generate_caption(decoder, projector, features, prompt),
+        Decoding::Beam { width } => {
+            Ok(beam_search_caption(decoder, projector, features, prompt, width)?.ids)
+        }
     }
 }
 
@@ -642,22 +628,18 @@ impl Hypothesis {
 /// live one could be at its current length (transformers' heuristic).
 /// Returns the best finished hypothesis by [`Hypothesis::score`]. Width 1
 /// is not greedy decoding: a finished hypothesis may lose to a longer one.
-#[allow(clippy::too_many_arguments)]
 pub fn beam_search_caption(
     decoder: &FrozenDecoder,
     projector: &Projector,
     features: &Tensor,
-    prefix: &[u32],
-    separator: &[u32],
-    stop_ids: &[u32],
-    max_new_tokens: usize,
+    prompt: &CaptionPrompt<'_>,
     width: usize,
 ) -> Result<Hypothesis> {
     if width == 0 {
         return Err(ModelError::InvalidInput("beam width 0".to_string()));
     }
     let device = decoder.device();
-    let mut inputs = caption_context(decoder, projector, features, prefix, separator)?;
+    let mut inputs = caption_context(decoder, projector, features, prompt)?;
     let mut cache = KvCache::default();
     let mut live = vec![Hypothesis {
         ids: Vec::new(),
@@ -665,7 +647,7 @@ pub fn beam_search_caption(
         scored: 0,
     }];
     let mut finished: Vec<Hypothesis> = Vec::new();
-    for _ in 0..max_new_tokens {
+    for _ in 0..prompt.max_new_tokens {
         let logits = decoder.logits_cached(&inputs, &mut cache)?;
         let t = logits.dims()[1];
         let log_probs: Vec<Vec<f32>> = candle_nn::ops::log_softmax(
@@ -701,7 +683,7 @@ pub fn beam_search_caption(
                 break;
             }
             let parent = &live[row];
-            if stop_ids.contains(&token) {
+            if prompt.stop_ids.contains(&token) {
                 finished.push(Hypothesis {
                     ids: parent.ids.clone(),
                     log_prob,

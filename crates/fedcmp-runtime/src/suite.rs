@@ -33,7 +33,7 @@ use candle_core::Tensor;
 use fedcmp_data::cache::{FeatureCache, FeatureKey};
 use fedcmp_model::alignment::{
     caption_scores, caption_scores_given_visual, continuation_scores, decode_caption,
-    AlignmentBatch, CaptionScore, CaptionTemplate, Decoding, TokenizedCaptions,
+    AlignmentBatch, CaptionPrompt, CaptionScore, CaptionTemplate, Decoding, TokenizedCaptions,
 };
 use fedcmp_model::llm::decoder::FrozenDecoder;
 use fedcmp_model::projector::Projector;
@@ -451,14 +451,17 @@ impl Scorer<'_> {
         let layout = TokenizedCaptions::new(self.tokenizer, self.template, &["x"])?;
         let mut stops = self.tokenizer.encode("\n")?;
         stops.extend(self.tokenizer.stop_ids());
+        let prompt = CaptionPrompt {
+            prefix: &layout.prefix,
+            separator: &layout.separator,
+            stop_ids: &stops,
+            max_new_tokens: max_tokens,
+        };
         let ids = decode_caption(
             self.decoder,
             projector,
             &self.cache.batch(&[key])?,
-            &layout.prefix,
-            &layout.separator,
-            &stops,
-            max_tokens,
+            &prompt,
             decoding,
         )?;
         Ok(self.tokenizer.decode(&ids)?.trim().to_string())

@@ -5,14 +5,14 @@
 use std::collections::BTreeSet;
 
 use anyhow::Result;
-use fedcmp_experiment::compare::{self, Method, Plan};
+use fedcmp_experiment::compare;
 use fedcmp_experiment::export::{export, read_export, ExportFormat};
 use fedcmp_experiment::saved::{CellChoice, SavedProjector};
 use fedcmp_experiment::{RunOptions, Silent};
 use fedcmp_model::projector::ProjectorKind;
 use fedcmp_runtime::convert::{load_params_file, projector_params, save_params_file};
 
-use crate::runs::{small_suite, world};
+use crate::runs::world;
 
 /// Tensors by name (files list them by name, projectors in layer order).
 fn by_name(params: &fedcmp_core::ParamSet) -> Vec<(String, fedcmp_core::ParamTensor)> {
@@ -30,15 +30,7 @@ fn a_comparison_cell_exports_in_both_layouts_and_reads_back() -> Result<()> {
     let w = world()?;
     let template = w.settings(RunOptions::default())?;
     let out = w.dir.path().join("compare");
-    let plan = Plan {
-        scenarios: vec![template.data.scenario.clone()],
-        methods: vec![Method::parse("fedavg")?, Method::parse("init")?],
-        seeds: std::num::NonZeroU64::MIN,
-        grid: 1,
-        jobs: std::num::NonZeroUsize::MIN,
-        suite: small_suite(),
-        out: out.clone(),
-    };
+    let plan = w.plan(&template, &["fedavg", "init"], out.clone())?;
     compare::run(&w.cache(), &template, &plan, &Silent)?;
 
     let choice = |method: Option<&str>, seed: u64| CellChoice {

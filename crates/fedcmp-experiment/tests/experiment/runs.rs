@@ -68,6 +68,41 @@ impl World {
         })
     }
 
+    /// A comparison of `methods` on this world's scenario with a grid of
+    /// one, one seed and the small suite, into `out`.
+    pub(crate) fn plan(
+        &self,
+        template: &RunSettings,
+        methods: &[&str],
+        out: PathBuf,
+    ) -> Result<fedcmp_experiment::compare::Plan> {
+        use fedcmp_experiment::compare::{Method, Plan};
+        Ok(Plan {
+            scenarios: vec![template.data.scenario.clone()],
+            methods: methods
+                .iter()
+                .map(|m| Method::parse(m))
+                .collect::<Result<_, _>>()?,
+            seeds: std::num::NonZeroU64::MIN,
+            grid: 1,
+            jobs: std::num::NonZeroUsize::MIN,
+            suite: small_suite(),
+            out,
+        })
+    }
+
+    /// A FedAvg run trained in its folder on this world: its saved
+    /// projector.
+    pub(crate) fn saved_run(&self) -> Result<fedcmp_experiment::saved::SavedProjector> {
+        use fedcmp_experiment::saved::{CellChoice, SavedProjector};
+        let settings = self.settings(RunOptions::default())?;
+        let report = run_on(&self.experiment(&settings)?, &settings, false, &Silent)?;
+        Ok(SavedProjector::locate(
+            &report.folder.dir,
+            &CellChoice::default(),
+        )?)
+    }
+
     pub(crate) fn experiment(&self, settings: &RunSettings) -> Result<Experiment> {
         Ok(Experiment::assemble(
             &self.cache(),
@@ -305,19 +340,11 @@ fn visual_tokens_and_the_separator_take_effect() -> Result<()> {
 
 #[test]
 fn a_grid_of_one_setting_trains_no_tuning_run() -> Result<()> {
-    use fedcmp_experiment::compare::{self, Method, Plan};
+    use fedcmp_experiment::compare;
     let w = world()?;
     let template = w.settings(RunOptions::default())?;
     let out = w.dir.path().join("compare");
-    let plan = Plan {
-        scenarios: vec![template.data.scenario.clone()],
-        methods: vec![Method::parse("fedavg")?],
-        seeds: std::num::NonZeroU64::MIN,
-        grid: 1,
-        jobs: std::num::NonZeroUsize::MIN,
-        suite: small_suite(),
-        out: out.clone(),
-    };
+    let plan = w.plan(&template, &["fedavg"], out.clone())?;
     assert_eq!(plan.cells_per_scenario(), 1);
     let comparison = compare::run(&w.cache(), &template, &plan, &Silent)?;
     assert_eq!(comparison.reported.len(), 1);

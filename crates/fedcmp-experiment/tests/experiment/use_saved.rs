@@ -4,7 +4,7 @@
 //! with their reason.
 
 use anyhow::{Context, Result};
-use fedcmp_experiment::compare::{self, Method, Plan};
+use fedcmp_experiment::compare;
 use fedcmp_experiment::run_folder::{run_on, Measured};
 use fedcmp_experiment::saved::{CellChoice, SavedProjector};
 use fedcmp_experiment::use_saved::{caption_images, evaluate_saved, CaptionOptions, Decoding};
@@ -39,15 +39,7 @@ fn eval_of_a_saved_projector_reproduces_what_its_run_reported() -> Result<()> {
 
     // A comparison cell (its suite: the comparison's pinned sizes).
     let out = w.dir.path().join("compare");
-    let plan = Plan {
-        scenarios: vec![settings.data.scenario.clone()],
-        methods: vec![Method::parse("fedavg")?],
-        seeds: std::num::NonZeroU64::MIN,
-        grid: 1,
-        jobs: std::num::NonZeroUsize::MIN,
-        suite: small_suite(),
-        out: out.clone(),
-    };
+    let plan = w.plan(&settings, &["fedavg"], out.clone())?;
     let comparison = compare::run(&w.cache(), &settings, &plan, &Silent)?;
     let cell_suite = comparison.reported[0]
         .suite
@@ -69,13 +61,7 @@ fn eval_of_a_saved_projector_reproduces_what_its_run_reported() -> Result<()> {
 #[test]
 fn captions_for_image_files_skip_the_unreadable_ones() -> Result<()> {
     let w = world()?;
-    let settings = w.settings(RunOptions::default())?;
-    let experiment = w.experiment(&settings)?;
-    run_on(&experiment, &settings, false, &Silent)?;
-    let dir = settings
-        .out
-        .join(format!("{}-fedavg-s0", experiment.scenario.name));
-    let saved = SavedProjector::locate(&dir, &CellChoice::default())?;
+    let saved = w.saved_run()?;
 
     let images = w.dir.path().join("images");
     let corrupt = w.dir.path().join("corrupt.png");
@@ -112,13 +98,7 @@ fn captions_for_image_files_skip_the_unreadable_ones() -> Result<()> {
 fn eval_on_a_manifest_scores_every_usable_pair_and_reports_the_rest() -> Result<()> {
     use fedcmp_experiment::use_saved::evaluate_manifest;
     let w = world()?;
-    let settings = w.settings(RunOptions::default())?;
-    let experiment = w.experiment(&settings)?;
-    run_on(&experiment, &settings, false, &Silent)?;
-    let dir = settings
-        .out
-        .join(format!("{}-fedavg-s0", experiment.scenario.name));
-    let saved = SavedProjector::locate(&dir, &CellChoice::default())?;
+    let saved = w.saved_run()?;
 
     let site = w.dir.path().join("site");
     std::fs::create_dir_all(&site)?;

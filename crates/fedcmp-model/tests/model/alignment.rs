@@ -9,7 +9,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use fedcmp_model::alignment::{
     beam_search_caption, caption_loss, caption_scores, generate_caption, loss_and_grads,
-    loss_and_grads_many, train_step, AlignmentBatch, TokenizedCaptions,
+    loss_and_grads_many, train_step, AlignmentBatch, CaptionPrompt, TokenizedCaptions,
 };
 use fedcmp_model::llm::config::DecoderConfig;
 use fedcmp_model::llm::decoder::{FrozenDecoder, KvCache, LossTargets};
@@ -504,57 +504,45 @@ pub(crate) fn write_json(path: std::path::PathBuf, value: serde_json::Value) -> 
     Ok(std::fs::write(path, serde_json::to_string_pretty(&value)?)?)
 }
 
-/// One generated model saved as a Hugging Face folder, with the metadata
-/// files a real one ships, and as GGUF: the same special ids, hence the
-/// same token ids and the same caption loss. The ids are ones a guess by
-/// token name gets wrong.
-#[test]
-fn hf_folder_and_gguf_agree_on_special_tokens_and_loss() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let spec = chat_bpe_spec();
-    let config = DecoderConfig::tiny(spec.tokens.len());
-    let weights = random_decoder_weights(&config, 5, &Device::Cpu)?;
-    write_hf_folder(dir.path(), &config, &weights)?;
-    let gguf_path = dir.path().join("tiny.gguf");
-    write_llama_gguf(&gguf_path, &config, &weights, &spec)?;
-    let tokenizer = TextTokenizer::from_gguf_bpe(&gguf_path, &spec)?;
-    tokenizer
-        .inner()
-        .save(dir.path().join("tokenizer.json"), false)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut config_json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json"))?)?;
-    config_json["bos_token_id"] = 1.into();
-    config_json["eos_token_id"] = 2.into();
-    write_json(dir.path().join("config.json"), config_json)?;
+/// Writes the special-token metadata a chat model's Hugging Face folder
+/// ships, as SmolLM2-135M-Instruct's does: BOS `<|im_start|>` (1) and EOS
+/// `<|im_end|>` (2) in config.json, generation_config.json and
+/// tokenizer_config.json (the EOS there in the object form), PAD
+/// `<|im_end|>`.
+pub(crate) fn write_chat_special_tokens(dir: &std::path::Path) -> Result<()> {
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+    config["bos_token_id"] = 1.into();
+    config["eos_token_id"] = 2.into();
+    write_json(dir.join("config.json"), config)?;
     write_json(
-        dir.path().join("generation_config.json"),
+        dir.join("generation_config.json"),
         serde_json::json!({"bos_token_id": 1, "eos_token_id": 2}),
     )?;
     write_json(
-        dir.path().join("tokenizer_config.json"),
+        dir.join("tokenizer_config.json"),
         serde_json::json!({"bos_token": "<|im_start|>",
                            "eos_token": {"content": "<|im_end|>", "special": true},
                            "pad_token": "<|im_end|>"}),
-    )?;
+    )
+}
 
-    let (hf_decoder, hf_tokenizer) = load_hf_decoder_and_tokenizer(dir.path(), &Device::Cpu)?;
-    let gguf = load_gguf_decoder(&gguf_path, &Device::Cpu)?;
-    // The name a guess would take exists, and is not what the files say.
+/// The Hugging Face folder `dir` loads with the special ids of `gguf`
+/// (BOS 1, which a guess by name would not give: `<|endoftext|>` is id 0),
+/// tokenises `captions` alike, and gives the same caption loss under one
+/// random projector.
+pub(crate) fn assert_hf_folder_matches_gguf(
+    dir: &std::path::Path,
+    gguf: &fedcmp_model::llm::gguf::GgufDecoder,
+    captions: &[&str],
+) -> Result<()> {
+    let (hf_decoder, hf_tokenizer) = load_hf_decoder_and_tokenizer(dir, &Device::Cpu)?;
     assert_eq!(hf_tokenizer.token_id("<|endoftext|>"), Some(0));
-    let expected = fedcmp_model::special_tokens::SpecialTokens {
-        bos: Some(1),
-        eos: Some(2),
-        pad: Some(2),
-        stop: vec![2],
-    };
-    assert_eq!(hf_tokenizer.special(), &expected);
-    assert_eq!(gguf.tokenizer.special(), &expected);
-
+    assert_eq!(hf_tokenizer.special(), gguf.tokenizer.special());
+    assert_eq!(hf_tokenizer.bos_id(), Some(1));
     let template = fedcmp_model::alignment::CaptionTemplate::plain();
-    let captions = ["hello world", "or 42 hell"];
-    let a = TokenizedCaptions::new(&hf_tokenizer, &template, &captions)?;
-    let b = TokenizedCaptions::new(&gguf.tokenizer, &template, &captions)?;
+    let a = TokenizedCaptions::new(&hf_tokenizer, &template, captions)?;
+    let b = TokenizedCaptions::new(&gguf.tokenizer, &template, captions)?;
     assert_eq!(
         (&a.prefix, &a.captions, a.pad_id),
         (&b.prefix, &b.captions, b.pad_id)
@@ -564,13 +552,13 @@ fn hf_folder_and_gguf_agree_on_special_tokens_and_loss() -> Result<()> {
         ProjectorConfig {
             kind: ProjectorKind::Mlp2xGelu,
             input_dim: 6,
-            output_dim: config.hidden_size,
+            output_dim: hf_decoder.config().hidden_size,
         },
         3,
         DType::F32,
         &Device::Cpu,
     )?;
-    let features = random_tensor(&[2, 2, 6], 9, DType::F32)?;
+    let features = random_tensor(&[captions.len(), 2, 6], 9, DType::F32)?;
     let loss_hf = caption_loss(
         &hf_decoder,
         &projector,
@@ -586,6 +574,35 @@ fn hf_folder_and_gguf_agree_on_special_tokens_and_loss() -> Result<()> {
         "HF {loss_hf} vs GGUF {loss_gguf}"
     );
     Ok(())
+}
+
+/// One generated model saved as a Hugging Face folder, with the metadata
+/// files a real one ships, and as GGUF: the same special ids, hence the
+/// same token ids and the same caption loss. The ids are ones a guess by
+/// token name gets wrong.
+#[test]
+fn hf_folder_and_gguf_agree_on_special_tokens_and_loss() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spec = chat_bpe_spec();
+    let config = DecoderConfig::tiny(spec.tokens.len());
+    let weights = random_decoder_weights(&config, 5, &Device::Cpu)?;
+    write_hf_folder(dir.path(), &config, &weights)?;
+    let gguf_path = dir.path().join("tiny.gguf");
+    write_llama_gguf(&gguf_path, &config, &weights, &spec)?;
+    TextTokenizer::from_gguf_bpe(&gguf_path, &spec)?
+        .inner()
+        .save(dir.path().join("tokenizer.json"), false)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    write_chat_special_tokens(dir.path())?;
+    let gguf = load_gguf_decoder(&gguf_path, &Device::Cpu)?;
+    let expected = fedcmp_model::special_tokens::SpecialTokens {
+        bos: Some(1),
+        eos: Some(2),
+        pad: Some(2),
+        stop: vec![2],
+    };
+    assert_eq!(gguf.tokenizer.special(), &expected);
+    assert_hf_folder_matches_gguf(dir.path(), &gguf, &["hello world", "or 42 hell"])
 }
 
 /// Files that disagree on a special token stop the load, naming each file;
@@ -845,33 +862,37 @@ fn caption_scores_follow_the_layout_with_a_separator() -> Result<()> {
     Ok(())
 }
 
-/// Greedy decoding with the KV cache picks the tokens that recomputing
-/// the whole sequence for every token picks.
-#[test]
-fn greedy_decoding_with_the_cache_matches_recomputing() -> Result<()> {
-    let decoder = tiny_decoder(DecoderConfig::tiny(VOCAB), DType::F32)?;
-    let d = decoder.config().hidden_size;
+/// A tiny decoder, a projector and one image's features (4 patches) to
+/// caption, in `dtype`.
+fn caption_case(dtype: DType) -> Result<(FrozenDecoder, Projector, Tensor)> {
+    let decoder = tiny_decoder(DecoderConfig::tiny(VOCAB), dtype)?;
     let projector = Projector::new(
         ProjectorConfig {
             kind: ProjectorKind::Mlp2xGelu,
             input_dim: 6,
-            output_dim: d,
+            output_dim: decoder.config().hidden_size,
         },
         8,
-        DType::F32,
+        dtype,
         &Device::Cpu,
     )?;
-    let features = random_tensor(&[1, 4, 6], 9, DType::F32)?;
+    let features = random_tensor(&[1, 4, 6], 9, dtype)?;
+    Ok((decoder, projector, features))
+}
+
+/// Greedy decoding with the KV cache picks the tokens that recomputing
+/// the whole sequence for every token picks.
+#[test]
+fn greedy_decoding_with_the_cache_matches_recomputing() -> Result<()> {
+    let (decoder, projector, features) = caption_case(DType::F32)?;
     let (prefix, separator) = ([1u32, 5], [2u32]);
-    let got = generate_caption(
-        &decoder,
-        &projector,
-        &features,
-        &prefix,
-        &separator,
-        &[],
-        12,
-    )?;
+    let prompt = CaptionPrompt {
+        prefix: &prefix,
+        separator: &separator,
+        stop_ids: &[],
+        max_new_tokens: 12,
+    };
+    let got = generate_caption(&decoder, &projector, &features, &prompt)?;
     let embed = |ids: &[u32]| -> Result<Tensor> {
         Ok(decoder.embed_tokens(&Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?)?)
     };
@@ -941,19 +962,7 @@ fn continuation_scores_equal_the_plain_forward() -> Result<()> {
 /// whose score is at most the best.
 #[test]
 fn beam_search_matches_exhaustive_search_over_short_captions() -> Result<()> {
-    let decoder = tiny_decoder(DecoderConfig::tiny(VOCAB), DType::F64)?;
-    let d = decoder.config().hidden_size;
-    let projector = Projector::new(
-        ProjectorConfig {
-            kind: ProjectorKind::Mlp2xGelu,
-            input_dim: 6,
-            output_dim: d,
-        },
-        8,
-        DType::F64,
-        &Device::Cpu,
-    )?;
-    let features = random_tensor(&[1, 4, 6], 9, DType::F64)?;
+    let (decoder, projector, features) = caption_case(DType::F64)?;
     let (prefix, separator) = ([1u32, 5], [2u32]);
     let embed = |ids: &[u32]| -> Result<Tensor> {
         Ok(decoder.embed_tokens(&Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?)?)
@@ -1004,9 +1013,13 @@ fn beam_search_matches_exhaustive_search_over_short_captions() -> Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no caption"))?;
 
     let search = |width: usize| {
-        beam_search_caption(
-            &decoder, &projector, &features, &prefix, &separator, &stops, 2, width,
-        )
+        let prompt = CaptionPrompt {
+            prefix: &prefix,
+            separator: &separator,
+            stop_ids: &stops,
+            max_new_tokens: 2,
+        };
+        beam_search_caption(&decoder, &projector, &features, &prompt, width)
     };
     let wide = search(VOCAB)?;
     assert_eq!(wide.ids, best.0);

@@ -13,7 +13,6 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use fedcmp_assets::{asset_path, cache_root};
 use fedcmp_model::llm::gguf::{load_gguf_decoder, read_gguf_parts};
-use fedcmp_model::llm::hf::load_hf_decoder_and_tokenizer;
 use serde_json::Value;
 
 const IGNORE: &str = "needs the real assets: run `fedcmp assets fetch` first";
@@ -113,11 +112,6 @@ fn smollm2_logits_match_the_numpy_reference() -> Result<()> {
 #[test]
 #[ignore = "needs the real assets: run `fedcmp assets fetch` first"]
 fn smollm2_as_hf_folder_and_gguf_agree_on_special_tokens_and_loss() -> Result<()> {
-    use candle_core::DType;
-    use fedcmp_model::alignment::{
-        caption_loss, AlignmentBatch, CaptionTemplate, TokenizedCaptions,
-    };
-    use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
     use fedcmp_model::tokenizer::TextTokenizer;
 
     let path = smollm2_path()?;
@@ -130,58 +124,10 @@ fn smollm2_as_hf_folder_and_gguf_agree_on_special_tokens_and_loss() -> Result<()
         .inner()
         .save(dir.path().join("tokenizer.json"), false)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut config: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json"))?)?;
-    config["bos_token_id"] = 1.into();
-    config["eos_token_id"] = 2.into();
-    crate::alignment::write_json(dir.path().join("config.json"), config)?;
-    crate::alignment::write_json(
-        dir.path().join("generation_config.json"),
-        serde_json::json!({"bos_token_id": 1, "eos_token_id": 2}),
-    )?;
-    crate::alignment::write_json(
-        dir.path().join("tokenizer_config.json"),
-        serde_json::json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-                           "pad_token": "<|im_end|>"}),
-    )?;
-    let (hf_decoder, hf_tokenizer) = load_hf_decoder_and_tokenizer(dir.path(), &Device::Cpu)?;
-    assert_eq!(hf_tokenizer.token_id("<|endoftext|>"), Some(0));
-    assert_eq!(hf_tokenizer.special(), gguf.tokenizer.special());
-    assert_eq!(hf_tokenizer.bos_id(), Some(1));
-
-    let template = CaptionTemplate::plain();
-    let captions = ["a photo of a red sneaker", "handwritten digit 7"];
-    let a = TokenizedCaptions::new(&hf_tokenizer, &template, &captions)?;
-    let b = TokenizedCaptions::new(&gguf.tokenizer, &template, &captions)?;
-    assert_eq!(
-        (&a.prefix, &a.captions, a.pad_id),
-        (&b.prefix, &b.captions, b.pad_id)
-    );
-    let d = hf_decoder.config().hidden_size;
-    let projector = Projector::new(
-        ProjectorConfig {
-            kind: ProjectorKind::Mlp2xGelu,
-            input_dim: 8,
-            output_dim: d,
-        },
-        0,
-        DType::F32,
-        &Device::Cpu,
-    )?;
-    let features = Tensor::randn(0f32, 1.0, (2, 1, 8), &Device::Cpu)?;
-    let loss_hf = caption_loss(
-        &hf_decoder,
-        &projector,
-        &AlignmentBatch::new(&hf_decoder, features.clone(), &a)?,
-    )?;
-    let loss_gguf = caption_loss(
-        &gguf.decoder,
-        &projector,
-        &AlignmentBatch::new(&gguf.decoder, features, &b)?,
-    )?;
-    assert!(
-        (loss_hf - loss_gguf).abs() < 1e-5 * loss_hf.abs(),
-        "HF {loss_hf} vs GGUF {loss_gguf}"
-    );
-    Ok(())
+    crate::alignment::write_chat_special_tokens(dir.path())?;
+    crate::alignment::assert_hf_folder_matches_gguf(
+        dir.path(),
+        &gguf,
+        &["a photo of a red sneaker", "handwritten digit 7"],
+    )
 }
