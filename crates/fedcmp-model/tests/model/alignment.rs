@@ -504,11 +504,11 @@ pub(crate) fn write_json(path: std::path::PathBuf, value: serde_json::Value) -> 
     Ok(std::fs::write(path, serde_json::to_string_pretty(&value)?)?)
 }
 
-/// Writes the special-token metadata a chat model's Hugging Face folder
-/// ships, as SmolLM2-135M-Instruct's does: BOS `<|im_start|>` (1) and EOS
-/// `<|im_end|>` (2) in config.json, generation_config.json and
-/// tokenizer_config.json (the EOS there in the object form), PAD
-/// `<|im_end|>`.
+/// Writes the special-token metadata files of a chat model's Hugging Face
+/// folder with the ids SmolLM2-135M-Instruct's GGUF declares (ASSETS.md:
+/// bos 1, eos 2, pad 2): BOS `<|im_start|>` (1) and EOS `<|im_end|>` (2) in
+/// config.json, generation_config.json and tokenizer_config.json (the EOS
+/// there in the object form), PAD `<|im_end|>`.
 pub(crate) fn write_chat_special_tokens(dir: &std::path::Path) -> Result<()> {
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;

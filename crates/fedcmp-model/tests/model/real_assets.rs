@@ -103,8 +103,8 @@ fn smollm2_logits_match_the_numpy_reference() -> Result<()> {
     Ok(())
 }
 
-/// SmolLM2 written out as a Hugging Face folder, with the special-token
-/// metadata the real SmolLM2-135M-Instruct folder ships (config.json and
+/// SmolLM2 written out as a Hugging Face folder, with special-token
+/// metadata files that declare the GGUF's ids (config.json and
 /// generation_config.json: bos 1, eos 2; tokenizer_config.json:
 /// `<|im_start|>`, `<|im_end|>`, pad `<|im_end|>`), loads with the GGUF's
 /// ids and gives the same caption loss. A guess by name would take
