@@ -70,7 +70,8 @@ impl Experiment {
             &corpus.records,
             Stage::Encode,
             observer,
-        )?;
+        )?
+        .keys;
         let sample = |i: usize| -> Option<Sample> {
             keys.get(i).cloned().flatten().map(|key| Sample {
                 key,

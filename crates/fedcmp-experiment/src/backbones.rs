@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 use fedcmp_assets::asset_path;
-use fedcmp_data::cache::{CacheEvent, FeatureCache, FeatureKey};
+use fedcmp_data::cache::{CacheEvent, EnsureReport, FeatureCache};
 use fedcmp_data::preprocess::Preprocess;
 use fedcmp_data::record::Record;
 use fedcmp_model::llm::decoder::FrozenDecoder;
@@ -244,14 +244,14 @@ pub fn served_cache(
 
 /// Encodes (or finds in the cache) every record's image, reporting
 /// progress as `stage`; returns each record's key (None for an unusable
-/// image, counted and logged with its file).
+/// image, counted and logged with its file) and what was skipped.
 pub fn cache_features(
     cache: &mut FeatureCache,
     encoder: &dyn VisionEncoder,
     records: &[Record],
     stage: Stage,
     observer: &dyn Observer,
-) -> Result<Vec<Option<FeatureKey>>> {
+) -> Result<EnsureReport> {
     let mut total = records.len() as u64;
     let report = cache.ensure(records, encoder, 32, &mut |event| match event {
         CacheEvent::Planned { missing, .. } => {
@@ -278,5 +278,5 @@ pub fn cache_features(
     for ex in report.skipped.examples() {
         tracing::warn!(file = %ex.file.display(), kind = %ex.kind, "{}", ex.message);
     }
-    Ok(report.keys)
+    Ok(report)
 }

@@ -78,7 +78,7 @@ fn cluster_records(
     )?;
     let mut cache: FeatureCache = feature_cache(root, &encoder)?;
     let records: Vec<_> = indices.iter().map(|&i| corpus.records[i].clone()).collect();
-    let keys = cache_features(&mut cache, &encoder, &records, Stage::Cluster, observer)?;
+    let keys = cache_features(&mut cache, &encoder, &records, Stage::Cluster, observer)?.keys;
     let dim = encoder.feature_dim();
     let mut data = Vec::with_capacity(records.len() * dim);
     for key in &keys {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use fedcmp_core::ParamSet;
 use fedcmp_model::projector::{ProjectorConfig, ProjectorKind};
-use fedcmp_runtime::convert::{load_params_file, projector_params, read_params_file};
+use fedcmp_runtime::convert::{load_params_file, projector_params};
 use fedcmp_runtime::suite::SuiteConfig;
 
 use crate::assembly::fresh_projector;
@@ -176,7 +176,24 @@ impl SavedProjector {
             config.output_dim,
             0,
         )?)?;
-        let params = read_params_file(&self.file, &like).map_err(|e| context(e.into()))?;
+        // The file lists tensors by name; the projector wants its own order.
+        let ordered = like
+            .entries()
+            .iter()
+            .map(|(name, _)| {
+                let tensor = by_name
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| ExperimentError::File {
+                        path: self.file.clone(),
+                        message: format!("no tensor `{name}`"),
+                    })?;
+                Ok((name.clone(), tensor))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let params = ParamSet::new(ordered)?;
+        like.check_same_layout(&params)
+            .map_err(|e| context(ExperimentError::from(e)))?;
         Ok((config, params))
     }
 

@@ -111,7 +111,8 @@ impl Frozen {
             &corpus.records,
             Stage::Encode,
             observer,
-        )?;
+        )?
+        .keys;
         let samples = corpus
             .records
             .iter()

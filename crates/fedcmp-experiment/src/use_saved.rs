@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use fedcmp_data::cache::FeatureCache;
-use fedcmp_data::corpus::{load_image, load_source, SourceEnv, SourceSpec};
+use fedcmp_data::corpus::{load_source, SourceEnv, SourceSpec};
 use fedcmp_data::record::{ImageSource, Record, SkipReport};
 use fedcmp_model::alignment::CaptionTemplate;
 pub use fedcmp_model::alignment::Decoding;
@@ -109,24 +109,17 @@ pub fn caption_images(
     observer: &dyn Observer,
 ) -> Result<Vec<ImageCaption>> {
     let mut ready = Ready::load(root, saved, observer)?;
-    let mut out: Vec<ImageCaption> = Vec::with_capacity(images.len());
-    let mut records = Vec::new();
-    for image in images {
-        match load_image(&ImageSource::File(image.clone())) {
-            Ok(_) => records.push(Record {
-                id: image.display().to_string(),
-                image: ImageSource::File(image.clone()),
-                caption: String::new(),
-                label: None,
-                source: "caption".into(),
-            }),
-            Err(e) => out.push(ImageCaption {
-                image: image.clone(),
-                caption: Err(format!("skipped ({}): {}", e.kind, e.message)),
-            }),
-        }
-    }
-    let keys = backbones::cache_features(
+    let records: Vec<Record> = images
+        .iter()
+        .map(|image| Record {
+            id: image.display().to_string(),
+            image: ImageSource::File(image.clone()),
+            caption: String::new(),
+            label: None,
+            source: "caption".into(),
+        })
+        .collect();
+    let report = backbones::cache_features(
         &mut ready.cache,
         ready.backbones.encoder.as_ref(),
         &records,
@@ -134,21 +127,28 @@ pub fn caption_images(
         observer,
     )?;
     let scorer = ready.scorer();
-    for (record, key) in records.iter().zip(keys) {
-        let image = match &record.image {
-            ImageSource::File(path) => path.clone(),
-            ImageSource::Raw(_) => PathBuf::from(&record.id),
-        };
+    let mut out = Vec::with_capacity(images.len());
+    for (image, key) in images.iter().zip(report.keys) {
         let caption = match key {
             Some(key) => {
                 Ok(scorer.caption(&ready.projector, &key, options.max_tokens, options.decoding)?)
             }
-            None => Err("skipped: the encoder could not read it (see the log)".to_string()),
+            // The cache keeps the first few reasons of each kind.
+            None => Err(report
+                .skipped
+                .examples()
+                .iter()
+                .find(|ex| ex.file == *image)
+                .map_or_else(
+                    || "skipped: the image could not be read (see the log)".to_string(),
+                    |ex| format!("skipped ({}): {}", ex.kind, ex.message),
+                )),
         };
-        out.push(ImageCaption { image, caption });
+        out.push(ImageCaption {
+            image: image.clone(),
+            caption,
+        });
     }
-    // In the order given.
-    out.sort_by_key(|c| images.iter().position(|i| *i == c.image));
     Ok(out)
 }
 
@@ -232,14 +232,15 @@ pub fn evaluate_manifest(
     let env = SourceEnv::new(root);
     let corpus = load_source(&spec, &env)?;
     let mut ready = Ready::load(root, saved, observer)?;
-    let report = ready.cache.ensure(
-        &corpus.records,
+    let report = backbones::cache_features(
+        &mut ready.cache,
         ready.backbones.encoder.as_ref(),
-        32,
-        &mut |_| {},
+        &corpus.records,
+        Stage::Encode,
+        observer,
     )?;
     let mut skipped = corpus.skipped.clone();
-    skipped.merge(report.skipped.clone());
+    skipped.merge(report.skipped);
     let domains = evaluation_domains(&corpus);
     let items: Vec<_> = (0..corpus.records.len())
         .filter_map(|i| evaluation_item(&corpus, &report.keys, &domains, i))

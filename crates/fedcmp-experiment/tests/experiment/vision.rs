@@ -89,7 +89,8 @@ fn a_clip_folder_is_the_vision_encoder_of_a_run() -> Result<()> {
         &[record],
         fedcmp_experiment::events::Stage::Encode,
         &Silent,
-    )?;
+    )?
+    .keys;
     let key = keys[0].clone().context("the image is cached")?;
     let pixels = Preprocess::square(32, spec.normalization.mean, spec.normalization.std)
         .apply(&image::open(&file)?);
