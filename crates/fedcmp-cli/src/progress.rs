@@ -186,6 +186,10 @@ impl Observer for Progress {
                     }
                 }
             }
+            Event::Skipped { scenario, report } => {
+                // Bars live on stderr; the report is part of the result.
+                println!("scenario {scenario}: {report}");
+            }
             Event::RunStarted(start) => self.run_started(start),
             Event::Round(r) => self.round(r),
             Event::Status(text) => {

@@ -35,6 +35,9 @@ pub enum DataError {
     },
     #[error("{path}: {message}")]
     Malformed { path: PathBuf, message: String },
+    /// A scenario file (configuration, not data) that is missing or invalid.
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
     #[error(transparent)]
     Partition(#[from] partition::PartitionError),
     #[error(transparent)]

@@ -44,7 +44,8 @@ pub struct Record {
 }
 
 /// Why a record was skipped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum SkipKind {
     /// The image file does not exist.
     MissingImage,
@@ -55,6 +56,9 @@ pub enum SkipKind {
     EmptyCaption,
     /// A line or entry of a manifest cannot be parsed.
     MalformedRecord,
+    /// The image path leaves the manifest's image root (after `..` and
+    /// symlinks), and the source does not allow that.
+    OutsideRoot,
 }
 
 impl fmt::Display for SkipKind {
@@ -64,12 +68,13 @@ impl fmt::Display for SkipKind {
             Self::UndecodableImage => "undecodable image",
             Self::EmptyCaption => "empty caption",
             Self::MalformedRecord => "malformed record",
+            Self::OutsideRoot => "image outside its root",
         })
     }
 }
 
 /// Where a skipped record was found, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SkipExample {
     pub kind: SkipKind,
     pub file: PathBuf,
@@ -80,6 +85,8 @@ pub struct SkipExample {
 }
 
 /// Skipped records by kind, with the first few examples of each kind.
+/// Serialised (summary.json, results.json) as `{"total", "counts",
+/// "examples"}`; displayed as a summary line and one line per example.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SkipReport {
     counts: BTreeMap<SkipKind, usize>,
@@ -182,5 +189,50 @@ impl Corpus {
         self.skipped.merge(other.skipped);
         self.label_names.extend(other.label_names);
         self.prompt_templates.extend(other.prompt_templates);
+    }
+}
+
+impl serde::Serialize for SkipReport {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut out = serializer.serialize_struct("SkipReport", 3)?;
+        out.serialize_field("total", &self.total())?;
+        out.serialize_field("counts", &self.counts)?;
+        out.serialize_field("examples", &self.examples)?;
+        out.end()
+    }
+}
+
+/// `skipped 3 records: 2 missing image, 1 malformed record`, then the
+/// examples as `  <file>:<line>: <kind>: <message>`; empty when nothing
+/// was skipped.
+impl fmt::Display for SkipReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.total() == 0 {
+            return Ok(());
+        }
+        let kinds: Vec<String> = self
+            .counts
+            .iter()
+            .map(|(kind, n)| format!("{n} {kind}"))
+            .collect();
+        let plural = if self.total() == 1 { "" } else { "s" };
+        write!(
+            f,
+            "skipped {} record{plural}: {}",
+            self.total(),
+            kinds.join(", ")
+        )?;
+        for ex in &self.examples {
+            let line = ex.line.map(|l| format!(":{l}")).unwrap_or_default();
+            write!(
+                f,
+                "\n  {}{line}: {}: {}",
+                ex.file.display(),
+                ex.kind,
+                ex.message
+            )?;
+        }
+        Ok(())
     }
 }

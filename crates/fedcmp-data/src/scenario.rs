@@ -125,7 +125,7 @@ pub fn built_in_names() -> Vec<&'static str> {
 impl Scenario {
     /// Parses and validates scenario TOML; `origin` names it in errors.
     pub fn parse(origin: &Path, text: &str) -> Result<Self> {
-        let bad = |message: String| DataError::Malformed {
+        let bad = |message: String| DataError::Config {
             path: origin.to_path_buf(),
             message,
         };
@@ -181,7 +181,7 @@ impl Scenario {
         }
         let path = Path::new(name_or_path);
         if !path.exists() {
-            return Err(DataError::Malformed {
+            return Err(DataError::Config {
                 path: path.to_path_buf(),
                 message: format!(
                     "no such scenario file, and not a built-in scenario ({})",

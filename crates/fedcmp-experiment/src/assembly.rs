@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use fedcmp_core::ClientId;
 use fedcmp_data::cache::{FeatureCache, FeatureKey};
-use fedcmp_data::record::Corpus;
+use fedcmp_data::record::{Corpus, SkipReport};
 use fedcmp_data::scenario::Scenario;
 use fedcmp_model::alignment::CaptionTemplate;
 use fedcmp_model::llm::decoder::FrozenDecoder;
@@ -21,7 +21,7 @@ use fedcmp_runtime::eval::Evaluator;
 use fedcmp_runtime::suite::{Domain, Item, Scorer, Suite, SuiteConfig};
 
 use crate::backbones;
-use crate::events::{Observer, Stage};
+use crate::events::{Event, Observer, Stage};
 use crate::settings::DataSettings;
 use crate::Result;
 
@@ -45,6 +45,9 @@ pub struct Experiment {
     pub train_items: Vec<Item>,
     pub validation_items: Vec<Item>,
     pub template: CaptionTemplate,
+    /// Records the scenario's readers skipped, and images the encoder could
+    /// not read.
+    pub skipped: SkipReport,
 }
 
 impl Experiment {
@@ -64,14 +67,22 @@ impl Experiment {
         let mut cache =
             backbones::served_cache(root, loaded.encoder.as_ref(), data.backbones.visual_tokens)?;
         let corpus = &federation.corpus;
-        let keys = backbones::cache_features(
+        let encoded = backbones::cache_features(
             &mut cache,
             loaded.encoder.as_ref(),
             &corpus.records,
             Stage::Encode,
             observer,
-        )?
-        .keys;
+        )?;
+        let keys = encoded.keys;
+        let mut skipped = corpus.skipped.clone();
+        skipped.merge(encoded.skipped);
+        if skipped.total() > 0 {
+            observer.observe(Event::Skipped {
+                scenario: &scenario.name,
+                report: &skipped,
+            });
+        }
         let sample = |i: usize| -> Option<Sample> {
             keys.get(i).cloned().flatten().map(|key| Sample {
                 key,
@@ -122,6 +133,7 @@ impl Experiment {
             train_items,
             validation_items,
             template: caption_template(data),
+            skipped,
         })
     }
 

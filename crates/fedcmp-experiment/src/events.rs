@@ -4,6 +4,7 @@
 //! parallel comparison, hence `Sync`.
 
 use fedcmp_assets::FetchEvent;
+use fedcmp_data::record::SkipReport;
 use fedcmp_runtime::round_loop::RoundRecord;
 
 /// A long piece of work with a known length.
@@ -54,6 +55,12 @@ pub enum Event<'a> {
     Round(&'a RoundRecord),
     /// A short status line (which cell is training, ...).
     Status(String),
+    /// Records of a scenario that its readers or the image encoder skipped
+    /// (sent once per assembled scenario, only when some were).
+    Skipped {
+        scenario: &'a str,
+        report: &'a SkipReport,
+    },
 }
 
 /// Receives events.

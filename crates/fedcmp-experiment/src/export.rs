@@ -293,7 +293,7 @@ pub fn write_layout(
     ] {
         let path = dir.join(file);
         let text = serde_json::to_string_pretty(&value)
-            .map_err(|e| ExperimentError::Invalid(format!("cannot encode {file}: {e}")))?;
+            .map_err(|e| ExperimentError::Internal(format!("cannot encode {file}: {e}")))?;
         write_atomic(&path, text.as_bytes())?;
         written.push(path);
     }

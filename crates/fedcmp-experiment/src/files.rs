@@ -25,7 +25,7 @@ pub fn append_jsonl(
     value: &impl serde::Serialize,
 ) -> Result<()> {
     let mut line = serde_json::to_vec(value)
-        .map_err(|e| ExperimentError::Invalid(format!("cannot encode a record: {e}")))?;
+        .map_err(|e| ExperimentError::Internal(format!("cannot encode a record: {e}")))?;
     line.push(b'\n');
     file.write_all(&line).map_err(io_error(path))?;
     file.flush().map_err(io_error(path))

@@ -151,7 +151,7 @@ pub fn default_rules() -> Result<Vec<Rule>> {
 /// with a plain or adaptive server step has one, called `server-lr`).
 pub fn with_server_lr(config: &StrategyConfig, lr: f64) -> Result<StrategyConfig> {
     let mut value = serde_json::to_value(config)
-        .map_err(|e| ExperimentError::Invalid(format!("cannot encode a strategy: {e}")))?;
+        .map_err(|e| ExperimentError::Internal(format!("cannot encode a strategy: {e}")))?;
     let fields = value.as_object_mut().ok_or_else(|| {
         ExperimentError::Invalid("a strategy configuration is not an object".into())
     })?;
@@ -283,7 +283,7 @@ fn write_round(seed_dir: &Path, round: &RecordedRound) -> Result<()> {
             .collect(),
     };
     let text = serde_json::to_vec_pretty(&meta)
-        .map_err(|e| ExperimentError::Invalid(format!("cannot encode a round: {e}")))?;
+        .map_err(|e| ExperimentError::Internal(format!("cannot encode a round: {e}")))?;
     write_atomic(&dir.join("round.json"), &text)
 }
 
@@ -433,7 +433,7 @@ pub fn record(
         return Err(e);
     }
     let text = serde_json::to_vec(&Complete { rounds: recorded })
-        .map_err(|e| ExperimentError::Invalid(format!("cannot encode: {e}")))?;
+        .map_err(|e| ExperimentError::Internal(format!("cannot encode: {e}")))?;
     write_atomic(&complete, &text)?;
     Ok(recorded)
 }
@@ -666,7 +666,7 @@ fn pinned_text(template: &RunSettings, plan: &HarnessPlan) -> Result<String> {
     recipe.seed = None;
     recipe.out = None;
     let body = toml::to_string(&recipe)
-        .map_err(|e| ExperimentError::Invalid(format!("cannot encode settings: {e}")))?;
+        .map_err(|e| ExperimentError::Internal(format!("cannot encode settings: {e}")))?;
     Ok(format!(
         "# fedcmp harness: the recipe of the recorded FedAvg runs in this folder.\n{body}"
     ))

@@ -93,6 +93,10 @@ pub enum ExperimentError {
     File { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
+    /// A failure of fedcmp itself (a value that cannot be encoded, a thread
+    /// pool that cannot start), not of anything the user gave.
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("{context}: {source}")]
     Context {
         context: String,

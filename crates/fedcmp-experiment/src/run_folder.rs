@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use fedcmp_core::{ClientId, FailureKind, ParamSet};
+use fedcmp_data::record::SkipReport;
 use fedcmp_model::projector::Projector;
 use fedcmp_runtime::checkpoint;
 use fedcmp_runtime::convert::{load_projector, projector_params, save_params_file};
@@ -154,6 +155,9 @@ pub struct FederationFacts {
     pub budget_samples: u64,
     pub validation_samples: usize,
     pub test_samples: usize,
+    /// Records the readers skipped and images the encoder could not read:
+    /// counts by kind and the first few with file and line.
+    pub skipped: SkipReport,
 }
 
 /// Caption NLL per token before and after training.
@@ -255,6 +259,7 @@ fn facts(experiment: &Experiment, clients_per_round: usize) -> FederationFacts {
         shard_sizes,
         validation_samples: experiment.validation.len(),
         test_samples: experiment.test.len(),
+        skipped: experiment.skipped.clone(),
     }
 }
 
@@ -419,7 +424,7 @@ pub fn run_on(
 
 fn write_summary(folder: &RunFolder, measured: &Measured) -> Result<()> {
     let text = serde_json::to_string_pretty(measured)
-        .map_err(|e| crate::ExperimentError::Invalid(format!("cannot encode the summary: {e}")))?;
+        .map_err(|e| crate::ExperimentError::Internal(format!("cannot encode the summary: {e}")))?;
     write_atomic(&folder.summary(), text.as_bytes())
 }
 

@@ -233,7 +233,7 @@ pub fn serve(
             .map(|(init, r#final)| Validation { init, r#final }),
     };
     let text = serde_json::to_string_pretty(&report)
-        .map_err(|e| ExperimentError::Invalid(format!("cannot encode the summary: {e}")))?;
+        .map_err(|e| ExperimentError::Internal(format!("cannot encode the summary: {e}")))?;
     write_atomic(&folder.summary(), text.as_bytes())?;
     Ok((folder, report))
 }

@@ -284,7 +284,7 @@ fn to_table(options: &RunOptions, origin: &Origin) -> Result<toml::Table> {
         }
     }
     toml::Table::try_from(options)
-        .map_err(|e| ExperimentError::Invalid(format!("cannot encode options: {e}")))
+        .map_err(|e| ExperimentError::Internal(format!("cannot encode options: {e}")))
 }
 
 fn origin_text(origin: &Origin, key: &str) -> String {
@@ -717,7 +717,7 @@ impl RunSettings {
     /// `--config` reads back).
     pub fn to_toml(&self) -> Result<String> {
         let body = toml::to_string(&self.to_options())
-            .map_err(|e| ExperimentError::Invalid(format!("cannot encode settings: {e}")))?;
+            .map_err(|e| ExperimentError::Internal(format!("cannot encode settings: {e}")))?;
         Ok(format!(
             "# fedcmp run settings, resolved: `fedcmp run --config <this file>` repeats the run.\n{body}"
         ))

@@ -93,6 +93,7 @@ impl Frozen {
             image_root: None,
             columns: Default::default(),
             verify_images: false,
+            allow_images_outside_root: false,
             common: Default::default(),
         };
         let is_jsonl = manifest
@@ -105,18 +106,19 @@ impl Frozen {
         };
         let env = SourceEnv::new(&self.cache_dir);
         let corpus = corpus::load_source(&spec, &env)?;
-        let keys = backbones::cache_features(
+        let encoded = backbones::cache_features(
             &mut self.cache,
             self.encoder.as_ref(),
             &corpus.records,
             Stage::Encode,
             observer,
-        )?
-        .keys;
+        )?;
+        let mut skipped = corpus.skipped;
+        skipped.merge(encoded.skipped);
         let samples = corpus
             .records
             .iter()
-            .zip(keys)
+            .zip(encoded.keys)
             .filter_map(|(record, key)| {
                 key.map(|key| Sample {
                     key,
@@ -124,7 +126,7 @@ impl Frozen {
                 })
             })
             .collect();
-        Ok((samples, corpus.skipped))
+        Ok((samples, skipped))
     }
 
     /// A fresh projector for these backbones (its values depend on `seed`

@@ -5,6 +5,7 @@
 //! `run` of a one-client scenario that it writes next to its run folder, so
 //! `fedcmp run --config <run folder>/settings.toml` repeats it.
 
+use crate::exit::{BadFlags, CheckFailed};
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
@@ -65,7 +66,9 @@ pub struct AlignArgs {
 
 pub fn run(cache_dir: Option<PathBuf>, args: &AlignArgs) -> Result<()> {
     if args.steps == 0 || args.batch_size == 0 || args.eval_samples == 0 {
-        bail!("--steps, --batch-size and --eval-samples must be positive");
+        return Err(
+            BadFlags("--steps, --batch-size and --eval-samples must be positive".into()).into(),
+        );
     }
     let root = cache_root(cache_dir)?;
     let images = args.steps * args.batch_size;
@@ -131,11 +134,11 @@ pub fn run(cache_dir: Option<PathBuf>, args: &AlignArgs) -> Result<()> {
     }
     println!("run folder: {}", report.folder.dir.display());
     if r.test_nll.r#final >= r.test_nll.init {
-        bail!(
+        return Err(CheckFailed(format!(
             "the held-out loss did not fall ({:.4} -> {:.4})",
-            r.test_nll.init,
-            r.test_nll.r#final
-        );
+            r.test_nll.init, r.test_nll.r#final
+        ))
+        .into());
     }
     Ok(())
 }

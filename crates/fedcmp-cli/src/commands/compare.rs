@@ -6,10 +6,11 @@
 //! settings, failed runs, captions, `results.json`, and PNG plots of the
 //! validation curves and the interference diagnostics.
 
+use crate::exit::BadFlags;
 use std::num::{NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser};
 use fedcmp_assets::cache_root;
 use fedcmp_data::scenario::built_in_names;
@@ -151,9 +152,11 @@ impl CompareArgs {
         let plan = Plan {
             scenarios: self.scenarios.clone(),
             methods,
-            seeds: NonZeroU64::new(self.seeds).context("--seeds must be at least 1")?,
+            seeds: NonZeroU64::new(self.seeds)
+                .ok_or_else(|| BadFlags("--seeds must be at least 1".into()))?,
             grid: self.grid,
-            jobs: NonZeroUsize::new(self.jobs).context("--jobs must be at least 1")?,
+            jobs: NonZeroUsize::new(self.jobs)
+                .ok_or_else(|| BadFlags("--jobs must be at least 1".into()))?,
             suite: self.suite(),
             out: self.out.clone(),
         };
@@ -170,6 +173,11 @@ pub fn run(cache_dir: Option<PathBuf>, args: &CompareArgs) -> Result<()> {
     progress.finish();
     write_report(&root, args, &template, &plan, &comparison)?;
     print!("{}", summary_table(&comparison.reported, &plan.methods));
+    for (scenario, report) in &comparison.skipped {
+        if report.total() > 0 {
+            println!("scenario {scenario}: {report}");
+        }
+    }
     println!(
         "{} cells; the full report (report.md), every number (results.json) and plots are in {}",
         comparison.reported.len(),
@@ -187,6 +195,7 @@ fn write_report(
 ) -> Result<()> {
     let cells = &comparison.reported;
     let minutes = comparison.minutes;
+    let skipped = &comparison.skipped;
     let recipe = &template.recipe;
     let summary = Summary { cells };
     let scenarios = summary.scenarios();
@@ -254,6 +263,11 @@ fn write_report(
             ));
         }
     }
+    for (scenario, report) in skipped.iter().filter(|(_, r)| r.total() > 0) {
+        md.push_str(&format!(
+            "\n## Skipped records: {scenario}\n\n```text\n{report}\n```\n"
+        ));
+    }
     md.push_str("\n## Captions (seed 0, first scenario)\n\n");
     if let Some(s) = scenarios.first() {
         for m in &methods {
@@ -274,7 +288,7 @@ fn write_report(
     let json = serde_json::json!({ "settings": {
             "scenarios": scenarios, "methods": methods, "seeds": plan.seeds, "grid": plan.grid,
             "recipe": template.to_options(), "evaluation": plan.suite,
-        }, "minutes": minutes, "cells": cells });
+        }, "minutes": minutes, "skipped": skipped, "cells": cells });
     write_atomic(
         &plan.out.join("results.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),

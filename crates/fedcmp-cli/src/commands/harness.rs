@@ -4,6 +4,7 @@
 //! to FedAvg with its 95% interval; `results.json`, `report.md` and a plot
 //! of each rule's NLL minus FedAvg's per scored round.
 
+use crate::exit::BadFlags;
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 
@@ -90,13 +91,13 @@ impl HarnessArgs {
         };
         let plan = HarnessPlan {
             scenarios: self.scenarios.clone(),
-            seeds: NonZeroU64::new(self.seeds).context("--seeds must be at least 1")?,
-            rounds: template
-                .recipe
-                .rounds
-                .context("the harness records a fixed number of rounds (--rounds)")?,
+            seeds: NonZeroU64::new(self.seeds)
+                .ok_or_else(|| BadFlags("--seeds must be at least 1".into()))?,
+            rounds: template.recipe.rounds.ok_or_else(|| {
+                BadFlags("the harness records a fixed number of rounds (--rounds)".into())
+            })?,
             score_every: NonZeroU64::new(self.score_every)
-                .context("--score-every must be at least 1")?,
+                .ok_or_else(|| BadFlags("--score-every must be at least 1".into()))?,
             server_lrs: self.server_lrs.clone(),
             rules,
             out: self.out.clone(),

@@ -112,23 +112,7 @@ fn print_federation(scenario: &Scenario, f: &Federation) {
         splits.test.len()
     );
     if f.corpus.skipped.total() > 0 {
-        let kinds: Vec<String> = f
-            .corpus
-            .skipped
-            .counts()
-            .iter()
-            .map(|(k, n)| format!("{n} {k}"))
-            .collect();
-        println!("skipped records: {}", kinds.join(", "));
-        for ex in f.corpus.skipped.examples() {
-            let line = ex.line.map(|l| format!(":{l}")).unwrap_or_default();
-            println!(
-                "  {}{line}: {} ({})",
-                ex.file.display(),
-                ex.kind,
-                ex.message
-            );
-        }
+        println!("{}", f.corpus.skipped);
     }
     let sources = &f.items.sources;
     println!(

@@ -2,6 +2,7 @@
 //! or one cell of a comparison folder) captioning the user's own images,
 //! and scored by the evaluation suite on any scenario.
 
+use crate::exit::BadFlags;
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -34,7 +35,7 @@ pub struct CaptionArgs {
 pub fn caption(cache_dir: Option<PathBuf>, args: &CaptionArgs) -> Result<()> {
     let saved = args.projector.locate()?;
     let decoding = match args.beams {
-        0 => anyhow::bail!("--beams must be at least 1"),
+        0 => return Err(BadFlags("--beams must be at least 1".into()).into()),
         1 => Decoding::Greedy,
         width => Decoding::Beam { width },
     };
@@ -109,18 +110,8 @@ pub fn eval(cache_dir: Option<PathBuf>, args: &EvalArgs) -> Result<()> {
             manifest.display()
         );
         print_suite(&[(saved.label.as_str(), &outcome.report)]);
-        let skipped = &outcome.skipped;
-        if skipped.total() > 0 {
-            let counts: Vec<String> = skipped
-                .counts()
-                .iter()
-                .map(|(kind, n)| format!("{n} {kind}"))
-                .collect();
-            println!("skipped: {}", counts.join(", "));
-            for ex in skipped.examples() {
-                let line = ex.line.map(|l| format!(":{l}")).unwrap_or_default();
-                println!("  {}{line}: {}", ex.file.display(), ex.message);
-            }
+        if outcome.skipped.total() > 0 {
+            println!("{}", outcome.skipped);
         }
         return Ok(());
     }

@@ -4,5 +4,6 @@
 //! `show-config` and `--config` agree.
 
 mod compare;
+mod errors;
 mod export;
 mod settings;

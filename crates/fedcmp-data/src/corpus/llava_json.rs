@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{check_image_file, image_root, read_bytes, resolve_image_path, Collector};
+use super::{check_image_file, read_bytes, Collector, ImageRoot};
 use crate::record::{Corpus, ImageSource, Record, SkipKind};
 use crate::{DataError, Result};
 
@@ -36,6 +36,8 @@ pub struct Options {
     pub source: String,
     /// Decode each image now instead of only checking it exists.
     pub verify_images: bool,
+    /// Let image paths leave the image root (see [`super::ImageRoot`]).
+    pub allow_images_outside_root: bool,
 }
 
 /// One entry, leniently: fields other than these are ignored (LLaVA mixes
@@ -69,7 +71,11 @@ pub fn read(path: &Path, options: &Options) -> Result<Corpus> {
         path: path.to_path_buf(),
         message: format!("not a LLaVA JSON array of entries: {e}"),
     })?;
-    let root = image_root(path, options.image_root.as_deref());
+    let root = ImageRoot::new(
+        path,
+        options.image_root.as_deref(),
+        options.allow_images_outside_root,
+    );
     let mut out = Collector::new(path);
     let mut lines = LineCounter::new(text);
     for (i, raw) in entries.iter().enumerate() {
@@ -105,7 +111,7 @@ pub fn read(path: &Path, options: &Options) -> Result<Corpus> {
 fn entry_record(
     raw: &RawValue,
     number: usize,
-    root: &Path,
+    root: &ImageRoot,
     options: &Options,
 ) -> std::result::Result<Record, (SkipKind, String)> {
     let malformed = |m: String| (SkipKind::MalformedRecord, m);
@@ -128,7 +134,7 @@ fn entry_record(
     if caption.is_empty() {
         return Err((SkipKind::EmptyCaption, "the gpt turn is empty".to_string()));
     }
-    let image = resolve_image_path(root, image)?;
+    let image = root.resolve(image)?;
     Ok(Record {
         id: format!("{}/{local_id}", options.source),
         image: ImageSource::File(image),

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use super::{check_image_file, image_root, read_bytes, resolve_image_path, Collector, ColumnNames};
+use super::{check_image_file, read_bytes, Collector, ColumnNames, ImageRoot};
 use crate::record::{Corpus, ImageSource, Record, SkipKind};
 use crate::{DataError, Result};
 
@@ -41,6 +41,8 @@ pub struct Options {
     pub source: String,
     /// Decode each image now instead of only checking it exists.
     pub verify_images: bool,
+    /// Let image paths leave the image root (see [`super::ImageRoot`]).
+    pub allow_images_outside_root: bool,
 }
 
 /// One line or row, before checks.
@@ -253,7 +255,7 @@ pub fn read_csv(path: &Path, options: &Options) -> Result<Corpus> {
 struct Reader<'a> {
     out: Collector,
     options: &'a Options,
-    root: PathBuf,
+    root: ImageRoot,
     labels: Vec<Option<String>>,
 }
 
@@ -262,7 +264,11 @@ impl<'a> Reader<'a> {
         Self {
             out: Collector::new(path),
             options,
-            root: image_root(path, options.image_root.as_deref()),
+            root: ImageRoot::new(
+                path,
+                options.image_root.as_deref(),
+                options.allow_images_outside_root,
+            ),
             labels: Vec::new(),
         }
     }
@@ -287,7 +293,7 @@ impl<'a> Reader<'a> {
         if source.contains('/') {
             return Err(malformed(format!("source {source:?} contains `/`")));
         }
-        let image = resolve_image_path(&self.root, &row.image)?;
+        let image = self.root.resolve(&row.image)?;
         let caption = row.caption.unwrap_or_default().trim().to_string();
         if caption.is_empty() {
             return Err((SkipKind::EmptyCaption, "empty caption".to_string()));

@@ -76,6 +76,10 @@ pub struct LlavaJsonSpec {
     /// here rather than by the feature cache (slow on large corpora).
     #[serde(default, skip_serializing_if = "is_false")]
     pub verify_images: bool,
+    /// Let image paths leave the image root (after `..` and symlinks):
+    /// off by default, so a manifest cannot make a run read files elsewhere.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_images_outside_root: bool,
     #[serde(flatten)]
     pub common: Common,
 }
@@ -95,6 +99,9 @@ pub struct ManifestSpec {
     /// See [`LlavaJsonSpec::verify_images`].
     #[serde(default, skip_serializing_if = "is_false")]
     pub verify_images: bool,
+    /// See [`LlavaJsonSpec::allow_images_outside_root`].
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_images_outside_root: bool,
     #[serde(flatten)]
     pub common: Common,
 }
@@ -324,6 +331,7 @@ pub fn load_source(spec: &SourceSpec, env: &SourceEnv) -> Result<Corpus> {
                     image_root,
                     source: name,
                     verify_images: s.verify_images,
+                    allow_images_outside_root: s.allow_images_outside_root,
                 },
             )?
         }
@@ -333,6 +341,7 @@ pub fn load_source(spec: &SourceSpec, env: &SourceEnv) -> Result<Corpus> {
                 columns: s.columns.clone(),
                 source: name,
                 verify_images: s.verify_images,
+                allow_images_outside_root: s.allow_images_outside_root,
             };
             let path = env.resolve(&s.path);
             if matches!(spec, SourceSpec::Jsonl(_)) {
@@ -542,28 +551,113 @@ pub(crate) fn check_image_file(path: &Path, verify: bool) -> Option<ImageLoadErr
     }
 }
 
-/// Resolves a manifest's image path: absolute as given, relative against
-/// `root`. URLs are refused: nothing here downloads.
-pub(crate) fn resolve_image_path(
-    root: &Path,
-    raw: &str,
-) -> std::result::Result<PathBuf, (SkipKind, String)> {
-    let raw = raw.trim();
-    if raw.is_empty() {
-        return Err((SkipKind::MalformedRecord, "empty image path".to_string()));
+/// Where a manifest's images may be: its root folder, after `..` is
+/// normalised and symlinks are followed, unless the source allows images
+/// elsewhere (`allow-images-outside-root`). A path outside is a counted
+/// skip, never a read: a manifest from someone else must not make a run
+/// open `/etc/passwd` or a symlink's target in another user's folder.
+#[derive(Debug, Clone)]
+pub(crate) struct ImageRoot {
+    /// The root as the user gave it; relative paths are joined to this.
+    given: PathBuf,
+    /// The root with symlinks resolved, when it exists; else its lexical
+    /// normal form (every image under it is then missing anyway).
+    real: PathBuf,
+    allow_outside: bool,
+}
+
+impl ImageRoot {
+    pub(crate) fn new(manifest: &Path, explicit: Option<&Path>, allow_outside: bool) -> Self {
+        let given = match explicit {
+            Some(root) => root.to_path_buf(),
+            None => manifest.parent().map(Path::to_path_buf).unwrap_or_default(),
+        };
+        let real = real_or_lexical(&given);
+        Self {
+            given,
+            real,
+            allow_outside,
+        }
     }
-    if raw.contains("://") {
-        return Err((
-            SkipKind::MalformedRecord,
-            format!("image {raw:?} is a URL; download the images and give local paths"),
-        ));
+
+    /// Resolves a manifest's image path: absolute as given, relative against
+    /// the root; then checks it stays inside the root. URLs are refused:
+    /// nothing here downloads.
+    pub(crate) fn resolve(&self, raw: &str) -> std::result::Result<PathBuf, (SkipKind, String)> {
+        let raw = raw.trim();
+        if raw.is_empty() {
+            return Err((SkipKind::MalformedRecord, "empty image path".to_string()));
+        }
+        if raw.contains("://") {
+            return Err((
+                SkipKind::MalformedRecord,
+                format!("image {raw:?} is a URL; download the images and give local paths"),
+            ));
+        }
+        let p = Path::new(raw);
+        let path = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.given.join(p)
+        };
+        if self.allow_outside {
+            return Ok(path);
+        }
+        let real = real_or_lexical(&path);
+        if real.starts_with(&self.real) {
+            Ok(path)
+        } else {
+            Err((
+                SkipKind::OutsideRoot,
+                format!(
+                    "image {raw:?} resolves to {}, outside the image root {} \
+                     (set allow-images-outside-root on the source to read it)",
+                    real.display(),
+                    self.real.display()
+                ),
+            ))
+        }
     }
-    let p = Path::new(raw);
-    Ok(if p.is_absolute() {
-        p.to_path_buf()
+}
+
+/// `path` with symlinks followed when it exists; otherwise its lexical
+/// normal form (`.` dropped, `..` taking off the component before it) made
+/// absolute, so a missing file is still placed inside or outside a root.
+fn real_or_lexical(path: &Path) -> PathBuf {
+    if let Ok(real) = std::fs::canonicalize(path) {
+        return real;
+    }
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
     } else {
-        root.join(p)
-    })
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    // The longest existing ancestor is canonicalised too, so a missing file
+    // under a symlinked folder compares like the folder's real path.
+    let mut normal = PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                normal.pop();
+            }
+            other => normal.push(other),
+        }
+    }
+    let mut existing = normal.as_path();
+    let mut rest = Vec::new();
+    while let Some(parent) = existing.parent() {
+        if let Ok(real) = std::fs::canonicalize(existing) {
+            let mut out = real;
+            out.extend(rest.iter().rev());
+            return out;
+        }
+        if let Some(name) = existing.file_name() {
+            rest.push(name.to_os_string());
+        }
+        existing = parent;
+    }
+    normal
 }
 
 /// What a manifest reader accumulates: the kept records, the skips (all
@@ -611,12 +705,4 @@ pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>> {
         path: path.to_path_buf(),
         source,
     })
-}
-
-/// The folder relative image paths of a manifest start from.
-pub(crate) fn image_root(manifest: &Path, explicit: Option<&Path>) -> PathBuf {
-    match explicit {
-        Some(root) => root.to_path_buf(),
-        None => manifest.parent().map(Path::to_path_buf).unwrap_or_default(),
-    }
 }

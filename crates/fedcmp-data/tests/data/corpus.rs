@@ -277,6 +277,97 @@ fn jsonl_manifest_skips_bad_lines_with_their_line_numbers() -> anyhow::Result<()
     Ok(())
 }
 
+/// A manifest from someone else must not make a run read files outside its
+/// image root: `..`, absolute paths and symlinks that leave it are counted
+/// skips (never opened), unless the source allows it; symlinks that stay
+/// inside and `..` that comes back inside are fine.
+#[test]
+fn image_paths_outside_the_root_are_skipped_unless_allowed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    write_png(&data.join("images/a.png"), 1)?;
+    write_png(&dir.path().join("secret.png"), 2)?;
+    let secret = dir.path().join("secret.png");
+    std::os::unix::fs::symlink(&secret, data.join("images/escape.png"))?;
+    std::os::unix::fs::symlink(data.join("images/a.png"), data.join("inside.png"))?;
+    std::os::unix::fs::symlink(dir.path(), data.join("up"))?;
+    let lines = [
+        r#"{"image": "images/a.png", "caption": "Kept."}"#.to_string(),
+        r#"{"image": "images/../images/a.png", "caption": "Back inside."}"#.to_string(),
+        r#"{"image": "inside.png", "caption": "A link that stays."}"#.to_string(),
+        r#"{"image": "../secret.png", "caption": "Dot-dot."}"#.to_string(),
+        format!(
+            r#"{{"image": {:?}, "caption": "Absolute."}}"#,
+            secret.display().to_string()
+        ),
+        r#"{"image": "images/escape.png", "caption": "A link out."}"#.to_string(),
+        r#"{"image": "up/secret.png", "caption": "A folder link out."}"#.to_string(),
+        r#"{"image": "../../../../../../etc/passwd", "caption": "Etc."}"#.to_string(),
+        r#"{"image": "../gone.png", "caption": "Missing and outside."}"#.to_string(),
+        r#"{"image": "gone.png", "caption": "Missing inside."}"#.to_string(),
+    ];
+    std::fs::write(data.join("m.jsonl"), lines.join("\n"))?;
+    let c = load_source(
+        &spec("kind = \"jsonl\"\npath = \"data/m.jsonl\"")?,
+        &env(dir.path()),
+    )?;
+    assert_eq!(ids(&c), ["m/1", "m/2", "m/3"]);
+    let sk = &c.skipped;
+    assert_eq!(sk.count(SkipKind::OutsideRoot), 6);
+    assert_eq!(sk.count(SkipKind::MissingImage), 1);
+    assert_eq!(sk.total(), 7);
+    let outside: Vec<_> = examples(&c)
+        .into_iter()
+        .filter(|(k, _)| *k == SkipKind::OutsideRoot)
+        .map(|(_, line)| line)
+        .collect();
+    // Five examples are kept per kind.
+    assert_eq!(outside, [Some(4), Some(5), Some(6), Some(7), Some(8)]);
+    let link = &sk
+        .examples()
+        .iter()
+        .find(|e| e.line == Some(6))
+        .context("line 6")?
+        .message;
+    assert!(
+        link.contains("outside the image root") && link.contains("allow-images-outside-root"),
+        "{link}"
+    );
+
+    // The same manifest with the option: the files outside are read, and
+    // only what does not exist is skipped.
+    let allowed = load_source(
+        &spec("kind = \"jsonl\"\npath = \"data/m.jsonl\"\nallow-images-outside-root = true")?,
+        &env(dir.path()),
+    )?;
+    assert_eq!(allowed.skipped.count(SkipKind::OutsideRoot), 0);
+    assert_eq!(
+        &ids(&allowed)[..7],
+        ["m/1", "m/2", "m/3", "m/4", "m/5", "m/6", "m/7"]
+    );
+    // Line 8 (/etc/passwd) is kept or missing depending on this machine.
+    assert_eq!(allowed.records.len() + allowed.skipped.total(), 10);
+    assert_eq!(
+        allowed.skipped.count(SkipKind::MissingImage),
+        10 - allowed.records.len()
+    );
+
+    // LLaVA JSON goes through the same check, against its image root.
+    let json = format!(
+        "[{},{}]",
+        llava_entry("in", "a.png", "<image>", "Kept."),
+        llava_entry("out", "../../secret.png", "<image>", "Out.")
+    );
+    std::fs::write(data.join("l.json"), json)?;
+    let l = load_source(
+        &spec("kind = \"llava-json\"\npath = \"data/l.json\"\nimage-root = \"data/images\"")?,
+        &env(dir.path()),
+    )?;
+    assert_eq!(ids(&l), ["l/in"]);
+    assert_eq!(l.skipped.count(SkipKind::OutsideRoot), 1);
+    Ok(())
+}
+
 #[test]
 fn integer_labels_are_class_indices() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

@@ -41,6 +41,7 @@ use std::time::Instant;
 
 use fedcmp_core::metrics::names;
 use fedcmp_core::ParamSet;
+use fedcmp_data::record::SkipReport;
 use fedcmp_runtime::convert::{
     load_projector, projector_params, read_params_file, save_params_file,
 };
@@ -200,6 +201,8 @@ pub struct Comparison {
     pub failed: Vec<Cell>,
     /// Minutes this invocation took.
     pub minutes: f64,
+    /// What each scenario's readers and encoder skipped, by scenario name.
+    pub skipped: BTreeMap<String, SkipReport>,
 }
 
 /// Diagnostics kept per round in a cell (for the interference plots).
@@ -300,7 +303,7 @@ fn write_cell(path: &Path, cell: &Cell) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
     }
     let text = serde_json::to_string_pretty(cell)
-        .map_err(|e| ExperimentError::Invalid(format!("cannot encode a cell: {e}")))?;
+        .map_err(|e| ExperimentError::Internal(format!("cannot encode a cell: {e}")))?;
     write_atomic(path, text.as_bytes())
 }
 
@@ -325,7 +328,7 @@ fn pinned_text(template: &RunSettings, suite: SuiteConfig) -> Result<String> {
         recipe,
         evaluation: suite,
     })
-    .map_err(|e| ExperimentError::Invalid(format!("cannot encode settings: {e}")))?;
+    .map_err(|e| ExperimentError::Internal(format!("cannot encode settings: {e}")))?;
     Ok(format!(
         "# fedcmp compare: the settings every cell in this folder was made with.\n{body}"
     ))
@@ -648,12 +651,14 @@ pub fn run(
     let started = Instant::now();
     let failed = Mutex::new(Vec::new());
     let mut reported = Vec::new();
+    let mut skipped = BTreeMap::new();
     for scenario in &plan.scenarios {
         let data = crate::settings::DataSettings {
             scenario: scenario.clone(),
             ..template.data.clone()
         };
         let experiment = Experiment::assemble(root, &data, plan.suite, observer)?;
+        skipped.insert(experiment.scenario.name.clone(), experiment.skipped.clone());
         let scene = Scene {
             experiment: &experiment,
             data,
@@ -670,6 +675,7 @@ pub fn run(
         reported,
         failed,
         minutes: started.elapsed().as_secs_f64() / 60.0,
+        skipped,
     })
 }
 
@@ -702,7 +708,7 @@ fn run_methods(scene: &Scene<'_>, tick: &(dyn Fn() + Sync)) -> Result<Vec<Cell>>
                     };
                     let outcome = match &pool {
                         Ok(pool) => pool.install(|| scene.method_cells(*method, tick)),
-                        Err(e) => Err(ExperimentError::Invalid(format!("thread pool: {e}"))),
+                        Err(e) => Err(ExperimentError::Internal(format!("thread pool: {e}"))),
                     };
                     if let Ok(mut slot) = results[i].lock() {
                         *slot = Some(outcome);

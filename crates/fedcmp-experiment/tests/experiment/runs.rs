@@ -364,3 +364,86 @@ fn a_grid_of_one_setting_trains_no_tuning_run() -> Result<()> {
     );
     Ok(())
 }
+
+/// Appends to the world's manifest one record of each kind a run must skip
+/// and show: a malformed line, a missing image, an image outside the
+/// manifest's folder, and a file that is not an image (found by the
+/// encoder, not the reader). Returns the manifest's path.
+fn add_bad_records(w: &World) -> Result<PathBuf> {
+    use std::io::Write;
+    let manifest = w.dir.path().join("tiny.jsonl");
+    std::fs::write(w.dir.path().join("images/not-an-image.png"), b"plain text")?;
+    let mut file = std::fs::OpenOptions::new().append(true).open(&manifest)?;
+    // The world's 48 lines come first: these are lines 49 to 52.
+    writeln!(file, r#"{{"image": "images/0.png", "caption": "cut"#)?;
+    writeln!(
+        file,
+        r#"{{"image": "images/gone.png", "caption": "Gone.", "source": "stripes"}}"#
+    )?;
+    writeln!(
+        file,
+        r#"{{"image": "../../etc/passwd", "caption": "Out.", "source": "stripes"}}"#
+    )?;
+    writeln!(
+        file,
+        r#"{{"image": "images/not-an-image.png", "caption": "Text.", "source": "stripes"}}"#
+    )?;
+    Ok(manifest)
+}
+
+/// The skips `add_bad_records` makes, as summary.json and results.json
+/// hold them.
+fn check_skips(skipped: &serde_json::Value, manifest: &Path) -> Result<()> {
+    assert_eq!(skipped["total"], 4, "{skipped:#}");
+    assert_eq!(
+        skipped["counts"],
+        serde_json::json!({"missing-image": 1, "undecodable-image": 1,
+            "malformed-record": 1, "outside-root": 1}),
+    );
+    let examples = skipped["examples"].as_array().context("examples")?;
+    let mut at: Vec<(&str, String, u64)> = examples
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap_or_default(),
+                e["file"].as_str().unwrap_or_default().to_string(),
+                e["line"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    at.sort();
+    let manifest = manifest.display().to_string();
+    let image = manifest.replace("tiny.jsonl", "images/not-an-image.png");
+    // The reader's skips name the manifest and line; the encoder's, the
+    // image (no line).
+    assert_eq!(
+        at,
+        [
+            ("malformed-record", manifest.clone(), 49),
+            ("missing-image", manifest.clone(), 50),
+            ("outside-root", manifest, 51),
+            ("undecodable-image", image, 0),
+        ]
+    );
+    Ok(())
+}
+
+#[test]
+fn runs_and_comparisons_report_every_skipped_record() -> Result<()> {
+    use fedcmp_experiment::compare;
+    let w = world()?;
+    let manifest = add_bad_records(&w)?;
+    let settings = w.settings(RunOptions::default())?;
+    let experiment = w.experiment(&settings)?;
+    assert_eq!(experiment.skipped.total(), 4);
+    let report = run_on(&experiment, &settings, false, &Silent)?;
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.folder.summary())?)?;
+    check_skips(&summary["federation"]["skipped"], &manifest).context("summary.json")?;
+
+    let plan = w.plan(&settings, &["init"], w.dir.path().join("compare"))?;
+    let comparison = compare::run(&w.cache(), &settings, &plan, &Silent)?;
+    let by_scenario = serde_json::to_value(&comparison.skipped)?;
+    check_skips(&by_scenario["tiny"], &manifest).context("the comparison")?;
+    Ok(())
+}
