@@ -48,17 +48,7 @@ fn runtime_error(e: impl std::error::Error) -> PyErr {
 }
 
 fn tensor_from_bytes(name: &str, shape: Vec<usize>, bytes: &[u8]) -> PyResult<ParamTensor> {
-    if !bytes.len().is_multiple_of(4) {
-        return Err(PyValueError::new_err(format!(
-            "array `{name}`: {} bytes is not a whole number of f32 values",
-            bytes.len()
-        )));
-    }
-    let data = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    ParamTensor::new(name, shape, data).map_err(value_error)
+    fedcmp_core::wire::tensor_from_le_bytes(name, shape, bytes).map_err(value_error)
 }
 
 fn arrays_in(arrays: Vec<ArrayIn>) -> PyResult<Vec<(String, ParamTensor)>> {

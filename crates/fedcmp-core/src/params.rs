@@ -20,8 +20,10 @@ pub struct ParamTensor {
 impl ParamTensor {
     /// Checks that `data` fills `shape`.
     pub fn new(name: &str, shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
-        let n: usize = shape.iter().product();
-        if n != data.len() {
+        // A shape from a site or a file may multiply past usize: that is a
+        // shape no data fills, not a number to wrap around.
+        let n = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        if n != Some(data.len()) {
             return Err(CoreError::BadTensor {
                 name: name.to_string(),
                 shape,
@@ -54,8 +56,11 @@ pub struct ParamSet {
 impl ParamSet {
     /// Builds a set; names must be unique.
     pub fn new(entries: Vec<(String, ParamTensor)>) -> Result<Self> {
-        for (i, (name, _)) in entries.iter().enumerate() {
-            if entries[..i].iter().any(|(other, _)| other == name) {
+        // A set, not a scan of the names before: a site's message may carry
+        // any number of arrays, and the pairwise scan took 31 s on 150,000.
+        let mut seen = std::collections::HashSet::with_capacity(entries.len());
+        for (name, _) in &entries {
+            if !seen.insert(name.as_str()) {
                 return Err(CoreError::Invalid(format!("duplicate parameter `{name}`")));
             }
         }
@@ -163,6 +168,28 @@ mod tests {
                 })
                 .collect::<Result<_>>()?,
         )
+    }
+
+    /// A shape whose element count overflows is refused, not wrapped
+    /// (found by fuzzing the wire decoder: it panicked in debug builds and
+    /// wrapped to an empty tensor in release ones).
+    #[test]
+    fn a_shape_past_usize_fills_no_data() {
+        let huge = vec![1usize << 32, 1 << 32];
+        assert!(ParamTensor::new("w", huge, vec![]).is_err());
+        let wraps_to_one = vec![usize::MAX, usize::MAX];
+        assert!(ParamTensor::new("w", wraps_to_one, vec![0.0]).is_err());
+    }
+
+    #[test]
+    fn duplicate_names_are_refused_wherever_they_are() -> Result<()> {
+        let mut entries: Vec<(String, ParamTensor)> = (0..1000)
+            .map(|i| Ok((format!("p{i}"), ParamTensor::new("t", vec![1], vec![0.0])?)))
+            .collect::<Result<_>>()?;
+        assert!(ParamSet::new(entries.clone()).is_ok());
+        entries.push(("p517".into(), ParamTensor::new("t", vec![1], vec![0.0])?));
+        assert!(ParamSet::new(entries).is_err());
+        Ok(())
     }
 
     #[test]

@@ -124,6 +124,23 @@ fn from_json<'a, T: Deserialize<'a>>(what: &str, text: &'a str) -> Result<T> {
     serde_json::from_str(text).map_err(|e| CoreError::Invalid(format!("bad {what} header: {e}")))
 }
 
+/// An array as a transport delivers it (a name, a shape, the raw
+/// little-endian f32 bytes) as a tensor; a byte count that is not whole
+/// f32 values or does not fill the shape is refused.
+pub fn tensor_from_le_bytes(name: &str, shape: Vec<usize>, bytes: &[u8]) -> Result<ParamTensor> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(CoreError::Invalid(format!(
+            "array `{name}`: {} bytes is not a whole number of f32 values",
+            bytes.len()
+        )));
+    }
+    let data = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    ParamTensor::new(name, shape, data)
+}
+
 /// A task as a header and its arrays.
 pub fn encode_task(task: &RoundTask) -> WireMessage {
     let mut arrays = Vec::new();

@@ -73,11 +73,12 @@ fn parse(path: &Path, bytes: &[u8], want_ndim: usize) -> Result<(Vec<usize>, Vec
             u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
         })
         .collect();
-    let expected: usize = dims.iter().product();
+    let expected = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
     let data = &bytes[header..];
-    if data.len() != expected {
+    if expected != Some(data.len()) {
         return Err(bad(format!(
-            "header promises {expected} bytes of data ({dims:?}), file holds {}",
+            "header promises {} bytes of data ({dims:?}), file holds {}",
+            expected.map_or("more than 2^64".to_string(), |n| n.to_string()),
             data.len()
         )));
     }

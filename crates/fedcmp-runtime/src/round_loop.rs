@@ -257,7 +257,7 @@ impl ClientBook {
 /// global model's names and shapes with finite values (its control
 /// variate too). Checked for every transport, so a broken or hostile site
 /// costs its own update, never the round.
-fn refusal(
+pub fn update_refusal(
     reply: &ClientReply,
     global: &ParamSet,
     sampled: &[ClientId],
@@ -393,7 +393,7 @@ pub fn drive(
         let mut updates = Vec::with_capacity(outcome.replies.len());
         let mut replied = BTreeSet::new();
         for reply in outcome.replies {
-            if let Some(reason) = refusal(&reply, &global, &sampled, &replied) {
+            if let Some(reason) = update_refusal(&reply, &global, &sampled, &replied) {
                 let client = reply.status.client;
                 tracing::warn!(round, client = client.0, %reason, "update refused");
                 outcome.failures.push(ClientFailure {

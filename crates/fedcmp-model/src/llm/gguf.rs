@@ -182,6 +182,39 @@ pub fn load_gguf_decoder(path: &Path, device: &Device) -> Result<GgufDecoder> {
     Ok(GgufDecoder { decoder, tokenizer })
 }
 
+/// Refuses a tensor whose shape and type need bytes past the end of the
+/// file, before candle sizes a buffer from them: a header may claim any
+/// shape, and the element count of a hostile one overflows (found by
+/// fuzzing; candle multiplies the dimensions unchecked).
+fn check_tensor_span(
+    path: &Path,
+    name: &str,
+    info: &candle_core::quantized::gguf_file::TensorInfo,
+    data_offset: u64,
+    file_len: u64,
+) -> Result<()> {
+    let dims = info.shape.dims();
+    let block = info.ggml_dtype.block_size() as u64;
+    let end = dims
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+        .filter(|elems| block > 0 && elems % block == 0)
+        .and_then(|elems| (elems / block).checked_mul(info.ggml_dtype.type_size() as u64))
+        .and_then(|bytes| data_offset.checked_add(info.offset)?.checked_add(bytes));
+    match end {
+        Some(end) if end <= file_len => Ok(()),
+        _ => Err(ModelError::format(
+            path,
+            "GGUF",
+            format!(
+                "tensor `{name}`: shape {dims:?} of {:?} at offset {} does not fit in the \
+                 file's {file_len} bytes",
+                info.ggml_dtype, info.offset
+            ),
+        )),
+    }
+}
+
 /// Reads a GGUF decoder file into its [`GgufParts`].
 pub fn read_gguf_parts(path: &Path, device: &Device) -> Result<GgufParts> {
     let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
@@ -242,6 +275,11 @@ pub fn read_gguf_parts(path: &Path, device: &Device) -> Result<GgufParts> {
     };
     config.validate(path)?;
 
+    let file_len = reader
+        .get_ref()
+        .metadata()
+        .map_err(|e| ModelError::io(path, e))?
+        .len();
     let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort_unstable();
@@ -250,6 +288,9 @@ pub fn read_gguf_parts(path: &Path, device: &Device) -> Result<GgufParts> {
             tracing::debug!(tensor = %name, "ignoring unknown GGUF tensor");
             continue;
         };
+        if let Some(info) = content.tensor_infos.get(name.as_str()) {
+            check_tensor_span(path, name, info, content.tensor_data_offset, file_len)?;
+        }
         let q = content
             .tensor(&mut reader, name, device)
             .map_err(|e| ModelError::format(path, "GGUF", format!("tensor `{name}`: {e}")))?;

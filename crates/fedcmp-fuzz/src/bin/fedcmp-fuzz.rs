@@ -1,0 +1,171 @@
+//! `fedcmp-fuzz`: longer fuzzing runs than CI's smoke run, on the stable
+//! toolchain, with a table of what each target ran and found.
+//!
+//! ```text
+//! cargo run --release -p fedcmp-fuzz -- --seconds 600            # every target, 10 min each
+//! cargo run --release -p fedcmp-fuzz -- --target gguf --runs 1000000
+//! cargo run --release -p fedcmp-fuzz -- --target gguf --reproduce crash.bin
+//! ```
+//!
+//! Exit codes: 0 nothing found, 1 a panic found (inputs kept under
+//! `--findings`), 3 a hang (the input named on stderr), and an abort
+//! ("memory allocation of N bytes failed") when a run allocated past the
+//! bound (the input is the target's file in the scratch folder, printed
+//! at the start).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use fedcmp_fuzz::engine::{fuzz, Limits};
+use fedcmp_fuzz::targets::{target, Seeds, TARGETS};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fedcmp-fuzz",
+    about = "Fuzz fedcmp's decoders of untrusted bytes"
+)]
+struct Args {
+    /// Fuzz only this target (default: all; `--list` names them).
+    #[arg(long)]
+    target: Option<String>,
+    /// List the targets and exit.
+    #[arg(long)]
+    list: bool,
+    /// Seconds per target.
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// Runs per target (with --seconds: whichever comes first).
+    #[arg(long)]
+    runs: Option<u64>,
+    /// Seed of the mutations (a run is reproducible from it).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Largest input, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_len: usize,
+    /// A run longer than this many seconds is a hang.
+    #[arg(long, default_value_t = 5)]
+    timeout: u64,
+    /// Bytes a run may allocate beyond what it started with, in MiB.
+    #[arg(long, default_value_t = 256)]
+    alloc_mib: usize,
+    /// Where inputs that panicked are kept.
+    #[arg(long, default_value = "fuzz-findings")]
+    findings: PathBuf,
+    /// Run the target once on this input and print its verdict.
+    #[arg(long)]
+    reproduce: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    // Candle captures a backtrace for every error when RUST_BACKTRACE is
+    // set (and its pickle reader prints them): slow, and noise here.
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    match run(&Args::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    if args.list {
+        for t in TARGETS {
+            println!("{:<14} {}", t.name, t.about);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let chosen: Vec<_> = match &args.target {
+        Some(name) => vec![target(name).with_context(|| {
+            let names: Vec<_> = TARGETS.iter().map(|t| t.name).collect();
+            format!("no target {name:?} (targets: {})", names.join(", "))
+        })?],
+        None => TARGETS.iter().collect(),
+    };
+    let scratch = tempfile::Builder::new().prefix("fedcmp-fuzz-").tempdir()?;
+    let seeds = Seeds::generate(scratch.path())?;
+    if let Some(input) = &args.reproduce {
+        let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
+        for t in &chosen {
+            match t.run(scratch.path(), &bytes) {
+                Ok(()) => println!("{}: accepted", t.name),
+                Err(e) => println!("{}: refused: {e}", t.name),
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let limits = Limits {
+        runs: args.runs,
+        time: args.seconds.map(Duration::from_secs),
+        max_len: args.max_len,
+        timeout: Duration::from_secs(args.timeout),
+        alloc_bound: args.alloc_mib << 20,
+        seed: args.seed,
+        findings: args.findings.clone(),
+    };
+    anyhow::ensure!(
+        limits.runs.is_some() || limits.time.is_some(),
+        "give --seconds or --runs"
+    );
+    eprintln!(
+        "inputs are written to {} before each run: after an abort or a hang, the target's \
+         file there is the input",
+        scratch.path().display()
+    );
+    println!(
+        "{:<14} {:>10} {:>8} {:>9} {:>9} {:>9} {:>7} {:>11} {:>8}",
+        "target",
+        "runs",
+        "seconds",
+        "runs/s",
+        "accepted",
+        "verdicts",
+        "corpus",
+        "slowest ms",
+        "findings"
+    );
+    let mut found = 0;
+    for t in chosen {
+        let report = fuzz(
+            t,
+            seeds.of(t.name),
+            seeds.regressions(t.name),
+            scratch.path(),
+            &limits,
+        )?;
+        println!(
+            "{:<14} {:>10} {:>8.1} {:>9.0} {:>9} {:>9} {:>7} {:>11.1} {:>8}",
+            report.target,
+            report.runs,
+            report.seconds,
+            report.runs as f64 / report.seconds.max(1e-9),
+            report.accepted,
+            report.verdicts,
+            report.corpus,
+            report.slowest.as_secs_f64() * 1e3,
+            report.findings.len()
+        );
+        if report.seeds_accepted != report.seeds {
+            eprintln!(
+                "warning: {}: {} of {} seeds were refused",
+                t.name,
+                report.seeds - report.seeds_accepted,
+                report.seeds
+            );
+        }
+        for f in &report.findings {
+            eprintln!("  {}: {} (input: {})", t.name, f.message, f.input.display());
+        }
+        found += report.findings.len();
+    }
+    Ok(if found == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
