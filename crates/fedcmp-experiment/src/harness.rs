@@ -522,6 +522,8 @@ pub struct ScenarioResult {
     pub start_nll: Vec<(u64, f64)>,
     pub rules: Vec<RuleResult>,
     pub minutes: f64,
+    /// Records the scenario's readers and encoder skipped.
+    pub skipped: fedcmp_data::record::SkipReport,
 }
 
 /// Scores proposals of the recorded rounds of one scenario.
@@ -877,5 +879,6 @@ pub fn run_scenario(
         start_nll,
         rules: rule_results,
         minutes: started.elapsed().as_secs_f64() / 60.0,
+        skipped: experiment.skipped.clone(),
     })
 }

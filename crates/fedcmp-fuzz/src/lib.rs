@@ -14,6 +14,7 @@
 //! input left in the scratch folder.
 
 pub mod engine;
+pub mod harness;
 pub mod mutate;
 pub mod targets;
 

@@ -126,6 +126,21 @@ pub fn safetensors_files(folder: &Path) -> Result<Vec<PathBuf>> {
             .collect();
         shards.sort_unstable();
         shards.dedup();
+        // Shards live in the folder: a name with a path in it (`../x`,
+        // `/etc/x`) would make a downloaded index read files elsewhere.
+        if let Some(bad) = shards.iter().find(|s| {
+            let mut parts = Path::new(s.as_str()).components();
+            !matches!(
+                (parts.next(), parts.next()),
+                (Some(std::path::Component::Normal(_)), None)
+            )
+        }) {
+            return Err(ModelError::config(
+                &index,
+                "weight_map",
+                format!("shard {bad:?} is not a file name in the model's folder"),
+            ));
+        }
         let files: Vec<PathBuf> = shards.iter().map(|s| folder.join(s)).collect();
         if let Some(missing) = files.iter().find(|f| !f.exists()) {
             return Err(ModelError::format(
@@ -179,7 +194,41 @@ impl Fnv1a {
 
 #[cfg(test)]
 mod tests {
-    use super::Fnv1a;
+    use std::path::Path;
+
+    use super::{safetensors_files, Fnv1a};
+
+    /// An index may only name shards inside its folder.
+    #[test]
+    fn shards_outside_the_folder_are_refused() -> crate::Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| crate::ModelError::io(Path::new("tmp"), e))?;
+        let index = dir.path().join("model.safetensors.index.json");
+        let write = |shard: &str| {
+            std::fs::write(
+                &index,
+                format!(r#"{{"weight_map": {{"a.weight": "{shard}"}}}}"#),
+            )
+        };
+        let io = |e| crate::ModelError::io(&index, e);
+        std::fs::write(dir.path().join("model-1.safetensors"), b"x").map_err(io)?;
+        write("model-1.safetensors").map_err(io)?;
+        assert_eq!(safetensors_files(dir.path())?.len(), 1);
+        for bad in [
+            "../model-1.safetensors",
+            "/etc/passwd",
+            "sub/model-1.safetensors",
+            "..",
+        ] {
+            write(bad).map_err(io)?;
+            let err = safetensors_files(dir.path()).err().map(|e| e.to_string());
+            assert!(
+                err.as_deref()
+                    .is_some_and(|e| e.contains("not a file name")),
+                "{bad}: {err:?}"
+            );
+        }
+        Ok(())
+    }
 
     #[test]
     fn fnv1a_matches_published_vectors() {

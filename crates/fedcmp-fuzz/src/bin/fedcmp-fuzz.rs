@@ -5,6 +5,7 @@
 //! cargo run --release -p fedcmp-fuzz -- --seconds 600            # every target, 10 min each
 //! cargo run --release -p fedcmp-fuzz -- --target gguf --runs 1000000
 //! cargo run --release -p fedcmp-fuzz -- --target gguf --reproduce crash.bin
+//! cargo run --release -p fedcmp-fuzz -- --write-seeds fuzz/corpus  # libFuzzer corpora
 //! ```
 //!
 //! Exit codes: 0 nothing found, 1 a panic found (inputs kept under
@@ -58,6 +59,10 @@ struct Args {
     /// Run the target once on this input and print its verdict.
     #[arg(long)]
     reproduce: Option<PathBuf>,
+    /// Write every target's seeds and regression inputs to DIR/<target>/
+    /// (libFuzzer's starting corpora) and exit.
+    #[arg(long, value_name = "DIR")]
+    write_seeds: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -89,6 +94,18 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     };
     let scratch = tempfile::Builder::new().prefix("fedcmp-fuzz-").tempdir()?;
     let seeds = Seeds::generate(scratch.path())?;
+    if let Some(dir) = &args.write_seeds {
+        for t in &chosen {
+            let folder = dir.join(t.name);
+            std::fs::create_dir_all(&folder)?;
+            let inputs = seeds.of(t.name).iter().chain(seeds.regressions(t.name));
+            for (i, input) in inputs.enumerate() {
+                std::fs::write(folder.join(format!("seed-{i:03}")), input)?;
+            }
+        }
+        println!("seeds written under {}", dir.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(input) = &args.reproduce {
         let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
         for t in &chosen {

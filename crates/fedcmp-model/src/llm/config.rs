@@ -132,6 +132,32 @@ impl DecoderConfig {
                 return Err(ModelError::config(path, field, "must be positive"));
             }
         }
+        // Widths are multiplied together below and in every layer; metadata
+        // that overflows them describes no model.
+        let widths = [
+            (
+                "num_attention_heads",
+                self.num_heads.checked_mul(self.head_dim),
+            ),
+            (
+                "num_key_value_heads",
+                self.num_kv_heads.checked_mul(self.head_dim),
+            ),
+            (
+                "intermediate_size",
+                self.intermediate_size.checked_mul(self.hidden_size),
+            ),
+            ("vocab_size", self.vocab_size.checked_mul(self.hidden_size)),
+        ];
+        for (field, product) in widths {
+            if product.is_none_or(|n| n > 1 << 40) {
+                return Err(ModelError::config(
+                    path,
+                    field,
+                    "makes a weight matrix of more than 2^40 elements",
+                ));
+            }
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(ModelError::config(
                 path,

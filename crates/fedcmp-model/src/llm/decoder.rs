@@ -447,7 +447,10 @@ impl FrozenDecoder {
         let kv_dim = config.num_kv_heads * config.head_dim;
         let ffn = config.intermediate_size;
         let embed = weights.get("model.embed_tokens.weight", &[config.vocab_size, d])?;
-        let mut layers = Vec::with_capacity(config.num_layers);
+        // Every layer needs tensors of its own: a layer count from a file's
+        // metadata is bounded by the tensors the file holds (a hostile
+        // `block_count` of 2^32 made this reserve 220 GB; found by fuzzing).
+        let mut layers = Vec::with_capacity(config.num_layers.min(weights.len()));
         for i in 0..config.num_layers {
             let p = format!("model.layers.{i}");
             let mut take = |name: String, shape: &[usize]| -> Result<Tensor> {

@@ -67,28 +67,188 @@ pub fn load_legacy_pth(path: &Path, device: &Device) -> Result<WeightMap> {
     Ok(WeightMap::new(path, tensors))
 }
 
-/// The modern format through candle. Its reader indexes pickled tuples with
-/// `Vec::remove`, which panics on a malformed file; the panic is turned into
-/// an error here so that a bad checkpoint cannot take the process down.
+/// The modern format through candle, made safe first. Candle's reader sizes
+/// buffers from lengths in the pickle and from tensor shapes without
+/// checking them against the file (fuzzing found a 1.7 GB allocation from
+/// a 3 kB file), and indexes pickled tuples with `Vec::remove`, which
+/// panics on a malformed file. So: every pickle in the archive is scanned
+/// first with each length checked against what follows it; each tensor
+/// must fit in its storage entry before candle reads it; and a panic is
+/// turned into an error.
 fn load_zip_pth(path: &Path, device: &Device) -> Result<WeightMap> {
     const ZIP_FORMAT: &str = "torch zip checkpoint";
+    let bad = |message: String| ModelError::format(path, ZIP_FORMAT, message);
+    let entry_sizes = check_zip_pickles(path).map_err(bad)?;
     let owned = path.to_path_buf();
-    let loaded = std::panic::catch_unwind(move || candle_core::pickle::read_all(&owned))
-        .map_err(|_| ModelError::format(path, ZIP_FORMAT, "candle's .pth reader panicked"))?
-        .map_err(|e| ModelError::format(path, ZIP_FORMAT, e.to_string()))?;
-    if loaded.is_empty() {
-        return Err(ModelError::format(
-            path,
-            ZIP_FORMAT,
-            "no tensors found (is it a state dict?)",
-        ));
+    let pth = std::panic::catch_unwind(move || candle_core::pickle::PthTensors::new(&owned, None))
+        .map_err(|_| bad("candle's .pth reader panicked".into()))?
+        .map_err(|e| bad(e.to_string()))?;
+    let mut names: Vec<&String> = pth.tensor_infos().keys().collect();
+    names.sort_unstable();
+    if names.is_empty() {
+        return Err(bad("no tensors found (is it a state dict?)".into()));
     }
-    let mut tensors = HashMap::with_capacity(loaded.len());
-    for (name, tensor) in loaded {
-        let tensor = tensor.to_dtype(DType::F32)?.to_device(device)?;
-        tensors.insert(name, tensor);
+    let mut tensors = HashMap::with_capacity(names.len());
+    for name in names {
+        let info = &pth.tensor_infos()[name];
+        let needed = info
+            .layout
+            .dims()
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .and_then(|n| n.checked_mul(info.dtype.size_in_bytes()))
+            // Candle keeps a pickled view's offset in bytes.
+            .and_then(|n| n.checked_add(info.layout.start_offset()));
+        let held = entry_sizes.get(&info.path).copied();
+        let fits = matches!((needed, held), (Some(n), Some(h)) if n as u64 <= h);
+        if !fits {
+            return Err(bad(format!(
+                "tensor `{name}`: shape {:?} of {:?} needs more bytes than its storage `{}` \
+                 holds ({})",
+                info.layout.dims(),
+                info.dtype,
+                info.path,
+                held.map_or("no such entry".to_string(), |h| format!("{h} bytes"))
+            )));
+        }
+        let tensor = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pth.get(name)))
+            .map_err(|_| bad("candle's .pth reader panicked".into()))?
+            .map_err(|e| bad(format!("tensor `{name}`: {e}")))?
+            .ok_or_else(|| bad(format!("tensor `{name}` vanished")))?;
+        tensors.insert(
+            name.clone(),
+            tensor.to_dtype(DType::F32)?.to_device(device)?,
+        );
     }
     Ok(WeightMap::new(path, tensors))
+}
+
+/// The largest pickle (`data.pkl`) of a zip checkpoint: a state dict's
+/// pickle holds names and shapes only, kilobytes even for large models.
+const MAX_ZIP_PICKLE: u64 = 64 << 20;
+
+/// Scans every `data.pkl` of the archive (see [`scan_pickle`]) and returns
+/// each entry's uncompressed size by name.
+fn check_zip_pickles(path: &Path) -> PResult<HashMap<String, u64>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut archive =
+        zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| e.to_string())?;
+    let mut sizes = HashMap::new();
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).map_err(|e| e.to_string())?;
+        let name = entry.name().map_err(|e| e.to_string())?.to_string();
+        sizes.insert(name.clone(), entry.size());
+        if !name.ends_with("data.pkl") {
+            continue;
+        }
+        if entry.size() > MAX_ZIP_PICKLE {
+            return Err(format!(
+                "{name} claims {} bytes; a state dict's pickle is far smaller",
+                entry.size()
+            ));
+        }
+        let mut bytes = Vec::new();
+        entry
+            .by_ref()
+            .take(MAX_ZIP_PICKLE)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("{name}: {e}"))?;
+        scan_pickle(&bytes).map_err(|e| format!("{name}: {e}"))?;
+    }
+    Ok(sizes)
+}
+
+/// Walks a pickle's opcodes to its STOP without building anything, checking
+/// every length against the bytes that follow it and refusing opcodes no
+/// state dict uses: after this, no length in it can size a buffer past
+/// the pickle itself.
+fn scan_pickle(bytes: &[u8]) -> PResult<()> {
+    let mut cur = Cursor {
+        data: bytes,
+        pos: 0,
+    };
+    loop {
+        let op = cur.u8()?;
+        match op {
+            b'.' => return Ok(()),
+            // No argument.
+            b'('
+            | b'0'
+            | b'1'
+            | b'2'
+            | b'N'
+            | 0x88
+            | 0x89
+            | b')'
+            | b't'
+            | 0x85..=0x87
+            | b']'
+            | 0x8f
+            | b'l'
+            | 0x91
+            | b'a'
+            | b'e'
+            | 0x90
+            | b'}'
+            | b'd'
+            | b's'
+            | b'u'
+            | b'R'
+            | 0x81
+            | 0x92
+            | b'b'
+            | b'Q'
+            | 0x93
+            | 0x94
+            | b'o' => {}
+            // Fixed-size arguments.
+            b'K' | b'q' | b'h' | 0x80 | 0x82 => {
+                cur.take(1)?;
+            }
+            b'M' | 0x83 => {
+                cur.take(2)?;
+            }
+            b'J' | b'r' | b'j' | 0x84 => {
+                cur.take(4)?;
+            }
+            b'G' | 0x95 => {
+                cur.take(8)?;
+            }
+            // Length-prefixed arguments.
+            b'U' | 0x8c | b'C' | 0x8a => {
+                let n = cur.u8()?;
+                cur.take(usize::from(n))?;
+            }
+            b'X' | b'B' => {
+                let n = cur.u32_le()?;
+                cur.len_u64(u64::from(n))?;
+            }
+            b'T' | 0x8b => {
+                let n = cur.i32_le()?;
+                let n = u64::try_from(n).map_err(|_| format!("negative length {n}"))?;
+                cur.len_u64(n)?;
+            }
+            0x8d | 0x8e | 0x96 => {
+                let n = cur.u64_le()?;
+                cur.len_u64(n)?;
+            }
+            // Newline-terminated arguments.
+            b'I' | b'L' | b'F' | b'S' | b'V' | b'p' | b'g' | b'P' => {
+                cur.line()?;
+            }
+            b'c' | b'i' => {
+                cur.line()?;
+                cur.line()?;
+            }
+            other => {
+                return Err(format!(
+                    "pickle opcode 0x{other:02x} at byte {} is not one a state dict uses",
+                    cur.pos - 1
+                ))
+            }
+        }
+    }
 }
 
 /// Parse errors are plain messages; the caller adds the path and format.

@@ -158,6 +158,73 @@ fn zip_pth_errors_come_from_candle_not_panics() -> Result<()> {
     Ok(())
 }
 
+/// The modern fixture rewritten with `change` applied to each entry's
+/// bytes (by entry name), as a valid zip (fresh checksums).
+fn rewritten_zip(
+    dir: &std::path::Path,
+    change: impl Fn(&str, Vec<u8>) -> Vec<u8>,
+) -> Result<std::path::PathBuf> {
+    use std::io::{Read, Write};
+    let source = std::fs::File::open(fixtures().join("modern_state_dict.pth"))?;
+    let mut archive = zip::ZipArchive::new(source)?;
+    let path = dir.join("changed.pth");
+    let mut out = zip::ZipWriter::new(std::fs::File::create(&path)?);
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i)?;
+        let name = entry.name()?.to_string();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes)?;
+        out.start_file(
+            name.as_str(),
+            zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored),
+        )?;
+        out.write_all(&change(&name, bytes))?;
+    }
+    out.finish()?;
+    Ok(path)
+}
+
+/// A zip checkpoint cannot make candle size a buffer past the file: a
+/// storage shorter than its tensor's shape, and a pickle string whose
+/// length runs past the pickle, are refused with the reason (before,
+/// candle allocated what the pickle claimed: 1.7 GB from a 2 kB file).
+#[test]
+fn zip_pth_lengths_are_checked_before_candle_reads() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let unchanged = rewritten_zip(dir.path(), |_, bytes| bytes)?;
+    assert!(load_legacy_pth(&unchanged, &Device::Cpu).is_ok());
+
+    let short = rewritten_zip(dir.path(), |name, bytes| {
+        if name.ends_with("data/1") {
+            bytes[..8].to_vec()
+        } else {
+            bytes
+        }
+    })?;
+    let err = load_legacy_pth(&short, &Device::Cpu)
+        .err()
+        .context("a storage shorter than its tensor was accepted")?
+        .to_string();
+    assert!(err.contains("needs more bytes than its storage"), "{err}");
+
+    // The first BINUNICODE ('X', u32 length) made to claim 2^31 bytes.
+    let long = rewritten_zip(dir.path(), |name, mut bytes| {
+        if name.ends_with("data.pkl") {
+            if let Some(at) = bytes.iter().position(|&b| b == b'X') {
+                bytes[at + 1..at + 5].copy_from_slice(&0x8000_0000u32.to_le_bytes());
+            }
+        }
+        bytes
+    })?;
+    let err = load_legacy_pth(&long, &Device::Cpu)
+        .err()
+        .context("a pickle length past its end was accepted")?
+        .to_string();
+    assert!(err.contains("truncated: needed 2147483648 bytes"), "{err}");
+    Ok(())
+}
+
 // ------------------------------------------------------------ MobileNetV2
 
 /// A small deterministic generator (SplitMix64), so the tests need no RNG crate.

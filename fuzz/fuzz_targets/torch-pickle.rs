@@ -1,0 +1,3 @@
+//! libFuzzer target `torch-pickle`: see fedcmp_fuzz::targets.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fedcmp_fuzz::harness::run_once("torch-pickle", data));

@@ -1,0 +1,3 @@
+//! libFuzzer target `wire-task`: see fedcmp_fuzz::targets.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fedcmp_fuzz::harness::run_once("wire-task", data));
