@@ -26,17 +26,7 @@ type ArrayOut<'py> = (String, Vec<usize>, Bound<'py, PyBytes>);
 
 /// The error with its causes, one line.
 fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let line = s.to_string();
-        if !text.contains(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        source = s.source();
-    }
-    text
+    fedcmp_core::error_chain(e)
 }
 
 fn value_error(e: impl std::error::Error) -> PyErr {

@@ -86,22 +86,9 @@ pub fn report(err: &anyhow::Error) -> ExitCode {
     ExitCode::from(class.code())
 }
 
-/// Each error of the chain once, joined by `: `. Many errors already put
-/// their source in their own message (`{context}: {source}`), so a cause
-/// whose text is already shown is not repeated.
+/// The error and its causes on one line, each text once.
 pub fn message_chain(err: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
+    fedcmp_core::error_chain(err.as_ref())
 }
 
 /// The class of the outermost error in the chain that fedcmp knows.

@@ -24,6 +24,24 @@ pub use schedule::WarmupCosine;
 pub use task::{ClientFailure, ClientReply, ClientStatus, FailureKind, RoundTask};
 pub use update::{ClientId, ClientInstruction, ClientUpdate, LocalObjective};
 
+/// An error and its sources on one line, joined by `: `, each text once:
+/// many errors already put their source in their own message (`{context}:
+/// {source}`) and return it as their source too. What users see, from
+/// the command line and from the Python package alike.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Errors from combining parameter sets and updates.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CoreError {

@@ -192,8 +192,20 @@ pub struct ManifestEvaluation {
     pub skipped: SkipReport,
 }
 
+/// A manifest to evaluate on, and where its images may be.
+#[derive(Debug, Clone, Default)]
+pub struct ManifestFile {
+    pub path: PathBuf,
+    /// Folder relative image paths start from, and that every image must
+    /// be inside; default: the manifest's folder.
+    pub image_root: Option<PathBuf>,
+    /// Read images outside the image root too.
+    pub allow_images_outside_root: bool,
+}
+
 /// The source kind a manifest file's extension names.
-fn manifest_spec(manifest: &Path) -> Result<SourceSpec> {
+fn manifest_spec(file: &ManifestFile) -> Result<SourceSpec> {
+    let manifest = &file.path;
     let kind = match manifest.extension().and_then(|e| e.to_str()) {
         Some("jsonl") => "jsonl",
         Some("csv" | "tsv") => "csv",
@@ -210,6 +222,12 @@ fn manifest_spec(manifest: &Path) -> Result<SourceSpec> {
     let mut table = toml::Table::new();
     table.insert("kind".into(), kind.into());
     table.insert("path".into(), manifest.display().to_string().into());
+    if let Some(root) = &file.image_root {
+        table.insert("image-root".into(), root.display().to_string().into());
+    }
+    if file.allow_images_outside_root {
+        table.insert("allow-images-outside-root".into(), true.into());
+    }
     SourceSpec::deserialize(toml::Value::Table(table)).map_err(|e| ExperimentError::File {
         path: manifest.to_path_buf(),
         message: e.to_string(),
@@ -221,11 +239,12 @@ fn manifest_spec(manifest: &Path) -> Result<SourceSpec> {
 /// where the manifest has labels, calibrated zero-shot accuracy (prompts
 /// `A photo of {label}.`) and captions that name the class. The "no image"
 /// calibration uses the mean visual token of the manifest's own images.
-/// Relative image paths start at the manifest's folder.
+/// Relative image paths start at the image root (default: the manifest's
+/// folder), and images outside it are skipped unless allowed.
 pub fn evaluate_manifest(
     root: &Path,
     saved: &SavedProjector,
-    manifest: &Path,
+    manifest: &ManifestFile,
     observer: &dyn Observer,
 ) -> Result<ManifestEvaluation> {
     let spec = manifest_spec(manifest)?;
@@ -247,8 +266,8 @@ pub fn evaluate_manifest(
         .collect();
     if items.is_empty() {
         return Err(ExperimentError::File {
-            path: manifest.to_path_buf(),
-            message: format!("no usable pair ({} skipped)", skipped.total()),
+            path: manifest.path.clone(),
+            message: format!("no usable pair ({}): {skipped}", skipped.total()),
         });
     }
     let calibration = items.iter().map(|item| item.sample.key.clone()).collect();

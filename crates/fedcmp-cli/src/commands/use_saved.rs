@@ -10,7 +10,7 @@ use clap::Args;
 use fedcmp_assets::cache_root;
 use fedcmp_experiment::saved::{CellChoice, SavedProjector};
 use fedcmp_experiment::use_saved::{
-    caption_images, evaluate_manifest, evaluate_saved, CaptionOptions, Decoding,
+    caption_images, evaluate_manifest, evaluate_saved, CaptionOptions, Decoding, ManifestFile,
 };
 
 use super::export::ProjectorArgs;
@@ -84,6 +84,13 @@ pub struct EvalArgs {
     /// .json): a site's own held-out data.
     #[arg(long)]
     pub manifest: Option<PathBuf>,
+    /// Folder the manifest's relative image paths start from, and that
+    /// every image must be inside [default: the manifest's folder].
+    #[arg(long, requires = "manifest")]
+    pub image_root: Option<PathBuf>,
+    /// Read the manifest's images even where they leave the image root.
+    #[arg(long, requires = "manifest")]
+    pub allow_images_outside_root: bool,
 }
 
 pub fn eval(cache_dir: Option<PathBuf>, args: &EvalArgs) -> Result<()> {
@@ -100,7 +107,12 @@ pub fn eval(cache_dir: Option<PathBuf>, args: &EvalArgs) -> Result<()> {
     let root = cache_root(cache_dir)?;
     let progress = Progress::default();
     if let Some(manifest) = &args.manifest {
-        let outcome = evaluate_manifest(&root, &saved, manifest, &progress)?;
+        let file = ManifestFile {
+            path: manifest.clone(),
+            image_root: args.image_root.clone(),
+            allow_images_outside_root: args.allow_images_outside_root,
+        };
+        let outcome = evaluate_manifest(&root, &saved, &file, &progress)?;
         progress.finish();
         println!(
             "projector {} ({}) on {} pairs of {}:",

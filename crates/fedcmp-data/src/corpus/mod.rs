@@ -11,8 +11,9 @@
 //!   weaves and the scikit-image photos, read from the asset cache that
 //!   `fedcmp assets fetch` fills (this crate never fetches).
 //!
-//! Bad records never fail a run: a missing image, an empty caption or a
-//! malformed entry is skipped and counted in the corpus's
+//! Bad records never fail a run: a missing image, an empty caption, a
+//! malformed entry or an image path that leaves the image root (after `..`
+//! and symlinks; see [`ImageRoot`]) is skipped and counted in the corpus's
 //! [`SkipReport`](crate::record::SkipReport), with file and line. A file that
 //! cannot be read as a manifest at all is an error naming the file.
 //!

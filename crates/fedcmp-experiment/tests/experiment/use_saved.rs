@@ -3,6 +3,8 @@
 //! its run reported, and captions for image files skip unreadable ones
 //! with their reason.
 
+use std::path::PathBuf;
+
 use anyhow::{Context, Result};
 use fedcmp_experiment::compare;
 use fedcmp_experiment::run_folder::{run_on, Measured};
@@ -96,7 +98,7 @@ fn captions_for_image_files_skip_the_unreadable_ones() -> Result<()> {
 /// skipped and reported with file and line.
 #[test]
 fn eval_on_a_manifest_scores_every_usable_pair_and_reports_the_rest() -> Result<()> {
-    use fedcmp_experiment::use_saved::evaluate_manifest;
+    use fedcmp_experiment::use_saved::{evaluate_manifest, ManifestFile};
     let w = world()?;
     let saved = w.saved_run()?;
 
@@ -117,6 +119,22 @@ fn eval_on_a_manifest_scores_every_usable_pair_and_reports_the_rest() -> Result<
     let manifest = site.join("held-out.jsonl");
     std::fs::write(&manifest, lines.join("\n") + "\n")?;
 
+    // The images are outside the manifest's folder: by default none is
+    // read, and the error says why.
+    let file = |path: PathBuf, image_root: Option<PathBuf>| ManifestFile {
+        path,
+        image_root,
+        allow_images_outside_root: false,
+    };
+    let refused = evaluate_manifest(&w.cache(), &saved, &file(manifest.clone(), None), &Silent)
+        .err()
+        .map(|e| e.to_string())
+        .context("images outside the manifest's folder were read")?;
+    assert!(
+        refused.contains("no usable pair") && refused.contains("6 image outside its root"),
+        "{refused}"
+    );
+    let manifest = file(manifest, Some(w.dir.path().to_path_buf()));
     let outcome = evaluate_manifest(&w.cache(), &saved, &manifest, &Silent)?;
     assert_eq!(outcome.pairs, 6);
     assert_eq!(outcome.skipped.total(), 2);
@@ -136,10 +154,15 @@ fn eval_on_a_manifest_scores_every_usable_pair_and_reports_the_rest() -> Result<
     let again = evaluate_manifest(&w.cache(), &saved, &manifest, &Silent)?;
     assert!(again.report == outcome.report, "deterministic");
 
-    let msg = evaluate_manifest(&w.cache(), &saved, &site.join("pairs.txt"), &Silent)
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let msg = evaluate_manifest(
+        &w.cache(),
+        &saved,
+        &file(site.join("pairs.txt"), None),
+        &Silent,
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
     assert!(msg.contains("expected a .jsonl or .csv manifest"), "{msg}");
     Ok(())
 }

@@ -182,8 +182,8 @@ pub fn load_gguf_decoder(path: &Path, device: &Device) -> Result<GgufDecoder> {
     Ok(GgufDecoder { decoder, tokenizer })
 }
 
-/// Refuses a tensor whose shape and type need bytes past the end of the
-/// file, before candle sizes a buffer from them: a header may claim any
+/// Refuses a tensor that is empty or whose shape and type need bytes past
+/// the end of the file, before candle sizes a buffer from them: a header may claim any
 /// shape, and the element count of a hostile one overflows (found by
 /// fuzzing; candle multiplies the dimensions unchecked).
 fn check_tensor_span(
@@ -198,7 +198,11 @@ fn check_tensor_span(
     let end = dims
         .iter()
         .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
-        .filter(|elems| block > 0 && elems % block == 0)
+        // An empty tensor is refused too: candle reinterprets the bytes it
+        // read as blocks of the tensor's type, and an empty buffer's
+        // pointer is not aligned for them (undefined behaviour; found by
+        // fuzzing, caught by a debug assertion).
+        .filter(|elems| *elems > 0 && block > 0 && elems % block == 0)
         .and_then(|elems| (elems / block).checked_mul(info.ggml_dtype.type_size() as u64))
         .and_then(|bytes| data_offset.checked_add(info.offset)?.checked_add(bytes));
     match end {
@@ -207,8 +211,8 @@ fn check_tensor_span(
             path,
             "GGUF",
             format!(
-                "tensor `{name}`: shape {dims:?} of {:?} at offset {} does not fit in the \
-                 file's {file_len} bytes",
+                "tensor `{name}`: shape {dims:?} of {:?} at offset {} is empty or does not \
+                 fit in the file's {file_len} bytes",
                 info.ggml_dtype, info.offset
             ),
         )),
