@@ -86,6 +86,52 @@ pub struct Report {
     pub findings: Vec<Finding>,
 }
 
+impl Report {
+    /// The header of [`Report::row`]'s table.
+    pub const HEADER: &'static str = "target               runs  seconds    runs/s  accepted  \
+         verdicts  corpus  slowest ms  findings";
+
+    /// One line of the report table.
+    pub fn row(&self) -> String {
+        format!(
+            "{:<14} {:>10} {:>8.1} {:>9.0} {:>9} {:>9} {:>7} {:>11.1} {:>9}",
+            self.target,
+            self.runs,
+            self.seconds,
+            self.runs as f64 / self.seconds.max(1e-9),
+            self.accepted,
+            self.verdicts,
+            self.corpus,
+            self.slowest.as_secs_f64() * 1e3,
+            self.findings.len()
+        )
+    }
+
+    /// Why the run failed, one line each: seeds the decoder refused (a
+    /// seed must be valid, or mutations start from an error path) and
+    /// findings.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.seeds_accepted != self.seeds {
+            out.push(format!(
+                "{}: {} of {} seeds refused",
+                self.target,
+                self.seeds - self.seeds_accepted,
+                self.seeds
+            ));
+        }
+        for f in &self.findings {
+            out.push(format!(
+                "{}: {} (input: {})",
+                self.target,
+                f.message,
+                f.input.display()
+            ));
+        }
+        out
+    }
+}
+
 /// The message and place of the last panic, set by the hook installed while
 /// fuzzing (the default hook would print every caught panic).
 static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);

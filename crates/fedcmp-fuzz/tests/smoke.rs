@@ -37,6 +37,7 @@ fn every_decoder_survives_a_smoke_run() -> anyhow::Result<()> {
     let seeds = Seeds::generate(&scratch)?;
     let limits = Limits::smoke(runs, root.join("findings"));
     let mut failures = Vec::new();
+    println!("{}", fedcmp_fuzz::engine::Report::HEADER);
     for target in TARGETS {
         let report = fuzz(
             target,
@@ -45,33 +46,8 @@ fn every_decoder_survives_a_smoke_run() -> anyhow::Result<()> {
             &scratch,
             &limits,
         )?;
-        println!(
-            "{:<14} {:>6} runs {:>6.1} s  accepted {:>5}  verdicts {:>4}  corpus {:>4}  slowest {:>6.1} ms  findings {}",
-            report.target,
-            report.runs,
-            report.seconds,
-            report.accepted,
-            report.verdicts,
-            report.corpus,
-            report.slowest.as_secs_f64() * 1e3,
-            report.findings.len()
-        );
-        if report.seeds_accepted != report.seeds {
-            failures.push(format!(
-                "{}: {} of {} seeds refused",
-                target.name,
-                report.seeds - report.seeds_accepted,
-                report.seeds
-            ));
-        }
-        for f in &report.findings {
-            failures.push(format!(
-                "{}: {} (input: {})",
-                target.name,
-                f.message,
-                f.input.display()
-            ));
-        }
+        println!("{}", report.row());
+        failures.extend(report.problems());
     }
     anyhow::ensure!(failures.is_empty(), "findings:\n{}", failures.join("\n"));
     Ok(())

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use fedcmp_fuzz::engine::{fuzz, Limits};
+use fedcmp_fuzz::engine::{fuzz, Limits, Report};
 use fedcmp_fuzz::targets::{target, Seeds, TARGETS};
 
 #[derive(Debug, Parser)]
@@ -134,18 +134,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
          file there is the input",
         scratch.path().display()
     );
-    println!(
-        "{:<14} {:>10} {:>8} {:>9} {:>9} {:>9} {:>7} {:>11} {:>8}",
-        "target",
-        "runs",
-        "seconds",
-        "runs/s",
-        "accepted",
-        "verdicts",
-        "corpus",
-        "slowest ms",
-        "findings"
-    );
+    println!("{}", Report::HEADER);
     let mut found = 0;
     for t in chosen {
         let report = fuzz(
@@ -155,28 +144,9 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
             scratch.path(),
             &limits,
         )?;
-        println!(
-            "{:<14} {:>10} {:>8.1} {:>9.0} {:>9} {:>9} {:>7} {:>11.1} {:>8}",
-            report.target,
-            report.runs,
-            report.seconds,
-            report.runs as f64 / report.seconds.max(1e-9),
-            report.accepted,
-            report.verdicts,
-            report.corpus,
-            report.slowest.as_secs_f64() * 1e3,
-            report.findings.len()
-        );
-        if report.seeds_accepted != report.seeds {
-            eprintln!(
-                "warning: {}: {} of {} seeds were refused",
-                t.name,
-                report.seeds - report.seeds_accepted,
-                report.seeds
-            );
-        }
-        for f in &report.findings {
-            eprintln!("  {}: {} (input: {})", t.name, f.message, f.input.display());
+        println!("{}", report.row());
+        for problem in report.problems() {
+            eprintln!("  {problem}");
         }
         found += report.findings.len();
     }
