@@ -25,16 +25,12 @@ type ArrayIn = (String, Vec<usize>, PyBackedBytes);
 type ArrayOut<'py> = (String, Vec<usize>, Bound<'py, PyBytes>);
 
 /// The error with its causes, one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    fedcmp_core::error_chain(e)
-}
-
 fn value_error(e: impl std::error::Error) -> PyErr {
-    PyValueError::new_err(chain(&e))
+    PyValueError::new_err(fedcmp_core::error_chain(&e))
 }
 
 fn runtime_error(e: impl std::error::Error) -> PyErr {
-    PyRuntimeError::new_err(chain(&e))
+    PyRuntimeError::new_err(fedcmp_core::error_chain(&e))
 }
 
 fn tensor_from_bytes(name: &str, shape: Vec<usize>, bytes: &[u8]) -> PyResult<ParamTensor> {

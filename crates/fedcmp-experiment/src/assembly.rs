@@ -21,7 +21,7 @@ use fedcmp_runtime::eval::Evaluator;
 use fedcmp_runtime::suite::{Domain, Item, Scorer, Suite, SuiteConfig};
 
 use crate::backbones;
-use crate::events::{Event, Observer, Stage};
+use crate::events::{Event, Observer};
 use crate::settings::DataSettings;
 use crate::Result;
 
@@ -67,16 +67,8 @@ impl Experiment {
         let mut cache =
             backbones::served_cache(root, loaded.encoder.as_ref(), data.backbones.visual_tokens)?;
         let corpus = &federation.corpus;
-        let encoded = backbones::cache_features(
-            &mut cache,
-            loaded.encoder.as_ref(),
-            &corpus.records,
-            Stage::Encode,
-            observer,
-        )?;
-        let keys = encoded.keys;
-        let mut skipped = corpus.skipped.clone();
-        skipped.merge(encoded.skipped);
+        let (keys, skipped) =
+            backbones::encode_corpus(&mut cache, loaded.encoder.as_ref(), corpus, observer)?;
         if skipped.total() > 0 {
             observer.observe(Event::Skipped {
                 scenario: &scenario.name,

@@ -6,9 +6,10 @@ use std::time::Instant;
 
 use candle_core::Device;
 use fedcmp_assets::asset_path;
+use fedcmp_data::cache::FeatureKey;
 use fedcmp_data::cache::{CacheEvent, EnsureReport, FeatureCache};
 use fedcmp_data::preprocess::Preprocess;
-use fedcmp_data::record::Record;
+use fedcmp_data::record::{Corpus, Record, SkipReport};
 use fedcmp_model::llm::decoder::FrozenDecoder;
 use fedcmp_model::llm::gguf::load_gguf_decoder;
 use fedcmp_model::llm::hf::load_hf_decoder_and_tokenizer;
@@ -279,4 +280,19 @@ pub fn cache_features(
         tracing::warn!(file = %ex.file.display(), kind = %ex.kind, "{}", ex.message);
     }
     Ok(report)
+}
+
+/// Every record of a corpus encoded (see [`cache_features`]): each
+/// record's key, and everything skipped on the way, the readers' skips and
+/// the images the encoder could not read together.
+pub fn encode_corpus(
+    cache: &mut FeatureCache,
+    encoder: &dyn VisionEncoder,
+    corpus: &Corpus,
+    observer: &dyn Observer,
+) -> Result<(Vec<Option<FeatureKey>>, SkipReport)> {
+    let report = cache_features(cache, encoder, &corpus.records, Stage::Encode, observer)?;
+    let mut skipped = corpus.skipped.clone();
+    skipped.merge(report.skipped);
+    Ok((report.keys, skipped))
 }

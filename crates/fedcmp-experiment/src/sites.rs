@@ -31,7 +31,7 @@ use serde::Serialize;
 
 use crate::assembly::fresh_projector;
 use crate::backbones::{self, BackboneSettings};
-use crate::events::{Observer, Stage};
+use crate::events::Observer;
 use crate::files::write_atomic;
 use crate::settings::RunSettings;
 use crate::training::local_config;
@@ -106,19 +106,12 @@ impl Frozen {
         };
         let env = SourceEnv::new(&self.cache_dir);
         let corpus = corpus::load_source(&spec, &env)?;
-        let encoded = backbones::cache_features(
-            &mut self.cache,
-            self.encoder.as_ref(),
-            &corpus.records,
-            Stage::Encode,
-            observer,
-        )?;
-        let mut skipped = corpus.skipped;
-        skipped.merge(encoded.skipped);
+        let (keys, skipped) =
+            backbones::encode_corpus(&mut self.cache, self.encoder.as_ref(), &corpus, observer)?;
         let samples = corpus
             .records
             .iter()
-            .zip(encoded.keys)
+            .zip(keys)
             .filter_map(|(record, key)| {
                 key.map(|key| Sample {
                     key,

@@ -251,18 +251,15 @@ pub fn evaluate_manifest(
     let env = SourceEnv::new(root);
     let corpus = load_source(&spec, &env)?;
     let mut ready = Ready::load(root, saved, observer)?;
-    let report = backbones::cache_features(
+    let (keys, skipped) = backbones::encode_corpus(
         &mut ready.cache,
         ready.backbones.encoder.as_ref(),
-        &corpus.records,
-        Stage::Encode,
+        &corpus,
         observer,
     )?;
-    let mut skipped = corpus.skipped.clone();
-    skipped.merge(report.skipped);
     let domains = evaluation_domains(&corpus);
     let items: Vec<_> = (0..corpus.records.len())
-        .filter_map(|i| evaluation_item(&corpus, &report.keys, &domains, i))
+        .filter_map(|i| evaluation_item(&corpus, &keys, &domains, i))
         .collect();
     if items.is_empty() {
         return Err(ExperimentError::File {

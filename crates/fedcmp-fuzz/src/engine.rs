@@ -184,7 +184,7 @@ pub fn fuzz(
     let mut places = BTreeSet::new();
     let started = Instant::now();
     let mut run_one = |input: &[u8], report: &mut Report, corpus: &mut Vec<Vec<u8>>| {
-        let outcome = execute(target, scratch, &input_path, input, limits, &watchdog);
+        let outcome = execute(target, scratch, input, limits, &watchdog);
         report.runs += 1;
         report.slowest = report.slowest.max(outcome.took);
         match outcome.result {
@@ -230,15 +230,14 @@ pub fn fuzz(
         }
     }
     let mut mutator = Mutator::new(limits.seed, target.text, seeds, limits.max_len);
-    let mut pick = Mutator::new(limits.seed ^ 0x5eed, false, &[], 0);
     loop {
         let over_runs = limits.runs.is_some_and(|n| report.runs >= n);
         let over_time = limits.time.is_some_and(|t| started.elapsed() >= t);
         if over_runs || over_time {
             break;
         }
-        let base = &corpus[pick.index(corpus.len())];
-        let other = &corpus[pick.index(corpus.len())];
+        let base = &corpus[mutator.index(corpus.len())];
+        let other = &corpus[mutator.index(corpus.len())];
         let input = mutator.mutate(base, other);
         run_one(&input, &mut report, &mut corpus)?;
     }
@@ -259,18 +258,10 @@ struct Outcome {
 fn execute(
     target: &Target,
     scratch: &Path,
-    input_path: &Path,
     input: &[u8],
     limits: &Limits,
     watchdog: &Watchdog,
 ) -> Outcome {
-    // On disk before the run: after an abort or a hang it is the input.
-    if let Err(e) = std::fs::write(input_path, input) {
-        return Outcome {
-            result: Ok(Err(format!("scratch write failed: {e}"))),
-            took: Duration::ZERO,
-        };
-    }
     let started = Instant::now();
     let _ = ALLOCATOR.set_limit(ALLOCATOR.allocated().saturating_add(limits.alloc_bound));
     watchdog.arm();

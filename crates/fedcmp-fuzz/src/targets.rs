@@ -5,8 +5,9 @@
 //! never a finding. Findings are panics, hangs and allocations past the
 //! bound, which the engine watches for.
 //!
-//! Path-based readers get their input written to a scratch file first, so
-//! the file in the scratch folder is always the input of the current run.
+//! Every input is written to the target's scratch file first (file-based
+//! readers read it from there), so that file is always the input of the
+//! current run.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,13 +33,17 @@ pub struct Target {
     pub file: &'static str,
     /// Text formats also get token-level mutations.
     pub text: bool,
+    /// The decoder, given the input as a file (written here) and as bytes.
     run: fn(&Path, &[u8]) -> Verdict,
 }
 
 impl Target {
-    /// Runs the decoder on `input`, written first to `scratch/<file>`.
+    /// Runs the decoder on `input`, written first to `scratch/<file>`: on
+    /// disk before the run, so after an abort or a hang it is the input.
     pub fn run(&self, scratch: &Path, input: &[u8]) -> Verdict {
-        (self.run)(scratch, input)
+        let path = self.input_path(scratch);
+        std::fs::write(&path, input).map_err(|e| format!("scratch write failed: {e}"))?;
+        (self.run)(&path, input)
     }
 
     /// The path the input is written to before each run.
@@ -137,43 +142,35 @@ fn verdict<T, E: std::fmt::Display>(result: Result<T, E>) -> Verdict {
     result.map(|_| ()).map_err(|e| e.to_string())
 }
 
-fn written(scratch: &Path, file: &str, input: &[u8]) -> Result<PathBuf, String> {
-    let path = scratch.join(file);
-    std::fs::write(&path, input).map_err(|e| format!("scratch write failed: {e}"))?;
-    Ok(path)
-}
-
-fn gguf(scratch: &Path, input: &[u8]) -> Verdict {
-    let path = written(scratch, "model.gguf", input)?;
+fn gguf(path: &Path, _input: &[u8]) -> Verdict {
     verdict(fedcmp_model::llm::gguf::load_gguf_decoder(
-        &path,
+        path,
         &Device::Cpu,
     ))
 }
 
-fn safetensors(scratch: &Path, input: &[u8]) -> Verdict {
-    let path = written(scratch, "weights.safetensors", input)?;
+fn safetensors(path: &Path, _input: &[u8]) -> Verdict {
     let weights = fedcmp_model::weights::WeightMap::from_safetensors(
-        std::slice::from_ref(&path),
-        &path,
+        &[path.to_path_buf()],
+        path,
         &Device::Cpu,
     );
-    let params = fedcmp_runtime::convert::load_params_file(&path);
+    let params = fedcmp_runtime::convert::load_params_file(path);
     verdict(weights).and(verdict(params))
 }
 
-fn torch_pickle(scratch: &Path, input: &[u8]) -> Verdict {
-    let path = written(scratch, "state_dict.pth", input)?;
+fn torch_pickle(path: &Path, _input: &[u8]) -> Verdict {
     verdict(fedcmp_model::vision::legacy_pth::load_legacy_pth(
-        &path,
+        path,
         &Device::Cpu,
     ))
 }
 
 /// A manifest source read with every image decoded (`verify-images`), so
 /// the image checks run too; the scratch folder holds the seeds' images.
-fn manifest(scratch: &Path, file: &str, kind: &str, input: &[u8]) -> Verdict {
-    written(scratch, file, input)?;
+fn manifest(path: &Path, kind: &str) -> Verdict {
+    let scratch = path.parent().unwrap_or(Path::new("."));
+    let file = path.file_name().unwrap_or_default().to_string_lossy();
     let spec: SourceSpec = toml::from_str(&format!(
         "kind = \"{kind}\"\npath = \"{file}\"\nverify-images = true"
     ))
@@ -182,32 +179,30 @@ fn manifest(scratch: &Path, file: &str, kind: &str, input: &[u8]) -> Verdict {
     verdict(load_source(&spec, &env))
 }
 
-fn llava_json(scratch: &Path, input: &[u8]) -> Verdict {
-    manifest(scratch, "chat.json", "llava-json", input)
+fn llava_json(path: &Path, _input: &[u8]) -> Verdict {
+    manifest(path, "llava-json")
 }
 
-fn jsonl(scratch: &Path, input: &[u8]) -> Verdict {
-    manifest(scratch, "manifest.jsonl", "jsonl", input)
+fn jsonl(path: &Path, _input: &[u8]) -> Verdict {
+    manifest(path, "jsonl")
 }
 
-fn csv(scratch: &Path, input: &[u8]) -> Verdict {
-    manifest(scratch, "manifest.csv", "csv", input)
+fn csv(path: &Path, _input: &[u8]) -> Verdict {
+    manifest(path, "csv")
 }
 
-fn scenario_toml(scratch: &Path, input: &[u8]) -> Verdict {
-    let path = written(scratch, "scenario.toml", input)?;
+fn scenario_toml(path: &Path, _input: &[u8]) -> Verdict {
     verdict(Scenario::load(&path.display().to_string()))
 }
 
-fn settings_toml(scratch: &Path, input: &[u8]) -> Verdict {
-    let path = written(scratch, "settings.toml", input)?;
+fn settings_toml(path: &Path, _input: &[u8]) -> Verdict {
     let layers = fedcmp_experiment::Layers::new()
-        .file(&path)
+        .file(path)
         .map_err(|e| e.to_string())?;
     verdict(fedcmp_experiment::RunSettings::resolve(&layers))
 }
 
-fn strategy(_scratch: &Path, input: &[u8]) -> Verdict {
+fn strategy(_path: &Path, input: &[u8]) -> Verdict {
     let text = String::from_utf8_lossy(input);
     let config = fedcmp_experiment::settings::parse_strategy(&text).map_err(|e| e.to_string())?;
     config.validate(4).map_err(|e| e.to_string())?;
@@ -219,7 +214,7 @@ fn global() -> ParamSet {
     seed_params(0.25)
 }
 
-fn wire_reply(_scratch: &Path, input: &[u8]) -> Verdict {
+fn wire_reply(_path: &Path, input: &[u8]) -> Verdict {
     let message = message_from_bytes(input)?;
     let (_round, reply) = wire::decode_reply(&message).map_err(|e| e.to_string())?;
     let sampled = [ClientId(0), ClientId(1), ClientId(7)];
@@ -234,7 +229,7 @@ fn wire_reply(_scratch: &Path, input: &[u8]) -> Verdict {
     }
 }
 
-fn wire_task(_scratch: &Path, input: &[u8]) -> Verdict {
+fn wire_task(_path: &Path, input: &[u8]) -> Verdict {
     let message = message_from_bytes(input)?;
     verdict(wire::decode_task(&message))
 }
