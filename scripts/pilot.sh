@@ -17,7 +17,9 @@ cd "$(dirname "$0")/.."
 FEDCMP="${FEDCMP:-target/release/fedcmp}"
 [ -x "$FEDCMP" ] || cargo build --release -p fedcmp-cli
 
-COMMON=(--centralized --scenario domain-silos --captions content --batch-size 16
+# The centralized reference steps on batch-size x the 8 clients of a
+# domain-silos round: --batch-size 2 is the pilot's batch of 16 pairs.
+COMMON=(--centralized --scenario domain-silos --captions content --batch-size 2
         --local-steps 8 --eval-every 4)
 
 # name | extra flags
@@ -30,26 +32,9 @@ VARIANTS=(
   "sep-1tok-lr1e-3|--caption-separator \\n --visual-tokens 1 --lr 1e-3"
 )
 
-mkdir -p runs/pilot
-wanted=("$@")
-for line in "${VARIANTS[@]}"; do
-  name="${line%%|*}"
-  flags="${line#*|}"
-  if [ ${#wanted[@]} -gt 0 ] && [[ ! " ${wanted[*]} " =~ " ${name} " ]]; then
-    continue
-  fi
-  out="runs/pilot/$name"
-  if ls "$out"/*/summary.json >/dev/null 2>&1; then
-    echo "pilot $name: done already"
-    continue
-  fi
-  echo "pilot $name: $flags"
-  start=$(date +%s)
-  # shellcheck disable=SC2086
-  "$FEDCMP" run "${COMMON[@]}" $flags --out "$out" --fresh > "$out.log" 2>&1 || {
-    echo "pilot $name failed; see $out.log"; continue; }
-  echo "pilot $name: $(( $(date +%s) - start )) s"
-done
+OUT=runs/pilot
+. scripts/variants.sh
+run_variants "$@"
 
 python3 - <<'PY'
 import glob, json, os

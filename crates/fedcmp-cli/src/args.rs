@@ -11,7 +11,7 @@ use anyhow::Result;
 use clap::Args;
 use fedcmp_data::templates::CaptionStyle;
 use fedcmp_experiment::backbones::VisionChoice;
-use fedcmp_experiment::settings::{parse_strategy, TrainingKind};
+use fedcmp_experiment::settings::{parse_strategy, ClientsPerPass, TrainingKind};
 use fedcmp_experiment::{Layers, RunOptions};
 use fedcmp_strategy::config::StrategyConfig;
 
@@ -91,10 +91,11 @@ pub struct RecipeArgs {
     /// Rounds a client may fail in a row before it is retired [default: 3].
     #[arg(long)]
     pub failure_limit: Option<u32>,
-    /// Simulation: clients whose local steps share one decoder pass
-    /// (same results up to float rounding) [default: 1].
+    /// Simulation: clients whose local steps share one decoder pass, a
+    /// number or `all` (same results up to float rounding) [default: all,
+    /// a round's clients while their batches hold at most 256 pairs].
     #[arg(long)]
-    pub clients_per_pass: Option<usize>,
+    pub clients_per_pass: Option<ClientsPerPass>,
     /// Decoder LLM: a .gguf file or a Hugging Face folder [default: SmolLM2-135M].
     #[arg(long)]
     pub llm: Option<PathBuf>,

@@ -3,8 +3,9 @@
 //! plots are rendered here and only here.
 //!
 //! With no subcommand it runs the main job: the S3 domain-silos scenario on
-//! real backbones and images, Fed-CMP and FedAvg side by side with the
-//! untrained and centralized references (a `compare`, sized to ~10 minutes).
+//! real backbones and images, FedAvg, FedAvgM and Fed-CMP side by side with
+//! the untrained and centralized references (a `compare`, sized to fit 15
+//! minutes on two cores).
 
 mod args;
 mod commands;
@@ -69,6 +70,9 @@ enum Command {
     /// The evaluation suite (caption NLL, zero-shot accuracy, captions) of
     /// a trained projector on any scenario's test split.
     Eval(Box<commands::use_saved::EvalArgs>),
+    /// Validation curves of run folders in one PNG (e.g. a pilot's
+    /// variants), with each run's last value.
+    Curves(commands::curves::CurvesArgs),
 }
 
 fn main() -> ExitCode {
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
         Some(Command::Export(args)) => commands::export::run(&args),
         Some(Command::Caption(args)) => commands::use_saved::caption(cli.cache_dir, &args),
         Some(Command::Eval(args)) => commands::use_saved::eval(cli.cache_dir, &args),
+        Some(Command::Curves(args)) => commands::curves::run(cli.cache_dir, &args),
         None => commands::compare::run(cli.cache_dir, &commands::compare::CompareArgs::main_job()),
     };
     match result {

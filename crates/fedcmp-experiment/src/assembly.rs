@@ -4,7 +4,7 @@
 //! evaluation suite over the test split. Assembled once; every run of a
 //! comparison reuses it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
@@ -29,6 +29,11 @@ use crate::Result;
 #[derive(Debug)]
 pub struct Experiment {
     pub scenario: Scenario,
+    /// What it was assembled from.
+    pub data: DataSettings,
+    /// Where the untrained projector's suite is memoised
+    /// ([`crate::init_suite`]); None: never.
+    pub suite_memo: Option<PathBuf>,
     pub decoder: Arc<FrozenDecoder>,
     pub tokenizer: Arc<TextTokenizer>,
     pub encoder_identity: String,
@@ -113,6 +118,8 @@ impl Experiment {
         } = loaded;
         Ok(Self {
             scenario,
+            data: data.clone(),
+            suite_memo: Some(crate::init_suite::memo_dir(root)),
             decoder: Arc::new(decoder),
             tokenizer: Arc::new(tokenizer),
             encoder_identity: encoder.identity(),

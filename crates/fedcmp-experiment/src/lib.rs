@@ -12,6 +12,7 @@
 //! - [`assembly`]: a scenario assembled on its data and backbones
 //!   ([`Experiment`]: shards, held-out splits, feature cache, evaluation
 //!   suite);
+//! - [`init_suite`]: the untrained projector's suite, memoised per seed;
 //! - [`training`]: the three kinds of training (federated, centralized,
 //!   local-only) through the one round loop;
 //! - [`pilot`]: single-source scenarios for quick centralized checks;
@@ -39,6 +40,7 @@ pub mod export;
 pub mod federation;
 pub mod files;
 pub mod harness;
+pub mod init_suite;
 pub mod pilot;
 pub mod probe;
 pub mod run_folder;

@@ -248,6 +248,54 @@ pub struct RunReport {
     pub measured: Measured,
 }
 
+/// A run folder's validation curve: (pairs consumed, validation NLL) of
+/// the untrained projector (from `summary.json`, or the run's start when
+/// the run has not finished) and of every round that was validated (from
+/// `metrics.jsonl`), in order.
+pub fn validation_curve(dir: &Path) -> Result<Vec<(u64, f64)>> {
+    let folder_error = |path: &Path, message: String| crate::ExperimentError::File {
+        path: path.to_path_buf(),
+        message,
+    };
+    let metrics = dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&metrics).map_err(io_error(&metrics))?;
+    let mut curve = Vec::new();
+    let summary = dir.join("summary.json");
+    if let Ok(bytes) = std::fs::read(&summary) {
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| folder_error(&summary, format!("not a run summary: {e}")))?;
+        if let Some(init) = value
+            .pointer("/validation_nll/init")
+            .and_then(serde_json::Value::as_f64)
+        {
+            curve.push((0, init));
+        }
+    }
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+            folder_error(&metrics, format!("line {}: not a round record: {e}", i + 1))
+        })?;
+        let samples = value
+            .get("samples_total")
+            .and_then(serde_json::Value::as_u64);
+        let loss = value.get("val_loss").and_then(serde_json::Value::as_f64);
+        match (samples, loss) {
+            (Some(samples), Some(loss)) => curve.push((samples, loss)),
+            (None, _) => {
+                return Err(folder_error(
+                    &metrics,
+                    format!("line {}: no samples_total", i + 1),
+                ))
+            }
+            (Some(_), None) => {}
+        }
+    }
+    Ok(curve)
+}
+
 fn facts(experiment: &Experiment, clients_per_round: usize) -> FederationFacts {
     let shard_sizes: Vec<usize> = experiment.clients.iter().map(|c| c.samples.len()).collect();
     FederationFacts {
@@ -327,7 +375,12 @@ pub fn run_on(
         validation: experiment.validation.len(),
         test: experiment.test.len(),
         initial_val_nll: init_val,
-        estimated_rounds: training::estimate_rounds(settings, &shard_sizes, per_round),
+        estimated_rounds: training::estimate_rounds(
+            settings,
+            training::step_batch(experiment, settings),
+            &shard_sizes,
+            per_round,
+        ),
         resumed_after,
     };
     observer.observe(Event::RunStarted(&start));
@@ -373,10 +426,11 @@ pub fn run_on(
             total,
         });
     };
-    let suite_init = evaluate(
-        &experiment.scorer(),
-        load(&work, &initial)?,
-        &experiment.suite,
+    let suite_init = crate::init_suite::untrained_suite(
+        experiment.suite_memo.as_deref(),
+        experiment,
+        &work,
+        &initial,
         &mut tick,
     )?;
     let suite_final = evaluate(

@@ -122,9 +122,10 @@ pub struct RunOptions {
     /// Rounds a client may fail in a row before it is retired.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure_limit: Option<u32>,
-    /// Simulation: clients whose local steps share one decoder pass.
+    /// Simulation: clients whose local steps share one decoder pass, a
+    /// number or `"all"` (a round's clients, as memory allows).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub clients_per_pass: Option<usize>,
+    pub clients_per_pass: Option<ClientsPerPass>,
     /// Decoder LLM: a .gguf file or a Hugging Face folder (default:
     /// SmolLM2-135M from the registries).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -157,6 +158,30 @@ pub struct RunOptions {
         deserialize_with = "strategy_by_name_or_table"
     )]
     pub strategy: Option<StrategyConfig>,
+}
+
+/// The steps-parity recipe the federated pilot chose (docs/RESULTS.md §2,
+/// `scripts/federated_pilot.sh`): FedAvg on domain-silos, best validation
+/// NLL on the tuning seed among the variants that cost what the
+/// centralized reference costs. The defaults of `local-steps`,
+/// `batch-size` and `lr`.
+pub const DEFAULT_LOCAL_STEPS: usize = 8;
+/// Pairs per local step of one client (see [`DEFAULT_LOCAL_STEPS`]).
+pub const DEFAULT_BATCH_SIZE: usize = 2;
+/// Peak learning rate (see [`DEFAULT_LOCAL_STEPS`]).
+pub const DEFAULT_LR: f64 = 1e-2;
+
+/// The research recipe (ALGORITHMS.md §7.1-7.3): content captions after a
+/// newline separator, one visual token per image, on top of the default
+/// steps-parity recipe. The main job, the harness and the pilots start
+/// from it.
+pub fn research_recipe() -> RunOptions {
+    RunOptions {
+        captions: Some(CaptionStyle::Content),
+        caption_separator: Some("\n".into()),
+        visual_tokens: Some(1),
+        ..RunOptions::default()
+    }
 }
 
 /// Every option key, in file order.
@@ -468,6 +493,98 @@ pub struct Recipe {
     pub projector: ProjectorKind,
 }
 
+/// Simulation: how many of a round's clients train through the frozen
+/// decoder in one pass (their local steps together, each with its own
+/// projector, optimiser and loss; equal to one at a time up to float
+/// rounding, and bit-identical to itself at the same number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientsPerPass {
+    /// Every client of a round, as long as their batches hold at most
+    /// [`SAMPLES_PER_PASS`] pairs together; more clients than that train in
+    /// passes of as many as fit. Depends only on the settings, never on the
+    /// machine, so results are the same everywhere.
+    All,
+    /// At most this many at a time.
+    At(NonZeroUsize),
+}
+
+/// The most pairs one decoder pass holds when `clients-per-pass = "all"`
+/// (about 10 MB of activations per pair at SmolLM2-135M's size, so ~2.5
+/// GB here).
+pub const SAMPLES_PER_PASS: usize = 256;
+
+impl ClientsPerPass {
+    /// Clients per pass for rounds of `round_clients` clients taking
+    /// `batch_size` pairs per local step.
+    pub fn resolve(self, round_clients: usize, batch_size: usize) -> usize {
+        match self {
+            ClientsPerPass::At(n) => n.get(),
+            ClientsPerPass::All => round_clients
+                .min(SAMPLES_PER_PASS / batch_size.max(1))
+                .max(1),
+        }
+    }
+}
+
+impl std::fmt::Display for ClientsPerPass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientsPerPass::All => f.write_str("all"),
+            ClientsPerPass::At(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for ClientsPerPass {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        let text = text.trim();
+        if text == "all" {
+            return Ok(ClientsPerPass::All);
+        }
+        text.parse::<usize>()
+            .ok()
+            .and_then(NonZeroUsize::new)
+            .map(ClientsPerPass::At)
+            .ok_or_else(|| {
+                format!("{text:?} is neither \"all\" nor a number of clients (at least 1)")
+            })
+    }
+}
+
+impl Serialize for ClientsPerPass {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            ClientsPerPass::All => s.serialize_str("all"),
+            ClientsPerPass::At(n) => s.serialize_u64(n.get() as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClientsPerPass {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(u64),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Count(n) => usize::try_from(n)
+                .ok()
+                .and_then(NonZeroUsize::new)
+                .map(ClientsPerPass::At)
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "clients-per-pass = {n}: must be \"all\" or at least 1"
+                    ))
+                }),
+            Raw::Word(w) => w.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// How rounds are run and recorded.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Protocol {
@@ -476,11 +593,8 @@ pub struct Protocol {
     pub quorum: NonZeroUsize,
     pub round_deadline: Option<Duration>,
     pub failure_limit: NonZeroU32,
-    /// Simulation only: a round's clients train this many at a time, their
-    /// local steps through the frozen decoder in one pass (each with its
-    /// own projector, optimiser and loss). Equal to one at a time up to
-    /// float rounding.
-    pub clients_per_pass: NonZeroUsize,
+    /// Simulation only: how many of a round's clients train together.
+    pub clients_per_pass: ClientsPerPass,
 }
 
 /// What an experiment is assembled from: the scenario and its data, how a
@@ -588,7 +702,7 @@ impl RunSettings {
             (TrainingKind::Centralized, None) => Training::Centralized,
             (TrainingKind::LocalOnly, None) => Training::LocalOnly,
         };
-        let lr = o.lr.unwrap_or(3e-4);
+        let lr = o.lr.unwrap_or(DEFAULT_LR);
         if !(lr.is_finite() && lr > 0.0) {
             return Err(r.fail("lr", lr, "must be a positive number"));
         }
@@ -654,8 +768,8 @@ impl RunSettings {
             seed: o.seed.unwrap_or(0),
             recipe: Recipe {
                 rounds: o.rounds.map(|n| nz_u64("rounds", Some(n), 1)).transpose()?,
-                local_steps: nz_usize("local-steps", o.local_steps, 4)?,
-                batch_size: nz_usize("batch-size", o.batch_size, 8)?,
+                local_steps: nz_usize("local-steps", o.local_steps, DEFAULT_LOCAL_STEPS as u64)?,
+                batch_size: nz_usize("batch-size", o.batch_size, DEFAULT_BATCH_SIZE as u64)?,
                 lr,
                 warmup_ratio,
                 reset_optimizer: o.reset_optimizer.unwrap_or(false),
@@ -668,7 +782,7 @@ impl RunSettings {
                 round_deadline,
                 failure_limit: NonZeroU32::new(failure_limit)
                     .ok_or_else(|| r.fail("failure-limit", 0, "must be at least 1"))?,
-                clients_per_pass: nz_usize("clients-per-pass", o.clients_per_pass, 1)?,
+                clients_per_pass: o.clients_per_pass.unwrap_or(ClientsPerPass::All),
             },
             out: o.out.unwrap_or_else(|| PathBuf::from("runs")),
         })
@@ -702,7 +816,7 @@ impl RunSettings {
             quorum: Some(self.protocol.quorum.get()),
             round_deadline: self.protocol.round_deadline.map(|d| d.as_secs_f64()),
             failure_limit: Some(self.protocol.failure_limit.get()),
-            clients_per_pass: Some(self.protocol.clients_per_pass.get()),
+            clients_per_pass: Some(self.protocol.clients_per_pass),
             llm: data.backbones.llm.clone(),
             vision: Some(data.backbones.vision.clone()),
             vision_feature_layer: data.backbones.feature_layer,

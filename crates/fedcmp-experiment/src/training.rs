@@ -82,7 +82,25 @@ pub fn clients_per_round(participation: &Participation, clients: usize) -> usize
     )
 }
 
-/// How every client of `settings` trains locally.
+/// The pairs of one local step. A federated (or local-only) client takes
+/// `batch-size`; the centralized reference steps on a whole federated
+/// round's worth, `batch-size` x the clients of a round of the scenario,
+/// so that at equal samples it takes as many sequential optimiser steps
+/// as the federation it bounds (steps parity, ALGORITHMS.md §7.3).
+pub fn step_batch(experiment: &Experiment, settings: &RunSettings) -> usize {
+    let batch = settings.recipe.batch_size.get();
+    match settings.training {
+        Training::Centralized => {
+            batch
+                * clients_per_round(&experiment.scenario.participation, experiment.clients.len())
+                    .max(1)
+        }
+        Training::Federated(_) | Training::LocalOnly => batch,
+    }
+}
+
+/// How every client of `settings` trains locally, a client's own batch
+/// (see [`step_batch`] for the centralized one).
 pub fn local_config(settings: &RunSettings) -> LocalConfig {
     LocalConfig {
         local_steps: settings.recipe.local_steps.get(),
@@ -94,15 +112,20 @@ pub fn local_config(settings: &RunSettings) -> LocalConfig {
     }
 }
 
-/// A trainer for the clients of `settings`, over the experiment's frozen
-/// backbones (one working projector; every client node shares it).
-pub fn local_trainer(experiment: &Experiment, settings: &RunSettings) -> Result<LocalTrainer> {
+/// A trainer for clients that train as `local` says, over the
+/// experiment's frozen backbones (one working projector; every client
+/// node shares it).
+pub fn local_trainer(
+    experiment: &Experiment,
+    settings: &RunSettings,
+    local: &LocalConfig,
+) -> Result<LocalTrainer> {
     Ok(LocalTrainer::new(
         experiment.decoder.clone(),
         experiment.tokenizer.clone(),
         experiment.template.clone(),
         experiment.projector(settings.recipe.projector, settings.seed)?,
-        local_config(settings),
+        *local,
     )?)
 }
 
@@ -142,10 +165,15 @@ pub fn unreliability(settings: &RunSettings, participation: &Participation) -> U
 
 /// Rounds until the largest shard is consumed under full participation,
 /// or until the budget is consumed at partial participation, capped by
-/// the configured rounds: an estimate for progress bars.
-pub fn estimate_rounds(settings: &RunSettings, shard_sizes: &[usize], per_round: usize) -> u64 {
-    let per_client_round =
-        (settings.recipe.local_steps.get() * settings.recipe.batch_size.get()) as u64;
+/// the configured rounds, for clients stepping on `batch` pairs: an
+/// estimate for progress bars.
+pub fn estimate_rounds(
+    settings: &RunSettings,
+    batch: usize,
+    shard_sizes: &[usize],
+    per_round: usize,
+) -> u64 {
+    let per_client_round = (settings.recipe.local_steps.get() * batch) as u64;
     let budget: u64 = shard_sizes.iter().map(|s| *s as u64).sum();
     let longest = shard_sizes.iter().max().copied().unwrap_or(0) as u64;
     longest
@@ -217,9 +245,16 @@ pub fn train_with(
             experiment.scenario.name
         )));
     }
-    let local = local_config(settings);
+    let local = LocalConfig {
+        batch_size: step_batch(experiment, settings),
+        ..local_config(settings)
+    };
     let kind = settings.recipe.projector;
-    let trainer = local_trainer(experiment, settings)?;
+    let trainer = local_trainer(experiment, settings, &local)?;
+    let per_pass = settings.protocol.clients_per_pass.resolve(
+        clients_per_round(&participation, clients.len()),
+        local.batch_size,
+    );
     let nodes = clients
         .into_iter()
         .map(|data| {
@@ -232,8 +267,7 @@ pub fn train_with(
         .collect::<Result<Vec<_>>>()?;
     let rng = RoundRng::new(settings.seed);
     let mut transport = Simulated::new(
-        InProcess::new(trainer, &experiment.cache, nodes)
-            .clients_per_pass(settings.protocol.clients_per_pass.get()),
+        InProcess::new(trainer, &experiment.cache, nodes).clients_per_pass(per_pass),
         rng.clone(),
         unreliability(settings, &participation),
     )?;
@@ -329,7 +363,7 @@ pub fn train_local_only(
     for client in &experiment.clients {
         let id = client.id;
         let size = client.samples.len() as u64;
-        let trainer = local_trainer(experiment, settings)?;
+        let trainer = local_trainer(experiment, settings, &local)?;
         let node = ClientNode::new(client.clone(), &local, None);
         let mut transport = InProcess::new(trainer, &experiment.cache, vec![node]);
         let mut strategy = StrategyConfig::default().build(1)?;

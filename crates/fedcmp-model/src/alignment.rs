@@ -319,7 +319,10 @@ pub fn caption_scores_given_visual(
 /// returns b rows of C values `sum_j log p(c_j | context, c_<j)`. The
 /// contexts run once and their keys and values serve every continuation
 /// (a KV cache repeated over the continuations), so scoring C short
-/// continuations of a long shared context costs the context once.
+/// continuations of a long shared context costs the context once; the
+/// continuations are packed (no position is computed for padding, and a
+/// continuation's last token, which predicts nothing, is never fed), and
+/// the LM head runs only where a token is scored.
 pub fn continuation_scores(
     decoder: &FrozenDecoder,
     contexts: &Tensor,
@@ -332,20 +335,19 @@ pub fn continuation_scores(
         ));
     }
     let device = decoder.device();
-    let (b, t, _) = contexts.dims3()?;
+    let (b, _, _) = contexts.dims3()?;
     let c = continuations.len();
     let mut cache = KvCache::default();
-    let logits = decoder.logits_cached(contexts, &mut cache)?;
+    let logits = decoder.last_logits_cached(contexts, &mut cache)?;
     // The first token of each continuation, read at the context's end.
     let first_ids: Vec<u32> = continuations.iter().map(|x| x[0]).collect();
     let first_ids = Tensor::from_vec(first_ids, (1, c), device)?
         .broadcast_as((b, c))?
         .contiguous()?;
-    let first: Vec<Vec<f32>> =
-        candle_nn::ops::log_softmax(&logits.narrow(1, t - 1, 1)?.squeeze(1)?, 1)?
-            .gather(&first_ids, 1)?
-            .to_dtype(DType::F32)?
-            .to_vec2()?;
+    let first: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits, 1)?
+        .gather(&first_ids, 1)?
+        .to_dtype(DType::F32)?
+        .to_vec2()?;
     let mut scores: Vec<Vec<f64>> = first
         .iter()
         .map(|row| row.iter().map(|v| f64::from(*v)).collect())
@@ -353,33 +355,22 @@ pub fn continuation_scores(
     let longest = continuations.iter().map(Vec::len).max().unwrap_or(1);
     if longest > 1 {
         // Inputs: every continuation but its last token, for every context.
-        let (mut ids, mut next) = (Vec::new(), Vec::new());
+        let (mut ids, mut lengths, mut next) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..b {
             for x in continuations {
                 ids.extend(&x[..x.len() - 1]);
                 ids.extend(std::iter::repeat_n(pad_id, longest - x.len()));
-                next.extend(&x[1..]);
-                next.extend(std::iter::repeat_n(pad_id, longest - x.len()));
+                lengths.push(x.len() - 1);
+                next.push(x[1..].to_vec());
             }
         }
         let rows = b * c;
         let inputs = decoder.embed_tokens(&Tensor::from_vec(ids, (rows, longest - 1), device)?)?;
-        let mut repeated = cache.repeat_each(c)?;
-        let log_probs = candle_nn::ops::log_softmax(
-            &decoder.logits_cached(&inputs, &mut repeated)?,
-            candle_core::D::Minus1,
-        )?;
-        // Padding positions are read, never counted.
-        let next = Tensor::from_vec(next, (rows, longest - 1, 1), device)?;
-        let picked: Vec<Vec<f32>> = log_probs
-            .gather(&next, 2)?
-            .squeeze(2)?
-            .to_dtype(DType::F32)?
-            .to_vec2()?;
+        let repeated = cache.repeat_each(c)?;
+        let picked = decoder.continuation_log_probs_cached(&inputs, &lengths, &next, &repeated)?;
         for (row, values) in picked.iter().enumerate() {
             let (image, k) = (row / c, row % c);
-            let len = continuations[k].len() - 1;
-            scores[image][k] += values[..len].iter().map(|v| f64::from(*v)).sum::<f64>();
+            scores[image][k] += values.iter().sum::<f64>();
         }
     }
     Ok(scores)
@@ -521,9 +512,9 @@ pub struct CaptionPrompt<'a> {
     pub max_new_tokens: usize,
 }
 
-/// The context a caption continues: `prefix`, the image's visual tokens,
-/// `separator`, embedded as (1, len, d).
-fn caption_context(
+/// The contexts captions continue: `prefix`, each image's visual tokens,
+/// `separator`, embedded as (n, len, d) for `features` (n, k, d_v).
+fn caption_contexts(
     decoder: &FrozenDecoder,
     projector: &Projector,
     features: &Tensor,
@@ -534,15 +525,21 @@ fn caption_context(
     let visual = projector
         .forward(&features.to_dtype(decoder.dtype())?)?
         .detach();
+    let (n, _, d) = visual.dims3()?;
+    let shared = |ids: &[u32]| -> Result<Tensor> {
+        let t = Tensor::from_vec(ids.to_vec(), (1, ids.len()), device)?;
+        Ok(decoder
+            .embed_tokens(&t)?
+            .broadcast_as((n, ids.len(), d))?
+            .contiguous()?)
+    };
     let mut parts = Vec::new();
     if !prefix.is_empty() {
-        let ids = Tensor::from_vec(prefix.to_vec(), (1, prefix.len()), device)?;
-        parts.push(decoder.embed_tokens(&ids)?);
+        parts.push(shared(prefix)?);
     }
     parts.push(visual);
     if !separator.is_empty() {
-        let ids = Tensor::from_vec(separator.to_vec(), (1, separator.len()), device)?;
-        parts.push(decoder.embed_tokens(&ids)?);
+        parts.push(shared(separator)?);
     }
     Ok(Tensor::cat(&parts, 1)?)
 }
@@ -556,23 +553,55 @@ pub fn generate_caption(
     features: &Tensor,
     prompt: &CaptionPrompt<'_>,
 ) -> Result<Vec<u32>> {
+    generate_captions(decoder, projector, features, prompt)?
+        .pop()
+        .ok_or_else(|| ModelError::InvalidInput("no image to caption".to_string()))
+}
+
+/// Greedy decoding of captions for many images at once, `features`
+/// (n, k, d_v): every image's context runs in one pass, then each step
+/// feeds the last token of every caption still going as one batch over
+/// one KV cache; a caption that stops leaves the batch. Each caption is
+/// the one [`generate_caption`] gives its image alone (up to float
+/// rounding in the products).
+pub fn generate_captions(
+    decoder: &FrozenDecoder,
+    projector: &Projector,
+    features: &Tensor,
+    prompt: &CaptionPrompt<'_>,
+) -> Result<Vec<Vec<u32>>> {
     let device = decoder.device();
-    let mut inputs = caption_context(decoder, projector, features, prompt)?;
+    let n = features.dim(0)?;
+    let mut out = vec![Vec::new(); n];
+    if n == 0 {
+        return Ok(out);
+    }
+    let mut inputs = caption_contexts(decoder, projector, features, prompt)?;
     let mut cache = KvCache::default();
-    let mut out = Vec::new();
+    // The image each row of the batch (and of the cache) belongs to.
+    let mut live: Vec<usize> = (0..n).collect();
     for _ in 0..prompt.max_new_tokens {
-        let logits = decoder.logits_cached(&inputs, &mut cache)?;
-        let t = logits.dims()[1];
-        let next = logits
-            .narrow(1, t - 1, 1)?
-            .flatten_all()?
-            .argmax(0)?
-            .to_scalar::<u32>()?;
-        if prompt.stop_ids.contains(&next) {
+        let logits = decoder.last_logits_cached(&inputs, &mut cache)?;
+        let next = logits.argmax(1)?.to_vec1::<u32>()?;
+        let mut kept = Vec::with_capacity(live.len());
+        let mut tokens = Vec::with_capacity(live.len());
+        for (row, (&image, &token)) in live.iter().zip(&next).enumerate() {
+            if !prompt.stop_ids.contains(&token) {
+                out[image].push(token);
+                kept.push(row);
+                tokens.push(token);
+            }
+        }
+        if kept.is_empty() {
             break;
         }
-        out.push(next);
-        inputs = decoder.embed_tokens(&Tensor::new(&[[next]], device)?)?;
+        if kept.len() < live.len() {
+            let rows = kept.iter().map(|&r| r as u32).collect::<Vec<_>>();
+            cache = cache.select(&Tensor::from_vec(rows, kept.len(), device)?)?;
+            live = kept.iter().map(|&r| live[r]).collect();
+        }
+        let count = tokens.len();
+        inputs = decoder.embed_tokens(&Tensor::from_vec(tokens, (count, 1), device)?)?;
     }
     Ok(out)
 }
@@ -639,7 +668,7 @@ pub fn beam_search_caption(
         return Err(ModelError::InvalidInput("beam width 0".to_string()));
     }
     let device = decoder.device();
-    let mut inputs = caption_context(decoder, projector, features, prompt)?;
+    let mut inputs = caption_contexts(decoder, projector, features, prompt)?;
     let mut cache = KvCache::default();
     let mut live = vec![Hypothesis {
         ids: Vec::new(),
@@ -648,16 +677,9 @@ pub fn beam_search_caption(
     }];
     let mut finished: Vec<Hypothesis> = Vec::new();
     for _ in 0..prompt.max_new_tokens {
-        let logits = decoder.logits_cached(&inputs, &mut cache)?;
-        let t = logits.dims()[1];
-        let log_probs: Vec<Vec<f32>> = candle_nn::ops::log_softmax(
-            &logits
-                .narrow(1, t - 1, 1)?
-                .squeeze(1)?
-                .to_dtype(DType::F32)?,
-            1,
-        )?
-        .to_vec2()?;
+        let logits = decoder.last_logits_cached(&inputs, &mut cache)?;
+        let log_probs: Vec<Vec<f32>> =
+            candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, 1)?.to_vec2()?;
         // Each live hypothesis's best 2 * width continuations: enough for
         // `width` of them not to stop.
         let mut candidates: Vec<(f64, usize, u32)> = Vec::new();

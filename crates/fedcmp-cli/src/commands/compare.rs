@@ -71,6 +71,10 @@ pub struct CompareArgs {
     /// where one run cannot use all cores).
     #[arg(long, default_value_t = 1)]
     pub jobs: usize,
+    /// Start from the research recipe (content captions after a newline,
+    /// one visual token) instead of the plain defaults: the main job.
+    #[arg(skip)]
+    pub research_recipe: bool,
 }
 
 impl CompareArgs {
@@ -78,45 +82,41 @@ impl CompareArgs {
     /// ALGORITHMS.md §7: the S3 domain-silos scenario on the real offline
     /// assets (8 clients, 2,040 training samples), FedAvg, FedAvgM and
     /// Fed-CMP next to the untrained projector and the centralized
-    /// reference, 3 paired seeds, at the research recipe (one visual token,
-    /// content captions after a newline, batch 16, peak lr 1e-2, one local
-    /// step per round: 16 merges), every federated method at server lr 1
-    /// (a grid of one: no tuning run). The same as the `compare` command
-    /// below.
+    /// reference, at the research recipe (one visual token, content
+    /// captions after a newline) and the default steps-parity recipe
+    /// (every client 8 local steps of 2 pairs per round, the round's
+    /// clients through the decoder together: 16 merges and 128 sequential
+    /// steps, like the centralized reference's 128 steps of 16 pairs),
+    /// every federated method at server lr 1 (a grid of one: no tuning
+    /// run), one seed: what fits in 15 minutes here. The same as `fedcmp
+    /// compare --scenarios domain-silos --methods
+    /// init,fedavg,fedavgm,fed-cmp,centralized --seeds 1 --grid 1
+    /// --captions content --caption-separator '\n' --visual-tokens 1
+    /// --eval-every 4 --out runs/main`.
     pub fn main_job() -> Self {
         #[derive(Parser)]
         struct Wrapper {
             #[command(flatten)]
             args: CompareArgs,
         }
-        Wrapper::parse_from([
+        let mut args = Wrapper::parse_from([
             "fedcmp",
             "--scenarios",
             "domain-silos",
             "--methods",
             "init,fedavg,fedavgm,fed-cmp,centralized",
             "--seeds",
-            "3",
+            "1",
             "--grid",
             "1",
-            "--captions",
-            "content",
-            "--caption-separator",
-            "\\n",
-            "--visual-tokens",
-            "1",
-            "--batch-size",
-            "16",
-            "--local-steps",
-            "1",
-            "--lr",
-            "1e-2",
             "--eval-every",
-            "8",
+            "4",
             "--out",
             "runs/main",
         ])
-        .args
+        .args;
+        args.research_recipe = true;
+        args
     }
 
     fn suite(&self) -> SuiteConfig {
@@ -130,12 +130,20 @@ impl CompareArgs {
 
     /// The run settings every cell starts from, and the plan.
     fn resolve(&self) -> Result<(RunSettings, Plan)> {
+        let (what, base) = if self.research_recipe {
+            (
+                "the main job's default (the research recipe)",
+                fedcmp_experiment::settings::research_recipe(),
+            )
+        } else {
+            ("compare's default", RunOptions::default())
+        };
         let defaults = RunOptions {
             eval_every: Some(1),
-            ..RunOptions::default()
+            ..base
         };
         let layers = layers(
-            Some(("compare's default", defaults)),
+            Some((what, defaults)),
             self.config.as_deref(),
             &self.recipe.options(),
         )?;
@@ -204,13 +212,16 @@ fn write_report(
     let mut md = format!(
         "# Comparison\n\nScenarios: {}. Seeds: {}. Grid: {} setting(s) per method, chosen on \
          validation NLL with the tuning seed {TUNING_SEED} (never reported; no tuning run \
-         with one setting). Recipe: {} local steps x batch {}, peak lr {}, {}. \
+         with one setting). Recipe: {} local steps x batch {} per client (the centralized \
+         reference: batch {} x the clients of a round, the same number of sequential steps), \
+         peak lr {}, {}. \
          Source cap: {}. Took {minutes:.1} min for the cells run in this \
          invocation.\n\nBest federated method per scenario in bold (references never are).\n",
         scenarios.join(", "),
         plan.seeds,
         plan.grid,
         recipe.local_steps,
+        recipe.batch_size,
         recipe.batch_size,
         recipe.lr,
         recipe
@@ -228,7 +239,11 @@ fn write_report(
         md.push_str(&markdown_table(&summary, measure, &methods));
     }
     md.push_str(&super::report::paired_section(&summary, &methods));
-    md.push_str(&super::report::merges_table(&summary, &methods));
+    md.push_str(&super::report::merges_table(
+        &summary,
+        &methods,
+        recipe.local_steps.get(),
+    ));
     let methods: Vec<String> = methods.iter().map(|m| m.name().to_string()).collect();
     md.push_str("\n## Chosen settings (validation NLL at the tuning seed)\n\n| scenario | method | setting |\n|---|---|---|\n");
     for s in &scenarios {
@@ -320,9 +335,10 @@ fn write_report(
 
 /// One line per scenario and method with every measure's mean over seeds;
 /// then, per trained method, its paired differences (method - baseline,
-/// 95% bootstrap interval over seeds x test items) in test NLL and
-/// zero-shot accuracy to the untrained projector and to FedAvg (Fed-CMP's
-/// also to FedAvgM); then a few greedy captions per method (seed 0).
+/// 95% bootstrap interval over seeds x test items) in test NLL, zero-shot
+/// accuracy and captions naming the class, to the untrained projector and
+/// to FedAvg (Fed-CMP's also to FedAvgM); then a few greedy captions per
+/// method (seed 0).
 pub fn summary_table(cells: &[Cell], methods: &[Method]) -> String {
     let summary = Summary { cells };
     let mut out = format!("{:<14} {:<12}", "scenario", "method");
@@ -352,7 +368,11 @@ pub fn summary_table(cells: &[Cell], methods: &[Method]) -> String {
             let mut against = vec![Method::Init];
             against.extend(super::report::baselines(m));
             for baseline in against {
-                for (measure, digits) in [(Measure::TestNll, 4), (Measure::ZeroShot, 3)] {
+                for (measure, digits) in [
+                    (Measure::TestNll, 4),
+                    (Measure::ZeroShot, 3),
+                    (Measure::CaptionAccuracy, 3),
+                ] {
                     if let Some(d) = paired_difference(cells, &s, measure, m, baseline, 0) {
                         differences.push_str(&format!(
                             "{s:<14} {:<12} vs {:<10} {:<10} {}\n",

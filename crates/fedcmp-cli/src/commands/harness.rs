@@ -24,9 +24,9 @@ use crate::args::{layers, RecipeArgs};
 use crate::progress::Progress;
 
 /// The recipe flags are `run`'s, with the research recipe as their
-/// defaults (content captions after a newline, one visual token, batch 16,
-/// one local step, peak lr 1e-2) and `--rounds` (default 8) the rounds
-/// recorded per seed.
+/// defaults (content captions after a newline, one visual token, the
+/// steps-parity recipe's local steps, batch and peak lr) and `--rounds`
+/// (default 8) the rounds recorded per seed.
 #[derive(Debug, Clone, Args)]
 pub struct HarnessArgs {
     /// Read the recipe from this TOML settings file.
@@ -62,17 +62,11 @@ pub struct HarnessArgs {
 
 impl HarnessArgs {
     fn resolve(&self) -> Result<(RunSettings, HarnessPlan)> {
-        // The research recipe of the headline (ALGORITHMS.md §7.1).
+        // The research recipe of the headline (ALGORITHMS.md §7.1-7.3).
         let defaults = RunOptions {
-            captions: Some(fedcmp_data::templates::CaptionStyle::Content),
-            caption_separator: Some("\n".into()),
-            visual_tokens: Some(1),
-            batch_size: Some(16),
-            local_steps: Some(1),
-            lr: Some(1e-2),
             // The rounds recorded per seed (`--rounds`).
             rounds: Some(8),
-            ..RunOptions::default()
+            ..fedcmp_experiment::settings::research_recipe()
         };
         let layers = layers(
             Some(("harness's default (the research recipe)", defaults)),

@@ -3,6 +3,7 @@
 pub mod align;
 pub mod assets;
 pub mod compare;
+pub mod curves;
 pub mod export;
 pub mod harness;
 pub mod plot;

@@ -191,18 +191,25 @@ pub fn paired_section(summary: &Summary<'_>, methods: &[Method]) -> String {
     out
 }
 
-/// Merges (aggregated rounds) per run, mean over seeds: what a federation
-/// had to close the gap to centralized training with.
-pub fn merges_table(summary: &Summary<'_>, methods: &[Method]) -> String {
+/// Merges (aggregated rounds) and sequential optimiser steps (rounds x
+/// `local_steps`; the centralized reference's rounds are only a logging
+/// unit, so its merges are not counted) per run, mean over seeds: what a
+/// federation had to close the gap to centralized training with
+/// (ALGORITHMS.md §7.3).
+pub fn merges_table(summary: &Summary<'_>, methods: &[Method], local_steps: usize) -> String {
     let scenarios = summary.scenarios();
-    let mut out = String::from("\n## Rounds per run (mean over seeds)\n\n| method |");
+    let mut out =
+        String::from("\n## Merges and sequential steps per run (mean over seeds)\n\n| method |");
     for s in &scenarios {
         let _ = write!(out, " {s} |");
     }
     out.push_str("\n|---|");
     out.push_str(&"---|".repeat(scenarios.len()));
     out.push('\n');
-    for m in methods.iter().filter(|m| !matches!(m, Method::Init)) {
+    for m in methods
+        .iter()
+        .filter(|m| !matches!(m, Method::Init | Method::LocalOnly))
+    {
         let _ = write!(out, "| {m} |");
         for s in &scenarios {
             let rounds: Vec<f64> = summary
@@ -212,8 +219,11 @@ pub fn merges_table(summary: &Summary<'_>, methods: &[Method]) -> String {
                 .map(|c| c.rounds as f64)
                 .collect();
             match mean_std(&rounds) {
+                Some((r, _)) if *m == Method::Centralized => {
+                    let _ = write!(out, " {:.0} steps |", r * local_steps as f64);
+                }
                 Some((r, _)) => {
-                    let _ = write!(out, " {r:.1} |");
+                    let _ = write!(out, " {r:.1} merges, {:.0} steps |", r * local_steps as f64);
                 }
                 None => out.push_str(" - |"),
             }

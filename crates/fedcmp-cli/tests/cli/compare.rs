@@ -154,7 +154,12 @@ fn compare_runs_the_matrix_reports_and_resumes() -> Result<()> {
         report.contains("Paired differences") && report.contains("vs fedavg"),
         "{report}"
     );
-    assert!(report.contains("Rounds per run"), "{report}");
+    assert!(
+        report.contains("Merges and sequential steps per run")
+            && report.contains(" merges, ")
+            && report.contains(" steps |"),
+        "{report}"
+    );
     assert!(first.contains("fed-cmp") && first.contains("recovery"));
     let printed = |method: &str, baseline: &str| {
         first.lines().any(|l| {

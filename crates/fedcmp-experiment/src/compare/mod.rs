@@ -488,7 +488,13 @@ impl Scene<'_> {
         )?;
         let cell = Cell {
             val_nll: self.experiment.validator().nll(&work)?,
-            suite: Some(self.suite(&params)?),
+            suite: Some(crate::init_suite::untrained_suite(
+                self.experiment.suite_memo.as_deref(),
+                self.experiment,
+                &work,
+                &params,
+                &mut |_| {},
+            )?),
             ..Cell::blank(&self.experiment.scenario.name, Method::Init, 0, None, seed)
         };
         write_cell(&path, &cell)?;

@@ -259,6 +259,17 @@ fn the_references_run_in_their_own_folders() -> Result<()> {
     assert_eq!(r.federation.clients, 2);
     assert_eq!(r.consumed_per_client.len(), 1, "one pooled client");
     assert!(r.one_pass_complete && r.test_nll.r#final < r.test_nll.init);
+    // Steps parity: a centralized step takes a whole federated round's
+    // pairs (batch 2 x the 2 clients of a round), so it takes as many
+    // sequential steps as the federation on the same pairs.
+    let rounds = metrics_lines(&report.folder.dir)?;
+    assert_eq!(rounds[0]["samples"], 4, "{}", rounds[0]);
+    let pooled: u64 = experiment
+        .clients
+        .iter()
+        .map(|c| c.samples.len() as u64)
+        .sum();
+    assert_eq!(r.rounds, pooled.div_ceil(4));
 
     let local_only = w.settings(RunOptions {
         training: Some(fedcmp_experiment::settings::TrainingKind::LocalOnly),
@@ -445,5 +456,60 @@ fn runs_and_comparisons_report_every_skipped_record() -> Result<()> {
     let comparison = compare::run(&w.cache(), &settings, &plan, &Silent)?;
     let by_scenario = serde_json::to_value(&comparison.skipped)?;
     check_skips(&by_scenario["tiny"], &manifest).context("the comparison")?;
+    Ok(())
+}
+
+/// The untrained projector's suite is computed once and then read back:
+/// a second request (another method's run of the same seed) returns the
+/// stored report, whatever it holds; another seed, or an unreadable entry,
+/// is computed afresh.
+#[test]
+fn the_untrained_suite_is_computed_once_per_seed() -> Result<()> {
+    use fedcmp_experiment::init_suite::untrained_suite;
+    use fedcmp_runtime::convert::projector_params;
+    let w = world()?;
+    let settings = w.settings(RunOptions::default())?;
+    let experiment = w.experiment(&settings)?;
+    let memo = experiment
+        .suite_memo
+        .clone()
+        .context("an assembled experiment memoises")?;
+    let kind = settings.recipe.projector;
+    let work = experiment.projector(kind, 0)?;
+    let params = projector_params(&work)?;
+    let entries = |dir: &Path| -> Result<Vec<PathBuf>> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .map(|e| Ok(e?.path()))
+            .collect::<Result<_>>()?;
+        found.sort();
+        Ok(found)
+    };
+    let mut scored = 0;
+    let first = untrained_suite(Some(&memo), &experiment, &work, &params, &mut |n| {
+        scored += n
+    })?;
+    assert_eq!(scored, experiment.suite.num_pairs());
+    let stored = entries(&memo)?;
+    assert_eq!(stored.len(), 1);
+    // Read back, not recomputed: a marked entry comes back as marked.
+    let mut marked: serde_json::Value = serde_json::from_slice(&std::fs::read(&stored[0])?)?;
+    marked["macro_nll"] = serde_json::json!(123.5);
+    std::fs::write(&stored[0], serde_json::to_vec(&marked)?)?;
+    let again = untrained_suite(Some(&memo), &experiment, &work, &params, &mut |_| {})?;
+    assert_eq!(again.macro_nll, 123.5);
+    assert_eq!(again.domains, first.domains);
+    // Another seed is another projector.
+    let other = projector_params(&experiment.projector(kind, 1)?)?;
+    let second = untrained_suite(Some(&memo), &experiment, &work, &other, &mut |_| {})?;
+    assert_eq!(entries(&memo)?.len(), 2);
+    assert_ne!(second.macro_nll, first.macro_nll);
+    // An unreadable entry is computed again (and replaced).
+    std::fs::write(&stored[0], b"{ not json")?;
+    let fresh = untrained_suite(Some(&memo), &experiment, &work, &params, &mut |_| {})?;
+    assert_eq!(fresh, first);
+    // Without a memo folder: computed, nothing stored.
+    let none = untrained_suite(None, &experiment, &work, &params, &mut |_| {})?;
+    assert_eq!(none, first);
+    assert_eq!(entries(&memo)?.len(), 2);
     Ok(())
 }

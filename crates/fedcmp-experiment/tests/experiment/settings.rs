@@ -44,7 +44,9 @@ fn every_option_key_is_listed_and_maps_to_its_variable() -> Result<()> {
         quorum: Some(1),
         round_deadline: Some(1.0),
         failure_limit: Some(1),
-        clients_per_pass: Some(2),
+        clients_per_pass: Some(fedcmp_experiment::settings::ClientsPerPass::At(
+            std::num::NonZeroUsize::MIN.saturating_add(1),
+        )),
         llm: Some("x.gguf".into()),
         vision: Some(Default::default()),
         vision_feature_layer: Some(-2),
@@ -249,6 +251,12 @@ fn any_options() -> impl Strategy<Value = RunOptions> {
             ]),
             proptest::option::of(prop_oneof![Just(""), Just("\n"), Just(" \"quoted\" ")]),
             proptest::option::of(0usize..20),
+            proptest::option::of(prop_oneof![
+                Just(fedcmp_experiment::settings::ClientsPerPass::All),
+                (1usize..9).prop_map(|n| fedcmp_experiment::settings::ClientsPerPass::At(
+                    std::num::NonZeroUsize::MIN.saturating_add(n - 1)
+                )),
+            ]),
         ),
     )
         .prop_map(
@@ -264,8 +272,9 @@ fn any_options() -> impl Strategy<Value = RunOptions> {
                     failure_limit,
                     strategy,
                 ),
-                (captions, caption_separator, visual_tokens),
+                (captions, caption_separator, visual_tokens, clients_per_pass),
             )| RunOptions {
+                clients_per_pass,
                 captions,
                 caption_separator: caption_separator.map(String::from),
                 visual_tokens,
@@ -343,5 +352,66 @@ fn a_settings_file_names_every_resolved_value() -> Result<()> {
         strategy.get("name").and_then(|n| n.as_str()),
         Some("fedavg")
     );
+    Ok(())
+}
+
+/// `clients-per-pass` is a number or "all" (the default): every client of
+/// a round while their batches hold at most SAMPLES_PER_PASS pairs, as
+/// many as fit otherwise; it reads the same from a file, a variable and
+/// back from the resolved settings, and anything else is refused with the
+/// key named.
+#[test]
+fn clients_per_pass_is_a_number_or_all() -> Result<()> {
+    use fedcmp_experiment::settings::{ClientsPerPass, SAMPLES_PER_PASS};
+    use std::num::NonZeroUsize;
+    let default = RunSettings::resolve(&Layers::new())?;
+    assert_eq!(default.protocol.clients_per_pass, ClientsPerPass::All);
+    assert_eq!(ClientsPerPass::All.resolve(8, 2), 8);
+    assert_eq!(ClientsPerPass::All.resolve(8, SAMPLES_PER_PASS / 4), 4);
+    assert_eq!(ClientsPerPass::All.resolve(1_000, 1), SAMPLES_PER_PASS);
+    assert_eq!(ClientsPerPass::All.resolve(3, 10 * SAMPLES_PER_PASS), 1);
+    let three = ClientsPerPass::At(NonZeroUsize::new(3).context("3")?);
+    assert_eq!(three.resolve(8, 2), 3);
+    assert_eq!("all".parse::<ClientsPerPass>(), Ok(ClientsPerPass::All));
+    assert_eq!("3".parse::<ClientsPerPass>(), Ok(three));
+    for bad in ["0", "some", "-1", ""] {
+        assert!(bad.parse::<ClientsPerPass>().is_err(), "{bad:?}");
+    }
+    let dir = tempfile::tempdir()?;
+    for (text, want) in [("\"all\"", ClientsPerPass::All), ("3", three)] {
+        let file = write(
+            dir.path(),
+            "s.toml",
+            &format!("clients-per-pass = {text}\n"),
+        )?;
+        let from_file = RunSettings::resolve(&Layers::new().file(&file)?)?;
+        assert_eq!(from_file.protocol.clients_per_pass, want);
+        let raw = text.trim_matches('"');
+        let from_env = RunSettings::resolve(
+            &Layers::new().environment(vars(&[("FEDCMP_CLIENTS_PER_PASS", raw)]))?,
+        )?;
+        assert_eq!(from_env.protocol.clients_per_pass, want);
+        let written = from_file.to_toml()?;
+        assert!(
+            written.contains(&format!("clients-per-pass = {text}")),
+            "{written}"
+        );
+    }
+    for bad in ["0", "\"half\""] {
+        let file = write(
+            dir.path(),
+            "bad.toml",
+            &format!("clients-per-pass = {bad}\n"),
+        )?;
+        let message = Layers::new()
+            .file(&file)
+            .err()
+            .map(|e| e.to_string())
+            .context("a bad clients-per-pass was accepted")?;
+        assert!(
+            message.contains("clients-per-pass") && message.contains("bad.toml"),
+            "{message}"
+        );
+    }
     Ok(())
 }

@@ -537,6 +537,42 @@ impl FrozenDecoder {
         self.embed.dtype()
     }
 
+    /// `per_tensor` evenly spaced values of every weight (as f32), in a
+    /// fixed order: enough to tell two decoders apart without hashing
+    /// hundreds of megabytes (what memoised evaluations are keyed by).
+    pub fn weight_sample(&self, per_tensor: usize) -> Result<Vec<f32>> {
+        let mut tensors = vec![&self.embed, &self.final_norm, &self.lm_head];
+        for l in &self.layers {
+            tensors.extend([
+                &l.attn_norm,
+                &l.w_qkv,
+                &l.wo,
+                &l.ffn_norm,
+                &l.w_gate_up,
+                &l.w_down,
+            ]);
+            tensors.extend(l.b_qkv.as_ref());
+        }
+        let mut out = Vec::with_capacity(tensors.len() * per_tensor);
+        for t in tensors {
+            let n = t.elem_count();
+            if n == 0 || per_tensor == 0 {
+                continue;
+            }
+            let picks: Vec<u32> = (0..per_tensor.min(n))
+                .map(|i| (i * n / per_tensor.min(n)) as u32)
+                .collect();
+            let count = picks.len();
+            out.extend(
+                t.flatten_all()?
+                    .index_select(&Tensor::from_vec(picks, count, t.device())?, 0)?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        Ok(out)
+    }
+
     /// Number of frozen parameters (tied heads counted once).
     pub fn num_parameters(&self) -> usize {
         let mut n = self.embed.elem_count() + self.final_norm.elem_count();
@@ -629,6 +665,94 @@ impl FrozenDecoder {
     /// costing only its own positions: greedy decoding without recomputing
     /// the prefix.
     pub fn logits_cached(&self, new_embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t, _) = new_embeds.dims3()?;
+        let hidden = self.hidden_cached(new_embeds, cache)?;
+        let logits = linear(&hidden, &self.lm_head, None)?;
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// Like [`Self::logits_cached`], with the LM head at each sequence's
+    /// last new position only: (batch, vocab), what the next token is
+    /// chosen from.
+    pub fn last_logits_cached(&self, new_embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t, _) = new_embeds.dims3()?;
+        let hidden = self.hidden_cached(new_embeds, cache)?;
+        let last: Vec<u32> = (0..b).map(|i| (i * t + t - 1) as u32).collect();
+        let last = hidden.index_select(&Tensor::from_vec(last, b, self.device())?, 0)?;
+        linear(&last, &self.lm_head, None)
+    }
+
+    /// The normalised hidden states of every position of `new_embeds`
+    /// (batch, t, hidden) after `cache`, as (batch * t, hidden) rows.
+    fn hidden_cached(&self, new_embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t, _) = new_embeds.dims3()?;
+        let packing = Packing::full(b, t, self.device())?;
+        self.run_cached(new_embeds, &packing, cache)
+    }
+
+    /// The log-probability of each target token after `cache`, no
+    /// gradient: `new_embeds` (batch, t, hidden) is right-padded, sequence
+    /// i's first `lengths[i]` positions are real and the blocks run on
+    /// those only; `next[i][s]` is the token expected after position s of
+    /// sequence i (`lengths[i]` of them). Returns them sequence by
+    /// sequence. The cache is left as it was (scoring many continuations
+    /// of one context).
+    pub fn continuation_log_probs_cached(
+        &self,
+        new_embeds: &Tensor,
+        lengths: &[usize],
+        next: &[Vec<u32>],
+        cache: &KvCache,
+    ) -> Result<Vec<Vec<f64>>> {
+        let (b, t, _) = new_embeds.dims3()?;
+        if lengths.len() != b || next.len() != b {
+            return Err(ModelError::InvalidInput(format!(
+                "{} lengths and {} target lists for {b} sequences",
+                lengths.len(),
+                next.len()
+            )));
+        }
+        if let Some(i) = (0..b).find(|&i| lengths[i] > t || next[i].len() != lengths[i]) {
+            return Err(ModelError::InvalidInput(format!(
+                "sequence {i}: {} real positions of {t}, {} targets",
+                lengths[i],
+                next[i].len()
+            )));
+        }
+        let packing = Packing::new(b, t, lengths, self.device())?;
+        if packing.rows == 0 {
+            return Ok(vec![Vec::new(); b]);
+        }
+        let mut scratch = cache.clone();
+        let hidden = self.run_cached(new_embeds, &packing, &mut scratch)?;
+        // Packed rows are sequence by sequence, position by position.
+        let labels: Vec<u32> = next.iter().flatten().copied().collect();
+        let n = labels.len();
+        let targets = LossTargets {
+            positions: Tensor::arange(0u32, n as u32, self.device())?,
+            labels: Tensor::from_vec(labels, n, self.device())?,
+        };
+        let (nll, _) = self.head_nll(&hidden, &targets, None)?;
+        let mut out = Vec::with_capacity(b);
+        let mut at = 0;
+        for &len in lengths {
+            out.push(nll[at..at + len].iter().map(|v| -v).collect());
+            at += len;
+        }
+        Ok(out)
+    }
+
+    /// The blocks and the final norm on the positions of `new_embeds`
+    /// (batch, t, hidden) that `packing` selects, after the positions in
+    /// `cache` (which gains the keys and values of all t positions, so a
+    /// padded batch must not be extended further); returns the normalised
+    /// hidden states as packed rows.
+    fn run_cached(
+        &self,
+        new_embeds: &Tensor,
+        packing: &Packing,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let (b, t, d) = new_embeds.dims3()?;
         if d != self.config.hidden_size {
             return Err(ModelError::InvalidInput(format!(
@@ -641,13 +765,27 @@ impl FrozenDecoder {
                 "the KV cache belongs to another decoder".to_string(),
             ));
         }
+        if let Some((k, _)) = cache.layers.first() {
+            if k.dim(0)? != b {
+                return Err(ModelError::InvalidInput(format!(
+                    "the KV cache holds {} sequences, the input {b}",
+                    k.dim(0)?
+                )));
+            }
+        }
+        let span = packing.span;
+        if packing.batch != b || span > t {
+            return Err(ModelError::InvalidInput(
+                "internal: the packing does not fit the input".to_string(),
+            ));
+        }
         let start = cache.len;
-        let rope =
-            Rope::new(&self.config, start + t, self.dtype(), self.device())?.window(start, t)?;
+        let rope = Rope::new(&self.config, start + span, self.dtype(), self.device())?
+            .window(start, span)?;
         // New position i (absolute start + i) sees every position up to it.
-        let mask: Vec<f32> = (0..t)
+        let mask: Vec<f32> = (0..span)
             .flat_map(|i| {
-                (0..start + t).map(move |j| {
+                (0..start + span).map(move |j| {
                     if j > start + i {
                         f32::NEG_INFINITY
                     } else {
@@ -656,11 +794,12 @@ impl FrozenDecoder {
                 })
             })
             .collect();
-        let mask = Tensor::from_vec(mask, (t, start + t), self.device())?.to_dtype(self.dtype())?;
-        let mut x = new_embeds.contiguous()?;
+        let mask =
+            Tensor::from_vec(mask, (span, start + span), self.device())?.to_dtype(self.dtype())?;
+        let mut x = packing.pack(&new_embeds.contiguous()?)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let past = cache.layers.get(i).cloned();
-            let (out, k, v) = self.layer_forward_cached(layer, &x, &rope, &mask, past, (b, t))?;
+            let (out, k, v) = self.layer_forward_cached(layer, &x, &rope, &mask, past, packing)?;
             if i < cache.layers.len() {
                 cache.layers[i] = (k, v);
             } else {
@@ -668,15 +807,14 @@ impl FrozenDecoder {
             }
             x = out;
         }
-        cache.len += t;
+        cache.len += span;
         let (hidden, _) = kernels::rms_norm(&x, &self.final_norm, self.config.rms_norm_eps)?;
-        let logits = linear(&hidden.reshape((b * t, d))?, &self.lm_head, None)?;
-        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+        Ok(hidden)
     }
 
-    /// One block on new positions, attending to `past` keys and values
-    /// (b, nkv, t_past, hd) too; returns its output and all keys and
-    /// values so far.
+    /// One block on new packed rows `x` (rows, hidden), attending to
+    /// `past` keys and values (b, nkv, t_past, hd) too; returns its output
+    /// rows and all keys and values so far (b, nkv, t_past + span, hd).
     fn layer_forward_cached(
         &self,
         l: &DecoderLayer,
@@ -684,23 +822,16 @@ impl FrozenDecoder {
         rope: &Rope,
         mask: &Tensor,
         past: Option<(Tensor, Tensor)>,
-        (b, t): (usize, usize),
+        packing: &Packing,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
-        let (nh, nkv, hd, g) = (c.num_heads, c.num_kv_heads, c.head_dim, c.group_size());
-        let d = c.hidden_size;
+        let (nh, nkv, g) = (c.num_heads, c.num_kv_heads, c.group_size());
         let (xn, _) = kernels::rms_norm(x, &l.attn_norm, c.rms_norm_eps)?;
-        let qkv = linear(&xn.reshape((b * t, d))?, &l.w_qkv, l.b_qkv.as_ref())?;
-        let heads = |first: usize, n: usize| -> Result<Tensor> {
-            Ok(qkv
-                .narrow(1, first * hd, n * hd)?
-                .reshape((b, t, n, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = rope.apply(&heads(0, nh)?)?;
-        let k_new = rope.apply(&heads(nh, nkv)?)?;
-        let v_new = heads(nh + nkv, nkv)?;
+        let qkv = linear(&xn, &l.w_qkv, l.b_qkv.as_ref())?;
+        let all = nh + 2 * nkv;
+        let q = rope.apply(&packing.to_heads(&qkv, all, 0, nh)?)?;
+        let k_new = rope.apply(&packing.to_heads(&qkv, all, nh, nkv)?)?;
+        let v_new = packing.to_heads(&qkv, all, nh + nkv, nkv)?;
         let (k, v) = match past {
             Some((k, v)) => (
                 Tensor::cat(&[&k, &k_new], 2)?.contiguous()?,
@@ -709,11 +840,10 @@ impl FrozenDecoder {
             None => (k_new, v_new),
         };
         let (_, _, attn) = grouped_attention(&q, &k, &v, mask, (nkv, g))?;
-        let attn = attn.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-        let h = (x + linear(&attn, &l.wo, None)?.reshape((b, t, d))?)?;
+        let h = (x + linear(&packing.rows_from_heads(&attn)?, &l.wo, None)?)?;
         let (hn, _) = kernels::rms_norm(&h, &l.ffn_norm, c.rms_norm_eps)?;
-        let act = kernels::silu_gate(&linear(&hn.reshape((b * t, d))?, &l.w_gate_up, None)?)?;
-        let out = (&h + linear(&act, &l.w_down, None)?.reshape((b, t, d))?)?;
+        let act = kernels::silu_gate(&linear(&hn, &l.w_gate_up, None)?)?;
+        let out = (&h + linear(&act, &l.w_down, None)?)?;
         Ok((out, k, v))
     }
 

@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use fedcmp_model::alignment::{
-    beam_search_caption, caption_loss, caption_scores, generate_caption, loss_and_grads,
-    loss_and_grads_many, train_step, AlignmentBatch, CaptionPrompt, TokenizedCaptions,
+    beam_search_caption, caption_loss, caption_scores, generate_caption, generate_captions,
+    loss_and_grads, loss_and_grads_many, train_step, AlignmentBatch, CaptionPrompt,
+    TokenizedCaptions,
 };
 use fedcmp_model::llm::config::DecoderConfig;
 use fedcmp_model::llm::decoder::{FrozenDecoder, KvCache, LossTargets};
@@ -917,6 +918,72 @@ fn greedy_decoding_with_the_cache_matches_recomputing() -> Result<()> {
         seq = Tensor::cat(&[seq, embed(&[next])?], 1)?;
     }
     assert_eq!(got, expected);
+    Ok(())
+}
+
+/// Captions decoded for many images together (one batch, rows leaving it
+/// as their captions stop) are the captions each image gets alone; stop
+/// tokens are picked from the unconstrained captions so that captions
+/// end at different steps.
+#[test]
+fn batched_greedy_captions_equal_decoding_each_image_alone() -> Result<()> {
+    let (decoder, projector, _) = caption_case(DType::F32)?;
+    // Large features: the images, not the tiny decoder's habits, steer
+    // the captions.
+    let features = (random_tensor(&[6, 4, 6], 13, DType::F32)? * 40.0)?;
+    let (prefix, separator) = ([1u32, 5], [2u32]);
+    fn prompt<'a>(
+        prefix: &'a [u32],
+        separator: &'a [u32],
+        stop_ids: &'a [u32],
+    ) -> CaptionPrompt<'a> {
+        CaptionPrompt {
+            prefix,
+            separator,
+            stop_ids,
+            max_new_tokens: 10,
+        }
+    }
+    let alone = |stops: &[u32]| -> Result<Vec<Vec<u32>>> {
+        (0..6)
+            .map(|i| {
+                Ok(generate_caption(
+                    &decoder,
+                    &projector,
+                    &features.narrow(0, i, 1)?,
+                    &prompt(&prefix, &separator, stops),
+                )?)
+            })
+            .collect()
+    };
+    let free = alone(&[])?;
+    assert_eq!(
+        generate_captions(
+            &decoder,
+            &projector,
+            &features,
+            &prompt(&prefix, &separator, &[])
+        )?,
+        free
+    );
+    let stops = [free[0][2], free[1][5], free[3][0]];
+    let expected = alone(&stops)?;
+    let lengths: std::collections::BTreeSet<usize> = expected.iter().map(Vec::len).collect();
+    assert!(lengths.len() > 2, "caption lengths {lengths:?}");
+    let got = generate_captions(
+        &decoder,
+        &projector,
+        &features,
+        &prompt(&prefix, &separator, &stops),
+    )?;
+    assert_eq!(got, expected);
+    let none = generate_captions(
+        &decoder,
+        &projector,
+        &features.narrow(0, 0, 0)?,
+        &prompt(&prefix, &separator, &stops),
+    )?;
+    assert!(none.is_empty());
     Ok(())
 }
 

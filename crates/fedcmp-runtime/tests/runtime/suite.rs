@@ -291,3 +291,117 @@ fn recovery_is_the_share_of_the_centralized_gain() {
     assert_eq!(recovery(6.0, 5.0, 6.0), None);
     assert_eq!(recovery(6.0, f64::NAN, 4.0), None);
 }
+
+/// The suite batches everything (NLL pairs, every zero-shot image x prompt
+/// over one cached context per image, all greedy captions through one
+/// KV cache); scored one item at a time instead, by the plain paths (each
+/// pair a full forward pass on its own, each caption decoded alone), every
+/// per-item result is the same: log-likelihoods to float tolerance,
+/// zero-shot verdicts (calibrated and raw, from the full prompt
+/// likelihoods) and captions exactly.
+#[test]
+fn the_batched_suite_matches_scoring_one_item_at_a_time() -> Result<()> {
+    let f = fixture()?;
+    // A separator, so the caption context is prefix, image, separator.
+    let template = CaptionTemplate {
+        separator: "\n".into(),
+        ..CaptionTemplate::plain()
+    };
+    let scorer = Scorer {
+        decoder: &f.decoder,
+        tokenizer: &f.tokenizer,
+        template: &template,
+        cache: &f.cache,
+    };
+    let config = SuiteConfig {
+        caption_checks: 8,
+        caption_examples: 16,
+        max_caption_tokens: 8,
+        ..config()
+    };
+    let suite = Suite::new(domains(), f.held_out.clone(), calibration(&f), config)?;
+    let mut lengths = std::collections::BTreeSet::new();
+    for seed in [3, 5, 6] {
+        let projector = projector(&f, seed)?;
+        let report = evaluate(&scorer, &projector, &suite, &mut |_| {})?;
+        let null = scorer.mean_visual(&projector, &suite.calibration)?;
+        for (d, domain) in suite.domains.iter().enumerate() {
+            let got = &report.domains[d].items;
+            // NLL: each pair alone.
+            let mine: Vec<&Item> = suite.items.iter().filter(|i| i.domain == d).collect();
+            assert_eq!(got.log_likelihood.len(), mine.len());
+            for (item, &ll) in mine.iter().zip(&got.log_likelihood) {
+                let alone = scorer.score_pairs(
+                    &projector,
+                    &[(&item.sample.key, item.sample.caption.as_str())],
+                    1,
+                    &mut |_| {},
+                )?;
+                let want = alone[0].log_likelihood;
+                assert!(
+                    (ll - want).abs() < 1e-4 * want.abs().max(1.0),
+                    "seed {seed}, {}: {ll} vs {want}",
+                    item.id
+                );
+            }
+            // Zero-shot: every prompt's full likelihood, image by image.
+            let prompts: Vec<&str> = domain.class_prompts.iter().map(String::as_str).collect();
+            let mut want_calibrated = Vec::new();
+            if !prompts.is_empty() {
+                let first = &suite.items[suite.zero_shot[d][0]].sample.key;
+                let prior = scorer.score_given_visual(&null, first, &prompts)?;
+                for &i in &suite.zero_shot[d] {
+                    let item = &suite.items[i];
+                    let mut scores = Vec::new();
+                    for p in &prompts {
+                        let s = scorer.score_pairs(
+                            &projector,
+                            &[(&item.sample.key, *p)],
+                            1,
+                            &mut |_| {},
+                        )?;
+                        scores.push(s[0].log_likelihood);
+                    }
+                    let best =
+                        |v: Vec<f64>| (0..v.len()).fold(0, |b, c| if v[c] > v[b] { c } else { b });
+                    let calibrated = best(
+                        scores
+                            .iter()
+                            .zip(&prior)
+                            .map(|(s, p)| s - p.log_likelihood)
+                            .collect(),
+                    );
+                    want_calibrated.push(item.label == Some(calibrated as u32));
+                }
+            }
+            assert_eq!(got.zero_shot, want_calibrated, "seed {seed}, domain {d}");
+            // Captions: each decoded alone.
+            let mut want_hits = Vec::new();
+            for &i in &suite.checks[d] {
+                let item = &suite.items[i];
+                let alone = scorer.caption(
+                    &projector,
+                    &item.sample.key,
+                    config.max_caption_tokens,
+                    fedcmp_model::alignment::Decoding::Greedy,
+                )?;
+                lengths.insert(f.tokenizer.encode(&alone)?.len());
+                if let (Some(label), false) = (item.label, domain.class_names.is_empty()) {
+                    want_hits
+                        .push(named_class(&alone, &domain.class_names) == Some(label as usize));
+                }
+                let shown = report.captions.iter().find(|c| c.id == item.id);
+                assert_eq!(
+                    shown.map(|c| c.generated.as_str()),
+                    Some(alone.as_str()),
+                    "seed {seed}, {}",
+                    item.id
+                );
+            }
+            assert_eq!(got.caption, want_hits, "seed {seed}, domain {d}");
+        }
+    }
+    // Captions of several lengths: the batch lost rows as captions ended.
+    assert!(lengths.len() > 1, "caption lengths {lengths:?}");
+    Ok(())
+}
