@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Samples per second of whole simulated rounds, clients trained one at a
 # time vs together (their local steps through the frozen decoder in one
-# pass), at the research recipe (RESULTS.md §4) on the real backbones:
+# pass), at the main job's recipe (content captions after a newline, one
+# visual token, the default steps-parity recipe: 8 local steps of 2 pairs
+# per client and round) on the real backbones:
 #
 #   bash bench/simulated_round.sh                  # domain-silos and cross-device
 #   SCENARIOS=iid PASSES="1 4 8" bash bench/simulated_round.sh
+#   RECIPE="--batch-size 16 --local-steps 1" bash bench/simulated_round.sh   # the old one-step recipe
 #
 # Needs the real assets (`fedcmp assets fetch`, or any earlier main-job
 # run). Each configuration runs ROUNDS rounds (default 4) with validation
@@ -15,6 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-4}
 PASSES=${PASSES:-1 8}
+RECIPE=${RECIPE:-}
 SCENARIOS=${SCENARIOS:-domain-silos cross-device}
 OUT=${OUT:-runs/bench-simulated-round}
 cargo build --release -q -p fedcmp-cli
@@ -22,9 +26,10 @@ echo "== machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'), load 
 for scenario in $SCENARIOS; do
     for passes in $PASSES; do
         out="$OUT/$scenario-p$passes"
+        # shellcheck disable=SC2086  # RECIPE is a list of flags
         ./target/release/fedcmp run --scenario "$scenario" --captions content \
-            --caption-separator '\n' --visual-tokens 1 --batch-size 16 --local-steps 1 \
-            --lr 1e-2 --rounds "$ROUNDS" --eval-every 1000 --clients-per-pass "$passes" \
+            --caption-separator '\n' --visual-tokens 1 $RECIPE \
+            --rounds "$ROUNDS" --eval-every 1000 --clients-per-pass "$passes" \
             --out "$out" --fresh >/dev/null 2>&1
         metrics=$(find "$out" -name metrics.jsonl | head -n 1)
         python3 - "$scenario" "$passes" "$metrics" <<'PY'

@@ -38,7 +38,7 @@ run_variants "$@"
 
 # The table (sorted by final validation NLL, the choice) and the curves.
 OUT="$OUT" python3 - <<'PY'
-import glob, json, os
+import glob, json, os, re
 out = os.environ["OUT"]
 rows = []
 for path in sorted(glob.glob(f"{out}/*/*/summary.json")):
@@ -50,8 +50,10 @@ for path in sorted(glob.glob(f"{out}/*/*/summary.json")):
         r = json.loads(line)
         if r.get("val_loss") is not None:
             curve[r["samples_total"]] = r["val_loss"]
-    steps = name.split("-")
-    L, b, lr = int(steps[0][1:]), int(steps[1][1:]), steps[2][2:]
+    m = re.fullmatch(r"L(\d+)-b(\d+)-lr(.+)", name)
+    if not m:
+        continue
+    L, b, lr = int(m[1]), int(m[2]), m[3]
     f = s["suite"]["final"]
     marks = [curve.get(k) for k in (512, 1024, 1536)]
     rows.append((s["validation_nll"]["final"], name, L, b, lr, s["rounds"], s["rounds"] * L,

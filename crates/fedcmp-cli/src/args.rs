@@ -61,13 +61,15 @@ pub struct RecipeArgs {
     /// Stop after this many rounds [default: one pass over every shard].
     #[arg(long)]
     pub rounds: Option<u64>,
-    /// Local optimiser steps per round [default: 4].
+    /// Local optimiser steps per round [default: 8].
     #[arg(long)]
     pub local_steps: Option<usize>,
-    /// Samples per local step [default: 8].
+    /// Samples per local step of a client; the centralized reference steps
+    /// on this times the clients of a round, the same number of sequential
+    /// steps [default: 2].
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Peak learning rate of the global warm-up + cosine schedule [default: 3e-4].
+    /// Peak learning rate of the global warm-up + cosine schedule [default: 2e-2].
     #[arg(long)]
     pub lr: Option<f64>,
     /// Share of the sample budget spent warming up [default: 0.03].

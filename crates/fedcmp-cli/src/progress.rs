@@ -96,12 +96,16 @@ impl Progress {
             .map(|r| format!("resuming after round {r}; "))
             .unwrap_or_default();
         println!(
-            "run {}: {resumed}{} client{} ({} per round), {} training samples, {} validation, {} \
-             test; initial validation NLL {:.4}",
+            "run {}: {resumed}{} client{} ({} per round, {} per decoder pass), {} local steps of \
+             {} pairs per round, {} training samples, {} validation, {} test; initial \
+             validation NLL {:.4}",
             start.name,
             start.clients,
             if start.clients == 1 { "" } else { "s" },
             start.clients_per_round,
+            start.clients_per_pass.min(start.clients_per_round),
+            start.local_steps,
+            start.step_batch,
             start.budget,
             start.validation,
             start.test,

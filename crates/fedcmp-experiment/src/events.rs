@@ -34,6 +34,11 @@ pub struct RunStart {
     pub validation: usize,
     pub test: usize,
     pub initial_val_nll: f64,
+    /// Every client's local steps per round, and the pairs of each.
+    pub local_steps: usize,
+    pub step_batch: usize,
+    /// Clients trained through the decoder together.
+    pub clients_per_pass: usize,
     /// Rounds the run will take, estimated (the bar's length).
     pub estimated_rounds: u64,
     /// The round a resumed run continues after.

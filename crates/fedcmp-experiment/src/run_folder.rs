@@ -367,7 +367,14 @@ pub fn run_on(
     let validator = experiment.validator();
     let tester = experiment.tester();
     let init_val = validator.nll_of(&work, &initial)?;
+    let step_batch = training::step_batch(experiment, settings);
     let start = RunStart {
+        local_steps: settings.recipe.local_steps.get(),
+        step_batch,
+        clients_per_pass: settings
+            .protocol
+            .clients_per_pass
+            .resolve(per_round, step_batch),
         name: folder.name.clone(),
         clients: clients.len(),
         clients_per_round: per_round,
@@ -375,12 +382,7 @@ pub fn run_on(
         validation: experiment.validation.len(),
         test: experiment.test.len(),
         initial_val_nll: init_val,
-        estimated_rounds: training::estimate_rounds(
-            settings,
-            training::step_batch(experiment, settings),
-            &shard_sizes,
-            per_round,
-        ),
+        estimated_rounds: training::estimate_rounds(settings, step_batch, &shard_sizes, per_round),
         resumed_after,
     };
     observer.observe(Event::RunStarted(&start));
