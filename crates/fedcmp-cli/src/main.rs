@@ -54,6 +54,10 @@ enum Command {
     Probe(Box<args::RunArgs>),
     /// Methods x scenarios with fair tuning, seeds, and a report (resumable).
     Compare(Box<commands::compare::CompareArgs>),
+    /// The main job (what `fedcmp` runs with no subcommand), with more
+    /// seeds or another folder: `fedcmp main --seeds 3` is the full
+    /// headline (resumes the one-seed job's folder).
+    Main(commands::compare::MainArgs),
     /// The counterfactual harness: records client updates of FedAvg runs,
     /// then scores aggregation rules on exactly those updates (resumable).
     Harness(Box<commands::harness::HarnessArgs>),
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
         Some(Command::ShowConfig(args)) => commands::run::show_config(&args),
         Some(Command::Probe(args)) => commands::run::probe(cli.cache_dir, &args),
         Some(Command::Compare(args)) => commands::compare::run(cli.cache_dir, &args),
+        Some(Command::Main(args)) => commands::compare::run(cli.cache_dir, &args.compare()),
         Some(Command::Harness(args)) => commands::harness::run(cli.cache_dir, &args),
         Some(Command::Align(args)) => commands::align::run(cli.cache_dir, &args),
         Some(Command::Export(args)) => commands::export::run(&args),

@@ -77,6 +77,29 @@ pub struct CompareArgs {
     pub research_recipe: bool,
 }
 
+/// `fedcmp main`: the main job with more seeds or another folder.
+#[derive(Debug, Clone, Args)]
+pub struct MainArgs {
+    /// Paired seeds (the main job runs one; 3 is the full headline).
+    #[arg(long, default_value_t = 1)]
+    pub seeds: u64,
+    /// Output folder; the same folder resumes, and more seeds there reuse
+    /// the cells of the first ones.
+    #[arg(long, default_value = "runs/main")]
+    pub out: PathBuf,
+}
+
+impl MainArgs {
+    /// The comparison these flags ask for.
+    pub fn compare(&self) -> CompareArgs {
+        CompareArgs {
+            seeds: self.seeds,
+            out: self.out.clone(),
+            ..CompareArgs::main_job()
+        }
+    }
+}
+
 impl CompareArgs {
     /// The main job (`fedcmp` with no subcommand), the headline of
     /// ALGORITHMS.md §7: the S3 domain-silos scenario on the real offline
@@ -424,3 +447,50 @@ pub fn summary_table(cells: &[Cell], methods: &[Method]) -> String {
 /// Greedy captions printed per method after the table (the report has
 /// them all).
 const CAPTIONS_PRINTED: usize = 4;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedcmp_data::templates::CaptionStyle;
+    use fedcmp_experiment::settings::{ClientsPerPass, DEFAULT_LR};
+
+    /// The main job is domain-silos at the research recipe and the
+    /// steps-parity defaults, one seed, untuned; `fedcmp main` is the same
+    /// comparison with its own seeds and folder (so `--seeds 3` resumes
+    /// the one-seed job's folder).
+    #[test]
+    fn the_main_job_is_the_research_recipe_at_steps_parity() -> Result<()> {
+        let job = CompareArgs::main_job();
+        let (template, plan) = job.resolve()?;
+        assert_eq!(plan.scenarios, ["domain-silos"]);
+        assert_eq!(
+            plan.methods.iter().map(|m| m.name()).collect::<Vec<_>>(),
+            ["init", "fedavg", "fedavgm", "fed-cmp", "centralized"]
+        );
+        assert_eq!((plan.seeds.get(), plan.grid), (1, 1));
+        let recipe = &template.recipe;
+        assert_eq!((recipe.local_steps.get(), recipe.batch_size.get()), (8, 2));
+        assert_eq!(recipe.lr, DEFAULT_LR);
+        assert_eq!(template.data.captions, Some(CaptionStyle::Content));
+        assert_eq!(template.data.caption_separator, "\n");
+        assert_eq!(template.data.backbones.visual_tokens, Some(1));
+        assert_eq!(template.protocol.clients_per_pass, ClientsPerPass::All);
+        assert_eq!(template.protocol.eval_every.get(), 4);
+
+        let three = MainArgs {
+            seeds: 3,
+            out: PathBuf::from("runs/main"),
+        }
+        .compare();
+        let (same, plan3) = three.resolve()?;
+        assert_eq!(same, template);
+        assert_eq!((plan3.seeds.get(), &plan3.out), (3, &plan.out));
+        // A plain `compare` does not start from the research recipe.
+        let plain = CompareArgs {
+            research_recipe: false,
+            ..CompareArgs::main_job()
+        };
+        assert_eq!(plain.resolve()?.0.data.captions, None);
+        Ok(())
+    }
+}
