@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fedcmp_data::cache::FeatureCache;
+use fedcmp_data::cache::{FeatureCache, FeatureKey};
 use fedcmp_data::corpus::{load_source, SourceEnv, SourceSpec};
 use fedcmp_data::record::{ImageSource, Record, SkipReport};
 use fedcmp_model::alignment::CaptionTemplate;
@@ -127,12 +127,27 @@ pub fn caption_images(
         observer,
     )?;
     let scorer = ready.scorer();
+    // Greedy captions of every readable image in one batch; beam search
+    // one image at a time (its hypotheses are the batch).
+    let readable: Vec<&FeatureKey> = report.keys.iter().flatten().collect();
+    let mut greedy = match options.decoding {
+        Decoding::Greedy => scorer
+            .greedy_captions(&ready.projector, &readable, options.max_tokens, &mut |_| {})?
+            .into_iter(),
+        Decoding::Beam { .. } => Vec::new().into_iter(),
+    };
     let mut out = Vec::with_capacity(images.len());
-    for (image, key) in images.iter().zip(report.keys) {
+    for (image, key) in images.iter().zip(report.keys.iter()) {
         let caption = match key {
-            Some(key) => {
-                Ok(scorer.caption(&ready.projector, &key, options.max_tokens, options.decoding)?)
-            }
+            Some(key) => match options.decoding {
+                Decoding::Greedy => Ok(greedy.next().unwrap_or_default()),
+                Decoding::Beam { .. } => Ok(scorer.caption(
+                    &ready.projector,
+                    key,
+                    options.max_tokens,
+                    options.decoding,
+                )?),
+            },
             // The cache keeps the first few reasons of each kind.
             None => Err(report
                 .skipped

@@ -391,13 +391,11 @@ impl Scorer<'_> {
         )?)
     }
 
-    /// Zero-shot scores of `prompts` after each image's visual tokens
-    /// `visual` (b, n, d_llm): one row per image, one value per prompt, the
-    /// prompt's log-likelihood up to a term shared by all prompts (that of
-    /// their common first tokens), which no comparison between prompts
-    /// sees. The shared part runs once per image, each prompt's own tokens
-    /// once per image and prompt.
-    pub fn prompt_scores(&self, visual: &Tensor, prompts: &[&str]) -> Result<Vec<Vec<f64>>> {
+    /// How `prompts` are laid out for scoring after an image: the
+    /// template's prefix and separator, the prompts' common first tokens
+    /// (at most all but one of the shortest's), and each prompt's own
+    /// tokens after those.
+    fn prompt_layout(&self, prompts: &[&str]) -> Result<PromptLayout> {
         let layout = TokenizedCaptions::new(self.tokenizer, self.template, prompts)?;
         let shortest = layout.captions.iter().map(Vec::len).min().unwrap_or(0);
         let first = layout.captions.first().cloned().unwrap_or_default();
@@ -407,11 +405,28 @@ impl Scorer<'_> {
             .take_while(|(j, id)| layout.captions.iter().all(|c| c.get(*j) == Some(id)))
             .count()
             .min(shortest.saturating_sub(1));
-        let rest: Vec<Vec<u32>> = layout
+        let rest = layout
             .captions
             .iter()
             .map(|c| c[common..].to_vec())
             .collect();
+        Ok(PromptLayout {
+            prefix: layout.prefix,
+            separator: layout.separator,
+            common: first[..common].to_vec(),
+            rest,
+            pad_id: layout.pad_id,
+        })
+    }
+
+    /// Zero-shot scores of `prompts` after each image's visual tokens
+    /// `visual` (b, n, d_llm): one row per image, one value per prompt, the
+    /// prompt's log-likelihood up to a term shared by all prompts (that of
+    /// their common first tokens), which no comparison between prompts
+    /// sees. The shared part runs once per image, each prompt's own tokens
+    /// once per image and prompt.
+    pub fn prompt_scores(&self, visual: &Tensor, prompts: &[&str]) -> Result<Vec<Vec<f64>>> {
+        let layout = self.prompt_layout(prompts)?;
         let (b, _, d) = visual.dims3()?;
         let embed = |ids: &[u32]| -> Result<Option<Tensor>> {
             if ids.is_empty() {
@@ -429,12 +444,12 @@ impl Scorer<'_> {
         parts.extend(embed(&layout.prefix)?);
         parts.push(visual.to_dtype(self.decoder.dtype())?);
         parts.extend(embed(&layout.separator)?);
-        parts.extend(embed(&first[..common])?);
+        parts.extend(embed(&layout.common)?);
         let contexts = Tensor::cat(&parts, 1)?;
         Ok(continuation_scores(
             self.decoder,
             &contexts,
-            &rest,
+            &layout.rest,
             layout.pad_id,
         )?)
     }
@@ -502,6 +517,32 @@ impl Scorer<'_> {
             }
             Ok(out)
         })
+    }
+}
+
+/// Prompts laid out for scoring ([`Scorer::prompt_layout`]).
+struct PromptLayout {
+    prefix: Vec<u32>,
+    separator: Vec<u32>,
+    common: Vec<u32>,
+    rest: Vec<Vec<u32>>,
+    pad_id: u32,
+}
+
+impl PromptLayout {
+    /// Decoder positions scoring every prompt after one image of
+    /// `visual_tokens` tokens runs: the shared context once, then each
+    /// prompt's own tokens but its last (which predicts nothing).
+    fn positions(&self, visual_tokens: usize) -> usize {
+        self.prefix.len()
+            + visual_tokens
+            + self.separator.len()
+            + self.common.len()
+            + self
+                .rest
+                .iter()
+                .map(|r| r.len().saturating_sub(1))
+                .sum::<usize>()
     }
 }
 
@@ -573,6 +614,20 @@ pub fn evaluate(
         .collect();
     let own = scorer.score_pairs(projector, &pairs, batch, done)?;
     seconds[0] = started.elapsed().as_secs_f64();
+    // Decoder positions each part runs (for throughput in the log).
+    let context = {
+        let layout = TokenizedCaptions::new(scorer.tokenizer, scorer.template, &["x"])?;
+        layout.prefix.len() + layout.separator.len()
+    };
+    let visual_tokens = match suite.items.first() {
+        Some(item) => scorer.cache.batch(&[&item.sample.key])?.dim(1)?,
+        None => 0,
+    };
+    let nll_positions: usize = own
+        .iter()
+        .map(|s| context + visual_tokens + s.tokens.saturating_sub(1))
+        .sum();
+    let mut zero_shot_positions = 0usize;
     let null_visual = if suite.calibration.is_empty() {
         None
     } else {
@@ -622,6 +677,10 @@ pub fn evaluate(
             _ => vec![0.0; classes],
         };
         let mut raw_hits = Vec::with_capacity(chosen.len());
+        if !chosen.is_empty() && !prompts.is_empty() {
+            zero_shot_positions +=
+                chosen.len() * scorer.prompt_layout(&prompts)?.positions(visual_tokens);
+        }
         for images in chosen.chunks(ZERO_SHOT_IMAGES_PER_PASS) {
             let keys: Vec<&FeatureKey> =
                 images.iter().map(|&i| &suite.items[i].sample.key).collect();
@@ -688,6 +747,8 @@ pub fn evaluate(
         nll_s = seconds[0],
         zero_shot_s = seconds[1],
         captions_s = seconds[2],
+        nll_positions,
+        zero_shot_positions,
         "evaluation suite timed"
     );
     let scored: Vec<&DomainScores> = domains.iter().filter(|d| d.tokens > 0).collect();

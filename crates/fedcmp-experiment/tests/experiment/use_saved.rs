@@ -89,6 +89,10 @@ fn captions_for_image_files_skip_the_unreadable_ones() -> Result<()> {
         // The same image, the same caption (deterministic decoding).
         let again = caption_images(&w.cache(), &saved, &given[..1], options, &Silent)?;
         assert_eq!(again[0].caption, captions[0].caption);
+        // Greedy captions are decoded in one batch of the readable images:
+        // each still lands on its own image, past the skipped ones.
+        let third = caption_images(&w.cache(), &saved, &given[2..3], options, &Silent)?;
+        assert_eq!(third[0].caption, captions[2].caption);
     }
     Ok(())
 }

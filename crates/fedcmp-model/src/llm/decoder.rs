@@ -48,6 +48,22 @@ pub struct DecoderLayer {
     w_down: Tensor,
 }
 
+impl DecoderLayer {
+    /// Every weight of the block (the q/k/v bias where it has one).
+    fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        [
+            &self.attn_norm,
+            &self.w_qkv,
+            &self.wo,
+            &self.ffn_norm,
+            &self.w_gate_up,
+            &self.w_down,
+        ]
+        .into_iter()
+        .chain(self.b_qkv.as_ref())
+    }
+}
+
 /// A frozen decoder LLM: token embedding, blocks, final norm, LM head.
 #[derive(Debug, Clone)]
 pub struct FrozenDecoder {
@@ -543,15 +559,7 @@ impl FrozenDecoder {
     pub fn weight_sample(&self, per_tensor: usize) -> Result<Vec<f32>> {
         let mut tensors = vec![&self.embed, &self.final_norm, &self.lm_head];
         for l in &self.layers {
-            tensors.extend([
-                &l.attn_norm,
-                &l.w_qkv,
-                &l.wo,
-                &l.ffn_norm,
-                &l.w_gate_up,
-                &l.w_down,
-            ]);
-            tensors.extend(l.b_qkv.as_ref());
+            tensors.extend(l.tensors());
         }
         let mut out = Vec::with_capacity(tensors.len() * per_tensor);
         for t in tensors {
@@ -580,19 +588,7 @@ impl FrozenDecoder {
             n += self.lm_head.elem_count();
         }
         for l in &self.layers {
-            for t in [
-                &l.attn_norm,
-                &l.w_qkv,
-                &l.wo,
-                &l.ffn_norm,
-                &l.w_gate_up,
-                &l.w_down,
-            ] {
-                n += t.elem_count();
-            }
-            if let Some(b) = &l.b_qkv {
-                n += b.elem_count();
-            }
+            n += l.tensors().map(Tensor::elem_count).sum::<usize>();
         }
         n
     }
