@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import fedcmp
-from conftest import settings_text
+from conftest import ONE_CLIENT_PER_PASS, settings_text
 from fedcmp.certs import write_node_key
 from flower_net import Federation, stop
 
@@ -37,7 +37,9 @@ def assert_bitwise_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> 
 
 
 def simulated(world, tmp_path: Path, rounds: int = 3, strategy: str = '"fed-cmp"') -> dict[str, np.ndarray]:
-    text = fedcmp.resolve_settings(settings_text(world, tmp_path / "sim", strategy=strategy, rounds=rounds))
+    text = fedcmp.resolve_settings(
+        settings_text(world, tmp_path / "sim", strategy=strategy, rounds=rounds, extra=ONE_CLIENT_PER_PASS)
+    )
     return projector(Path(fedcmp.simulate(text, str(world["cache"]))))
 
 

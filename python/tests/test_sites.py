@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 import fedcmp
-from conftest import settings_text
+from conftest import ONE_CLIENT_PER_PASS, settings_text
 
 
 class Loopback:
@@ -59,7 +59,7 @@ def assert_bitwise_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> 
 
 
 def test_sites_train_exactly_what_the_simulation_trains(world, tmp_path):
-    sim = fedcmp.resolve_settings(settings_text(world, tmp_path / "sim"))
+    sim = fedcmp.resolve_settings(settings_text(world, tmp_path / "sim", extra=ONE_CLIENT_PER_PASS))
     sim_folder = fedcmp.simulate(sim, str(world["cache"]))
 
     settings = fedcmp.resolve_settings(settings_text(world, tmp_path / "sites"))
@@ -77,6 +77,11 @@ def test_sites_train_exactly_what_the_simulation_trains(world, tmp_path):
     sim_val = [json.loads(l)["val_loss"] for l in Path(sim_folder, "metrics.jsonl").read_text().splitlines()]
     val = [json.loads(l)["val_loss"] for l in Path(folder, "metrics.jsonl").read_text().splitlines()]
     assert val == sim_val
+    # The default simulation (clients together) trains the same projector
+    # up to float rounding.
+    together = fedcmp.simulate(fedcmp.resolve_settings(settings_text(world, tmp_path / "together")), str(world["cache"]))
+    for name, values in projector(together).items():
+        np.testing.assert_allclose(values, projector(folder)[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_bad_updates_are_refused_with_a_reason_and_training_goes_on(world, tmp_path):
