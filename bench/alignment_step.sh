@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The alignment-step benchmark: fedcmp (candle) and PyTorch eager + HF
-# transformers, same shapes, same machine, same run, THREADS threads each.
+# The alignment-step benchmark: fedcmp with its products on the optimised
+# BLAS (the registry's OpenBLAS, fetched here), fedcmp on candle's own
+# kernels (FEDCMP_BLAS=off), and PyTorch eager + HF transformers; same
+# shapes, same machine, same run, THREADS threads each.
 #
 #   bash bench/alignment_step.sh            # THREADS=2 by default
 #
@@ -12,18 +14,22 @@ cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}
 ARGS=(--batch "${BATCH:-8}" --visual-tokens "${VISUAL:-16}" --caption-tokens "${CAPTION:-16}" --layers "${LAYERS:-30}")
 [ -x .venv-torch/bin/python ] || bash bench/setup_torch_venv.sh
-cargo build --release -q -p fedcmp-bench
+cargo build --release -q -p fedcmp-bench -p fedcmp-cli
+./target/release/fedcmp assets fetch openblas >/dev/null
 echo "== machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'), load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "== fedcmp"
-ours=$(RAYON_NUM_THREADS=$THREADS ./target/release/fedcmp-bench align-step "${ARGS[@]}" | tee /dev/stderr | tail -n 1)
+echo "== fedcmp, BLAS"
+blas=$(RAYON_NUM_THREADS=$THREADS ./target/release/fedcmp-bench align-step "${ARGS[@]}" | tee /dev/stderr | tail -n 1)
+echo "== fedcmp, candle's kernels"
+candle=$(FEDCMP_BLAS=off RAYON_NUM_THREADS=$THREADS ./target/release/fedcmp-bench align-step "${ARGS[@]}" | tee /dev/stderr | tail -n 1)
 echo "== pytorch"
 theirs=$(.venv-torch/bin/python bench/pytorch_alignment_step.py --threads "$THREADS" "${ARGS[@]}" | tee /dev/stderr | tail -n 1)
-python3 - "$ours" "$theirs" <<'PY'
+python3 - "$blas" "$candle" "$theirs" <<'PY'
 import json, sys
-a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(f"\n{'':>10} {'step':>8} {'forward':>8} {'backward+opt':>13}")
-for name, r in (("fedcmp", a), ("pytorch", b)):
+blas, candle, torch = (json.loads(a) for a in sys.argv[1:4])
+print(f"\n{'':>16} {'step':>8} {'forward':>8} {'backward+opt':>13} {'/ pytorch':>10}")
+for name, r in (("fedcmp, BLAS", blas), ("fedcmp, candle", candle), ("pytorch", torch)):
     bwd = r.get("backward_median_s", 0) + r.get("optimizer_median_s", 0)
-    print(f"{name:>10} {r['median_s']:>8.3f} {r['forward_median_s']:>8.3f} {bwd:>13.3f}")
-print(f"ratio fedcmp / pytorch (median step): {a['median_s'] / b['median_s']:.2f}")
+    ratio = r["median_s"] / torch["median_s"]
+    print(f"{name:>16} {r['median_s']:>8.3f} {r['forward_median_s']:>8.3f} {bwd:>13.3f} {ratio:>10.2f}")
+print(f"products: {blas['products']}")
 PY

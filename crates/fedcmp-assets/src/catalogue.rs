@@ -285,7 +285,33 @@ const CATALOGUE: &[Asset] = &[
         },
         files: textile::FILES,
     },
+    Asset {
+        name: OPENBLAS.0,
+        description: "OpenBLAS 0.3.34 as numpy and SciPy ship it (x86-64 Linux, \
+                      every CPU kind), opened at run time for the decoder's matrix products",
+        license: "BSD-3",
+        source: Source::Pypi {
+            package: "scipy-openblas32",
+            version: "0.3.34.481.3",
+            platform_specific: true,
+        },
+        files: &[
+            file(
+                OPENBLAS.1,
+                "b396d74f12ab4319e6713b3287104d64245c76c60e5bd9eaeb4b447eda66a561",
+            ),
+            file(
+                "scipy_openblas32-0.3.34.481.3.dist-info/licenses/LICENSE.txt",
+                "ae4ffec9674aa3bb78512489f8fb89a7ebe5dfc0e138e22e8603cb0f82ce3254",
+            ),
+        ],
+    },
 ];
+
+/// The optimised BLAS: asset name and the library's path inside it. Only
+/// an x86-64 Linux build exists in the catalogue; elsewhere a system BLAS
+/// (or `FEDCMP_BLAS`) serves.
+pub const OPENBLAS: (&str, &str) = ("openblas", "scipy_openblas32/lib/libscipy_openblas.so");
 
 /// Every known asset.
 pub fn catalogue() -> &'static [Asset] {

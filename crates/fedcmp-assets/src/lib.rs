@@ -16,7 +16,7 @@
 mod catalogue;
 mod fetch;
 
-pub use catalogue::{catalogue, find, Asset, AssetFile, Source};
+pub use catalogue::{catalogue, find, Asset, AssetFile, Source, OPENBLAS};
 pub use fetch::{ensure, ensure_all, sha256_file, verify, FetchEvent};
 
 use std::path::PathBuf;

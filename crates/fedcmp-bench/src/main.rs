@@ -26,9 +26,11 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
+use fedcmp_assets::OPENBLAS;
 use fedcmp_model::alignment::{caption_loss, train_step, AlignmentBatch, TokenizedCaptions};
 use fedcmp_model::llm::config::DecoderConfig;
 use fedcmp_model::llm::decoder::FrozenDecoder;
+use fedcmp_model::llm::kernels::blas::{self, BlasSource, BlasStatus};
 use fedcmp_model::llm::synthetic::random_decoder_weights;
 use fedcmp_model::optim::{AdamW, AdamWConfig};
 use fedcmp_model::projector::{Projector, ProjectorConfig, ProjectorKind};
@@ -89,6 +91,7 @@ fn median(xs: &mut [f64]) -> f64 {
 fn align_step(args: &AlignStepArgs) -> Result<()> {
     // candle sizes its pools from RAYON_NUM_THREADS (default: physical cores).
     let threads = candle_core::utils::get_num_threads();
+    let products = open_blas()?;
     let device = Device::Cpu;
     let mut config = DecoderConfig::smollm2_135m();
     config.num_layers = args.layers;
@@ -130,6 +133,7 @@ fn align_step(args: &AlignStepArgs) -> Result<()> {
     )?;
     let batch = AlignmentBatch::new(&decoder, features, &tokens)?;
     let mut optimizer = AdamW::new(projector.vars(), AdamWConfig::default())?;
+    println!("{products}");
     println!(
         "candle 0.11.1: batch {}  visual {}x{}  caption lengths {:?} (padded to {})  seq {}  threads {}",
         args.batch,
@@ -167,6 +171,7 @@ fn align_step(args: &AlignStepArgs) -> Result<()> {
     let json = serde_json::json!({
         "stack": "fedcmp (candle 0.11.1)",
         "threads": threads,
+        "products": products.to_string(),
         "batch": args.batch,
         "visual_tokens": args.visual_tokens,
         "caption_tokens": args.caption_tokens,
@@ -178,6 +183,15 @@ fn align_step(args: &AlignStepArgs) -> Result<()> {
     });
     println!("{json}");
     Ok(())
+}
+
+/// The optimised BLAS as a run would open it: `FEDCMP_BLAS` (a path, or
+/// `off`), else the fetched registry asset, else a system one.
+fn open_blas() -> Result<BlasStatus> {
+    let fetched = fedcmp_assets::cache_root(None)
+        .ok()
+        .map(|root| fedcmp_assets::asset_path(&root, OPENBLAS.0, OPENBLAS.1));
+    Ok(blas::load(&BlasSource::from_env(fetched))?)
 }
 
 fn main() -> Result<()> {

@@ -194,6 +194,7 @@ impl Observer for Progress {
                 // Bars live on stderr; the report is part of the result.
                 println!("scenario {scenario}: {report}");
             }
+            Event::Notice(text) => println!("{text}"),
             Event::RunStarted(start) => self.run_started(start),
             Event::Round(r) => self.round(r),
             Event::Status(text) => {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Device;
-use fedcmp_assets::asset_path;
+use fedcmp_assets::{asset_path, OPENBLAS};
 use fedcmp_data::cache::FeatureKey;
 use fedcmp_data::cache::{CacheEvent, EnsureReport, FeatureCache};
 use fedcmp_data::preprocess::Preprocess;
@@ -13,6 +13,7 @@ use fedcmp_data::record::{Corpus, Record, SkipReport};
 use fedcmp_model::llm::decoder::FrozenDecoder;
 use fedcmp_model::llm::gguf::load_gguf_decoder;
 use fedcmp_model::llm::hf::load_hf_decoder_and_tokenizer;
+use fedcmp_model::llm::kernels::blas::{self, BlasSource, BlasStatus};
 use fedcmp_model::tokenizer::TextTokenizer;
 use fedcmp_model::vision::mobilenet_v2::MobileNetV2;
 use fedcmp_model::vision::patch_means::PatchMeans;
@@ -149,6 +150,9 @@ pub fn load(
         needed.push(LLM_ASSET.0);
     }
     crate::assets::ensure(root, &needed, observer)?;
+    // The registry's BLAS comes with the registry's backbones; a run on its
+    // own decoder uses one already fetched (or a system one).
+    open_blas(root, settings.llm.is_none(), observer)?;
     let started = Instant::now();
     let llm_path = settings
         .llm
@@ -176,6 +180,28 @@ pub fn load(
         tokenizer,
         encoder,
     })
+}
+
+/// Opens the optimised BLAS the decoder's products run on, once per
+/// process (see `fedcmp_model::llm::kernels::blas`): `FEDCMP_BLAS`, else
+/// the registry's OpenBLAS (fetched first when `fetch`; a failed fetch
+/// only costs speed), else a system one. Says what it chose in one line.
+pub fn open_blas(root: &Path, fetch: bool, observer: &dyn Observer) -> Result<BlasStatus> {
+    let fetched = asset_path(root, OPENBLAS.0, OPENBLAS.1);
+    let source = BlasSource::from_env(Some(fetched));
+    if let Some(status) = blas::status() {
+        return Ok(status);
+    }
+    let available = cfg!(all(target_os = "linux", target_arch = "x86_64"));
+    if fetch && available && source.searches() {
+        if let Err(e) = crate::assets::ensure(root, &[OPENBLAS.0], observer) {
+            tracing::warn!("the optimised BLAS was not fetched: {e}");
+        }
+    }
+    let status = blas::load(&source)
+        .map_err(|e| ExperimentError::from(e).context(format!("opening {}", blas::ENV)))?;
+    observer.observe(Event::Notice(status.to_string()));
+    Ok(status)
 }
 
 /// The vision encoder of `settings` (its weights fetched beforehand).

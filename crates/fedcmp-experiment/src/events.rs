@@ -60,6 +60,9 @@ pub enum Event<'a> {
     Round(&'a RoundRecord),
     /// A short status line (which cell is training, ...).
     Status(String),
+    /// A line that belongs with the results (which kernels ran the matrix
+    /// products), sent once.
+    Notice(String),
     /// Records of a scenario that its readers or the image encoder skipped
     /// (sent once per assembled scenario, only when some were).
     Skipped {

@@ -51,6 +51,8 @@ pub enum ModelError {
         tokenizer: usize,
         model: usize,
     },
+    #[error("BLAS library {library}: {message}")]
+    Blas { library: String, message: String },
     #[error("invalid input: {0}")]
     InvalidInput(String),
     #[error(transparent)]

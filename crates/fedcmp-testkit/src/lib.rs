@@ -144,3 +144,21 @@ pub fn missing_feature_key() -> Result<fedcmp_data::cache::FeatureKey> {
         .next()
         .ok_or_else(|| anyhow::anyhow!("the stand-in image was not encoded"))
 }
+
+/// Opens the optimised BLAS for the tests that compare it with candle's
+/// kernels: the library `FEDCMP_BLAS` names, else a system OpenBLAS or BLIS.
+/// `Ok(false)`, after a line saying the BLAS half is skipped, when there is
+/// none, unless `FEDCMP_REQUIRE_BLAS=1` (set by `scripts/test.sh`, which
+/// provides one) makes that a failure.
+pub fn blas_for_tests() -> Result<bool> {
+    use fedcmp_model::llm::kernels::blas::{self, BlasSource, BlasStatus};
+    let status = blas::load(&BlasSource::from_env(None))?;
+    if let BlasStatus::Loaded { .. } = status {
+        return Ok(true);
+    }
+    if std::env::var_os("FEDCMP_REQUIRE_BLAS").is_some_and(|v| v == "1") {
+        anyhow::bail!("FEDCMP_REQUIRE_BLAS=1, but {status}");
+    }
+    eprintln!("the BLAS half of this test is skipped: {status}");
+    Ok(false)
+}

@@ -405,7 +405,7 @@ impl Rope {
 
 /// x (n, in) times W^T for W (out, in), plus an optional bias.
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.matmul(&w.t()?)?;
+    let y = kernels::matmul(x, &w.t()?)?;
     Ok(match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -431,11 +431,11 @@ fn grouped_attention(
     let total = k.dims()[2];
     let q_grouped = q.reshape((b, nkv, g * t, hd))?;
     let scale = 1.0 / (hd as f64).sqrt();
-    let scores = (q_grouped.matmul(&k.t()?)? * scale)?
+    let scores = (kernels::matmul(&q_grouped, &k.t()?)? * scale)?
         .reshape((b, nh, t, total))?
         .broadcast_add(mask)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, g * t, total))?;
-    let attn = probs.matmul(v)?.reshape((b, nh, t, hd))?;
+    let attn = kernels::matmul(&probs, v)?.reshape((b, nh, t, hd))?;
     Ok((q_grouped, probs, attn))
 }
 
@@ -1021,7 +1021,7 @@ impl FrozenDecoder {
         let d_hidden = match d_logits {
             Some(d_logits) => Some(hidden.zeros_like()?.index_add(
                 &targets.positions,
-                &d_logits.matmul(&self.lm_head)?,
+                &kernels::matmul(&d_logits, &self.lm_head)?,
                 0,
             )?),
             None => None,
@@ -1079,21 +1079,21 @@ impl FrozenDecoder {
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
 
         // Feed-forward: out = h + W_down (silu(W_gate hn) * W_up hn).
-        let d_act = d_out.matmul(&l.w_down)?;
+        let d_act = kernels::matmul(d_out, &l.w_down)?;
         let d_gate_up = kernels::silu_gate_backward(&s.gate_up, &d_act)?;
-        let d_hn = d_gate_up.matmul(&l.w_gate_up)?;
+        let d_hn = kernels::matmul(&d_gate_up, &l.w_gate_up)?;
         let d_h = kernels::rms_norm_backward(&s.h, &s.inv_rms_ffn, &l.ffn_norm, &d_hn, d_out)?;
 
         // Attention: h = x + W_o attn.
-        let d_attn = d_h.matmul(&l.wo)?;
+        let d_attn = kernels::matmul(&d_h, &l.wo)?;
         let d_o = packing.to_heads_zero_filled(&d_attn, nh)?;
         let (b, _, span, _) = d_o.dims4()?;
         let d_o = d_o.reshape((b, nkv, nh / nkv * span, hd))?;
-        let d_probs = d_o.matmul(&s.v.t()?)?;
-        let d_v = s.probs.t()?.matmul(&d_o)?;
+        let d_probs = kernels::matmul(&d_o, &s.v.t()?)?;
+        let d_v = kernels::matmul(&s.probs.t()?, &d_o)?;
         let d_scores = kernels::softmax_backward(&s.probs, &d_probs, 1.0 / (hd as f64).sqrt())?;
-        let d_q = d_scores.matmul(&s.k)?.reshape((b, nh, span, hd))?;
-        let d_k = d_scores.t()?.matmul(&s.q_grouped)?;
+        let d_q = kernels::matmul(&d_scores, &s.k)?.reshape((b, nh, span, hd))?;
+        let d_k = kernels::matmul(&d_scores.t()?, &s.q_grouped)?;
         let d_q = rope.apply_transpose(&d_q.contiguous()?)?;
         let d_k = rope.apply_transpose(&d_k.contiguous()?)?;
         let d_qkv = Tensor::cat(
@@ -1104,7 +1104,7 @@ impl FrozenDecoder {
             ],
             1,
         )?;
-        let d_xn = d_qkv.matmul(&l.w_qkv)?;
+        let d_xn = kernels::matmul(&d_qkv, &l.w_qkv)?;
         kernels::rms_norm_backward(&s.x, &s.inv_rms_attn, &l.attn_norm, &d_xn, &d_h)
     }
 }

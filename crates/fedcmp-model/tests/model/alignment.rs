@@ -1114,3 +1114,68 @@ fn beam_search_matches_exhaustive_search_over_short_captions() -> Result<()> {
     assert!(narrow.score() <= score(best) + 1e-6);
     Ok(())
 }
+
+/// The decoder's forward and backward and the whole alignment step give the
+/// same loss and gradients whether the products run on the loaded BLAS or
+/// on candle's kernels (to float rounding), and so do greedy captions
+/// (through the KV cache).
+#[test]
+fn the_decoder_and_the_alignment_step_agree_on_a_blas() -> Result<()> {
+    use fedcmp_model::llm::kernels::blas::with_candle_kernels;
+    if !fedcmp_testkit::blas_for_tests()? {
+        return Ok(());
+    }
+    let decoder = tiny_decoder(DecoderConfig::tiny(VOCAB), DType::F32)?;
+    let (inputs, targets) = input_gradient_case(&decoder, DType::F32)?;
+    let (loss, grad) = decoder.caption_loss_and_input_grad(&inputs, &targets)?;
+    let (loss_c, grad_c) =
+        with_candle_kernels(|| decoder.caption_loss_and_input_grad(&inputs, &targets))?;
+    assert!(
+        (loss - loss_c).abs() < 1e-5 * loss_c.abs(),
+        "{loss} vs {loss_c}"
+    );
+    let as_f64 =
+        |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?) };
+    let err = relative_error(&as_f64(&grad)?, &as_f64(&grad_c)?);
+    assert!(err < 1e-4, "input gradient, BLAS vs candle: {err:.2e}");
+
+    let projector = Projector::new(
+        ProjectorConfig {
+            kind: ProjectorKind::Mlp2xGelu,
+            input_dim: 6,
+            output_dim: decoder.config().hidden_size,
+        },
+        3,
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    let features = random_tensor(&[3, 4, 6], 11, DType::F32)?;
+    let batch = AlignmentBatch::new(&decoder, features.clone(), &tokens())?;
+    let step = loss_and_grads(&decoder, &projector, &batch)?;
+    let step_c = with_candle_kernels(|| loss_and_grads(&decoder, &projector, &batch))?;
+    assert!((step.loss - step_c.loss).abs() < 1e-5 * step_c.loss);
+    for ((name, _), (g, g_c)) in projector
+        .named_params()
+        .iter()
+        .zip(step.grads.iter().zip(&step_c.grads))
+    {
+        let (Some(g), Some(g_c)) = (g, g_c) else {
+            anyhow::bail!("{name}: no gradient");
+        };
+        let err = relative_error(&as_f64(g)?, &as_f64(g_c)?);
+        assert!(err < 1e-4, "{name}: BLAS vs candle {err:.2e}");
+    }
+
+    let prompt = CaptionPrompt {
+        prefix: &[1, 5],
+        separator: &[2],
+        stop_ids: &[],
+        max_new_tokens: 6,
+    };
+    let loud = (features * 40.0)?;
+    assert_eq!(
+        generate_captions(&decoder, &projector, &loud, &prompt)?,
+        with_candle_kernels(|| generate_captions(&decoder, &projector, &loud, &prompt))?
+    );
+    Ok(())
+}

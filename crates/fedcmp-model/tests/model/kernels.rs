@@ -6,7 +6,7 @@
 //! differences in `alignment.rs`.
 
 use candle_core::{DType, Device, Tensor};
-use fedcmp_model::llm::kernels::{self, reference};
+use fedcmp_model::llm::kernels::{self, blas, reference};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
@@ -171,4 +171,156 @@ fn a_label_outside_the_vocabulary_is_refused() -> Result<(), TestCaseError> {
         .map(|e| e.to_string());
     assert!(err.is_some_and(|e| e.contains("label 3")));
     Ok(())
+}
+
+// ---- Matrix products: the loaded BLAS against candle's own kernels ----
+
+/// A (batch.., rows, cols) f32 operand filled from `seed`, laid out as the
+/// decoder's products meet them: as stored, or the transposed view of a
+/// (cols, rows) matrix, optionally a narrowed view inside wider rows.
+fn product_operand(
+    batch: &[usize],
+    (rows, cols): (usize, usize),
+    transposed: bool,
+    narrowed: bool,
+    seed: u64,
+) -> Result<Tensor, TestCaseError> {
+    let (stored_rows, stored_cols) = if transposed {
+        (cols, rows)
+    } else {
+        (rows, cols)
+    };
+    let extra = if narrowed { 3 } else { 0 };
+    let mut shape = batch.to_vec();
+    shape.extend([stored_rows, stored_cols + extra]);
+    let n: usize = shape.iter().product();
+    let data: Vec<f64> = (0..n)
+        .map(|i| ((i as u64 * 2654435761 + seed * 97) % 2001) as f64 / 1000.0 - 1.0)
+        .collect();
+    let t = tensor(&data, &shape, DType::F32)?;
+    let rank = shape.len();
+    let t = if narrowed {
+        t.narrow(rank - 1, 2, stored_cols).map_err(fail)?
+    } else {
+        t
+    };
+    if transposed {
+        t.t().map_err(fail)
+    } else {
+        Ok(t)
+    }
+}
+
+/// `kernels::matmul` on the BLAS and on candle's kernels (both through the
+/// same function, the second inside `with_candle_kernels`), and candle's
+/// `matmul` called directly: all three agree, shapes included.
+fn assert_products_agree(a: &Tensor, b: &Tensor) -> Result<(), TestCaseError> {
+    let on_blas = kernels::matmul(a, b).map_err(fail)?;
+    let on_candle = blas::with_candle_kernels(|| kernels::matmul(a, b)).map_err(fail)?;
+    let direct = a.matmul(b).map_err(fail)?;
+    prop_assert_eq!(on_blas.dims(), direct.dims());
+    prop_assert_eq!(values(&on_candle)?, values(&direct)?);
+    let err = error(&values(&on_blas)?, &values(&direct)?);
+    prop_assert!(
+        err < 1e-5,
+        "{:?} x {:?}: relative error {:e}",
+        a.dims(),
+        b.dims(),
+        err
+    );
+    Ok(())
+}
+
+fn blas_loaded() -> Result<bool, TestCaseError> {
+    fedcmp_testkit::blas_for_tests().map_err(fail)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Any sizes (an empty inner dimension included), 0-2 batch
+    /// dimensions, either operand transposed or narrowed.
+    #[test]
+    fn blas_products_equal_candles(
+        batch in proptest::collection::vec(1usize..4, 0..=2),
+        (m, k, n) in (1usize..70, 0usize..50, 1usize..70),
+        (a_t, b_t, a_narrow, b_narrow) in any::<(bool, bool, bool, bool)>(),
+        seed in 0u64..1000,
+    ) {
+        if !blas_loaded()? {
+            return Ok(());
+        }
+        let a = product_operand(&batch, (m, k), a_t, a_narrow, seed)?;
+        let b = product_operand(&batch, (k, n), b_t, b_narrow, seed + 1)?;
+        assert_products_agree(&a, &b)?;
+    }
+}
+
+/// Products large enough to be cut into one block per thread, along the
+/// rows (tall output) and along the columns (wide output, like the LM head
+/// at few targets); attention's batched, transposed shapes; and what the
+/// BLAS path leaves to candle (f64, mismatched shapes: the same error).
+#[test]
+fn blas_products_split_across_threads_and_fall_back() -> Result<(), TestCaseError> {
+    if !blas_loaded()? {
+        return Ok(());
+    }
+    // (batch dimensions, (m, k, n), a transposed, b transposed)
+    type Case = (&'static [usize], (usize, usize, usize), bool, bool);
+    let cases: [Case; 4] = [
+        (&[], (300, 96, 70), false, true),
+        (&[], (5, 64, 500), false, false),
+        (&[2, 3], (40, 16, 41), false, true),
+        (&[2, 3], (41, 40, 16), true, false),
+    ];
+    for (i, (batch, (m, k, n), a_t, b_t)) in cases.into_iter().enumerate() {
+        let a = product_operand(batch, (m, k), a_t, false, i as u64)?;
+        let b = product_operand(batch, (k, n), b_t, i % 2 == 0, 10 + i as u64)?;
+        assert_products_agree(&a, &b)?;
+    }
+    let a = product_operand(&[], (8, 4), false, false, 1)?
+        .to_dtype(DType::F64)
+        .map_err(fail)?;
+    let b = product_operand(&[], (4, 8), false, false, 2)?
+        .to_dtype(DType::F64)
+        .map_err(fail)?;
+    assert_eq!(
+        values(&kernels::matmul(&a, &b).map_err(fail)?)?,
+        values(&a.matmul(&b).map_err(fail)?)?
+    );
+    let wrong = product_operand(&[], (5, 8), false, false, 3)?;
+    let a32 = product_operand(&[], (8, 4), false, false, 1)?;
+    // The first line: candle appends a backtrace.
+    let first_line = |e: String| e.lines().next().unwrap_or_default().to_string();
+    let err = kernels::matmul(&a32, &wrong)
+        .err()
+        .map(|e| first_line(e.to_string()));
+    let candle = a32.matmul(&wrong).err().map(|e| first_line(e.to_string()));
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains("shape mismatch")),
+        "{err:?}"
+    );
+    assert_eq!(err, candle);
+    Ok(())
+}
+
+/// A library that is not a BLAS is refused with a message naming it, and
+/// `off` is honoured by the status line.
+#[test]
+fn a_library_that_is_not_a_blas_is_refused_by_name() {
+    let err = blas::Blas::open(std::path::Path::new("libm.so.6"))
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("libm.so.6") && e.contains("cblas_sgemm")),
+        "{err:?}"
+    );
+    let missing = blas::Blas::open(std::path::Path::new("/nonexistent/libblas.so"))
+        .err()
+        .map(|e| e.to_string());
+    assert!(missing.is_some_and(|e| e.contains("/nonexistent/libblas.so")));
+    assert!(blas::BlasStatus::Off
+        .to_string()
+        .contains("FEDCMP_BLAS=off"));
 }

@@ -612,9 +612,15 @@ fn scaffold_round_at_learning_rate_zero_reports_a_zero_control_change() -> Resul
 /// computed again when its control variates moved to raw-gradient units
 /// (ALGORITHMS.md §7.6, issue 13); Fed-CMP's are still the originals. Regenerate (only for an intended
 /// numerical change, saying why in the commit) with
-/// `FEDCMP_WRITE_PINNED=1 cargo test -p fedcmp-runtime pinned`.
+/// `FEDCMP_WRITE_PINNED=1 cargo test -p fedcmp-runtime pinned`. The
+/// pins are of candle's kernels (the BLAS path is held to them within float
+/// tolerance by `a_federation_on_a_blas_matches_one_on_candles_kernels`).
 #[test]
 fn pinned_runs_reproduce_their_bytes() -> Result<()> {
+    fedcmp_model::llm::kernels::blas::with_candle_kernels(pinned_runs)
+}
+
+fn pinned_runs() -> Result<()> {
     let f = fixture()?;
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/pinned_runs.json");
@@ -699,6 +705,38 @@ fn a_client_failing_every_round_is_recorded_and_retired() -> Result<()> {
     Ok(())
 }
 
+/// Two runs that differ only in float rounding end with every parameter
+/// within 1e-3 of its tensor's scale and the same validation losses to 1e-4.
+fn assert_runs_agree(
+    strategy: &str,
+    (a, val_a): (&LoopSummary, &[Option<f64>]),
+    (b, val_b): (&LoopSummary, &[Option<f64>]),
+) {
+    for ((name, x), (_, y)) in a
+        .final_params
+        .entries()
+        .iter()
+        .zip(b.final_params.entries())
+    {
+        let scale = x.data.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        let diff = x
+            .data
+            .iter()
+            .zip(&y.data)
+            .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(
+            diff / scale < 1e-3,
+            "{strategy} {name}: max difference {diff:e} at scale {scale:e}"
+        );
+    }
+    assert_eq!(val_a.len(), val_b.len(), "{strategy}");
+    for (p, q) in val_a.iter().zip(val_b) {
+        if let (Some(p), Some(q)) = (p, q) {
+            assert!((p - q).abs() < 1e-4 * p.abs(), "{strategy}: {p} vs {q}");
+        }
+    }
+}
+
 /// Clients trained together, their local steps through the decoder in one
 /// pass, reach the model they reach one at a time (up to float rounding:
 /// the products run on stacked rows; on this tiny model even bit for bit),
@@ -725,28 +763,36 @@ fn clients_trained_together_match_clients_trained_in_turn() -> Result<()> {
             steps > passes,
             "{strategy}: {steps} client steps in {passes} passes"
         );
-        for ((name, a), (_, b)) in alone
-            .final_params
-            .entries()
-            .iter()
-            .zip(together.final_params.entries())
-        {
-            let scale = a.data.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-            let diff = a
-                .data
-                .iter()
-                .zip(&b.data)
-                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(
-                diff / scale < 1e-3,
-                "{strategy} {name}: max difference {diff:e} at scale {scale:e}"
-            );
-        }
-        for (a, b) in val_alone.iter().zip(&val_together) {
-            if let (Some(a), Some(b)) = (a, b) {
-                assert!((a - b).abs() < 1e-4 * a.abs(), "{strategy}: {a} vs {b}");
-            }
-        }
+        assert_runs_agree(strategy, (&alone, &val_alone), (&together, &val_together));
+    }
+    Ok(())
+}
+
+/// Whole federated rounds (clients trained together, aggregation, the
+/// validation loss) with the products on the loaded BLAS reach the model
+/// they reach on candle's kernels, to float tolerance; each way is
+/// bit-identical to itself.
+#[test]
+fn a_federation_on_a_blas_matches_one_on_candles_kernels() -> Result<()> {
+    use fedcmp_model::llm::kernels::blas::with_candle_kernels;
+    if !fedcmp_testkit::blas_for_tests()? {
+        return Ok(());
+    }
+    let f = fixture()?;
+    for strategy in ["fedavg", "fed-cmp"] {
+        let setup = || Setup {
+            clients_per_pass: 3,
+            ..Setup::default()
+        };
+        let (on_blas, val_blas) = run_with(&f, strategy, 3, setup())?;
+        let (again, _) = run_with(&f, strategy, 3, setup())?;
+        assert_eq!(on_blas.final_params, again.final_params, "{strategy}");
+        let (on_candle, val_candle) = with_candle_kernels(|| run_with(&f, strategy, 3, setup()))?;
+        assert!(
+            val_blas.iter().any(Option::is_some),
+            "{strategy}: no validation"
+        );
+        assert_runs_agree(strategy, (&on_candle, &val_candle), (&on_blas, &val_blas));
     }
     Ok(())
 }
