@@ -75,6 +75,11 @@ pub fn cache_root(explicit: Option<PathBuf>) -> Result<PathBuf> {
         .ok_or(AssetError::NoCacheDir)
 }
 
+/// Where the `openblas` asset's library lives once fetched.
+pub fn openblas_library(root: &std::path::Path) -> PathBuf {
+    asset_path(root, OPENBLAS.0, OPENBLAS.1)
+}
+
 /// Where `asset`'s file `relative` lives once fetched, whether or not it is
 /// there yet.
 pub fn asset_path(root: &std::path::Path, asset: &str, relative: &str) -> PathBuf {

@@ -26,7 +26,6 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
-use fedcmp_assets::OPENBLAS;
 use fedcmp_model::alignment::{caption_loss, train_step, AlignmentBatch, TokenizedCaptions};
 use fedcmp_model::llm::config::DecoderConfig;
 use fedcmp_model::llm::decoder::FrozenDecoder;
@@ -190,7 +189,7 @@ fn align_step(args: &AlignStepArgs) -> Result<()> {
 fn open_blas() -> Result<BlasStatus> {
     let fetched = fedcmp_assets::cache_root(None)
         .ok()
-        .map(|root| fedcmp_assets::asset_path(&root, OPENBLAS.0, OPENBLAS.1));
+        .map(|root| fedcmp_assets::openblas_library(&root));
     Ok(blas::load(&BlasSource::from_env(fetched))?)
 }
 

@@ -186,12 +186,11 @@ pub fn load(
 /// process (see `fedcmp_model::llm::kernels::blas`): `FEDCMP_BLAS`, else
 /// the registry's OpenBLAS (fetched first when `fetch`; a failed fetch
 /// only costs speed), else a system one. Says what it chose in one line.
-pub fn open_blas(root: &Path, fetch: bool, observer: &dyn Observer) -> Result<BlasStatus> {
-    let fetched = asset_path(root, OPENBLAS.0, OPENBLAS.1);
-    let source = BlasSource::from_env(Some(fetched));
+fn open_blas(root: &Path, fetch: bool, observer: &dyn Observer) -> Result<BlasStatus> {
     if let Some(status) = blas::status() {
         return Ok(status);
     }
+    let source = BlasSource::from_env(Some(fedcmp_assets::openblas_library(root)));
     let available = cfg!(all(target_os = "linux", target_arch = "x86_64"));
     if fetch && available && source.searches() {
         if let Err(e) = crate::assets::ensure(root, &[OPENBLAS.0], observer) {

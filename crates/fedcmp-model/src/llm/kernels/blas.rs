@@ -461,8 +461,8 @@ struct MatrixView {
     offsets: Vec<usize>,
 }
 
-/// `None` when a BLAS cannot read `t`'s strides within its storage of
-/// `slice_len` elements (the caller copies it row-major).
+/// `None` when a BLAS cannot read `t`'s strides, or they reach past its
+/// storage of `slice_len` elements.
 fn matrix_view(t: &Tensor, slice_len: usize) -> Option<MatrixView> {
     let layout = t.layout();
     let (dims, strides) = (layout.dims(), layout.stride());
@@ -518,11 +518,14 @@ impl Blas {
         }
         // Operands whose strides a BLAS cannot read are copied row-major.
         let readable = |t: &Tensor| -> Result<Tensor> {
-            let len = match &*t.storage_and_layout().0 {
-                Storage::Cpu(cpu) => cpu.as_slice::<f32>().map_or(0, <[f32]>::len),
-                _ => 0,
-            };
-            Ok(if matrix_view(t, len).is_some() {
+            let (dims, strides) = (t.dims(), t.stride());
+            let fits = operand(
+                dims[rank - 2],
+                dims[rank - 1],
+                strides[rank - 2],
+                strides[rank - 1],
+            );
+            Ok(if fits.is_some() {
                 t.clone()
             } else {
                 t.contiguous()?
