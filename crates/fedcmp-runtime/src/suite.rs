@@ -426,7 +426,11 @@ impl Scorer<'_> {
     /// sees. The shared part runs once per image, each prompt's own tokens
     /// once per image and prompt.
     pub fn prompt_scores(&self, visual: &Tensor, prompts: &[&str]) -> Result<Vec<Vec<f64>>> {
-        let layout = self.prompt_layout(prompts)?;
+        self.scores_after(visual, &self.prompt_layout(prompts)?)
+    }
+
+    /// [`Self::prompt_scores`] of prompts already laid out.
+    fn scores_after(&self, visual: &Tensor, layout: &PromptLayout) -> Result<Vec<Vec<f64>>> {
         let (b, _, d) = visual.dims3()?;
         let embed = |ids: &[u32]| -> Result<Option<Tensor>> {
             if ids.is_empty() {
@@ -669,23 +673,23 @@ pub fn evaluate(
         let chosen = &suite.zero_shot[d];
         let classes = domain.class_prompts.len();
         let prompts: Vec<&str> = domain.class_prompts.iter().map(String::as_str).collect();
+        let layout = scorer.prompt_layout(&prompts)?;
         let prior: Vec<f64> = match (&null_visual, chosen.is_empty()) {
             (Some(null), false) => scorer
-                .prompt_scores(null, &prompts)?
+                .scores_after(null, &layout)?
                 .pop()
                 .unwrap_or_default(),
             _ => vec![0.0; classes],
         };
         let mut raw_hits = Vec::with_capacity(chosen.len());
-        if !chosen.is_empty() && !prompts.is_empty() {
-            zero_shot_positions +=
-                chosen.len() * scorer.prompt_layout(&prompts)?.positions(visual_tokens);
+        if !prompts.is_empty() {
+            zero_shot_positions += chosen.len() * layout.positions(visual_tokens);
         }
         for images in chosen.chunks(ZERO_SHOT_IMAGES_PER_PASS) {
             let keys: Vec<&FeatureKey> =
                 images.iter().map(|&i| &suite.items[i].sample.key).collect();
             let visual = projector.forward(&scorer.cache.batch(&keys)?)?.detach();
-            let scores = scorer.prompt_scores(&visual, &prompts)?;
+            let scores = scorer.scores_after(&visual, &layout)?;
             for (s, &i) in scores.iter().zip(images) {
                 let label = suite.items[i].label.map(|l| l as usize);
                 let raw = argmax(s.iter().copied());
