@@ -25,10 +25,26 @@
 //! scored at that lr. Scores are appended to `scores.jsonl` as they are
 //! made, so an interrupted harness resumes where it stopped.
 //!
+//! Replay (`replay`): the counterfactual judges a stateful rule on a
+//! trajectory it did not make (FedAvg's), and a momentum that would have
+//! moved the model elsewhere is never charged for it. So each rule also
+//! runs its own trajectory for the recorded rounds: the same seed, hence
+//! the same clients sampled, the same dropouts and the same batches of
+//! each client as the recording, but every round's clients start from the
+//! rule's own global model and train (training in the loop). Its
+//! proposals are scored at the same rounds on the same items, its server
+//! lr is chosen on the tuning seed the same way, on its own path. FedAvg
+//! at server lr 1 replays the recording bit for bit. A replay that
+//! diverges is kept with its error and never chosen. Replay scores are
+//! marked in `scores.jsonl` (`"replay": true`) and resume likewise; a
+//! replay missing any scored round is run again from round 1.
+//!
 //! Result per rule: the mean validation NLL over reported seeds and
 //! scored rounds (macro over domains), and its paired difference to the
 //! rule named `fedavg` with a 95% bootstrap interval over seeds x items
-//! (the comparison's statistics, [`crate::compare::stats`]).
+//! (the comparison's statistics, [`crate::compare::stats`]); with replay,
+//! the same for the replays, and per rule whether the two verdicts on it
+//! (better, worse, no difference than FedAvg and FedAvgM) agree.
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU64;
@@ -178,6 +194,8 @@ pub struct HarnessPlan {
     pub score_every: NonZeroU64,
     pub server_lrs: Vec<f64>,
     pub rules: Vec<Rule>,
+    /// Also run every rule on its own trajectory (see the module header).
+    pub replay: bool,
     pub out: PathBuf,
 }
 
@@ -328,12 +346,17 @@ pub fn read_round(seed_dir: &Path, round: u64, like: &ParamSet) -> Result<Record
     })
 }
 
+/// What a [`Recorder`] hands over after a round: the round as the
+/// clients saw it and the model the strategy proposed.
+type Handed = Arc<Mutex<Option<(RecordedRound, ParamSet)>>>;
+
 /// A strategy that hands every round it aggregates to `slot` (the
-/// recording loop writes it out after the round) and otherwise is `inner`.
+/// recording loop writes it out, the replay scores its proposal, after
+/// the round) and otherwise is `inner`.
 #[derive(Debug)]
 struct Recorder {
     inner: Box<dyn Strategy>,
-    slot: Arc<Mutex<Option<RecordedRound>>>,
+    slot: Handed,
 }
 
 impl Strategy for Recorder {
@@ -355,11 +378,14 @@ impl Strategy for Recorder {
         let mut updates = updates.to_vec();
         updates.sort_by_key(|u| u.client);
         if let Ok(mut slot) = self.slot.lock() {
-            *slot = Some(RecordedRound {
-                round,
-                global: global.clone(),
-                updates,
-            });
+            *slot = Some((
+                RecordedRound {
+                    round,
+                    global: global.clone(),
+                    updates,
+                },
+                out.params.clone(),
+            ));
         }
         Ok(out)
     }
@@ -406,7 +432,7 @@ pub fn record(
         rounds
     )));
     let (clients, _, config) = crate::training::federation_of(experiment, &settings.training)?;
-    let slot = Arc::new(Mutex::new(None));
+    let slot: Handed = Arc::new(Mutex::new(None));
     let recorder = Recorder {
         inner: config.build(clients.len())?,
         slot: Arc::clone(&slot),
@@ -421,7 +447,7 @@ pub fn record(
         &mut |record| {
             observer.observe(Event::Round(record));
             let taken = slot.lock().ok().and_then(|mut s| s.take());
-            if let (Some(round), None) = (taken, &failure) {
+            if let (Some((round, _)), None) = (taken, &failure) {
                 match write_round(seed_dir, &round) {
                     Ok(()) => recorded += 1,
                     Err(e) => failure = Some(e),
@@ -454,16 +480,44 @@ pub struct Score {
     pub rule: String,
     pub server_lr: f64,
     pub round: u64,
-    /// `-log p(caption | image)` per item.
+    /// `-log p(caption | image)` per item (empty when the replay failed).
     pub nll: Vec<f64>,
     pub tokens: Vec<u32>,
+    /// A proposal of the rule's own trajectory (replay), not of the
+    /// recorded one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replay: bool,
+    /// Why the replay produced no proposal at this round (it diverged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
-/// Scores keyed by (seed, rule, lr bits, round).
-type ScoreKey = (u64, String, u64, u64);
+/// Scores keyed by (replay, seed, rule, lr bits, round).
+type ScoreKey = (bool, u64, String, u64, u64);
 
 fn key_of(s: &Score) -> ScoreKey {
-    (s.seed, s.rule.clone(), s.server_lr.to_bits(), s.round)
+    (
+        s.replay,
+        s.seed,
+        s.rule.clone(),
+        s.server_lr.to_bits(),
+        s.round,
+    )
+}
+
+/// Which trajectory a rule is scored on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trajectory {
+    /// The recorded FedAvg trajectory (the one-step counterfactual).
+    Recorded,
+    /// The rule's own (replay).
+    Own,
+}
+
+impl Trajectory {
+    fn is_replay(self) -> bool {
+        self == Trajectory::Own
+    }
 }
 
 /// Per-domain item values of scores (summed over the given scores, item
@@ -507,6 +561,9 @@ pub struct RuleResult {
     /// The paired difference to [`MOMENTUM_BASELINE`] (None for it, or
     /// when no rule has its name).
     pub vs_momentum: Option<PairedDifference>,
+    /// Why reported replays failed (diverged), one per failed round.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<String>,
 }
 
 /// The harness's result in one scenario.
@@ -520,15 +577,25 @@ pub struct ScenarioResult {
     /// Mean validation NLL of the recorded global before each scored round
     /// (the start every rule steps from), over reported seeds.
     pub start_nll: Vec<(u64, f64)>,
+    /// On the recorded trajectory (the one-step counterfactual).
     pub rules: Vec<RuleResult>,
+    /// On each rule's own trajectory (empty without replay).
+    pub replay: Vec<RuleResult>,
+    /// Per rule and baseline, the two trajectories' verdicts (empty
+    /// without replay).
+    pub agreement: Vec<Agreement>,
     pub minutes: f64,
     /// Records the scenario's readers and encoder skipped.
     pub skipped: fedcmp_data::record::SkipReport,
 }
 
-/// Scores proposals of the recorded rounds of one scenario.
+/// Scores proposals of the recorded rounds of one scenario, and of the
+/// rules' own trajectories.
 struct Scoring<'a> {
     experiment: &'a Experiment,
+    /// The recorded runs' settings (seed and strategy set per replay).
+    template: &'a RunSettings,
+    rounds: NonZeroU64,
     work: fedcmp_model::projector::Projector,
     like: ParamSet,
     dir: PathBuf,
@@ -580,26 +647,86 @@ impl Scoring<'_> {
         Ok(())
     }
 
-    /// Scores `rule` at `lr` on the scored rounds of `seed` (those not
-    /// scored yet), running the rule over every recorded round up to the
-    /// last scored one.
-    fn score_rule(&mut self, seed: u64, rule: &Rule, lr: f64, scored: &[u64]) -> Result<()> {
-        let missing: Vec<u64> = scored
+    /// The scored rounds of `rule` at `lr` on `seed` not scored yet.
+    fn missing(&self, on: Trajectory, seed: u64, rule: &str, lr: f64, scored: &[u64]) -> Vec<u64> {
+        scored
             .iter()
             .copied()
-            .filter(|&t| {
-                !self
-                    .scores
-                    .contains_key(&(seed, rule.name.clone(), lr.to_bits(), t))
-            })
-            .collect();
-        let Some(&last) = missing.last() else {
+            .filter(|&t| self.get(on, seed, rule, lr, t).is_none())
+            .collect()
+    }
+
+    /// Scores `rule` at `lr` on the scored rounds of `seed` (those not
+    /// scored yet), on the recorded trajectory or its own.
+    fn score_rule(
+        &mut self,
+        on: Trajectory,
+        seed: u64,
+        rule: &Rule,
+        lr: f64,
+        scored: &[u64],
+    ) -> Result<()> {
+        let missing = self.missing(on, seed, &rule.name, lr, scored);
+        if missing.is_empty() {
             return Ok(());
+        }
+        let proposals = match on {
+            Trajectory::Recorded => self.counterfactual(seed, rule, lr, &missing)?,
+            Trajectory::Own => self.replay(seed, rule, lr, &missing)?,
+        };
+        for t in missing {
+            let score = match proposals.iter().find(|(r, _)| *r == t) {
+                Some((_, Ok(params))) => {
+                    let (nll, tokens) = self.score_params(params)?;
+                    Score {
+                        seed,
+                        rule: rule.name.clone(),
+                        server_lr: lr,
+                        round: t,
+                        nll,
+                        tokens,
+                        replay: on.is_replay(),
+                        error: None,
+                    }
+                }
+                Some((_, Err(reason))) => Score {
+                    seed,
+                    rule: rule.name.clone(),
+                    server_lr: lr,
+                    round: t,
+                    nll: Vec::new(),
+                    tokens: Vec::new(),
+                    replay: on.is_replay(),
+                    error: Some(reason.clone()),
+                },
+                None => {
+                    return Err(ExperimentError::Internal(format!(
+                        "rule {} at lr {lr}, seed {seed}: no proposal for round {t}",
+                        rule.name
+                    )))
+                }
+            };
+            self.keep(score)?;
+        }
+        Ok(())
+    }
+
+    /// The rule's proposals at rounds `wanted`, run over the recorded
+    /// rounds in order (the FedAvg trajectory).
+    fn counterfactual(
+        &self,
+        seed: u64,
+        rule: &Rule,
+        lr: f64,
+        wanted: &[u64],
+    ) -> Result<Vec<(u64, std::result::Result<ParamSet, String>)>> {
+        let Some(&last) = wanted.last() else {
+            return Ok(Vec::new());
         };
         let config = with_server_lr(&rule.config, lr)?;
-        let clients = self.experiment.clients.len();
-        let mut strategy = config.build(clients)?;
+        let mut strategy = config.build(self.experiment.clients.len())?;
         let seed_dir = self.seed_dir(seed);
+        let mut out = Vec::new();
         for t in 1..=last {
             let round = read_round(&seed_dir, t, &self.like)?;
             let proposed = strategy
@@ -607,25 +734,67 @@ impl Scoring<'_> {
                 .map_err(|e| {
                     ExperimentError::from(e).context(format!("rule {} at round {t}", rule.name))
                 })?;
-            if missing.contains(&t) {
-                let (nll, tokens) = self.score_params(&proposed.params)?;
-                self.keep(Score {
-                    seed,
-                    rule: rule.name.clone(),
-                    server_lr: lr,
-                    round: t,
-                    nll,
-                    tokens,
-                })?;
+            if wanted.contains(&t) {
+                out.push((t, Ok(proposed.params)));
             }
         }
-        Ok(())
+        Ok(out)
+    }
+
+    /// The rule's proposals at rounds `wanted` on its own trajectory: the
+    /// recorded run's settings with the rule as the strategy, trained from
+    /// round 1. A run that fails (diverges) leaves its reason at every
+    /// wanted round it did not reach.
+    fn replay(
+        &self,
+        seed: u64,
+        rule: &Rule,
+        lr: f64,
+        wanted: &[u64],
+    ) -> Result<Vec<(u64, std::result::Result<ParamSet, String>)>> {
+        let config = with_server_lr(&rule.config, lr)?;
+        let mut settings = recording_settings(self.template, self.rounds, seed);
+        settings.training = Training::Federated(config.clone());
+        let slot: Handed = Arc::new(Mutex::new(None));
+        let recorder = Recorder {
+            inner: config.build(self.experiment.clients.len())?,
+            slot: Arc::clone(&slot),
+        };
+        let mut out = Vec::new();
+        let outcome = train_with(
+            self.experiment,
+            &settings,
+            Box::new(recorder),
+            None,
+            &mut |record| {
+                self.observer.observe(Event::Round(record));
+                let taken = slot.lock().ok().and_then(|mut s| s.take());
+                if let Some((round, proposal)) = taken {
+                    if wanted.contains(&round.round) {
+                        out.push((round.round, Ok(proposal)));
+                    }
+                }
+            },
+        );
+        if let Err(e) = outcome {
+            let reason = e.to_string();
+            tracing::warn!(rule = %rule.name, lr, seed, %reason, "replay failed; recorded");
+            for &t in wanted {
+                if out.iter().all(|(r, _)| *r != t) {
+                    out.push((t, Err(reason.clone())));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Scores the recorded start of each scored round (no step at all).
     fn score_starts(&mut self, seed: u64, scored: &[u64]) -> Result<()> {
         for &t in scored {
-            if self.scores.contains_key(&(seed, START.to_string(), 0, t)) {
+            if self
+                .get(Trajectory::Recorded, seed, START, 0.0, t)
+                .is_some()
+            {
                 continue;
             }
             let round = read_round(&self.seed_dir(seed), t, &self.like)?;
@@ -637,14 +806,16 @@ impl Scoring<'_> {
                 round: t,
                 nll,
                 tokens,
+                replay: false,
+                error: None,
             })?;
         }
         Ok(())
     }
 
-    fn get(&self, seed: u64, rule: &str, lr: f64, round: u64) -> Option<&Score> {
+    fn get(&self, on: Trajectory, seed: u64, rule: &str, lr: f64, round: u64) -> Option<&Score> {
         self.scores
-            .get(&(seed, rule.to_string(), lr.to_bits(), round))
+            .get(&(on.is_replay(), seed, rule.to_string(), lr.to_bits(), round))
     }
 }
 
@@ -742,9 +913,17 @@ pub fn run_scenario(
     let rounds_scored = scored.len() as u64;
     let rules = plan.rules.len() as u64;
     let lrs = plan.server_lrs.len() as u64;
-    let total = rounds_scored * (rules * lrs + rules * plan.seeds.get() + plan.seeds.get());
+    let trajectories = if plan.replay {
+        vec![Trajectory::Recorded, Trajectory::Own]
+    } else {
+        vec![Trajectory::Recorded]
+    };
+    let per_trajectory = rounds_scored * (rules * lrs + rules * plan.seeds.get());
+    let total = per_trajectory * trajectories.len() as u64 + rounds_scored * plan.seeds.get();
     let mut scorer = Scoring {
         experiment,
+        template,
+        rounds: plan.rounds,
         work,
         like,
         dir: dir.clone(),
@@ -755,7 +934,7 @@ pub fn run_scenario(
         done: 0,
         total,
     };
-    scorer.done = scorer.scores.len() as u64;
+    scorer.done = (scorer.scores.len() as u64).min(total);
 
     let domains: Vec<usize> = experiment
         .validation_items
@@ -771,105 +950,133 @@ pub fn run_scenario(
             .collect();
         macro_value(&values, &all)
     };
+    let what = |on: Trajectory| match on {
+        Trajectory::Recorded => "",
+        Trajectory::Own => " (replay)",
+    };
 
-    // Tuning: every rule at every lr on the tuning seed.
-    let mut chosen = Vec::new();
-    for rule in &plan.rules {
-        let mut tuning = Vec::new();
-        for &lr in &plan.server_lrs {
-            observer.observe(Event::Status(format!(
-                "{name}: tuning {} at server lr {lr}",
-                rule.name
-            )));
-            scorer.score_rule(TUNING_SEED, rule, lr, &scored)?;
-            let mine: Vec<&Score> = scored
-                .iter()
-                .filter_map(|&t| scorer.get(TUNING_SEED, &rule.name, lr, t))
-                .collect();
-            tuning.push((lr, macro_of(&mine)));
-        }
-        let best = tuning
-            .iter()
-            .filter(|(_, v)| v.is_finite())
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .map_or(plan.server_lrs[0], |(lr, _)| *lr);
-        chosen.push((rule, best, tuning));
-    }
-    // Reported seeds at the chosen lr, and the starts.
     for &seed in &seeds {
         scorer.score_starts(seed, &scored)?;
-        for (rule, lr, _) in &chosen {
-            observer.observe(Event::Status(format!(
-                "{name}: seed {seed}, {} at server lr {lr}",
-                rule.name
-            )));
-            scorer.score_rule(seed, rule, *lr, &scored)?;
+    }
+    // Per trajectory: every rule at every lr on the tuning seed, then the
+    // reported seeds at each rule's chosen lr.
+    let mut chosen_on: Vec<Vec<Chosen<'_>>> = Vec::new();
+    for &on in &trajectories {
+        let mut chosen = Vec::new();
+        for rule in &plan.rules {
+            let mut tuning = Vec::new();
+            for &lr in &plan.server_lrs {
+                observer.observe(Event::Status(format!(
+                    "{name}: tuning {} at server lr {lr}{}",
+                    rule.name,
+                    what(on)
+                )));
+                scorer.score_rule(on, TUNING_SEED, rule, lr, &scored)?;
+                let mine: Vec<&Score> = scored
+                    .iter()
+                    .filter_map(|&t| scorer.get(on, TUNING_SEED, &rule.name, lr, t))
+                    .collect();
+                tuning.push((lr, macro_of(&mine)));
+            }
+            let best = tuning
+                .iter()
+                .filter(|(_, v)| v.is_finite())
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map_or(plan.server_lrs[0], |(lr, _)| *lr);
+            chosen.push((rule, best, tuning));
         }
+        for &seed in &seeds {
+            for (rule, lr, _) in &chosen {
+                observer.observe(Event::Status(format!(
+                    "{name}: seed {seed}, {} at server lr {lr}{}",
+                    rule.name,
+                    what(on)
+                )));
+                scorer.score_rule(on, seed, rule, *lr, &scored)?;
+            }
+        }
+        chosen_on.push(chosen);
     }
     observer.observe(Event::StageDone(Stage::Score));
 
-    let seed_scores = |rule: &str, lr: f64, seed: u64| -> Vec<&Score> {
+    let seed_scores = |on: Trajectory, rule: &str, lr: f64, seed: u64| -> Vec<&Score> {
         scored
             .iter()
-            .filter_map(|&t| scorer.get(seed, rule, lr, t))
+            .filter_map(|&t| scorer.get(on, seed, rule, lr, t))
             .collect()
     };
-    let lr_of = |name: &str| {
-        chosen
-            .iter()
-            .find(|(r, _, _)| r.name == name)
-            .map(|(_, lr, _)| *lr)
-    };
-    // Paired by seed and item: the rule's scores against `base`'s at its lr.
-    let versus = |rule: &Rule, lr: f64, base: &str| -> Option<PairedDifference> {
-        let base_lr = lr_of(base)?;
-        if rule.name == base {
-            return None;
-        }
-        let pairs: Vec<SeedPair> = seeds
-            .iter()
-            .map(|&s| {
-                (
-                    domain_values(&seed_scores(&rule.name, lr, s), &domains, n_domains),
-                    domain_values(&seed_scores(base, base_lr, s), &domains, n_domains),
-                )
-            })
-            .collect();
-        paired_bootstrap(&pairs, 0)
-    };
     // Per scored round, the mean over reported seeds of a rule's macro NLL.
-    let curve = |rule: &str, lr: f64| -> Vec<(u64, f64)> {
+    let curve = |on: Trajectory, rule: &str, lr: f64| -> Vec<(u64, f64)> {
         scored
             .iter()
             .map(|&t| {
                 let v: Vec<f64> = seeds
                     .iter()
-                    .filter_map(|&s| scorer.get(s, rule, lr, t))
+                    .filter_map(|&s| scorer.get(on, s, rule, lr, t))
                     .map(|sc| macro_of(&[sc]))
                     .collect();
                 (t, v.iter().sum::<f64>() / v.len().max(1) as f64)
             })
             .collect()
     };
-    let mut rule_results = Vec::new();
-    for (rule, lr, tuning) in &chosen {
-        let per_seed: Vec<f64> = seeds
+    let results = |on: Trajectory, chosen: &[Chosen<'_>]| {
+        let lr_of = |name: &str| {
+            chosen
+                .iter()
+                .find(|(r, _, _)| r.name == name)
+                .map(|(_, lr, _)| *lr)
+        };
+        // Paired by seed and item: the rule's scores against `base`'s at
+        // its lr, on the same trajectory kind.
+        let versus = |rule: &Rule, lr: f64, base: &str| -> Option<PairedDifference> {
+            let base_lr = lr_of(base)?;
+            if rule.name == base {
+                return None;
+            }
+            let pairs: Vec<SeedPair> = seeds
+                .iter()
+                .map(|&s| {
+                    (
+                        domain_values(&seed_scores(on, &rule.name, lr, s), &domains, n_domains),
+                        domain_values(&seed_scores(on, base, base_lr, s), &domains, n_domains),
+                    )
+                })
+                .collect();
+            paired_bootstrap(&pairs, 0)
+        };
+        chosen
             .iter()
-            .map(|&s| macro_of(&seed_scores(&rule.name, *lr, s)))
-            .collect();
-        let per_round = curve(&rule.name, *lr);
-        rule_results.push(RuleResult {
-            rule: rule.name.clone(),
-            config: with_server_lr(&rule.config, *lr)?,
-            server_lr: *lr,
-            tuning: tuning.clone(),
-            val_nll: per_seed.iter().sum::<f64>() / per_seed.len().max(1) as f64,
-            per_round,
-            vs_baseline: versus(rule, *lr, BASELINE),
-            vs_momentum: versus(rule, *lr, MOMENTUM_BASELINE),
-        });
-    }
-    let start_nll = curve(START, 0.0);
+            .map(|(rule, lr, tuning)| {
+                let per_seed: Vec<f64> = seeds
+                    .iter()
+                    .map(|&s| macro_of(&seed_scores(on, &rule.name, *lr, s)))
+                    .collect();
+                Ok(RuleResult {
+                    rule: rule.name.clone(),
+                    config: with_server_lr(&rule.config, *lr)?,
+                    server_lr: *lr,
+                    tuning: tuning.clone(),
+                    val_nll: per_seed.iter().sum::<f64>() / per_seed.len().max(1) as f64,
+                    per_round: curve(on, &rule.name, *lr),
+                    vs_baseline: versus(rule, *lr, BASELINE),
+                    vs_momentum: versus(rule, *lr, MOMENTUM_BASELINE),
+                    failures: seeds
+                        .iter()
+                        .flat_map(|&s| seed_scores(on, &rule.name, *lr, s))
+                        .filter_map(|sc| sc.error.clone())
+                        .collect(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+    };
+    let mut per_trajectory = trajectories
+        .iter()
+        .zip(&chosen_on)
+        .map(|(&on, chosen)| results(on, chosen));
+    let rule_results = per_trajectory.next().transpose()?.unwrap_or_default();
+    let replay = per_trajectory.next().transpose()?.unwrap_or_default();
+    let agreement = agreements(&rule_results, &replay);
+    let start_nll = curve(Trajectory::Recorded, START, 0.0);
     Ok(ScenarioResult {
         scenario: name,
         seeds: plan.seeds.get(),
@@ -878,7 +1085,89 @@ pub fn run_scenario(
         validation_items: experiment.validation_items.len(),
         start_nll,
         rules: rule_results,
+        replay,
+        agreement,
         minutes: started.elapsed().as_secs_f64() / 60.0,
         skipped: experiment.skipped.clone(),
     })
+}
+
+/// A rule, its chosen server lr and its tuning (lr, NLL) on one
+/// trajectory.
+type Chosen<'a> = (&'a Rule, f64, Vec<(f64, f64)>);
+
+/// What a paired difference in validation NLL says about a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Lower NLL: the interval lies below 0.
+    Better,
+    /// Higher NLL: the interval lies above 0.
+    Worse,
+    /// The interval holds 0.
+    NoDifference,
+}
+
+impl Verdict {
+    pub fn of(d: &PairedDifference) -> Self {
+        if d.holds_zero() {
+            Verdict::NoDifference
+        } else if d.high < 0.0 {
+            Verdict::Better
+        } else {
+            Verdict::Worse
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verdict::Better => "better",
+            Verdict::Worse => "worse",
+            Verdict::NoDifference => "no difference",
+        })
+    }
+}
+
+/// One rule against one baseline, judged on the recorded trajectory and
+/// on its own.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Agreement {
+    pub rule: String,
+    /// The baseline ([`BASELINE`] or [`MOMENTUM_BASELINE`]).
+    pub versus: String,
+    pub recorded: Verdict,
+    pub own: Verdict,
+}
+
+impl Agreement {
+    pub fn agrees(&self) -> bool {
+        self.recorded == self.own
+    }
+}
+
+/// For every rule with a difference to a baseline on both trajectories,
+/// the two verdicts (the counterfactual's and the replay's).
+fn agreements(recorded: &[RuleResult], own: &[RuleResult]) -> Vec<Agreement> {
+    let mut out = Vec::new();
+    for r in recorded {
+        let Some(o) = own.iter().find(|o| o.rule == r.rule) else {
+            continue;
+        };
+        for (versus, a, b) in [
+            (BASELINE, &r.vs_baseline, &o.vs_baseline),
+            (MOMENTUM_BASELINE, &r.vs_momentum, &o.vs_momentum),
+        ] {
+            if let (Some(a), Some(b)) = (a, b) {
+                out.push(Agreement {
+                    rule: r.rule.clone(),
+                    versus: versus.to_string(),
+                    recorded: Verdict::of(a),
+                    own: Verdict::of(b),
+                });
+            }
+        }
+    }
+    out
 }

@@ -45,8 +45,9 @@ pub struct CompareArgs {
     /// Seeds per method (mean and spread are over these).
     #[arg(long, default_value_t = 3)]
     pub seeds: u64,
-    /// Settings per method in the tuning grid (1 to 4).
-    #[arg(long, default_value_t = 2)]
+    /// Settings per method in the tuning grid (1 to 4): the shared server
+    /// lrs 1, 0.1, 0.3, 2 (the adaptive optimisers: eta and tau).
+    #[arg(long, default_value_t = 4)]
     pub grid: usize,
     #[command(flatten)]
     pub recipe: RecipeArgs,
@@ -71,10 +72,12 @@ pub struct CompareArgs {
     /// where one run cannot use all cores).
     #[arg(long, default_value_t = 1)]
     pub jobs: usize,
-    /// Start from the research recipe (content captions after a newline,
-    /// one visual token) instead of the plain defaults: the main job.
-    #[arg(skip)]
-    pub research_recipe: bool,
+    /// Start from the plain defaults (varied captions, no separator, the
+    /// encoder's whole grid of visual tokens) instead of the research
+    /// recipe (content captions after a newline, one visual token) that
+    /// the main job and docs/RESULTS.md use.
+    #[arg(long)]
+    pub plain_recipe: bool,
 }
 
 /// `fedcmp main`: the main job with more seeds or another folder.
@@ -113,16 +116,17 @@ impl CompareArgs {
     /// every federated method at server lr 1 (a grid of one: no tuning
     /// run), one seed: what fits in 15 minutes here. The same as `fedcmp
     /// compare --scenarios domain-silos --methods
-    /// init,fedavg,fedavgm,fed-cmp,centralized --seeds 1 --grid 1
-    /// --captions content --caption-separator '\n' --visual-tokens 1
-    /// --eval-every 4 --out runs/main`.
+    /// init,fedavg,fedavgm,fed-cmp,centralized --seeds 1 --grid 1 --out
+    /// runs/main` (compare's defaults are the research recipe, validation
+    /// every 4 rounds), so `fedcmp compare --out runs/main` with more
+    /// methods or a larger grid reuses the main job's cells.
     pub fn main_job() -> Self {
         #[derive(Parser)]
         struct Wrapper {
             #[command(flatten)]
             args: CompareArgs,
         }
-        let mut args = Wrapper::parse_from([
+        Wrapper::parse_from([
             "fedcmp",
             "--scenarios",
             "domain-silos",
@@ -132,14 +136,10 @@ impl CompareArgs {
             "1",
             "--grid",
             "1",
-            "--eval-every",
-            "4",
             "--out",
             "runs/main",
         ])
-        .args;
-        args.research_recipe = true;
-        args
+        .args
     }
 
     fn suite(&self) -> SuiteConfig {
@@ -153,16 +153,18 @@ impl CompareArgs {
 
     /// The run settings every cell starts from, and the plan.
     fn resolve(&self) -> Result<(RunSettings, Plan)> {
-        let (what, base) = if self.research_recipe {
+        let (what, base) = if self.plain_recipe {
+            ("compare's plain default", RunOptions::default())
+        } else {
             (
-                "the main job's default (the research recipe)",
+                "compare's default (the research recipe)",
                 fedcmp_experiment::settings::research_recipe(),
             )
-        } else {
-            ("compare's default", RunOptions::default())
         };
+        // Validation every 4 rounds: a curve of 4 points over the parity
+        // recipe's 16 merges, at a quarter of the cost of every round.
         let defaults = RunOptions {
-            eval_every: Some(1),
+            eval_every: Some(4),
             ..base
         };
         let layers = layers(
@@ -485,12 +487,20 @@ mod tests {
         let (same, plan3) = three.resolve()?;
         assert_eq!(same, template);
         assert_eq!((plan3.seeds.get(), &plan3.out), (3, &plan.out));
-        // A plain `compare` does not start from the research recipe.
+        // `compare` starts from the research recipe too, unless told not to.
         let plain = CompareArgs {
-            research_recipe: false,
+            plain_recipe: true,
             ..CompareArgs::main_job()
         };
         assert_eq!(plain.resolve()?.0.data.captions, None);
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: CompareArgs,
+        }
+        let (bare, bare_plan) = Wrapper::parse_from(["fedcmp"]).args.resolve()?;
+        assert_eq!(bare, template, "`fedcmp compare` is the main job's recipe");
+        assert_eq!(bare_plan.grid, 4);
         Ok(())
     }
 }

@@ -1,8 +1,10 @@
 //! `fedcmp harness`: the counterfactual harness of ALGORITHMS.md §7.7
 //! (the library's `harness` module runs it) and its report: per scenario,
 //! each rule's chosen server lr, mean validation NLL and paired difference
-//! to FedAvg with its 95% interval; `results.json`, `report.md` and a plot
-//! of each rule's NLL minus FedAvg's per scored round.
+//! to FedAvg with its 95% interval; with `--replay` the same for every
+//! rule on its own trajectory and where the two verdicts disagree;
+//! `results.json`, `report.md` and a plot of each rule's NLL minus
+//! FedAvg's per scored round (one per trajectory).
 
 use crate::exit::BadFlags;
 use std::num::NonZeroU64;
@@ -50,6 +52,12 @@ pub struct HarnessArgs {
     /// item of CRA v2 and their combinations with momentum].
     #[arg(long = "rule")]
     pub rules: Vec<String>,
+    /// Also run every rule on its own trajectory for the recorded rounds
+    /// (the same clients, dropouts and batches, training in the loop), so
+    /// momentum rules are judged on the path they make; reports where the
+    /// two verdicts disagree.
+    #[arg(long)]
+    pub replay: bool,
     #[command(flatten)]
     pub recipe: RecipeArgs,
     /// Output folder (recorded rounds, scores, report); reused to resume.
@@ -94,6 +102,7 @@ impl HarnessArgs {
                 .ok_or_else(|| BadFlags("--score-every must be at least 1".into()))?,
             server_lrs: self.server_lrs.clone(),
             rules,
+            replay: self.replay,
             out: self.out.clone(),
         };
         plan.validate()?;
@@ -116,8 +125,15 @@ pub fn run(cache_dir: Option<PathBuf>, args: &HarnessArgs) -> Result<()> {
         md.push_str(&scenario_table(r));
         if !args.no_plots {
             let path = plan.out.join(format!("harness-{}.png", r.scenario));
-            plot(&root, r, &path)?;
+            let title = format!("{}: each rule's one-step proposal vs FedAvg's", r.scenario);
+            plot(&root, &r.rules, &title, &path)?;
             md.push_str(&format!("\n![{}]({})\n", r.scenario, path.display()));
+            if !r.replay.is_empty() {
+                let path = plan.out.join(format!("harness-{}-replay.png", r.scenario));
+                let title = format!("{}: each rule on its own trajectory vs FedAvg", r.scenario);
+                plot(&root, &r.replay, &title, &path)?;
+                md.push_str(&format!("\n![{} replay]({})\n", r.scenario, path.display()));
+            }
         }
     }
     write_atomic(&plan.out.join("report.md"), md.as_bytes())?;
@@ -131,7 +147,8 @@ pub fn run(cache_dir: Option<PathBuf>, args: &HarnessArgs) -> Result<()> {
     Ok(())
 }
 
-/// One scenario's table (markdown).
+/// One scenario's tables (markdown): the counterfactual, and with replay
+/// the replay and where the two disagree.
 pub fn scenario_table(r: &ScenarioResult) -> String {
     let starts: Vec<String> = r
         .start_nll
@@ -143,8 +160,7 @@ pub fn scenario_table(r: &ScenarioResult) -> String {
          min in this invocation)\n\nValidation NLL per token of each rule's proposal, macro over domains, mean over \
          seeds and scored rounds; a difference is rule - baseline (each at its chosen lr) with \
          a 95% bootstrap interval over seeds x items. Recorded start before each scored round (no step): {}.\n\n\
-         | rule | server lr | val NLL | vs {BASELINE} | vs {MOMENTUM_BASELINE} | tuning (lr: NLL) \
-         |\n|---|---|---|---|---|---|\n",
+         {}",
         r.scenario,
         r.seeds,
         r.rounds,
@@ -152,8 +168,42 @@ pub fn scenario_table(r: &ScenarioResult) -> String {
         r.validation_items,
         r.minutes,
         starts.join(", "),
+        rules_table(&r.rules),
     );
-    for rule in &r.rules {
+    if !r.replay.is_empty() {
+        md.push_str(&format!(
+            "\nReplay: every rule on its own trajectory for the {} recorded rounds (the same \
+             clients, dropouts and batches; its clients start from its own global model), \
+             scored at the same rounds on the same items, server lr chosen on the tuning \
+             seed on its own path.\n\n{}",
+            r.rounds,
+            rules_table(&r.replay)
+        ));
+        md.push_str(
+            "\nVerdicts (validation NLL, 95% interval) on the recorded trajectory and on the \
+             rule's own:\n\n| rule | versus | counterfactual | replay | |\n|---|---|---|---|---|\n",
+        );
+        for a in &r.agreement {
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} |\n",
+                a.rule,
+                a.versus,
+                a.recorded,
+                a.own,
+                if a.agrees() { "agree" } else { "**disagree**" }
+            ));
+        }
+    }
+    md
+}
+
+/// The rules' table (markdown): chosen lr, NLL, differences, tuning.
+fn rules_table(rules: &[fedcmp_experiment::harness::RuleResult]) -> String {
+    let mut md = format!(
+        "| rule | server lr | val NLL | vs {BASELINE} | vs {MOMENTUM_BASELINE} | tuning (lr: NLL) \
+         |\n|---|---|---|---|---|---|\n"
+    );
+    for rule in rules {
         let text = |d: Option<&fedcmp_experiment::compare::stats::PairedDifference>| {
             d.map_or_else(
                 || "(itself or absent)".to_string(),
@@ -167,11 +217,18 @@ pub fn scenario_table(r: &ScenarioResult) -> String {
             .iter()
             .map(|(lr, v)| format!("{lr}: {v:.4}"))
             .collect();
+        let nll = match rule.failures.first() {
+            None => format!("{:.4}", rule.val_nll),
+            Some(why) => format!(
+                "{:.4} ({} scored rounds failed: {why})",
+                rule.val_nll,
+                rule.failures.len()
+            ),
+        };
         md.push_str(&format!(
-            "| {} | {} | {:.4} | {vs} | {vs_momentum} | {} |\n",
+            "| {} | {} | {nll} | {vs} | {vs_momentum} | {} |\n",
             rule.rule,
             rule.server_lr,
-            rule.val_nll,
             tuning.join(", ")
         ));
     }
@@ -179,12 +236,16 @@ pub fn scenario_table(r: &ScenarioResult) -> String {
 }
 
 /// Each rule's validation NLL minus FedAvg's, per scored round.
-fn plot(root: &Path, r: &ScenarioResult, path: &Path) -> Result<()> {
-    let Some(base) = r.rules.iter().find(|x| x.rule == BASELINE) else {
+fn plot(
+    root: &Path,
+    rules: &[fedcmp_experiment::harness::RuleResult],
+    title: &str,
+    path: &Path,
+) -> Result<()> {
+    let Some(base) = rules.iter().find(|x| x.rule == BASELINE) else {
         return Ok(());
     };
-    let series: Vec<(String, Vec<(f64, f64)>)> = r
-        .rules
+    let series: Vec<(String, Vec<(f64, f64)>)> = rules
         .iter()
         .map(|rule| {
             let points = rule
@@ -199,8 +260,8 @@ fn plot(root: &Path, r: &ScenarioResult, path: &Path) -> Result<()> {
     super::plot::line_chart(
         root,
         path,
-        &format!("{}: each rule's one-step proposal vs FedAvg's", r.scenario),
-        "recorded round",
+        title,
+        "round",
         &format!("validation NLL - {BASELINE}'s"),
         &series,
     )

@@ -285,6 +285,13 @@ fn save_cell_projector(cell: &Path, params: &ParamSet, settings: &RunSettings) -
     )?)
 }
 
+/// A cell's strategy as one line of JSON (or "no strategy").
+fn describe(config: Option<&StrategyConfig>) -> String {
+    config
+        .and_then(|c| serde_json::to_string(c).ok())
+        .unwrap_or_else(|| "no strategy".into())
+}
+
 fn read_cell(path: &Path) -> Result<Option<Cell>> {
     match std::fs::read(path) {
         Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {
@@ -401,6 +408,19 @@ impl Scene<'_> {
         let path = self.path(method, setting, seed);
         let weights = path.with_extension("safetensors");
         if let Some(mut cell) = read_cell(&path)? {
+            // Cells are named by their index in the grid: one made when the
+            // grid held another setting there must not stand for this one.
+            if cell.config != config {
+                return Err(ExperimentError::File {
+                    path,
+                    message: format!(
+                        "made with {} where the grid now has {}; use another --out, or \
+                         delete the cell to rerun it",
+                        describe(cell.config.as_ref()),
+                        describe(config.as_ref())
+                    ),
+                });
+            }
             if with_suite && cell.suite.is_none() && cell.error.is_none() {
                 let like = projector_params(
                     &self

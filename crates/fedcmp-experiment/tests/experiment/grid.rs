@@ -49,6 +49,13 @@ fn plain_methods_share_the_server_lr_grid_adaptive_ones_span_decades() -> Result
             }
         }
     }
+    // The shared server lrs: 1 first (a grid of one is untuned), a decade
+    // below 1 and a step above it (ALGORITHMS.md §7.4).
+    assert_eq!(SERVER_LRS[0], 1.0);
+    let (lo, hi) = SERVER_LRS
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(l, h), e| (l.min(*e), h.max(*e)));
+    assert!(lo <= 0.1 && hi > 1.0, "{SERVER_LRS:?}");
     // eta spans three decades.
     let etas: Vec<f64> = ADAPTIVE.iter().map(|(e, _)| *e).collect();
     let (lo, hi) = etas

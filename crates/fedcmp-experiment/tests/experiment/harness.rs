@@ -24,6 +24,7 @@ fn plan(out: std::path::PathBuf, rules: Vec<Rule>) -> HarnessPlan {
         score_every: NonZeroU64::MIN.saturating_add(1),
         server_lrs: vec![1.0, 0.5],
         rules,
+        replay: false,
         out,
     }
 }
@@ -113,6 +114,116 @@ fn rules_are_scored_paired_on_recorded_fedavg_rounds_and_resume() -> Result<()> 
         .err()
         .ok_or(anyhow::anyhow!("a different recording was accepted"))?;
     assert!(format!("{err}").contains("settings.toml"), "{err}");
+    Ok(())
+}
+
+/// (replay, seed, rule, lr bits, round) -> per-item NLL.
+type Scores = std::collections::BTreeMap<(bool, u64, String, u64, u64), Vec<f64>>;
+
+/// The validation scores of `scores.jsonl` in `dir`.
+fn scores_of(dir: &std::path::Path) -> Result<Scores> {
+    std::fs::read_to_string(dir.join("scores.jsonl"))?
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            let nll: Vec<f64> = serde_json::from_value(v["nll"].clone())?;
+            Ok((
+                (
+                    v["replay"].as_bool().unwrap_or(false),
+                    v["seed"].as_u64().unwrap_or(u64::MAX),
+                    v["rule"].as_str().unwrap_or_default().to_string(),
+                    v["server_lr"].as_f64().unwrap_or(f64::NAN).to_bits(),
+                    v["round"].as_u64().unwrap_or(0),
+                ),
+                nll,
+            ))
+        })
+        .collect()
+}
+
+/// Replay: every rule runs its own trajectory. FedAvg at server lr 1 is
+/// the recording itself, so its replay scores equal its counterfactual
+/// ones bit for bit; FedAvgM at lr 1 takes FedAvg's step in round 1, so
+/// its round-2 proposal is the same either way, and its round-3 proposal
+/// differs (its own round-2 model is not FedAvg's). A second invocation
+/// scores nothing again.
+#[test]
+fn replay_runs_every_rule_on_its_own_trajectory() -> Result<()> {
+    let w = world()?;
+    let settings = w.settings(RunOptions::default())?;
+    let experiment = w.experiment(&settings)?;
+    let out = w.dir.path().join("harness-replay");
+    let mut plan = plan(out.clone(), rules()?);
+    plan.replay = true;
+    let first = run_scenario(&experiment, &settings, &plan, &Silent)?;
+    let dir = out.join(&experiment.scenario.name);
+    let scores = scores_of(&dir)?;
+    let at = |replay: bool, seed: u64, rule: &str, lr: f64, round: u64| {
+        scores
+            .get(&(replay, seed, rule.to_string(), lr.to_bits(), round))
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no score {replay} {seed} {rule} {lr} {round}"))
+    };
+    for round in [2, 3] {
+        assert_eq!(
+            at(true, TUNING_SEED, "fedavg", 1.0, round)?,
+            at(false, TUNING_SEED, "fedavg", 1.0, round)?,
+            "FedAvg's replay is the recording (round {round})"
+        );
+    }
+    assert_eq!(
+        at(true, TUNING_SEED, "fedavgm", 1.0, 2)?,
+        at(false, TUNING_SEED, "fedavgm", 1.0, 2)?
+    );
+    assert_ne!(
+        at(true, TUNING_SEED, "fedavgm", 1.0, 3)?,
+        at(false, TUNING_SEED, "fedavgm", 1.0, 3)?
+    );
+
+    assert_eq!(first.replay.len(), 3);
+    for rule in &first.replay {
+        assert!(rule.val_nll.is_finite(), "{}", rule.rule);
+        assert!(rule.failures.is_empty());
+        let best = rule
+            .tuning
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(lr, _)| *lr);
+        assert_eq!(Some(rule.server_lr), best, "{}", rule.rule);
+    }
+    // Every rule against each baseline but itself.
+    let judged: Vec<(&str, &str)> = first
+        .agreement
+        .iter()
+        .map(|a| (a.rule.as_str(), a.versus.as_str()))
+        .collect();
+    assert_eq!(
+        judged,
+        [
+            ("fedavg", "fedavgm"),
+            ("fedavgm", "fedavg"),
+            ("v2", "fedavg"),
+            ("v2", "fedavgm")
+        ]
+    );
+
+    let lines = std::fs::read_to_string(dir.join("scores.jsonl"))?
+        .lines()
+        .count();
+    // Per trajectory: 2 lrs x 3 rules x 2 rounds + 3 rules x 2 seeds x 2
+    // rounds; and the starts, 2 seeds x 2 rounds.
+    assert_eq!(lines, 2 * (12 + 12) + 4);
+    let second = run_scenario(&experiment, &settings, &plan, &Silent)?;
+    assert_eq!(
+        std::fs::read_to_string(dir.join("scores.jsonl"))?
+            .lines()
+            .count(),
+        lines
+    );
+    assert_eq!(
+        serde_json::to_value(&second.replay)?,
+        serde_json::to_value(&first.replay)?
+    );
     Ok(())
 }
 

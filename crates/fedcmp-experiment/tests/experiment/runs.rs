@@ -373,6 +373,21 @@ fn a_grid_of_one_setting_trains_no_tuning_run() -> Result<()> {
         ["g0-s0.json", "g0-s0.safetensors", "g0-s0.settings.toml"],
         "no run at the tuning seed; the cell's projector and settings kept"
     );
+
+    // A cell made when the grid held another setting at its index is
+    // refused by name, not reported as this setting.
+    let cell_path = method_dir.join("g0-s0.json");
+    let mut cell: serde_json::Value = serde_json::from_slice(&std::fs::read(&cell_path)?)?;
+    cell["config"]["server-lr"] = serde_json::json!(0.5);
+    std::fs::write(&cell_path, serde_json::to_vec(&cell)?)?;
+    let message = compare::run(&w.cache(), &template, &plan, &Silent)
+        .err()
+        .map(|e| e.to_string())
+        .context("a cell of another setting was reused")?;
+    assert!(
+        message.contains("g0-s0.json") && message.contains("where the grid now has"),
+        "{message}"
+    );
     Ok(())
 }
 
