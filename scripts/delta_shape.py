@@ -2,8 +2,9 @@
 """The shape of recorded client deltas (RESULTS.md §4): per recorded round
 and weight matrix, the clients' pairwise cosines, the cross-client share of
 the merged energy in the output-side canonical basis, and the distribution
-of CRA v2's shrinkage gain over its directions (ALGORITHMS.md §3.1), from
-a `fedcmp harness` recording. Written from the spec's equations (numpy),
+of CRA v2's shrinkage gain over its directions (ALGORITHMS.md §3.1), and
+each client's cosine with its own delta of the round before, from a
+`fedcmp harness` recording. Written from the spec's equations (numpy),
 independently of the Rust code.
 
     python3 scripts/delta_shape.py runs/harness/domain-silos/seed-0 2 8
@@ -61,10 +62,45 @@ def shape(seed_dir, rnd):
         )
 
 
+def client_deltas(seed_dir, rnd):
+    """Each client's delta of round `rnd` per weight matrix, by client id."""
+    d = f"{seed_dir}/round-{rnd:04d}"
+    meta = json.load(open(f"{d}/round.json"))
+    start = load_file(f"{d}/global.safetensors")
+    out = {}
+    for c in meta["clients"]:
+        mine = load_file(f"{d}/client-{c['client']:04d}.safetensors")
+        out[c["client"]] = {
+            k: mine[k].astype(np.float64) - v.astype(np.float64)
+            for k, v in start.items()
+            if v.ndim == 2
+        }
+    return out
+
+
+def self_agreement(seed_dir, rnd):
+    """Per weight matrix, the cosine of each client's delta at `rnd` with
+    its own delta of the round before (clients in both): how consistent a
+    client's direction is over time, next to its agreement with others."""
+    now, before = client_deltas(seed_dir, rnd), client_deltas(seed_dir, rnd - 1)
+    both = sorted(set(now) & set(before))
+    for name in sorted(now[both[0]]) if both else []:
+        cos = []
+        for k in both:
+            a, b = now[k][name].ravel(), before[k][name].ravel()
+            cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+        print(
+            f"round {rnd} {name}: each client's cosine with its own round-{rnd - 1} delta "
+            + " ".join(f"{v:+.2f}" for v in cos)
+        )
+
+
 def main():
     seed_dir = sys.argv[1]
     for rnd in (int(r) for r in sys.argv[2:]):
         shape(seed_dir, rnd)
+        if rnd > 1:
+            self_agreement(seed_dir, rnd)
 
 
 if __name__ == "__main__":

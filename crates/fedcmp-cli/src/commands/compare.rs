@@ -283,6 +283,36 @@ fn write_report(
             }
         }
     }
+    let tuning: Vec<&Cell> = comparison
+        .tuning
+        .iter()
+        .filter(|c| scenarios.contains(&c.scenario))
+        .collect();
+    if !tuning.is_empty() {
+        md.push_str(
+            "\n## Tuning (validation NLL at the tuning seed per setting; the chosen one in bold)\n\n\
+             | scenario | method | setting | validation NLL |\n|---|---|---|---|\n",
+        );
+        for c in &tuning {
+            let chosen = cells.iter().any(|r| {
+                r.scenario == c.scenario && r.method == c.method && r.setting == c.setting
+            });
+            let nll = match &c.error {
+                Some(e) => format!("failed: {}", e.replace('|', "/").replace('\n', " ")),
+                None if chosen => format!("**{:.4}**", c.val_nll),
+                None => format!("{:.4}", c.val_nll),
+            };
+            let setting = c
+                .config
+                .as_ref()
+                .map(|x| serde_json::to_string(x).unwrap_or_default())
+                .unwrap_or_default();
+            md.push_str(&format!(
+                "| {} | {} | `{setting}` | {nll} |\n",
+                c.scenario, c.method
+            ));
+        }
+    }
     let failed: Vec<&Cell> = comparison
         .failed
         .iter()
@@ -328,7 +358,7 @@ fn write_report(
     let json = serde_json::json!({ "settings": {
             "scenarios": scenarios, "methods": methods, "seeds": plan.seeds, "grid": plan.grid,
             "recipe": template.to_options(), "evaluation": plan.suite,
-        }, "minutes": minutes, "skipped": skipped, "cells": cells });
+        }, "minutes": minutes, "skipped": skipped, "cells": cells, "tuning": tuning });
     write_atomic(
         &plan.out.join("results.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),

@@ -104,6 +104,29 @@ fn compare_runs_the_matrix_reports_and_resumes() -> Result<()> {
         2 * 2 + 3 * 2,
         "2 seeds of the best setting + references"
     );
+    // Every tuning run is in results.json; each method's reported setting
+    // is the one with the lowest validation NLL at the tuning seed.
+    let tuning = results["tuning"].as_array().cloned().unwrap_or_default();
+    assert_eq!(tuning.len(), 2 * 2, "{tuning:#?}");
+    for method in ["fedavg", "fed-cmp"] {
+        let runs: Vec<&serde_json::Value> =
+            tuning.iter().filter(|c| c["method"] == method).collect();
+        assert!(runs.iter().all(|c| c["seed"] == 1000));
+        let best = runs
+            .iter()
+            .min_by(|a, b| {
+                let v = |c: &serde_json::Value| c["val_nll"].as_f64().unwrap_or(f64::INFINITY);
+                v(a).total_cmp(&v(b))
+            })
+            .map(|c| c["setting"].clone());
+        for cell in results["cells"].as_array().into_iter().flatten() {
+            if cell["method"] == method {
+                assert_eq!(Some(cell["setting"].clone()), best, "{method}");
+            }
+        }
+    }
+    let report = std::fs::read_to_string(out.join("report.md"))?;
+    assert!(report.contains("## Tuning (validation NLL at the tuning seed"));
     for cell in results["cells"].as_array().into_iter().flatten() {
         let suite = &cell["suite"];
         assert!(

@@ -199,6 +199,9 @@ pub struct Comparison {
     pub reported: Vec<Cell>,
     /// Every failed cell seen, tuning runs included.
     pub failed: Vec<Cell>,
+    /// The tuning runs (the tuning seed, every setting of the grid) of
+    /// the federated methods, in scenario, method and setting order.
+    pub tuning: Vec<Cell>,
     /// Minutes this invocation took.
     pub minutes: f64,
     /// What each scenario's readers and encoder skipped, by scenario name.
@@ -350,6 +353,7 @@ struct Scene<'a> {
     plan: &'a Plan,
     observer: &'a dyn Observer,
     failed: &'a Mutex<Vec<Cell>>,
+    tuning: &'a Mutex<Vec<Cell>>,
 }
 
 impl Scene<'_> {
@@ -614,6 +618,9 @@ impl Scene<'_> {
                     tuned.push(self.trained_cell(method, g, Some(config), TUNING_SEED, false)?);
                     tick();
                 }
+                if let Ok(mut kept) = self.tuning.lock() {
+                    kept.extend(tuned.iter().cloned());
+                }
                 // The best validation NLL (first on ties; NaN never wins).
                 let best = tuned
                     .iter()
@@ -676,6 +683,7 @@ pub fn run(
     });
     let started = Instant::now();
     let failed = Mutex::new(Vec::new());
+    let tuning = Mutex::new(Vec::new());
     let mut reported = Vec::new();
     let mut skipped = BTreeMap::new();
     for scenario in &plan.scenarios {
@@ -692,14 +700,32 @@ pub fn run(
             plan,
             observer,
             failed: &failed,
+            tuning: &tuning,
         };
         reported.extend(run_methods(&scene, &tick)?);
     }
     observer.observe(Event::StageDone(Stage::Cells));
     let failed = failed.into_inner().unwrap_or_default();
+    let mut tuning = tuning.into_inner().unwrap_or_default();
+    // Jobs may finish methods out of order.
+    let order = |c: &Cell| {
+        (
+            plan.scenarios
+                .iter()
+                .position(|s| s == &c.scenario)
+                .unwrap_or(usize::MAX),
+            plan.methods
+                .iter()
+                .position(|m| m.name() == c.method)
+                .unwrap_or(usize::MAX),
+            c.setting,
+        )
+    };
+    tuning.sort_by_key(order);
     Ok(Comparison {
         reported,
         failed,
+        tuning,
         minutes: started.elapsed().as_secs_f64() / 60.0,
         skipped,
     })
