@@ -589,6 +589,9 @@ pub struct ScenarioResult {
     pub skipped: fedcmp_data::record::SkipReport,
 }
 
+/// A rule's proposals by round, or why its run did not reach the round.
+type Proposals = Vec<(u64, std::result::Result<ParamSet, String>)>;
+
 /// Scores proposals of the recorded rounds of one scenario, and of the
 /// rules' own trajectories.
 struct Scoring<'a> {
@@ -713,13 +716,7 @@ impl Scoring<'_> {
 
     /// The rule's proposals at rounds `wanted`, run over the recorded
     /// rounds in order (the FedAvg trajectory).
-    fn counterfactual(
-        &self,
-        seed: u64,
-        rule: &Rule,
-        lr: f64,
-        wanted: &[u64],
-    ) -> Result<Vec<(u64, std::result::Result<ParamSet, String>)>> {
+    fn counterfactual(&self, seed: u64, rule: &Rule, lr: f64, wanted: &[u64]) -> Result<Proposals> {
         let Some(&last) = wanted.last() else {
             return Ok(Vec::new());
         };
@@ -745,13 +742,7 @@ impl Scoring<'_> {
     /// recorded run's settings with the rule as the strategy, trained from
     /// round 1. A run that fails (diverges) leaves its reason at every
     /// wanted round it did not reach.
-    fn replay(
-        &self,
-        seed: u64,
-        rule: &Rule,
-        lr: f64,
-        wanted: &[u64],
-    ) -> Result<Vec<(u64, std::result::Result<ParamSet, String>)>> {
+    fn replay(&self, seed: u64, rule: &Rule, lr: f64, wanted: &[u64]) -> Result<Proposals> {
         let config = with_server_lr(&rule.config, lr)?;
         let mut settings = recording_settings(self.template, self.rounds, seed);
         settings.training = Training::Federated(config.clone());

@@ -39,15 +39,50 @@ fn rules() -> Result<Vec<Rule>> {
     ])
 }
 
-#[test]
-fn rules_are_scored_paired_on_recorded_fedavg_rounds_and_resume() -> Result<()> {
+/// The harness of `rules()` run once on a fresh tiny world, into
+/// `<world>/<name>`, with or without replay.
+struct Ran {
+    w: crate::runs::World,
+    settings: fedcmp_experiment::RunSettings,
+    experiment: fedcmp_experiment::Experiment,
+    plan: HarnessPlan,
+    first: fedcmp_experiment::harness::ScenarioResult,
+    /// The scenario's folder.
+    dir: std::path::PathBuf,
+}
+
+fn ran(name: &str, replay: bool) -> Result<Ran> {
     let w = world()?;
     let settings = w.settings(RunOptions::default())?;
     let experiment = w.experiment(&settings)?;
-    let out = w.dir.path().join("harness");
-    let plan = plan(out.clone(), rules()?);
+    let out = w.dir.path().join(name);
+    let plan = HarnessPlan {
+        replay,
+        ..plan(out.clone(), rules()?)
+    };
     let first = run_scenario(&experiment, &settings, &plan, &Silent)?;
     let dir = out.join(&experiment.scenario.name);
+    Ok(Ran {
+        w,
+        settings,
+        experiment,
+        plan,
+        first,
+        dir,
+    })
+}
+
+#[test]
+fn rules_are_scored_paired_on_recorded_fedavg_rounds_and_resume() -> Result<()> {
+    // `_world` keeps the world's folder until the test ends.
+    let Ran {
+        w: _world,
+        settings,
+        experiment,
+        plan,
+        first,
+        dir,
+    } = ran("harness", false)?;
 
     // FedAvg at server lr 1 on round t's updates is the recorded global of
     // round t + 1, bit for bit: the recording is the FedAvg trajectory.
@@ -149,14 +184,15 @@ fn scores_of(dir: &std::path::Path) -> Result<Scores> {
 /// scores nothing again.
 #[test]
 fn replay_runs_every_rule_on_its_own_trajectory() -> Result<()> {
-    let w = world()?;
-    let settings = w.settings(RunOptions::default())?;
-    let experiment = w.experiment(&settings)?;
-    let out = w.dir.path().join("harness-replay");
-    let mut plan = plan(out.clone(), rules()?);
-    plan.replay = true;
-    let first = run_scenario(&experiment, &settings, &plan, &Silent)?;
-    let dir = out.join(&experiment.scenario.name);
+    // `_world` keeps the world's folder until the test ends.
+    let Ran {
+        w: _world,
+        settings,
+        experiment,
+        plan,
+        first,
+        dir,
+    } = ran("harness-replay", true)?;
     let scores = scores_of(&dir)?;
     let at = |replay: bool, seed: u64, rule: &str, lr: f64, round: u64| {
         scores
