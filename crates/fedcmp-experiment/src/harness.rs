@@ -531,7 +531,16 @@ fn domain_values(
     let Some(first) = scores.first() else {
         return vec![None; n_domains];
     };
-    for (i, &d) in domains.iter().enumerate().take(first.nll.len()) {
+    // A failed replay's rounds have no items: the whole set has no value
+    // (its macro NLL is NaN, never chosen).
+    let items = first.nll.len();
+    if scores
+        .iter()
+        .any(|s| s.error.is_some() || s.nll.len() != items || s.tokens.len() != items)
+    {
+        return vec![None; n_domains];
+    }
+    for (i, &d) in domains.iter().enumerate().take(items) {
         let num: f64 = scores.iter().map(|s| s.nll[i]).sum();
         let weight: f64 = scores.iter().map(|s| f64::from(s.tokens[i])).sum();
         if let Some(v) = out.get_mut(d) {
@@ -1161,4 +1170,101 @@ fn agreements(recorded: &[RuleResult], own: &[RuleResult]) -> Vec<Agreement> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod verdict_tests {
+    use super::*;
+
+    fn difference(low: f64, high: f64) -> PairedDifference {
+        PairedDifference {
+            mean: (low + high) / 2.0,
+            low,
+            high,
+            seeds: 3,
+        }
+    }
+
+    /// NLL differences: an interval below 0 is better, above 0 worse,
+    /// one that holds 0 (its ends included) no difference.
+    #[test]
+    fn a_verdict_reads_the_interval_of_an_nll_difference() {
+        assert_eq!(Verdict::of(&difference(-0.3, -0.1)), Verdict::Better);
+        assert_eq!(Verdict::of(&difference(0.1, 0.3)), Verdict::Worse);
+        assert_eq!(Verdict::of(&difference(-0.1, 0.1)), Verdict::NoDifference);
+        assert_eq!(Verdict::of(&difference(0.0, 0.2)), Verdict::NoDifference);
+        assert_eq!(Verdict::of(&difference(-0.2, 0.0)), Verdict::NoDifference);
+    }
+
+    /// Scores with a failed round among them have no value (NaN macro,
+    /// never chosen), instead of reading past the failed round's items.
+    #[test]
+    fn a_failed_round_leaves_no_value_and_no_panic() {
+        let score = |nll: Vec<f64>, error: Option<String>| Score {
+            seed: 0,
+            rule: "r".into(),
+            server_lr: 1.0,
+            round: 1,
+            tokens: vec![2; nll.len()],
+            nll,
+            replay: true,
+            error,
+        };
+        let good = score(vec![1.0, 2.0], None);
+        let failed = score(Vec::new(), Some("diverged".into()));
+        let values = domain_values(&[&good, &failed], &[0, 1], 2);
+        assert_eq!(values, vec![None, None]);
+        let values = domain_values(&[&good], &[0, 1], 2);
+        assert_eq!(values, vec![Some(vec![(1.0, 2.0)]), Some(vec![(2.0, 2.0)])]);
+    }
+
+    /// A rule is judged against each baseline it has a difference to on
+    /// both trajectories; verdicts that differ are a disagreement.
+    #[test]
+    fn agreements_pair_the_two_trajectories_rule_by_rule() -> Result<()> {
+        let result = |rule: &str, vs: Option<PairedDifference>| -> Result<RuleResult> {
+            Ok(RuleResult {
+                rule: rule.into(),
+                config: with_server_lr(&StrategyConfig::default(), 1.0)?,
+                server_lr: 1.0,
+                tuning: Vec::new(),
+                val_nll: 1.0,
+                per_round: Vec::new(),
+                vs_baseline: vs,
+                vs_momentum: None,
+                failures: Vec::new(),
+            })
+        };
+        let recorded = [
+            result(BASELINE, None)?,
+            result("a", Some(difference(0.1, 0.2)))?,
+            result("b", Some(difference(-0.2, -0.1)))?,
+            result("only-recorded", Some(difference(0.1, 0.2)))?,
+        ];
+        let own = [
+            result(BASELINE, None)?,
+            result("a", Some(difference(-0.1, 0.2)))?,
+            result("b", Some(difference(-0.3, -0.1)))?,
+        ];
+        let found = agreements(&recorded, &own);
+        assert_eq!(
+            found,
+            [
+                Agreement {
+                    rule: "a".into(),
+                    versus: BASELINE.into(),
+                    recorded: Verdict::Worse,
+                    own: Verdict::NoDifference,
+                },
+                Agreement {
+                    rule: "b".into(),
+                    versus: BASELINE.into(),
+                    recorded: Verdict::Better,
+                    own: Verdict::Better,
+                },
+            ]
+        );
+        assert!(!found[0].agrees() && found[1].agrees());
+        Ok(())
+    }
 }
