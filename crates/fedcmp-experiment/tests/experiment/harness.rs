@@ -39,6 +39,16 @@ fn rules() -> Result<Vec<Rule>> {
     ])
 }
 
+/// A rule's chosen server lr is its tuning argmin.
+fn assert_chose_the_tuning_argmin(rule: &fedcmp_experiment::harness::RuleResult) {
+    let best = rule
+        .tuning
+        .iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(lr, _)| *lr);
+    assert_eq!(Some(rule.server_lr), best, "{}", rule.rule);
+}
+
 /// The harness of `rules()` run once on a fresh tiny world, into
 /// `<world>/<name>`, with or without replay.
 struct Ran {
@@ -106,13 +116,7 @@ fn rules_are_scored_paired_on_recorded_fedavg_rounds_and_resume() -> Result<()> 
         assert_eq!(rule.per_round.len(), 2, "{}", rule.rule);
         assert!(rule.val_nll.is_finite());
         assert_eq!(rule.tuning.len(), 2);
-        // The chosen lr is the tuning argmin.
-        let best = rule
-            .tuning
-            .iter()
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(lr, _)| *lr);
-        assert_eq!(Some(rule.server_lr), best, "{}", rule.rule);
+        assert_chose_the_tuning_argmin(rule);
         match rule.rule.as_str() {
             BASELINE => assert!(rule.vs_baseline.is_none()),
             _ => {
@@ -184,16 +188,15 @@ fn scores_of(dir: &std::path::Path) -> Result<Scores> {
 /// scores nothing again.
 #[test]
 fn replay_runs_every_rule_on_its_own_trajectory() -> Result<()> {
-    // `_world` keeps the world's folder until the test ends.
-    let Ran {
-        w: _world,
-        settings,
-        experiment,
-        plan,
-        first,
-        dir,
-    } = ran("harness-replay", true)?;
-    let scores = scores_of(&dir)?;
+    let ran = ran("harness-replay", true)?;
+    let (settings, experiment, plan, first, dir) = (
+        &ran.settings,
+        &ran.experiment,
+        &ran.plan,
+        &ran.first,
+        &ran.dir,
+    );
+    let scores = scores_of(dir)?;
     let at = |replay: bool, seed: u64, rule: &str, lr: f64, round: u64| {
         scores
             .get(&(replay, seed, rule.to_string(), lr.to_bits(), round))
@@ -220,12 +223,7 @@ fn replay_runs_every_rule_on_its_own_trajectory() -> Result<()> {
     for rule in &first.replay {
         assert!(rule.val_nll.is_finite(), "{}", rule.rule);
         assert!(rule.failures.is_empty());
-        let best = rule
-            .tuning
-            .iter()
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(lr, _)| *lr);
-        assert_eq!(Some(rule.server_lr), best, "{}", rule.rule);
+        assert_chose_the_tuning_argmin(rule);
     }
     // Every rule against each baseline but itself.
     let judged: Vec<(&str, &str)> = first
@@ -249,7 +247,7 @@ fn replay_runs_every_rule_on_its_own_trajectory() -> Result<()> {
     // Per trajectory: 2 lrs x 3 rules x 2 rounds + 3 rules x 2 seeds x 2
     // rounds; and the starts, 2 seeds x 2 rounds.
     assert_eq!(lines, 2 * (12 + 12) + 4);
-    let second = run_scenario(&experiment, &settings, &plan, &Silent)?;
+    let second = run_scenario(experiment, settings, plan, &Silent)?;
     assert_eq!(
         std::fs::read_to_string(dir.join("scores.jsonl"))?
             .lines()
