@@ -274,12 +274,7 @@ fn write_report(
     for s in &scenarios {
         for m in methods.iter().filter(|m| federated(m)) {
             if let Some(c) = cells.iter().find(|c| &c.scenario == s && &c.method == m) {
-                let setting = c
-                    .config
-                    .as_ref()
-                    .map(|x| serde_json::to_string(x).unwrap_or_default())
-                    .unwrap_or_default();
-                md.push_str(&format!("| {s} | {m} | `{setting}` |\n"));
+                md.push_str(&format!("| {s} | {m} | `{}` |\n", setting_text(c)));
             }
         }
     }
@@ -298,18 +293,15 @@ fn write_report(
                 r.scenario == c.scenario && r.method == c.method && r.setting == c.setting
             });
             let nll = match &c.error {
-                Some(e) => format!("failed: {}", e.replace('|', "/").replace('\n', " ")),
+                Some(e) => format!("failed: {}", cell_text(e)),
                 None if chosen => format!("**{:.4}**", c.val_nll),
                 None => format!("{:.4}", c.val_nll),
             };
-            let setting = c
-                .config
-                .as_ref()
-                .map(|x| serde_json::to_string(x).unwrap_or_default())
-                .unwrap_or_default();
             md.push_str(&format!(
-                "| {} | {} | `{setting}` | {nll} |\n",
-                c.scenario, c.method
+                "| {} | {} | `{}` | {nll} |\n",
+                c.scenario,
+                c.method,
+                setting_text(c)
             ));
         }
     }
@@ -321,12 +313,7 @@ fn write_report(
     if !failed.is_empty() {
         md.push_str("\n## Failed runs (recorded, left out of the tables)\n\n| scenario | method | setting | seed | error |\n|---|---|---|---|---|\n");
         for c in &failed {
-            let error = c
-                .error
-                .as_deref()
-                .unwrap_or("")
-                .replace('|', "/")
-                .replace('\n', " ");
+            let error = cell_text(c.error.as_deref().unwrap_or(""));
             md.push_str(&format!(
                 "| {} | {} | {} | {} | {error} |\n",
                 c.scenario, c.method, c.setting, c.seed
@@ -474,6 +461,19 @@ pub fn summary_table(cells: &[Cell], methods: &[Method]) -> String {
         out.push_str(&captions);
     }
     out
+}
+
+/// A cell's strategy as one line of JSON (empty for the references).
+fn setting_text(c: &Cell) -> String {
+    c.config
+        .as_ref()
+        .map(|x| serde_json::to_string(x).unwrap_or_default())
+        .unwrap_or_default()
+}
+
+/// `text` fit for one markdown table cell.
+fn cell_text(text: &str) -> String {
+    text.replace('|', "/").replace('\n', " ")
 }
 
 /// Greedy captions printed per method after the table (the report has
