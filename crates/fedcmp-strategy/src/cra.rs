@@ -28,7 +28,21 @@
 //!                               g_j = clip((1 - r_j) / (1 - sum_k p_k^2), 0, 1)
 //!                               c*_j = g_j rho_j^gamma sum_k alpha_kj c_kj
 //! basis-beta > 0:               U from G_t = beta G_{t-1} + sum_k p_k Delta_k Delta_k^T
+//! gain = "temporal":            g_kj = max(0, cos(c_kj, u_j^T Delta_k^prev))   (1 with no past)
+//!                               c*_j = rho_j^gamma sum_k alpha_kj g_kj c_kj
 //! ```
+//!
+//! The temporal gain (ALGORITHMS-NOTES.md §1) judges a client's direction
+//! by its agreement with the same client's previous update, `Delta_k^prev`
+//! (from the last round it took part in), rather than with the other
+//! clients: a domain-specific direction that a client repeats is kept, one
+//! that flips or appears once is shrunk. Under `c = s + noise` with
+//! independent noise of equal size in both rounds, the cosine estimates
+//! the Wiener factor `||s||^2 / (||s||^2 + sigma^2)`. The past deltas are
+//! the aggregator's state (`cra_past_delta/<client id>`, one f32 set of
+//! the weight matrices per client ever seen, held in memory as saved);
+//! the direction's reported gain is `sum_k p_k g_kj ||c_kj||^2 / sum_k p_k
+//! ||c_kj||^2`.
 //!
 //! Both v2 rules read the `K x K` Gram matrix of the direction's
 //! coefficient rows, so that the cross-client term `sum_{k != l} p_k p_l
@@ -94,10 +108,11 @@
 //! directions and spectrum shape, 1 = orthogonal).
 
 use fedcmp_core::metrics::names;
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 use faer::Mat;
-use fedcmp_core::{ParamSet, ParamTensor, RoundMetrics};
+use fedcmp_core::{ClientId, ParamSet, ParamTensor, RoundMetrics};
 use rayon::prelude::*;
 
 use serde::{Deserialize, Serialize};
@@ -161,6 +176,9 @@ pub enum Gain {
     None,
     /// v2: the positive-part James-Stein share of cross-client energy.
     Shrinkage,
+    /// Per client and direction: the positive part of the cosine with the
+    /// same client's previous delta there (ALGORITHMS-NOTES.md §1).
+    Temporal,
 }
 
 /// CRA's hyper-parameters (validated by the config layer).
@@ -601,8 +619,11 @@ pub struct Reliability {
     pub alpha: Vec<f64>,
     /// `rho_j` in [0, 1] (0 when every `c_kj` is 0).
     pub rho: f64,
-    /// `g_j` in [0, 1] (1 without the shrinkage gain).
+    /// `g_j` in [0, 1] (1 without a gain; with the temporal gain, the
+    /// energy-weighted mean of the clients' gains).
     pub gain: f64,
+    /// `g_kj` per client (the temporal gain; 1 for the other rules).
+    pub client_gain: Vec<f64>,
     /// The cross-client term `sum_{k != l} p_k p_l <c_kj, c_lj>`.
     pub cross: f64,
     /// `||cbar_j||^2`.
@@ -613,8 +634,21 @@ pub struct Reliability {
 
 /// The reliability rule of §3 step 4-5 (and §3.1 items 1-2) for one
 /// direction `j`: `rows[k]` is `c_kj`, `weights[k]` is `p_k`; `params`
-/// gives `tau`, `gamma`, the agreement and the gain.
+/// gives `tau`, `gamma`, the agreement and the gain. No client has a past
+/// (the temporal gain is then 1).
 pub fn reliability(rows: &[&[f64]], weights: &[f64], params: &CraParams) -> Result<Reliability> {
+    reliability_with(rows, &[], weights, params)
+}
+
+/// [`reliability`] with each client's previous coefficient row on the same
+/// direction, `past[k]` (`u_j^T Delta_k^prev`; `None`, or `past` shorter
+/// than `rows`, for a client without one), read by the temporal gain.
+pub fn reliability_with(
+    rows: &[&[f64]],
+    past: &[Option<&[f64]>],
+    weights: &[f64],
+    params: &CraParams,
+) -> Result<Reliability> {
     if rows.len() != weights.len() {
         return Err(StrategyError::Length {
             what: "weights",
@@ -693,15 +727,44 @@ pub fn reliability(rows: &[&[f64]], weights: &[f64], params: &CraParams) -> Resu
     } else {
         0.0
     };
+    let client_gain: Vec<f64> = match params.gain {
+        Gain::Temporal => rows
+            .iter()
+            .enumerate()
+            .map(|(k, row)| match past.get(k).copied().flatten() {
+                Some(before) => Ok(ops::cosine(row, before)?.max(0.0)),
+                None => Ok(1.0),
+            })
+            .collect::<Result<_>>()?,
+        Gain::None | Gain::Shrinkage => vec![1.0; k],
+    };
     let gain = match params.gain {
         Gain::None => 1.0,
         Gain::Shrinkage => shrinkage_gain(cross, merged_sq, weights),
+        Gain::Temporal => {
+            let (mut kept, mut all) = (0.0, 0.0);
+            for ((g, n), p) in client_gain.iter().zip(&norms).zip(weights) {
+                kept += p * g * n * n;
+                all += p * n * n;
+            }
+            if all > 0.0 {
+                kept / all
+            } else {
+                1.0
+            }
+        }
     };
     let mut fused = vec![0.0; width];
-    for (row, &a) in rows.iter().zip(&alpha) {
-        ops::axpy(a, row, &mut fused)?;
+    for ((row, &a), &g) in rows.iter().zip(&alpha).zip(&client_gain) {
+        ops::axpy(a * g, row, &mut fused)?;
     }
-    let factor = gain
+    // The temporal gain is already inside the sum (per client).
+    let direction_gain = if params.gain == Gain::Temporal {
+        1.0
+    } else {
+        gain
+    };
+    let factor = direction_gain
         * if params.confidence_power != 0.0 {
             rho.powf(params.confidence_power)
         } else {
@@ -715,6 +778,7 @@ pub fn reliability(rows: &[&[f64]], weights: &[f64], params: &CraParams) -> Resu
         alpha,
         rho,
         gain,
+        client_gain,
         cross,
         merged_sq,
         fused,
@@ -832,6 +896,22 @@ pub fn merge_matrix_with(
     params: &CraParams,
     previous: Option<&[f32]>,
 ) -> Result<MergedMatrix> {
+    merge_matrix_history(slices, p, rows, cols, params, previous, &[])
+}
+
+/// CRA on one matrix with everything it can carry between rounds: the
+/// averaged Gram `previous` and, for the temporal gain, each client's
+/// previous delta of this matrix `past[k]` (row-major `rows x cols`;
+/// `None`, or `past` shorter than `slices`, for a client without one).
+pub fn merge_matrix_history(
+    slices: &[&[f64]],
+    p: &[f64],
+    rows: usize,
+    cols: usize,
+    params: &CraParams,
+    previous: Option<&[f32]>,
+    past: &[Option<&[f32]>],
+) -> Result<MergedMatrix> {
     let mut basis = canonical_basis_with(slices, p, rows, cols, params, previous)?;
     let averaged = basis.averaged.take();
     let r = basis.rank;
@@ -845,6 +925,33 @@ pub fn merge_matrix_with(
             ))
         })
         .collect::<Result<_>>()?;
+    // The past deltas in the round's basis (only the temporal gain reads them).
+    let past_coeffs: Vec<Option<Vec<f64>>> = if params.gain == Gain::Temporal {
+        past.iter()
+            .map(|before| {
+                before
+                    .map(|b| {
+                        if b.len() != rows * cols {
+                            return Err(StrategyError::StateLayout {
+                                key: PAST_KEY.to_string(),
+                                detail: fedcmp_core::CoreError::Invalid(format!(
+                                    "{} values where a {rows} x {cols} delta was expected",
+                                    b.len()
+                                )),
+                            });
+                        }
+                        let wide: Vec<f64> = b.iter().map(|&x| f64::from(x)).collect();
+                        Ok(dense::mul_to_row_major(
+                            u.transpose(),
+                            dense::view(&wide, rows, cols)?,
+                        ))
+                    })
+                    .transpose()
+            })
+            .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
     let kept = coeffs
         .iter()
         .map(|c| c.iter().map(|x| x * x).sum())
@@ -862,10 +969,15 @@ pub fn merge_matrix_with(
                 .iter()
                 .map(|c| &c[j * cols..(j + 1) * cols])
                 .collect();
-            reliability(&rows_j, p, params)
+            let past_j: Vec<Option<&[f64]>> = past_coeffs
+                .iter()
+                .map(|c| c.as_deref().map(|c| &c[j * cols..(j + 1) * cols]))
+                .collect();
+            reliability_with(&rows_j, &past_j, p, params)
         })
         .collect::<Result<_>>()?;
     drop(coeffs);
+    drop(past_coeffs);
     let mut fused = Vec::with_capacity(r * cols);
     let (mut rho, mut gain, mut cross, mut merged_sq) = (
         Vec::with_capacity(r),
@@ -917,18 +1029,32 @@ pub fn merge_matrix_with(
 
 /// The state key of the averaged Gram matrices (basis momentum).
 const GRAM_KEY: &str = "cra_basis_gram";
+/// The state key prefix of the clients' past deltas (temporal gain),
+/// followed by the client id.
+const PAST_KEY: &str = "cra_past_delta/";
 
-/// CRA as an [`Aggregator`]. Its only state is the averaged Gram of basis
-/// momentum (none when `basis_beta = 0`).
+/// CRA as an [`Aggregator`]. Its state: the averaged Gram of basis
+/// momentum (none when `basis_beta = 0`) and, with the temporal gain, each
+/// client's last delta of every weight matrix.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CanonicalMerge {
     pub params: CraParams,
     gram: Option<ParamSet>,
+    past: BTreeMap<ClientId, ParamSet>,
 }
 
 impl CanonicalMerge {
     pub fn new(params: CraParams) -> Self {
-        Self { params, gram: None }
+        Self {
+            params,
+            gram: None,
+            past: BTreeMap::new(),
+        }
+    }
+
+    /// Each client's last delta of every weight matrix (temporal gain).
+    pub fn past_deltas(&self) -> &BTreeMap<ClientId, ParamSet> {
+        &self.past
     }
 
     /// The averaged Gram per matrix (basis momentum; none before the first
@@ -971,6 +1097,8 @@ impl Aggregator for CanonicalMerge {
         let mut drifts = Vec::new();
         let mut kept = vec![0.0; k];
         let mut total = vec![0.0; k];
+        let temporal = self.params.gain == Gain::Temporal;
+        let mut seen: Vec<Vec<(String, ParamTensor)>> = vec![Vec::new(); k];
         for (name, shape, range) in ops::tensor_ranges(input.global) {
             let slices: Vec<&[f64]> = input
                 .deltas
@@ -997,7 +1125,32 @@ impl Aggregator for CanonicalMerge {
                 .as_ref()
                 .and_then(|g| g.get(name))
                 .map(|t| t.data.as_slice());
-            let merged = merge_matrix_with(&slices, p, rows, cols, &self.params, previous)?;
+            let past: Vec<Option<&[f32]>> = if temporal {
+                input
+                    .updates
+                    .iter()
+                    .map(|u| {
+                        self.past
+                            .get(&u.client)
+                            .and_then(|set| set.get(name))
+                            .map(|t| t.data.as_slice())
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let merged =
+                merge_matrix_history(&slices, p, rows, cols, &self.params, previous, &past)?;
+            if temporal {
+                for (held, slice) in seen.iter_mut().zip(&slices) {
+                    // Rounding to f32 is the state's representation (held as saved).
+                    let values = slice.iter().map(|&x| x as f32).collect();
+                    held.push((
+                        name.to_string(),
+                        ParamTensor::new(name, vec![rows, cols], values)?,
+                    ));
+                }
+            }
             for (i, (a, b)) in merged.kept.iter().zip(&merged.total).enumerate() {
                 kept[i] += a;
                 total[i] += b;
@@ -1033,6 +1186,11 @@ impl Aggregator for CanonicalMerge {
         }
         if !grams.is_empty() {
             self.gram = Some(ParamSet::new(grams)?);
+        }
+        if temporal {
+            for (update, held) in input.updates.iter().zip(seen) {
+                self.past.insert(update.client, ParamSet::new(held)?);
+            }
         }
         metrics.set_series(names::CRA_RANK, ranks);
         metrics.set_series(names::CRA_ENERGY_KEPT, energies);
@@ -1081,10 +1239,22 @@ impl Aggregator for CanonicalMerge {
 
     fn save(&self, state: &mut StrategyState) {
         state.put_tensor(GRAM_KEY, self.gram.as_ref());
+        for (client, set) in &self.past {
+            state.put_tensor(&format!("{PAST_KEY}{}", client.0), Some(set));
+        }
     }
 
     fn load(&mut self, state: &mut StrategyState) -> Result<()> {
         self.gram = state.take_tensor(GRAM_KEY);
+        self.past = BTreeMap::new();
+        for (key, set) in state.take_prefixed(PAST_KEY) {
+            let id = key[PAST_KEY.len()..]
+                .parse::<u32>()
+                .map_err(|_| StrategyError::State {
+                    reason: format!("`{key}`: expected {PAST_KEY}<client id>"),
+                })?;
+            self.past.insert(ClientId(id), set);
+        }
         Ok(())
     }
 }
@@ -1142,7 +1312,7 @@ pub struct CraConfig {
     pub eigensolver: Eigensolver,
     /// `consensus` (v1, default) or `leave-one-out` (v2).
     pub agreement: Agreement,
-    /// `none` (v1, default) or `shrinkage` (v2).
+    /// `none` (v1, default), `shrinkage` (v2) or `temporal`.
     pub gain: Gain,
     /// Basis momentum `basis_beta` in [0, 1); 0 (default) = off.
     pub basis_beta: f64,

@@ -9,6 +9,10 @@
 //! (nesterov: theta_{t+1} = theta_t + eta_s * (beta * v_t + Delta_t))
 //! ```
 //!
+//! `momentum-form = "ema"`: the bias-corrected exponential average of
+//! [`MomentumForm::Ema`] instead (`v_t = beta v_{t-1} + (1 - beta)
+//! Delta_t`, step `eta_s v_t / (1 - beta^t)`).
+//!
 //! = [`WeightedMean`] + [`HeavyBall`]. Sends `LocalObjective::Plain`.
 //! State: the server velocity `v` (key `momentum`).
 
@@ -16,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::compose::{Composed, Plain};
 use crate::mean::{WeightedMean, Weighting};
-use crate::server_opt::HeavyBall;
+use crate::server_opt::{HeavyBall, MomentumForm};
 use crate::validate::{positive, unit_interval};
 use crate::Result;
 
@@ -31,8 +35,11 @@ pub struct FedAvgMConfig {
     pub server_lr: f64,
     /// `beta` in [0, 1).
     pub momentum: f64,
-    /// Nesterov's look-ahead form.
+    /// Nesterov's look-ahead form (heavy ball only).
     pub nesterov: bool,
+    /// `heavy-ball` (default) or `ema` (bias-corrected).
+    #[serde(skip_serializing_if = "MomentumForm::is_heavy_ball")]
+    pub momentum_form: MomentumForm,
 }
 
 impl Default for FedAvgMConfig {
@@ -41,6 +48,7 @@ impl Default for FedAvgMConfig {
             server_lr: 1.0,
             momentum: 0.9,
             nesterov: false,
+            momentum_form: MomentumForm::HeavyBall,
         }
     }
 }
@@ -48,7 +56,8 @@ impl Default for FedAvgMConfig {
 impl FedAvgMConfig {
     pub fn validate(&self) -> Result<()> {
         positive("server-lr", self.server_lr)?;
-        unit_interval("momentum", self.momentum)
+        unit_interval("momentum", self.momentum)?;
+        self.momentum_form.check_nesterov(self.nesterov)
     }
 }
 
@@ -62,6 +71,11 @@ pub fn fedavgm(config: &FedAvgMConfig) -> Result<FedAvgM> {
         NAME,
         Plain,
         WeightedMean::new(Weighting::Samples),
-        HeavyBall::new(config.server_lr, config.momentum, config.nesterov),
+        HeavyBall::with_form(
+            config.server_lr,
+            config.momentum,
+            config.nesterov,
+            config.momentum_form,
+        ),
     ))
 }

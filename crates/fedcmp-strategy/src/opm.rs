@@ -15,6 +15,12 @@
 //!          (nesterov: eta_s (beta v_t + mean delta))
 //! ```
 //!
+//! `momentum-form = "ema"` ([`MomentumForm::Ema`]): `K_t = beta Ktilde +
+//! (1 - beta) C*_t`, `v_t = beta v_{t-1} + (1 - beta) mean delta`, and the
+//! applied momentum is divided by `1 - beta^t` (`t` = accumulations so
+//! far, state scalar `opm_momentum_count`); with full span and uniform
+//! reliability it is FedAvgM's EMA form, as heavy ball is FedAvgM's.
+//!
 //! State keys: `opm_basis` (`U_m`, one `rows x r` tensor per matrix, named
 //! like it), `opm_coeffs` (`K_m`, `r x cols`), `opm_bias_momentum` (one
 //! vector per bias). Like every other strategy's state it is held in memory
@@ -34,12 +40,14 @@ use crate::compose::{Composed, Plain, ServerOptimizer};
 use crate::cra::{CanonicalMerge, CanonicalUpdate, CraConfig};
 use crate::dense::{mul_rowmajor, tmul_rowmajor};
 use crate::round::RoundInput;
+use crate::server_opt::MomentumForm;
 use crate::validate::{positive, unit_interval};
 use crate::{ops, Result, StrategyError, StrategyState};
 
 const BASIS_KEY: &str = "opm_basis";
 const COEFFS_KEY: &str = "opm_coeffs";
 const BIAS_KEY: &str = "opm_bias_momentum";
+const COUNT_KEY: &str = "opm_momentum_count";
 
 /// Orthogonality-preserved momentum on CRA's canonical update.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,20 +55,29 @@ pub struct OrthogonalMomentum {
     pub lr: f64,
     pub beta: f64,
     pub nesterov: bool,
+    pub form: MomentumForm,
     basis: Option<ParamSet>,
     coeffs: Option<ParamSet>,
     bias: Option<ParamSet>,
+    /// Accumulations so far (read by the EMA form's bias correction).
+    count: u64,
 }
 
 impl OrthogonalMomentum {
     pub fn new(lr: f64, beta: f64, nesterov: bool) -> Self {
+        Self::with_form(lr, beta, nesterov, MomentumForm::HeavyBall)
+    }
+
+    pub fn with_form(lr: f64, beta: f64, nesterov: bool, form: MomentumForm) -> Self {
         Self {
             lr,
             beta,
             nesterov,
+            form,
             basis: None,
             coeffs: None,
             bias: None,
+            count: 0,
         }
     }
 
@@ -103,6 +120,12 @@ impl ServerOptimizer<CanonicalUpdate> for OrthogonalMomentum {
         let mut new_coeffs = Vec::new();
         let mut new_bias = Vec::new();
         let (mut old_energy, mut kept_energy, mut momentum_sq) = (0.0, 0.0, 0.0);
+        let count = match self.form {
+            MomentumForm::HeavyBall => 0,
+            MomentumForm::Ema => self.count + 1,
+        };
+        let weight = self.form.update_weight(self.beta);
+        let scale = self.form.step_scale(self.beta, count);
         for m in &update.matrices {
             let (rows, cols, r) = (m.rows, m.cols, m.rank);
             // Ktilde = (U_t^T U_m) K_m.
@@ -129,11 +152,15 @@ impl ServerOptimizer<CanonicalUpdate> for OrthogonalMomentum {
                 k_t = tilde;
             }
             ops::scale(self.beta, &mut k_t);
-            ops::axpy(1.0, &m.coeffs, &mut k_t)?;
+            ops::axpy(weight, &m.coeffs, &mut k_t)?;
             let applied = if self.nesterov {
                 let mut a = k_t.clone();
                 ops::scale(self.beta, &mut a);
                 ops::axpy(1.0, &m.coeffs, &mut a)?;
+                a
+            } else if scale != 1.0 {
+                let mut a = k_t.clone();
+                ops::scale(scale, &mut a);
                 a
             } else {
                 k_t.clone()
@@ -175,7 +202,7 @@ impl ServerOptimizer<CanonicalUpdate> for OrthogonalMomentum {
                 None => vec![0.0; v.mean.len()],
             };
             ops::scale(self.beta, &mut vel);
-            ops::axpy(1.0, &v.mean, &mut vel)?;
+            ops::axpy(weight, &v.mean, &mut vel)?;
             let dst = next.get_mut(v.range.clone()).ok_or(StrategyError::Length {
                 what: "canonical update",
                 expected: input.global_flat.len(),
@@ -185,7 +212,7 @@ impl ServerOptimizer<CanonicalUpdate> for OrthogonalMomentum {
                 ops::axpy(self.lr * self.beta, &vel, dst)?;
                 ops::axpy(self.lr, &v.mean, dst)?;
             } else {
-                ops::axpy(self.lr, &vel, dst)?;
+                ops::axpy(self.lr * scale, &vel, dst)?;
             }
             momentum_sq += vel.iter().map(|x| x * x).sum::<f64>();
             new_bias.push((
@@ -205,6 +232,7 @@ impl ServerOptimizer<CanonicalUpdate> for OrthogonalMomentum {
         self.basis = Some(ParamSet::new(new_basis)?);
         self.coeffs = Some(ParamSet::new(new_coeffs)?);
         self.bias = Some(ParamSet::new(new_bias)?);
+        self.count = count;
         Ok(next)
     }
 
@@ -212,12 +240,15 @@ impl ServerOptimizer<CanonicalUpdate> for OrthogonalMomentum {
         state.put_tensor(BASIS_KEY, self.basis.as_ref());
         state.put_tensor(COEFFS_KEY, self.coeffs.as_ref());
         state.put_tensor(BIAS_KEY, self.bias.as_ref());
+        self.form.save_count(COUNT_KEY, self.count, state);
     }
 
     fn load(&mut self, state: &mut StrategyState) -> Result<()> {
         self.basis = state.take_tensor(BASIS_KEY);
         self.coeffs = state.take_tensor(COEFFS_KEY);
         self.bias = state.take_tensor(BIAS_KEY);
+        let has_momentum = self.coeffs.is_some() || self.bias.is_some();
+        self.count = self.form.load_count(COUNT_KEY, has_momentum, state)?;
         Ok(())
     }
 }
@@ -235,8 +266,11 @@ pub struct FedCmpConfig {
     pub cra: CraConfig,
     /// `beta` in [0, 1).
     pub beta: f64,
-    /// Nesterov's look-ahead form.
+    /// Nesterov's look-ahead form (heavy ball only).
     pub nesterov: bool,
+    /// `heavy-ball` (default) or `ema` (bias-corrected).
+    #[serde(skip_serializing_if = "MomentumForm::is_heavy_ball")]
+    pub momentum_form: MomentumForm,
 }
 
 impl Default for FedCmpConfig {
@@ -245,6 +279,7 @@ impl Default for FedCmpConfig {
             cra: CraConfig::default(),
             beta: 0.9,
             nesterov: false,
+            momentum_form: MomentumForm::HeavyBall,
         }
     }
 }
@@ -253,7 +288,8 @@ impl FedCmpConfig {
     pub fn validate(&self) -> Result<()> {
         self.cra.validate()?;
         positive("server-lr", self.cra.server_lr)?;
-        unit_interval("beta", self.beta)
+        unit_interval("beta", self.beta)?;
+        self.momentum_form.check_nesterov(self.nesterov)
     }
 }
 
@@ -267,6 +303,9 @@ pub struct OpmOnlyConfig {
     /// `beta` in [0, 1).
     pub beta: f64,
     pub nesterov: bool,
+    /// `heavy-ball` (default) or `ema` (bias-corrected).
+    #[serde(skip_serializing_if = "MomentumForm::is_heavy_ball")]
+    pub momentum_form: MomentumForm,
 }
 
 impl Default for OpmOnlyConfig {
@@ -275,6 +314,7 @@ impl Default for OpmOnlyConfig {
             server_lr: 1.0,
             beta: 0.9,
             nesterov: false,
+            momentum_form: MomentumForm::HeavyBall,
         }
     }
 }
@@ -305,6 +345,7 @@ pub fn opm_only(config: &OpmOnlyConfig) -> Result<FedCmp> {
         },
         beta: config.beta,
         nesterov: config.nesterov,
+        momentum_form: config.momentum_form,
     };
     build(OPM_ONLY, &full)
 }
@@ -315,6 +356,11 @@ fn build(name: &'static str, config: &FedCmpConfig) -> Result<FedCmp> {
         name,
         Plain,
         CanonicalMerge::new(config.cra.params()),
-        OrthogonalMomentum::new(config.cra.server_lr, config.beta, config.nesterov),
+        OrthogonalMomentum::with_form(
+            config.cra.server_lr,
+            config.beta,
+            config.nesterov,
+            config.momentum_form,
+        ),
     ))
 }

@@ -52,6 +52,20 @@ impl StrategyState {
         self.tensors.remove(key)
     }
 
+    /// Removes and returns every tensor whose key starts with `prefix`
+    /// (per-client entries), in key order.
+    pub fn take_prefixed(&mut self, prefix: &str) -> Vec<(String, ParamSet)> {
+        let keys: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| self.tensors.remove(&k).map(|v| (k, v)))
+            .collect()
+    }
+
     /// Removes and returns a scalar.
     pub fn take_scalar(&mut self, key: &str) -> Option<f64> {
         self.scalars.remove(key)

@@ -38,8 +38,10 @@ pub struct CompareArgs {
     /// Scenarios: built-in names or TOML files, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = built_in_names().into_iter().map(String::from).collect::<Vec<_>>())]
     pub scenarios: Vec<String>,
-    /// Methods: strategy names, `centralized`, `local-only`, `init`,
-    /// comma-separated [default: all of them].
+    /// Methods: strategy names, `centralized`, `local-only`, `init`, or the
+    /// candidate rules `fedavgm-ema`, `cra-temporal`,
+    /// `fed-cmp-ema-temporal` (docs/ALGORITHMS-NOTES.md), comma-separated
+    /// [default: every strategy and reference, no candidate].
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
     /// Seeds per method (mean and spread are over these).

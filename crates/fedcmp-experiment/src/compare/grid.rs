@@ -16,6 +16,13 @@
 //! learning rates of the research recipe (~1e-3) the paper's mu of
 //! 0.001-1 would pull by at most 0.1% per step, leaving FedAvg; 10 pulls
 //! by about 1% per step, a real but not dominant force over a round.
+//!
+//! The candidate rules of ALGORITHMS-NOTES.md ([`CANDIDATES`]) are
+//! preset configurations of registry strategies, compared under their own
+//! names on the same server-lr grid: `fedavgm-ema` (FedAvgM with the
+//! bias-corrected EMA momentum, beta 0.9), `cra-temporal` (CRA at energy
+//! 1, tau infinite, with the temporal gain, plain server step) and
+//! `fed-cmp-ema-temporal` (both: the temporal gain under OPM's EMA form).
 
 use fedcmp_strategy::config::StrategyConfig;
 use fedcmp_strategy::cra::CraConfig;
@@ -26,6 +33,7 @@ use fedcmp_strategy::fedopt::{FedAdagradConfig, FedAdaptiveConfig};
 use fedcmp_strategy::fedprox::FedProxConfig;
 use fedcmp_strategy::opm::{FedCmpConfig, OpmOnlyConfig};
 use fedcmp_strategy::scaffold::ScaffoldConfig;
+use fedcmp_strategy::server_opt::MomentumForm;
 use fedcmp_strategy::ties::TiesConfig;
 use fedcmp_strategy::{cra, fedavg, fedavgm, fednova, fedopt, fedprox, opm, scaffold, ties};
 
@@ -48,7 +56,26 @@ pub const ADAPTIVE: [(f64, f64); MAX_GRID] =
 /// FedProx's mu in the grid (see the module header).
 pub const FEDPROX_MU: f64 = 10.0;
 
-/// The grid of the strategy called `name` (empty for unknown names).
+/// The candidate rules (see the module header), in report order.
+pub const CANDIDATES: &[&str] = &[FEDAVGM_EMA, CRA_TEMPORAL, FED_CMP_EMA_TEMPORAL];
+pub const FEDAVGM_EMA: &str = "fedavgm-ema";
+pub const CRA_TEMPORAL: &str = "cra-temporal";
+pub const FED_CMP_EMA_TEMPORAL: &str = "fed-cmp-ema-temporal";
+
+/// CRA with the temporal gain alone: every direction kept (energy 1),
+/// data weights (tau infinite).
+fn temporal_cra(server_lr: f64) -> CraConfig {
+    CraConfig {
+        energy: 1.0,
+        tau: f64::INFINITY,
+        gain: cra::Gain::Temporal,
+        server_lr,
+        ..CraConfig::default()
+    }
+}
+
+/// The grid of the strategy or candidate called `name` (empty for unknown
+/// names).
 pub fn grid(name: &str) -> Vec<StrategyConfig> {
     let plain = |make: &dyn Fn(f64) -> StrategyConfig| SERVER_LRS.map(make).to_vec();
     let adaptive = |make: &dyn Fn(f64, f64) -> StrategyConfig| {
@@ -122,6 +149,21 @@ pub fn grid(name: &str) -> Vec<StrategyConfig> {
                 server_lr,
                 tau,
                 ..FedAdaptiveConfig::default()
+            })
+        }),
+        FEDAVGM_EMA => plain(&|server_lr| {
+            StrategyConfig::FedAvgM(FedAvgMConfig {
+                server_lr,
+                momentum_form: MomentumForm::Ema,
+                ..FedAvgMConfig::default()
+            })
+        }),
+        CRA_TEMPORAL => plain(&|server_lr| StrategyConfig::CraOnly(temporal_cra(server_lr))),
+        FED_CMP_EMA_TEMPORAL => plain(&|server_lr| {
+            StrategyConfig::FedCmp(FedCmpConfig {
+                cra: temporal_cra(server_lr),
+                momentum_form: MomentumForm::Ema,
+                ..FedCmpConfig::default()
             })
         }),
         _ => Vec::new(),

@@ -1,14 +1,17 @@
-//! The methods a comparison can run: every strategy of the registry, then
+//! The methods a comparison can run: every strategy of the registry, the
+//! candidate rules (presets of registry strategies, see [`super::grid`]), then
 //! the references (centralized, local-only, the untrained projector).
 
 use fedcmp_strategy::config::NAMES;
+
+use super::grid::CANDIDATES;
 
 use crate::{ExperimentError, Result};
 
 /// One row of a comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Method {
-    /// A federated strategy, by its registry name.
+    /// A federated strategy, by its registry or candidate name.
     Strategy(&'static str),
     Centralized,
     LocalOnly,
@@ -17,8 +20,8 @@ pub enum Method {
 }
 
 impl Method {
-    /// Every method in report order: the strategies as the registry lists
-    /// them, then the references.
+    /// The default methods in report order: the strategies as the registry
+    /// lists them, then the references (the candidates run when named).
     pub fn all() -> Vec<Method> {
         NAMES
             .iter()
@@ -27,15 +30,24 @@ impl Method {
             .collect()
     }
 
+    /// Every method a comparison can run: [`Method::all`] and the
+    /// candidates.
+    pub fn known() -> Vec<Method> {
+        Self::all()
+            .into_iter()
+            .chain(CANDIDATES.iter().map(|n| Method::Strategy(n)))
+            .collect()
+    }
+
     /// The method called `name`.
     pub fn parse(name: &str) -> Result<Method> {
-        Self::all()
+        Self::known()
             .into_iter()
             .find(|m| m.name() == name)
             .ok_or_else(|| {
                 ExperimentError::Invalid(format!(
                     "unknown method {name:?}; known: {}",
-                    Self::all()
+                    Self::known()
                         .iter()
                         .map(|m| m.name())
                         .collect::<Vec<_>>()

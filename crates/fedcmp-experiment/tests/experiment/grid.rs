@@ -4,7 +4,9 @@
 //! optimisers eta and tau over several decades.
 
 use anyhow::Result;
-use fedcmp_experiment::compare::grid::{grid, ADAPTIVE, FEDPROX_MU, MAX_GRID, SERVER_LRS};
+use fedcmp_experiment::compare::grid::{
+    grid, ADAPTIVE, CANDIDATES, FEDPROX_MU, MAX_GRID, SERVER_LRS,
+};
 use fedcmp_experiment::compare::Method;
 use fedcmp_strategy::config::{StrategyConfig, NAMES};
 
@@ -74,6 +76,18 @@ fn methods_come_from_the_strategy_registry() -> Result<()> {
     }
     for reference in ["centralized", "local-only", "init"] {
         assert!(Method::parse(reference)?.is_reference());
+    }
+    // The candidates run when named, each on the shared server-lr grid.
+    assert_eq!(Method::known().len(), all.len() + CANDIDATES.len());
+    for name in CANDIDATES {
+        let m = Method::parse(name)?;
+        assert!(!all.contains(&m) && !m.is_reference());
+        let settings = grid(name);
+        for config in &settings {
+            config.validate(4)?;
+        }
+        let lrs: Vec<f64> = settings.iter().map(server_lr_of).collect::<Result<_>>()?;
+        assert_eq!(lrs, SERVER_LRS.to_vec(), "{name}");
     }
     let unknown = Method::parse("fedsgd")
         .err()

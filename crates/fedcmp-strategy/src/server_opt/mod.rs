@@ -4,7 +4,8 @@
 //! state.
 //!
 //! - [`Sgd`]: `theta += eta_s Delta` (FedAvg's server step);
-//! - [`HeavyBall`]: server momentum (FedAvgM);
+//! - [`HeavyBall`]: server momentum (FedAvgM), heavy-ball or a
+//!   bias-corrected EMA ([`MomentumForm`]);
 //! - [`Adaptive`]: Adagrad / Adam / Yogi as in Reddi et al. 2021.
 //!
 //! State tensors are f32 [`fedcmp_core::ParamSet`]s, exactly what
@@ -17,5 +18,5 @@ mod momentum;
 mod sgd;
 
 pub use adaptive::{Adaptive, AdaptiveRule};
-pub use momentum::HeavyBall;
+pub use momentum::{HeavyBall, MomentumForm};
 pub use sgd::Sgd;

@@ -2,6 +2,7 @@
 //! from the independent numpy reference (`tests/golden/`), properties every
 //! strategy must have, error cases, configuration.
 
+mod candidates;
 mod common;
 mod config;
 mod cra_v2;
