@@ -180,14 +180,19 @@ fn run_once(
     run_with(f, strategy, max_rounds, Setup::default())
 }
 
-/// Runs `strategy` for up to `max_rounds` as `setup` says.
+/// Runs `strategy` (a registry name, or a JSON configuration) for up to
+/// `max_rounds` as `setup` says.
 fn run_with(
     f: &Fixture,
     strategy: &str,
     max_rounds: u64,
     setup: Setup<'_>,
 ) -> Result<(LoopSummary, Vec<Option<f64>>)> {
-    let config: StrategyConfig = serde_json::from_value(serde_json::json!({ "name": strategy }))?;
+    let config: StrategyConfig = if strategy.starts_with('{') {
+        serde_json::from_str(strategy)?
+    } else {
+        serde_json::from_value(serde_json::json!({ "name": strategy }))?
+    };
     let mut strategy = config.build(f.clients.len())?;
     let template = CaptionTemplate::plain();
     let trainer = trainer(f)?;
@@ -397,7 +402,16 @@ fn one_pass_consumes_every_shard_exactly_once_and_learns() -> Result<()> {
 #[test]
 fn kill_and_resume_is_bit_identical() -> Result<()> {
     let f = fixture()?;
-    for strategy in ["fedavg", "fedadam", "scaffold", "fedavgm", "fed-cmp"] {
+    // The last one carries per-client pasts and a momentum count (the
+    // candidate rules of ALGORITHMS-NOTES.md) through the checkpoint.
+    for strategy in [
+        "fedavg",
+        "fedadam",
+        "scaffold",
+        "fedavgm",
+        "fed-cmp",
+        r#"{"name": "fed-cmp", "energy": 1.0, "tau": "inf", "gain": "temporal", "momentum-form": "ema"}"#,
+    ] {
         let partial = Some((2, 0.2));
         let straight = Setup {
             partial,
@@ -427,6 +441,20 @@ fn kill_and_resume_is_bit_identical() -> Result<()> {
         let saved =
             checkpoint::load_latest(&ckpt)?.ok_or_else(|| anyhow::anyhow!("no checkpoint"))?;
         assert_eq!(saved.round_loop.round, 2, "{strategy}");
+        if strategy.contains("temporal") {
+            let pasts = saved
+                .strategy
+                .tensors
+                .keys()
+                .filter(|k| k.starts_with("cra_past_delta/"))
+                .count();
+            assert!(pasts > 0, "no client past in the checkpoint");
+            // One accumulation per aggregation.
+            assert_eq!(
+                saved.strategy.scalars.get("opm_momentum_count"),
+                Some(&(saved.strategy.step as f64))
+            );
+        }
         let round_3_states = (0..3u32)
             .filter(|c| {
                 dir.path()
