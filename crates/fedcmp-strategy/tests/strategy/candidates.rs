@@ -62,32 +62,29 @@ fn ema_steps_are_the_bias_corrected_average_of_past_updates() -> TestResult {
     let deltas: Vec<Vec<f32>> = (0..4)
         .map(|_| g.vec(9).iter().map(|x| (0.01 * x) as f32).collect())
         .collect();
-    {
-        let name = "fedavgm";
-        for (beta, lr) in [(0.9f64, 1.0f64), (0.5, 0.3)] {
-            let cfg = config(&format!(
-                r#"{{"name": "{name}", "momentum": {beta}, "server-lr": {lr}, "momentum-form": "ema"}}"#
-            ))?;
-            let aggregates = run_deltas(cfg.build(8)?.as_mut(), &global, &deltas)?;
-            let mut before = global.clone();
-            for (t, a) in aggregates.iter().enumerate() {
-                let mut expected = vec![0.0; 9];
-                for (s, d) in deltas[..=t].iter().enumerate() {
-                    let w = (1.0 - beta) * beta.powi((t - s) as i32);
-                    for (e, x) in expected.iter_mut().zip(d) {
-                        *e += w * f64::from(*x);
-                    }
+    for (beta, lr) in [(0.9f64, 1.0f64), (0.5, 0.3)] {
+        let cfg = config(&format!(
+            r#"{{"name": "fedavgm", "momentum": {beta}, "server-lr": {lr}, "momentum-form": "ema"}}"#
+        ))?;
+        let aggregates = run_deltas(cfg.build(8)?.as_mut(), &global, &deltas)?;
+        let mut before = global.clone();
+        for (t, a) in aggregates.iter().enumerate() {
+            let mut expected = vec![0.0; 9];
+            for (s, d) in deltas[..=t].iter().enumerate() {
+                let w = (1.0 - beta) * beta.powi((t - s) as i32);
+                for (e, x) in expected.iter_mut().zip(d) {
+                    *e += w * f64::from(*x);
                 }
-                let correction = 1.0 - beta.powi(t as i32 + 1);
-                expected.iter_mut().for_each(|e| *e *= lr / correction);
-                let got = step(&before, &a.params);
-                // f32 parameters: the deltas are read back at ~1e-8.
-                assert!(
-                    max_abs_diff(&got, &expected) < 2e-7,
-                    "{name} beta {beta} round {t}: {got:?} vs {expected:?}"
-                );
-                before = a.params.clone();
             }
+            let correction = 1.0 - beta.powi(t as i32 + 1);
+            expected.iter_mut().for_each(|e| *e *= lr / correction);
+            let got = step(&before, &a.params);
+            // f32 parameters: the deltas are read back at ~1e-8.
+            assert!(
+                max_abs_diff(&got, &expected) < 2e-7,
+                "beta {beta} round {t}: {got:?} vs {expected:?}"
+            );
+            before = a.params.clone();
         }
     }
     Ok(())
