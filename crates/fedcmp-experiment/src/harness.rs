@@ -690,6 +690,16 @@ impl Scoring<'_> {
             let score = match proposals.iter().find(|(r, _)| *r == t) {
                 Some((_, Ok(params))) => {
                     let (nll, tokens) = self.score_params(params)?;
+                    let bad = nll.iter().filter(|x| !x.is_finite()).count();
+                    // JSON has no NaN: a diverged proposal is kept as a
+                    // failure (never chosen), not as a score that would be
+                    // dropped on reading and made again on every resume.
+                    let (nll, tokens, error) = if bad > 0 {
+                        let reason = format!("non-finite NLL on {bad} of {} items", nll.len());
+                        (Vec::new(), Vec::new(), Some(reason))
+                    } else {
+                        (nll, tokens, None)
+                    };
                     Score {
                         seed,
                         rule: rule.name.clone(),
@@ -698,7 +708,7 @@ impl Scoring<'_> {
                         nll,
                         tokens,
                         replay: on.is_replay(),
-                        error: None,
+                        error,
                     }
                 }
                 Some((_, Err(reason))) => Score {
@@ -724,7 +734,9 @@ impl Scoring<'_> {
     }
 
     /// The rule's proposals at rounds `wanted`, run over the recorded
-    /// rounds in order (the FedAvg trajectory).
+    /// rounds in order (the FedAvg trajectory). A rule that fails at a
+    /// round (a non-finite step) leaves its reason at every wanted round
+    /// from there on.
     fn counterfactual(&self, seed: u64, rule: &Rule, lr: f64, wanted: &[u64]) -> Result<Proposals> {
         let Some(&last) = wanted.last() else {
             return Ok(Vec::new());
@@ -735,13 +747,23 @@ impl Scoring<'_> {
         let mut out = Vec::new();
         for t in 1..=last {
             let round = read_round(&seed_dir, t, &self.like)?;
-            let proposed = strategy
-                .aggregate(t, &round.global, &round.updates)
-                .map_err(|e| {
-                    ExperimentError::from(e).context(format!("rule {} at round {t}", rule.name))
-                })?;
-            if wanted.contains(&t) {
-                out.push((t, Ok(proposed.params)));
+            match strategy.aggregate(t, &round.global, &round.updates) {
+                Ok(proposed) => {
+                    if wanted.contains(&t) {
+                        out.push((t, Ok(proposed.params)));
+                    }
+                }
+                Err(e) => {
+                    let reason = format!("round {t}: {e}");
+                    tracing::warn!(rule = %rule.name, lr, seed, %reason, "rule failed; recorded");
+                    out.extend(
+                        wanted
+                            .iter()
+                            .filter(|&&w| w >= t)
+                            .map(|&w| (w, Err(reason.clone()))),
+                    );
+                    break;
+                }
             }
         }
         Ok(out)

@@ -301,3 +301,54 @@ fn every_registered_strategy_takes_a_server_lr() -> Result<()> {
     }
     Ok(())
 }
+
+/// Server lrs so large that the proposal's NLL overflows (1e38: the
+/// parameters stay finite f32) or the step itself does (1e300: the
+/// strategy refuses a non-finite result in round 1). Both failures are
+/// kept as scores with their reason (not as NaN, which JSON cannot hold),
+/// never chosen, and a resume scores nothing again.
+#[test]
+fn a_diverging_rule_is_recorded_as_failed_and_never_chosen() -> Result<()> {
+    let w = world()?;
+    let settings = w.settings(RunOptions::default())?;
+    let experiment = w.experiment(&settings)?;
+    let out = w.dir.path().join("harness-diverging");
+    let plan = HarnessPlan {
+        server_lrs: vec![1.0, 1e38, 1e300],
+        ..plan(
+            out.clone(),
+            vec![
+                Rule::parse(r#"fedavg={"name": "fedavg"}"#)?,
+                Rule::parse(r#"fedavgm={"name": "fedavgm"}"#)?,
+            ],
+        )
+    };
+    let first = run_scenario(&experiment, &settings, &plan, &Silent)?;
+    for rule in &first.rules {
+        assert_eq!(rule.server_lr, 1.0, "{}", rule.rule);
+        assert!(rule.val_nll.is_finite(), "{}", rule.rule);
+        let failed = rule.tuning.iter().filter(|(_, v)| !v.is_finite()).count();
+        assert_eq!(failed, 2, "{}: {:?}", rule.rule, rule.tuning);
+    }
+    let scores = out.join(&experiment.scenario.name).join("scores.jsonl");
+    let text = std::fs::read_to_string(&scores)?;
+    let values: Vec<serde_json::Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    for (lr, why) in [(1e38, "non-finite NLL"), (1e300, "round 1")] {
+        let failed: Vec<&serde_json::Value> =
+            values.iter().filter(|v| v["server_lr"] == lr).collect();
+        // 2 rules x 2 scored rounds, each with its reason and no values.
+        assert_eq!(failed.len(), 4, "lr {lr}");
+        for v in failed {
+            let reason = v["error"].as_str().unwrap_or_default();
+            assert!(reason.contains(why), "lr {lr}: {v}");
+            assert_eq!(v["nll"], serde_json::json!([]));
+        }
+    }
+    let before = text.lines().count();
+    run_scenario(&experiment, &settings, &plan, &Silent)?;
+    assert_eq!(std::fs::read_to_string(&scores)?.lines().count(), before);
+    Ok(())
+}
