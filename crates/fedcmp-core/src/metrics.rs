@@ -95,4 +95,11 @@ pub mod names {
     pub const CRA_BASIS_DRIFT: &str = "cra_basis_drift";
     /// OPM: share of momentum energy the basis change dropped.
     pub const OPM_DROPPED_FRACTION: &str = "opm_dropped_fraction";
+    /// Robust rules: values trimmed per end (trimmed mean), the client ids
+    /// selected (Krum, series), the norm bound and the deltas it shortened
+    /// (norm bounding).
+    pub const ROBUST_TRIMMED: &str = "robust_trimmed";
+    pub const ROBUST_SELECTED: &str = "robust_selected";
+    pub const ROBUST_BOUND: &str = "robust_bound";
+    pub const ROBUST_CLIPPED: &str = "robust_clipped";
 }

@@ -14,7 +14,8 @@
 //! `fedyogi`, `scaffold`, `fednova`, `ties`, `cra-only` (Fed-CMP's CRA
 //! with a plain server step; `tau` may be `"inf"`), `fed-cmp` (CRA +
 //! orthogonality-preserved momentum), `opm-only` (Fed-CMP at energy 1, tau
-//! infinite).
+//! infinite), and the byzantine-robust rules `median`, `trimmed-mean`,
+//! `krum`, `norm-bound`.
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +26,10 @@ use crate::fednova::FedNovaConfig;
 use crate::fedopt::{FedAdagradConfig, FedAdaptiveConfig};
 use crate::fedprox::FedProxConfig;
 use crate::opm::{FedCmpConfig, OpmOnlyConfig};
+use crate::robust::krum::{self, KrumConfig};
+use crate::robust::median::{self, MedianConfig};
+use crate::robust::norm_bound::{self, NormBoundConfig};
+use crate::robust::trimmed_mean::{self, TrimmedMeanConfig};
 use crate::scaffold::ScaffoldConfig;
 use crate::ties::TiesConfig;
 use crate::{cra, fedavg, fedavgm, fednova, fedopt, fedprox, opm, scaffold, ties};
@@ -44,6 +49,10 @@ pub const NAMES: &[&str] = &[
     cra::CRA_ONLY,
     opm::FED_CMP,
     opm::OPM_ONLY,
+    median::NAME,
+    trimmed_mean::NAME,
+    krum::NAME,
+    norm_bound::NAME,
 ];
 
 /// A strategy and its hyper-parameters.
@@ -74,6 +83,14 @@ pub enum StrategyConfig {
     FedCmp(FedCmpConfig),
     #[serde(rename = "opm-only")]
     OpmOnly(OpmOnlyConfig),
+    #[serde(rename = "median")]
+    Median(MedianConfig),
+    #[serde(rename = "trimmed-mean")]
+    TrimmedMean(TrimmedMeanConfig),
+    #[serde(rename = "krum")]
+    Krum(KrumConfig),
+    #[serde(rename = "norm-bound")]
+    NormBound(NormBoundConfig),
 }
 
 impl Default for StrategyConfig {
@@ -98,6 +115,10 @@ impl StrategyConfig {
             StrategyConfig::CraOnly(_) => cra::CRA_ONLY,
             StrategyConfig::FedCmp(_) => opm::FED_CMP,
             StrategyConfig::OpmOnly(_) => opm::OPM_ONLY,
+            StrategyConfig::Median(_) => median::NAME,
+            StrategyConfig::TrimmedMean(_) => trimmed_mean::NAME,
+            StrategyConfig::Krum(_) => krum::NAME,
+            StrategyConfig::NormBound(_) => norm_bound::NAME,
         }
     }
 
@@ -122,6 +143,10 @@ impl StrategyConfig {
             StrategyConfig::CraOnly(c) => Box::new(cra::cra_only(c)?),
             StrategyConfig::FedCmp(c) => Box::new(opm::fed_cmp(c)?),
             StrategyConfig::OpmOnly(c) => Box::new(opm::opm_only(c)?),
+            StrategyConfig::Median(c) => Box::new(median::median(c)?),
+            StrategyConfig::TrimmedMean(c) => Box::new(trimmed_mean::trimmed_mean(c)?),
+            StrategyConfig::Krum(c) => Box::new(krum::krum(c)?),
+            StrategyConfig::NormBound(c) => Box::new(norm_bound::norm_bound(c)?),
         })
     }
 }

@@ -43,6 +43,11 @@ pub enum StrategyError {
         total: usize,
     },
 
+    /// The rule cannot aggregate this round's updates (too few clients
+    /// for its guarantee); the state is unchanged.
+    #[error("round {round}: {reason}")]
+    RoundRefused { round: u64, reason: String },
+
     #[error("strategy state: {reason}")]
     State { reason: String },
 

@@ -18,6 +18,8 @@
 //!   [`fedopt`] (FedAdagrad/FedAdam/FedYogi), [`scaffold`], [`fednova`],
 //!   [`ties`], [`cra`] (Fed-CMP's canonical reliability-aware
 //!   aggregation), [`opm`] (its orthogonality-preserved momentum; Fed-CMP);
+//! - [`robust`]: byzantine-robust rules (median, trimmed mean, Krum, norm
+//!   bounding), each with a plain or momentum server step;
 //! - [`config`]: [`StrategyConfig`], by name, validated, built (the
 //!   registry; the checks it and the algorithms share are in `validate`).
 
@@ -34,6 +36,7 @@ pub mod fedprox;
 pub mod mean;
 pub mod opm;
 pub mod ops;
+pub mod robust;
 pub mod round;
 pub mod scaffold;
 pub mod server_opt;

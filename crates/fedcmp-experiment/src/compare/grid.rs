@@ -3,7 +3,8 @@
 //! first N of each, the same number for every method.
 //!
 //! Every method with a plain server step (FedAvg, FedProx, FedAvgM,
-//! SCAFFOLD, FedNova, TIES, Fed-CMP and its ablations) searches the same
+//! SCAFFOLD, FedNova, TIES, Fed-CMP and its ablations, the robust rules)
+//! searches the same
 //! server learning rates, [`SERVER_LRS`] (the harness's grid too), with
 //! its other hyper-parameters at their defaults (momentum 0.9 for the
 //! momentum methods: the grid's low server lrs are what offers them a
@@ -32,6 +33,11 @@ use fedcmp_strategy::fednova::FedNovaConfig;
 use fedcmp_strategy::fedopt::{FedAdagradConfig, FedAdaptiveConfig};
 use fedcmp_strategy::fedprox::FedProxConfig;
 use fedcmp_strategy::opm::{FedCmpConfig, OpmOnlyConfig};
+use fedcmp_strategy::robust::krum::{self, KrumConfig};
+use fedcmp_strategy::robust::median::{self, MedianConfig};
+use fedcmp_strategy::robust::norm_bound::{self, NormBoundConfig};
+use fedcmp_strategy::robust::trimmed_mean::{self, TrimmedMeanConfig};
+use fedcmp_strategy::robust::ServerStep;
 use fedcmp_strategy::scaffold::ScaffoldConfig;
 use fedcmp_strategy::server_opt::MomentumForm;
 use fedcmp_strategy::ties::TiesConfig;
@@ -61,6 +67,14 @@ pub const CANDIDATES: &[&str] = &[FEDAVGM_EMA, CRA_TEMPORAL, FED_CMP_EMA_TEMPORA
 pub const FEDAVGM_EMA: &str = "fedavgm-ema";
 pub const CRA_TEMPORAL: &str = "cra-temporal";
 pub const FED_CMP_EMA_TEMPORAL: &str = "fed-cmp-ema-temporal";
+
+/// A robust rule's plain server step at `server_lr`.
+fn plain_step(server_lr: f64) -> ServerStep {
+    ServerStep {
+        server_lr,
+        ..ServerStep::default()
+    }
+}
 
 /// CRA with the temporal gain alone: every direction kept (energy 1),
 /// data weights (tau infinite).
@@ -149,6 +163,29 @@ pub fn grid(name: &str) -> Vec<StrategyConfig> {
                 server_lr,
                 tau,
                 ..FedAdaptiveConfig::default()
+            })
+        }),
+        median::NAME => plain(&|server_lr| {
+            StrategyConfig::Median(MedianConfig {
+                step: plain_step(server_lr),
+            })
+        }),
+        trimmed_mean::NAME => plain(&|server_lr| {
+            StrategyConfig::TrimmedMean(TrimmedMeanConfig {
+                step: plain_step(server_lr),
+                ..TrimmedMeanConfig::default()
+            })
+        }),
+        krum::NAME => plain(&|server_lr| {
+            StrategyConfig::Krum(KrumConfig {
+                step: plain_step(server_lr),
+                ..KrumConfig::default()
+            })
+        }),
+        norm_bound::NAME => plain(&|server_lr| {
+            StrategyConfig::NormBound(NormBoundConfig {
+                step: plain_step(server_lr),
+                ..NormBoundConfig::default()
             })
         }),
         FEDAVGM_EMA => plain(&|server_lr| {

@@ -86,11 +86,17 @@ def fedavg(cfg, st, x, rd):
 
 def fedavgm(cfg, st, x, rd):
     # Hsu et al. 2019: v = beta v + Delta; x += eta v (nesterov: beta v + Delta).
+    # momentum-form "ema" (ALGORITHMS-NOTES.md section 2): v = beta v +
+    # (1 - beta) Delta, x += eta v / (1 - beta^t).
     delta = weighted_mean(rd["d"], rd["p"])
     beta = cfg["momentum"]
-    v = beta * st.get("v", np.zeros(P)) + delta
+    ema = cfg.get("momentum-form", "heavy-ball") == "ema"
+    v = beta * st.get("v", np.zeros(P)) + ((1.0 - beta) if ema else 1.0) * delta
     st["v"] = v
+    st["t"] = st.get("t", 0) + 1
     step = beta * v + delta if cfg.get("nesterov", False) else v
+    if ema:
+        step = v / (1.0 - beta ** st["t"])
     return delta, x + cfg["server-lr"] * step, {"momentum_norm": np.linalg.norm(v)}
 
 
@@ -171,14 +177,17 @@ def nearest_rank_quantiles(values):
     return [v[min(int(math.floor(q * (n - 1) + 0.5)), n - 1)] for q in (0, 0.1, 0.25, 0.5, 0.75, 0.9, 1)]
 
 
-def cra_matrix(cfg, ds, p, st):
+def cra_matrix(cfg, ds, p, st, ids=None):
     """CRA on one matrix: ds are (d_out x d_in) deltas, p the data weights.
 
     Without basis momentum the basis is the exact thin SVD of S =
     [sqrt(p_k) Delta_k]_k (the Rust side uses a Gram eigendecomposition;
     this checks that they agree). With `basis-beta` (section 3.1 item 4) it
     is the top eigenvectors of G_t = beta G_{t-1} + sum_k p_k Delta_k
-    Delta_k^T, G kept in st as float32 (the Rust side's state)."""
+    Delta_k^T, G kept in st as float32 (the Rust side's state). With
+    `gain = "temporal"` (ALGORITHMS-NOTES.md section 1) each client's
+    contribution along u_j is scaled by max(0, cos(c_kj, u_j^T Delta_k^prev)),
+    1 without a past; the pasts are kept in st by client id, as float32."""
     beta_b = cfg.get("basis-beta", 0.0)
     s = np.concatenate([np.sqrt(pk) * d for pk, d in zip(p, ds)], axis=1)
     drift = None
@@ -214,6 +223,9 @@ def cra_matrix(cfg, ds, p, st):
     lam_res = cfg.get("residual-weight", 0.0)
     loo = cfg.get("agreement", "consensus") == "leave-one-out"
     shrink = cfg.get("gain", "none") == "shrinkage"
+    temporal = cfg.get("gain", "none") == "temporal"
+    pasts = st.setdefault("past", {})
+    past_coeffs = [u.T @ pasts[k] if temporal and k in pasts else None for k in (ids or [])]
     spread = 1.0 - sum(pk * pk for pk in p)
     coeffs = [u.T @ d for d in ds]  # C_k, r x d_in
     fused = np.zeros((r, ds[0].shape[1]))
@@ -247,7 +259,15 @@ def cra_matrix(cfg, ds, p, st):
         m_j = float(cbar @ cbar)
         cross.append(x_j)
         merged.append(m_j)
-        if not shrink:
+        client_gain = [1.0] * len(rows)
+        if temporal:
+            for i, c in enumerate(rows):
+                if past_coeffs[i] is not None:
+                    client_gain[i] = max(0.0, cos(c, past_coeffs[i][j]))
+            weight = sum(pk * float(c @ c) for pk, c in zip(p, rows))
+            kept = sum(pk * g * float(c @ c) for pk, g, c in zip(p, client_gain, rows))
+            g_j = kept / weight if weight > 0 else 1.0
+        elif not shrink:
             g_j = 1.0
         elif spread <= 16 * np.finfo(float).eps:
             g_j = 1.0
@@ -257,7 +277,11 @@ def cra_matrix(cfg, ds, p, st):
             r_j = sum(pk * pk * float(c @ c) for pk, c in zip(p, rows)) / m_j
             g_j = min(max((1.0 - r_j) / spread, 0.0), 1.0)
         gains.append(g_j)
-        fused[j] = g_j * rho_j**gamma * sum(a * c for a, c in zip(alpha, rows))
+        direction = 1.0 if temporal else g_j
+        fused[j] = direction * rho_j**gamma * sum(a * g * c for a, g, c in zip(alpha, client_gain, rows))
+    if temporal:
+        for k, d in zip(ids, ds):
+            pasts[k] = d.astype(np.float32).astype(np.float64)
     residual = lam_res * sum(pk * (d - u @ c) for pk, d, c in zip(p, ds, coeffs))
     alignment_num = [float(np.sum((u @ c) ** 2)) for c in coeffs]
     alignment_den = [float(np.sum(d**2)) for d in ds]
@@ -282,7 +306,7 @@ def cra_round(cfg, rd, st):
     """CRA on the round: the matrix `w` merged canonically, the bias `b` by
     the weighted mean. Returns (merged matrix parts, bias mean, metrics)."""
     ds = [d[:W_LEN].reshape(W_SHAPE) for d in rd["d"]]
-    m = cra_matrix(cfg, ds, rd["p"], st)
+    m = cra_matrix(cfg, ds, rd["p"], st, rd["ids"])
     bias = weighted_mean([d[W_LEN:] for d in rd["d"]], rd["p"])
     num, den = m["align"]
     extra = {"cra_rho_mean": float(np.mean(m["rho"])), "cra_rho_min": float(np.min(m["rho"]))}
@@ -292,7 +316,7 @@ def cra_round(cfg, rd, st):
         "cra_energy_kept": [m["energy_kept"]],
         "cra_client_alignment": [a / b if b > 0 else 0.0 for a, b in zip(num, den)],
     }
-    if cfg.get("gain", "none") == "shrinkage":
+    if cfg.get("gain", "none") in ("shrinkage", "temporal"):
         extra["cra_gain_mean"] = sum(g * x for g, x in zip(m["gain"], m["merged"])) / sum(m["merged"])
         series["cra_gain_quantiles"] = nearest_rank_quantiles(m["gain"])
     if m["drift"] is not None:
@@ -313,6 +337,10 @@ def fed_cmp(cfg, st, x, rd):
     m, bias, extra, series = cra_round(cfg, rd, st)
     beta, lr = cfg.get("beta", 0.9), cfg.get("server-lr", 1.0)
     nesterov = cfg.get("nesterov", False)
+    ema = cfg.get("momentum-form", "heavy-ball") == "ema"
+    weight = (1.0 - beta) if ema else 1.0
+    st["t"] = st.get("t", 0) + 1
+    scale = 1.0 / (1.0 - beta ** st["t"]) if ema else 1.0
     u, c_star = m["u"], m["c_star"]
     dropped = 0.0
     if "u_m" in st:
@@ -322,16 +350,16 @@ def fed_cmp(cfg, st, x, rd):
         st.setdefault("dropped", []).append(dropped)
     else:
         k_tilde = np.zeros_like(c_star)
-    k = beta * k_tilde + c_star
-    v = beta * st.get("v", np.zeros(P - W_LEN)) + bias
+    k = beta * k_tilde + weight * c_star
+    v = beta * st.get("v", np.zeros(P - W_LEN)) + weight * bias
     # The server keeps its state in f32 (as the Rust side stores it).
     st["u_m"], st["k_m"], st["v"] = (
         u.astype(np.float32).astype(np.float64),
         k.astype(np.float32).astype(np.float64),
         v.astype(np.float32).astype(np.float64),
     )
-    applied_k = beta * k + c_star if nesterov else k
-    applied_v = beta * v + bias if nesterov else v
+    applied_k = beta * k + c_star if nesterov else scale * k
+    applied_v = beta * v + bias if nesterov else scale * v
     step = np.concatenate([(u @ applied_k + m["residual"]).reshape(-1), applied_v])
     delta = np.concatenate([(u @ c_star + m["residual"]).reshape(-1), bias])
     extra["momentum_norm"] = math.sqrt(float(np.sum(k**2) + np.sum(v**2)))
@@ -344,6 +372,61 @@ def opm_only(cfg, st, x, rd):
     # The ablation: energy 1, tau infinite, gamma 0 (FedAvgM in the span).
     full = dict(cfg, energy=1.0, tau="inf")
     return fed_cmp(full, st, x, rd)
+
+
+# ---- byzantine-robust rules (unweighted, from their papers) --------------
+
+
+def robust_step(cfg, st, x, delta, extra):
+    # The robust rules' server step: heavy ball with beta = server-momentum
+    # (0: the plain step x + eta * Delta).
+    beta = cfg.get("server-momentum", 0.0)
+    v = beta * st.get("v", np.zeros(P)) + delta
+    st["v"] = v
+    extra["momentum_norm"] = np.linalg.norm(v)
+    return delta, x + cfg.get("server-lr", 1.0) * v, extra
+
+
+def median(cfg, st, x, rd):
+    # Yin et al. 2018 Option I; numpy's even-count median (mean of the middle two).
+    return robust_step(cfg, st, x, np.median(np.stack(rd["d"]), axis=0), {})
+
+
+def trimmed_mean(cfg, st, x, rd):
+    # Yin et al. 2018 Option II: cut floor(beta k) values at each end.
+    k = len(rd["d"])
+    b = min(int(math.floor(cfg["trim"] * k + 1e-9)), (k - 1) // 2)
+    ordered = np.sort(np.stack(rd["d"]), axis=0)
+    delta = ordered[b : k - b].mean(axis=0)
+    return robust_step(cfg, st, x, delta, {"robust_trimmed": b})
+
+
+def krum(cfg, st, x, rd):
+    # Blanchard et al. 2017: s(i) = sum of the k - f - 2 smallest squared
+    # distances to the others; average the m lowest scores (ties: lower id).
+    ds, k, f = rd["d"], len(rd["d"]), cfg["byzantine"]
+    m = cfg.get("keep") or k - f
+    dist = np.array([[float(np.sum((a - b) ** 2)) for b in ds] for a in ds])
+    scores = []
+    for i in range(k):
+        others = sorted(dist[i, j] for j in range(k) if j != i)
+        scores.append(sum(others[: k - f - 2]))
+    chosen = sorted(np.argsort(np.array(scores), kind="stable")[:m])
+    delta = sum(ds[i] for i in chosen) / len(chosen)
+    extra = {"_series": {"robust_selected": [float(rd["ids"][i]) for i in chosen]}}
+    return robust_step(cfg, st, x, delta, extra)
+
+
+def norm_bound(cfg, st, x, rd):
+    # Sun et al. 2019: clip each delta to norm M (fixed, or the round's
+    # median norm), then the mean (data-weighted, or uniform).
+    ds = rd["d"]
+    norms = [float(np.linalg.norm(d)) for d in ds]
+    bound = float(np.median(norms)) if cfg.get("max-norm", "median") == "median" else cfg["max-norm"]
+    clipped = [d * min(1.0, bound / n) if n > 0 else d for d, n in zip(ds, norms)]
+    w = rd["p"] if cfg.get("weighting", "samples") == "samples" else np.full(len(ds), 1.0 / len(ds))
+    extra = {"robust_bound": bound, "robust_clipped": sum(n > bound for n in norms)}
+    return robust_step(cfg, st, x, weighted_mean(clipped, w), extra)
 
 
 CASES = [
@@ -435,6 +518,41 @@ CASES = [
         },
         fed_cmp,
     ),
+    (
+        "fedavgm-ema",
+        {"name": "fedavgm", "server-lr": 1.0, "momentum": 0.9, "momentum-form": "ema"},
+        fedavgm,
+    ),
+    (
+        "cra-temporal",
+        {"name": "cra-only", "energy": 1.0, "tau": "inf", "gain": "temporal", "server-lr": 1.5},
+        cra_only,
+    ),
+    (
+        "fed-cmp-ema-temporal",
+        {
+            "name": "fed-cmp",
+            "energy": 0.9,
+            "tau": 0.5,
+            "gain": "temporal",
+            "residual-weight": 0.5,
+            "beta": 0.8,
+            "momentum-form": "ema",
+        },
+        fed_cmp,
+    ),
+    ("median", {"name": "median"}, median),
+    ("median-momentum", {"name": "median", "server-lr": 0.8, "server-momentum": 0.5}, median),
+    ("trimmed-mean", {"name": "trimmed-mean", "trim": 0.34}, trimmed_mean),
+    ("trimmed-mean-none", {"name": "trimmed-mean", "trim": 0.2, "server-lr": 0.9}, trimmed_mean),
+    ("krum", {"name": "krum", "byzantine": 0, "keep": 1}, krum),
+    ("multi-krum", {"name": "krum", "byzantine": 0, "keep": 2}, krum),
+    ("norm-bound", {"name": "norm-bound", "weighting": "uniform"}, norm_bound),
+    (
+        "norm-bound-fixed",
+        {"name": "norm-bound", "max-norm": 0.15, "server-momentum": 0.9},
+        norm_bound,
+    ),
 ]
 
 
@@ -505,6 +623,7 @@ def run_case(cid, cfg, algo):
             "lr_sum": [by_id[k]["lr_sum"] for k in ids],
             "loss": [by_id[k]["mean_loss"] for k in ids],
             "dc": [CONTROL_DELTAS[(r, k)].astype(np.float64) for k in ids],
+            "ids": ids,
         }
         c_before = st.get("c")
         delta, x_new, extra = algo(cfg, st, x, rd)

@@ -80,6 +80,13 @@ pub fn all_configs() -> TestResult<Vec<StrategyConfig>> {
         r#"{"name": "opm-only", "beta": 0.5}"#,
         r#"{"name": "cra-only", "agreement": "leave-one-out", "gain": "shrinkage", "energy": 1.0, "residual-weight": 1.0}"#,
         r#"{"name": "fed-cmp", "agreement": "leave-one-out", "gain": "shrinkage", "energy": 1.0, "residual-weight": 1.0, "basis-beta": 0.5}"#,
+        r#"{"name": "fed-cmp", "energy": 1.0, "tau": "inf", "gain": "temporal", "momentum-form": "ema"}"#,
+        r#"{"name": "fedavgm", "momentum-form": "ema"}"#,
+        r#"{"name": "median"}"#,
+        r#"{"name": "trimmed-mean", "trim": 0.2, "server-momentum": 0.5}"#,
+        r#"{"name": "krum", "byzantine": 0}"#,
+        r#"{"name": "norm-bound"}"#,
+        r#"{"name": "norm-bound", "max-norm": 0.05, "weighting": "uniform", "server-momentum": 0.9, "momentum-form": "ema"}"#,
     ]
     .iter()
     .map(|j| config(j))

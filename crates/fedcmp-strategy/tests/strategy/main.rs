@@ -10,3 +10,4 @@ mod errors;
 mod fedcmp;
 mod golden;
 mod properties;
+mod robust;
