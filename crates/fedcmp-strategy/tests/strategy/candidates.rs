@@ -6,7 +6,7 @@ use fedcmp_core::ParamSet;
 use fedcmp_strategy::cra::{merge_matrix_history, reliability_with, CraParams, Gain, MergedMatrix};
 use fedcmp_strategy::{ops, Aggregate, Strategy, StrategyConfig};
 
-use crate::common::{aggregate_bits, bits, config, shifted, update, wb, TestResult};
+use crate::common::{bits, config, resumes_bit_for_bit, shifted, update, wb, TestResult};
 use crate::fedcmp::{
     matmul, random_orthogonal, rel_err, round_updates, transpose, weights, Gauss, SHAPES,
 };
@@ -174,33 +174,6 @@ fn opm_ema_with_full_span_and_uniform_reliability_is_fedavgm_ema() -> TestResult
         }
     }
     Ok(())
-}
-
-/// Runs two rounds, saves, restores into a fresh strategy, and checks the
-/// third round is bit-identical; returns the saved state.
-fn resumes_bit_for_bit(
-    cfg: &StrategyConfig,
-    ids: [&[u32]; 3],
-) -> TestResult<fedcmp_strategy::StrategyState> {
-    let mut a = cfg.build(8)?;
-    let mut g = Gauss(77);
-    let mut global = wb(5, 3, &[0.2f32; 20])?;
-    for (t, round_ids) in ids[..2].iter().enumerate() {
-        let updates = round_updates(&mut g, &global, round_ids)?;
-        global = a.aggregate(t as u64, &global, &updates)?.params;
-    }
-    let state = a.state();
-    let restored: fedcmp_strategy::StrategyState =
-        serde_json::from_str(&serde_json::to_string(&state)?)?;
-    assert_eq!(restored, state);
-    let mut b = cfg.build(8)?;
-    b.load_state(restored)?;
-    assert_eq!(b.state(), state);
-    let updates = round_updates(&mut g, &global, ids[2])?;
-    let x = a.aggregate(2, &global, &updates)?;
-    let y = b.aggregate(2, &global, &updates)?;
-    assert_eq!(aggregate_bits(&x), aggregate_bits(&y));
-    Ok(state)
 }
 
 #[test]

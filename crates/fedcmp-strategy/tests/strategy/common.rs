@@ -3,6 +3,8 @@
 use fedcmp_core::{ClientId, ClientUpdate, ParamSet, ParamTensor};
 use fedcmp_strategy::{Aggregate, Strategy, StrategyConfig};
 
+use crate::fedcmp::{round_updates, Gauss};
+
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
 /// A parameter set from `(name, shape, values)`.
@@ -145,4 +147,31 @@ pub fn aggregate_bits(a: &Aggregate) -> (Bits<u32>, Bits<u64>) {
         )
         .collect();
     (bits(&a.params), metrics)
+}
+
+/// Runs two rounds, saves, restores into a fresh strategy, and checks the
+/// third round is bit-identical; returns the saved state.
+pub fn resumes_bit_for_bit(
+    cfg: &StrategyConfig,
+    ids: [&[u32]; 3],
+) -> TestResult<fedcmp_strategy::StrategyState> {
+    let mut a = cfg.build(8)?;
+    let mut g = Gauss(77);
+    let mut global = wb(5, 3, &[0.2f32; 20])?;
+    for (t, round_ids) in ids[..2].iter().enumerate() {
+        let updates = round_updates(&mut g, &global, round_ids)?;
+        global = a.aggregate(t as u64, &global, &updates)?.params;
+    }
+    let state = a.state();
+    let restored: fedcmp_strategy::StrategyState =
+        serde_json::from_str(&serde_json::to_string(&state)?)?;
+    assert_eq!(restored, state);
+    let mut b = cfg.build(8)?;
+    b.load_state(restored)?;
+    assert_eq!(b.state(), state);
+    let updates = round_updates(&mut g, &global, ids[2])?;
+    let x = a.aggregate(2, &global, &updates)?;
+    let y = b.aggregate(2, &global, &updates)?;
+    assert_eq!(aggregate_bits(&x), aggregate_bits(&y));
+    Ok(state)
 }

@@ -528,26 +528,8 @@ fn basis_stays_orthonormal_and_momentum_in_its_span() -> TestResult {
 
 #[test]
 fn opm_state_round_trips_bit_for_bit() -> TestResult {
-    let global = wb(5, 3, &[0.2f32; 20])?;
     let cfg = config(r#"{"name": "fed-cmp", "energy": 0.9, "residual-weight": 0.3}"#)?;
-    let mut a = cfg.build(8)?;
-    let mut g = Gauss(77);
-    let mut global = global;
-    for t in 0..2 {
-        let updates = round_updates(&mut g, &global, &[0, 1, 6])?;
-        global = a.aggregate(t, &global, &updates)?.params;
-    }
-    let state = a.state();
-    let restored: fedcmp_strategy::StrategyState =
-        serde_json::from_str(&serde_json::to_string(&state)?)?;
-    assert_eq!(restored, state);
-    let mut b = cfg.build(8)?;
-    b.load_state(restored)?;
-    assert_eq!(b.state(), state);
-    let updates = round_updates(&mut g, &global, &[0, 2, 6])?;
-    let x = a.aggregate(2, &global, &updates)?;
-    let y = b.aggregate(2, &global, &updates)?;
-    assert_eq!(aggregate_bits(&x), aggregate_bits(&y));
+    crate::common::resumes_bit_for_bit(&cfg, [&[0, 1, 6], &[0, 1, 6], &[0, 2, 6]])?;
     Ok(())
 }
 
