@@ -11,8 +11,9 @@ use anyhow::Result;
 use clap::Args;
 use fedcmp_data::templates::CaptionStyle;
 use fedcmp_experiment::backbones::VisionChoice;
-use fedcmp_experiment::settings::{parse_strategy, ClientsPerPass, TrainingKind};
+use fedcmp_experiment::settings::{parse_attack, parse_strategy, ClientsPerPass, TrainingKind};
 use fedcmp_experiment::{Layers, RunOptions};
+use fedcmp_runtime::hostile::AttackConfig;
 use fedcmp_strategy::config::StrategyConfig;
 
 /// A kebab-case enum value, parsed as the settings file would.
@@ -41,6 +42,10 @@ fn vision_choice(text: &str) -> Result<VisionChoice, String> {
 
 fn strategy(text: &str) -> Result<StrategyConfig, String> {
     parse_strategy(text).map_err(|e| e.to_string())
+}
+
+fn attack(text: &str) -> Result<AttackConfig, String> {
+    parse_attack(text).map_err(|e| e.to_string())
 }
 
 /// What every client trains with, and the backbones (shared by `run`,
@@ -186,6 +191,11 @@ pub struct RunArgs {
     pub checkpoint_every: Option<u64>,
     #[command(flatten)]
     pub recipe: RecipeArgs,
+    /// Simulated hostile clients, an inline table: `{ kind = "sign-flip",
+    /// count = 2 }` (kinds sign-flip, scaled with `factor`, random with
+    /// `std`; `count` drawn from the seed, or `clients = [ids]`).
+    #[arg(long, value_parser = attack)]
+    pub attack: Option<AttackConfig>,
     /// Start over even if the run folder holds a checkpoint.
     #[arg(long)]
     pub fresh: bool,
@@ -204,6 +214,7 @@ impl RunArgs {
         RunOptions {
             scenario: self.scenario.clone(),
             strategy: self.strategy.clone(),
+            attack: self.attack.clone(),
             training,
             seed: self.seed,
             out: self.out.clone(),

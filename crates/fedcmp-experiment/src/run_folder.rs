@@ -339,7 +339,7 @@ pub fn run_on(
     let folder = RunFolder::new(
         &settings.out,
         &experiment.scenario.name,
-        settings.training.method(),
+        &settings.run_label(),
         settings.seed,
     );
     std::fs::create_dir_all(&folder.dir).map_err(io_error(&folder.dir))?;

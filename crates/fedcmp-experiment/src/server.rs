@@ -115,6 +115,13 @@ pub fn serve(
             settings.training.method()
         )));
     };
+    if settings.attack.is_some() {
+        return Err(ExperimentError::Invalid(
+            "`attack` is simulated (fedcmp run, compare, harness); across sites every update \
+             comes from a real site"
+                .into(),
+        ));
+    }
     let folder = RunFolder::new(
         &settings.out,
         "sites",

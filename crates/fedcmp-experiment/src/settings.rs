@@ -38,6 +38,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use fedcmp_model::projector::ProjectorKind;
+use fedcmp_runtime::hostile::AttackConfig;
 use fedcmp_strategy::config::StrategyConfig;
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -150,6 +151,11 @@ pub struct RunOptions {
     /// Folder for run folders.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub out: Option<PathBuf>,
+    /// Simulation: hostile clients that send corrupted updates, a table
+    /// (`{ kind = "sign-flip", count = 2 }`; see
+    /// [`fedcmp_runtime::hostile`]). Federated training only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attack: Option<AttackConfig>,
     /// The strategy: a name, or a table with `name` and its options.
     /// Last, since TOML tables follow plain keys.
     #[serde(
@@ -187,7 +193,7 @@ pub fn research_recipe() -> RunOptions {
 }
 
 /// Every option key, in file order.
-pub const KEYS: [&str; 26] = [
+pub const KEYS: [&str; 27] = [
     "scenario",
     "limit",
     "captions",
@@ -213,6 +219,7 @@ pub const KEYS: [&str; 26] = [
     "image-size",
     "visual-tokens",
     "out",
+    "attack",
     "strategy",
 ];
 
@@ -261,6 +268,25 @@ pub fn parse_strategy(text: &str) -> Result<StrategyConfig> {
     options
         .strategy
         .ok_or_else(|| ExperimentError::Invalid(format!("no strategy in {text:?}")))
+}
+
+/// An attack from a command-line value: an inline TOML table
+/// (`{ kind = "sign-flip", count = 2 }`).
+pub fn parse_attack(text: &str) -> Result<AttackConfig> {
+    let table = toml::from_str::<toml::Table>(&format!("attack = {}", text.trim()))
+        .map_err(|e| bad_attack(text, e))?;
+    let options =
+        RunOptions::deserialize(toml::Value::Table(table)).map_err(|e| bad_attack(text, e))?;
+    options
+        .attack
+        .ok_or_else(|| ExperimentError::Invalid(format!("no attack in {text:?}")))
+}
+
+fn bad_attack(text: &str, e: impl std::fmt::Display) -> ExperimentError {
+    ExperimentError::Invalid(format!(
+        "attack {text:?} is not an attack ({e}); e.g. {{ kind = \"sign-flip\", count = 2 }}, \
+         kinds sign-flip, scaled (factor), random (std)"
+    ))
 }
 
 fn bad_strategy(text: &str, e: impl std::fmt::Display) -> ExperimentError {
@@ -618,6 +644,8 @@ pub struct DataSettings {
 pub struct RunSettings {
     pub data: DataSettings,
     pub training: Training,
+    /// Simulated hostile clients (federated training only).
+    pub attack: Option<AttackConfig>,
     pub seed: u64,
     pub recipe: Recipe,
     pub protocol: Protocol,
@@ -704,6 +732,17 @@ impl RunSettings {
             (TrainingKind::Centralized, None) => Training::Centralized,
             (TrainingKind::LocalOnly, None) => Training::LocalOnly,
         };
+        if let (Some(attack), false) = (&o.attack, matches!(training, Training::Federated(_))) {
+            return Err(r.fail(
+                "attack",
+                format!("{:?}", attack.kind),
+                &format!(
+                    "applies to federated training, not {} ({})",
+                    training.method(),
+                    layers.origin("training")
+                ),
+            ));
+        }
         let lr = o.lr.unwrap_or(DEFAULT_LR);
         if !(lr.is_finite() && lr > 0.0) {
             return Err(r.fail("lr", lr, "must be a positive number"));
@@ -767,6 +806,7 @@ impl RunSettings {
                 },
             },
             training,
+            attack: o.attack,
             seed: o.seed.unwrap_or(0),
             recipe: Recipe {
                 rounds: o.rounds.map(|n| nz_u64("rounds", Some(n), 1)).transpose()?,
@@ -788,6 +828,31 @@ impl RunSettings {
             },
             out: o.out.unwrap_or_else(|| PathBuf::from("runs")),
         })
+    }
+
+    /// The run's name in run folders: the method, and the attack when
+    /// there is one (`fedavg-sign-flip-2`, `median-scaled-clients-0-3`),
+    /// so that a run under attack never resumes the same run without.
+    pub fn run_label(&self) -> String {
+        let method = self.training.method();
+        match &self.attack {
+            None => method.to_string(),
+            Some(a) => {
+                let kind = serde_json::to_value(a.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let who = match (&a.count, &a.clients) {
+                    (Some(n), _) => n.to_string(),
+                    (None, Some(ids)) => {
+                        let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+                        format!("clients-{}", ids.join("-"))
+                    }
+                    (None, None) => String::new(),
+                };
+                format!("{method}-{kind}-{who}")
+            }
+        }
     }
 
     /// The settings as options (every key that has a value), the inverse
@@ -825,6 +890,7 @@ impl RunSettings {
             image_size: data.backbones.image_size,
             visual_tokens: data.backbones.visual_tokens,
             out: Some(self.out.clone()),
+            attack: self.attack.clone(),
             strategy,
         }
     }

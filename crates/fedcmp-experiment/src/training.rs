@@ -21,12 +21,14 @@ use fedcmp_runtime::checkpoint::{self, Checkpoint};
 use fedcmp_runtime::client::{ClientData, LocalConfig, LocalTrainer};
 use fedcmp_runtime::client_store::ClientStore;
 use fedcmp_runtime::convert::projector_params;
+use fedcmp_runtime::hostile::Hostile;
 use fedcmp_runtime::node::ClientNode;
 use fedcmp_runtime::round_loop::{
     drive, CheckpointHook, LoopSummary, RoundLoopConfig, RoundLoopState, RoundRecord, Start,
 };
 use fedcmp_runtime::simulation::{RoundRng, Simulated, Unreliability};
 use fedcmp_runtime::transport::InProcess;
+use fedcmp_runtime::transport::Transport;
 use fedcmp_strategy::config::StrategyConfig;
 use fedcmp_strategy::Strategy;
 
@@ -265,12 +267,20 @@ pub fn train_with(
             Ok(ClientNode::new(data, &local, store))
         })
         .collect::<Result<Vec<_>>>()?;
+    let ids: Vec<ClientId> = nodes.iter().map(|n| n.id()).collect();
     let rng = RoundRng::new(settings.seed);
-    let mut transport = Simulated::new(
+    let simulated = Simulated::new(
         InProcess::new(trainer, &experiment.cache, nodes).clients_per_pass(per_pass),
         rng.clone(),
         unreliability(settings, &participation),
     )?;
+    let mut transport: Box<dyn Transport + '_> = match &settings.attack {
+        Some(attack) => Box::new(Hostile::new(
+            simulated,
+            attack.resolve(&ids, settings.seed)?,
+        )),
+        None => Box::new(simulated),
+    };
     let work = experiment.projector(kind, settings.seed)?;
     let validator = experiment.validator();
     let (start, hook_dir, every) = match storage {
@@ -306,7 +316,7 @@ pub fn train_with(
         &round_loop_config(settings, &participation, budget),
         &rng,
         strategy.as_mut(),
-        &mut transport,
+        transport.as_mut(),
         start,
         &mut |p: &ParamSet| validator.nll_of(&work, p).map(Some),
         &mut |r| {

@@ -12,7 +12,8 @@
 //!   with its own state store ([`client_store`]);
 //! - [`transport`]: how round tasks reach clients and replies come back
 //!   (in process here; over Flower for real sites), and
-//!   [`simulation`]: dropouts and stragglers as a wrapper around one;
+//!   [`simulation`]: dropouts and stragglers as a wrapper around one,
+//!   [`hostile`]: clients that send corrupted updates, another;
 //! - [`round_loop`]: the server's loop: sample, send tasks, aggregate,
 //!   evaluate, record; [`checkpoint`]: its state on disk;
 //! - [`eval`], [`suite`]: held-out evaluation.
@@ -22,6 +23,7 @@ pub mod client;
 pub mod client_store;
 pub mod convert;
 pub mod eval;
+pub mod hostile;
 pub mod local;
 pub mod node;
 pub mod round_loop;

@@ -358,9 +358,15 @@ struct Scene<'a> {
 
 impl Scene<'_> {
     fn settings(&self, training: Training, seed: u64) -> RunSettings {
+        // An attack is on the federation: the references train without.
+        let attack = match training {
+            Training::Federated(_) => self.template.attack.clone(),
+            Training::Centralized | Training::LocalOnly => None,
+        };
         RunSettings {
             data: self.data.clone(),
             training,
+            attack,
             seed,
             ..self.template.clone()
         }

@@ -1,14 +1,14 @@
 //! Runs in their folders on the generated tiny world: the folder's files,
 //! `--config` on its settings, resume after a kill (bit-identical), a
 //! client that fails every round (recorded per round in metrics.jsonl),
-//! and the references.
+//! a federation with a hostile client, and the references.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use fedcmp_experiment::backbones::VisionChoice;
 use fedcmp_experiment::run_folder::{run_on, Measured};
-use fedcmp_experiment::settings::parse_strategy;
+use fedcmp_experiment::settings::{parse_attack, parse_strategy};
 use fedcmp_experiment::{Experiment, Layers, RunOptions, RunSettings, Silent};
 use fedcmp_runtime::suite::SuiteConfig;
 
@@ -526,5 +526,64 @@ fn the_untrained_suite_is_computed_once_per_seed() -> Result<()> {
     let none = untrained_suite(None, &experiment, &work, &params, &mut |_| {})?;
     assert_eq!(none, first);
     assert_eq!(entries(&memo)?.len(), 2);
+    Ok(())
+}
+
+/// A hostile client (simulated): the run goes to its own folder, its
+/// settings say so and read back, the federation samples the same clients
+/// and batches as without it (paired), only the hostile client's update
+/// differs, and the references refuse an attack.
+#[test]
+fn a_federation_with_a_hostile_client_is_paired_with_the_same_without() -> Result<()> {
+    let w = world()?;
+    let honest = w.settings(RunOptions::default())?;
+    let attacked = w.settings(RunOptions {
+        attack: Some(parse_attack(
+            "{ kind = \"scaled\", factor = -10.0, clients = [1] }",
+        )?),
+        ..RunOptions::default()
+    })?;
+    let experiment = w.experiment(&honest)?;
+    let a = run_on(&experiment, &honest, false, &Silent)?;
+    let b = run_on(&experiment, &attacked, false, &Silent)?;
+    assert!(
+        b.folder.name.ends_with("-fedavg-scaled-clients-1-s0"),
+        "{}",
+        b.folder.name
+    );
+    let text = std::fs::read_to_string(b.folder.dir.join("settings.toml"))?;
+    assert!(
+        text.contains("[attack]") && text.contains("kind = \"scaled\""),
+        "{text}"
+    );
+    let again = RunSettings::resolve(&Layers::new().file(&b.folder.dir.join("settings.toml"))?)?;
+    assert_eq!(again, attacked);
+
+    let (ma, mb) = (metrics_lines(&a.folder.dir)?, metrics_lines(&b.folder.dir)?);
+    assert_eq!(ma.len(), mb.len());
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!(x["sampled"], y["sampled"], "the same clients sampled");
+        assert_eq!(x["samples"], y["samples"]);
+    }
+    // Round 1 starts from the same model: client 0's update is the same,
+    // client 1's is its honest one times -10.
+    let norms = |m: &serde_json::Value| -> Vec<f64> {
+        m["metrics"]["series"]["client_delta_norms"]
+            .as_array()
+            .map(|v| v.iter().filter_map(serde_json::Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    let (na, nb) = (norms(&ma[0]), norms(&mb[0]));
+    assert_eq!(na.len(), 2, "{}", ma[0]);
+    assert!((na[0] - nb[0]).abs() <= 1e-6 * na[0], "{na:?} {nb:?}");
+    assert!((nb[1] / na[1] - 10.0).abs() < 1e-3, "{na:?} {nb:?}");
+
+    let centralized = w.settings(RunOptions {
+        training: Some(fedcmp_experiment::settings::TrainingKind::Centralized),
+        attack: Some(parse_attack("{ kind = \"sign-flip\", count = 1 }")?),
+        ..RunOptions::default()
+    });
+    let err = centralized.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("attack") && err.contains("federated"), "{err}");
     Ok(())
 }

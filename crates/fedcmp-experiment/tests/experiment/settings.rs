@@ -53,6 +53,9 @@ fn every_option_key_is_listed_and_maps_to_its_variable() -> Result<()> {
         image_size: Some(1),
         visual_tokens: Some(4),
         out: Some("o".into()),
+        attack: Some(fedcmp_experiment::settings::parse_attack(
+            "{ kind = \"sign-flip\", count = 1 }",
+        )?),
         strategy: Some(StrategyConfig::default()),
     };
     let table = toml::Table::try_from(&full)?;
