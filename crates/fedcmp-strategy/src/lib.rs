@@ -18,6 +18,7 @@
 //!   [`fedopt`] (FedAdagrad/FedAdam/FedYogi), [`scaffold`], [`fednova`],
 //!   [`ties`], [`cra`] (Fed-CMP's canonical reliability-aware
 //!   aggregation), [`opm`] (its orthogonality-preserved momentum; Fed-CMP);
+//! - [`privacy`]: differential privacy (the RDP accountant);
 //! - [`robust`]: byzantine-robust rules (median, trimmed mean, Krum, norm
 //!   bounding), each with a plain or momentum server step;
 //! - [`config`]: [`StrategyConfig`], by name, validated, built (the
@@ -36,6 +37,7 @@ pub mod fedprox;
 pub mod mean;
 pub mod opm;
 pub mod ops;
+pub mod privacy;
 pub mod robust;
 pub mod round;
 pub mod scaffold;

@@ -9,5 +9,6 @@ mod cra_v2;
 mod errors;
 mod fedcmp;
 mod golden;
+mod privacy;
 mod properties;
 mod robust;
