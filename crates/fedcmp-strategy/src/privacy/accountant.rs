@@ -206,7 +206,7 @@ impl RdpAccountant {
     /// Adds `steps` rounds of the sampled Gaussian mechanism (`q` in [0,
     /// 1], `z` >= 0).
     pub fn compose(&mut self, q: f64, z: f64, steps: u64) -> Result<()> {
-        if !(0.0..=1.0).contains(&q) || !(z.is_finite() && z >= 0.0) {
+        if !((0.0..=1.0).contains(&q) && z.is_finite() && z >= 0.0) {
             return Err(StrategyError::Config {
                 field: "privacy".to_string(),
                 reason: format!(
