@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 
+use fedcmp_experiment::compare::grid::CANDIDATES;
 use fedcmp_experiment::compare::stats::{paired_difference, PairedDifference};
 use fedcmp_experiment::compare::summary::{mean_std, Measure, Summary};
 use fedcmp_experiment::compare::Method;
@@ -120,11 +121,12 @@ pub fn markdown_table(summary: &Summary<'_>, measure: Measure, methods: &[Method
 }
 
 /// The methods a method is compared with, pairwise: FedAvg for every other
-/// federated method, and FedAvgM for Fed-CMP.
+/// federated method, and FedAvgM too for Fed-CMP and the candidate rules
+/// (which become defaults only by beating both, ALGORITHMS-NOTES.md).
 pub fn baselines(method: Method) -> Vec<Method> {
     match method {
         Method::Strategy("fedavg") => Vec::new(),
-        Method::Strategy("fed-cmp") => {
+        Method::Strategy(name) if name == "fed-cmp" || CANDIDATES.contains(&name) => {
             vec![Method::Strategy("fedavg"), Method::Strategy("fedavgm")]
         }
         Method::Strategy(_) => vec![Method::Strategy("fedavg")],
@@ -231,4 +233,24 @@ pub fn merges_table(summary: &Summary<'_>, methods: &[Method], local_steps: usiz
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fed_cmp_and_the_candidates_are_judged_against_fedavg_and_fedavgm() {
+        let both = vec![Method::Strategy("fedavg"), Method::Strategy("fedavgm")];
+        assert_eq!(baselines(Method::Strategy("fed-cmp")), both);
+        for name in CANDIDATES {
+            assert_eq!(baselines(Method::Strategy(name)), both, "{name}");
+        }
+        assert_eq!(
+            baselines(Method::Strategy("fedprox")),
+            vec![Method::Strategy("fedavg")]
+        );
+        assert!(baselines(Method::Strategy("fedavg")).is_empty());
+        assert!(baselines(Method::Centralized).is_empty());
+    }
 }
