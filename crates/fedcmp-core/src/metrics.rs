@@ -102,4 +102,10 @@ pub mod names {
     pub const ROBUST_SELECTED: &str = "robust_selected";
     pub const ROBUST_BOUND: &str = "robust_bound";
     pub const ROBUST_CLIPPED: &str = "robust_clipped";
+    /// Differential privacy: epsilon spent so far (at the configured
+    /// delta), updates clipped this round, and the noise's standard
+    /// deviation per value of the aggregate.
+    pub const DP_EPSILON: &str = "dp_epsilon";
+    pub const DP_CLIPPED: &str = "dp_clipped";
+    pub const DP_NOISE_STD: &str = "dp_noise_std";
 }

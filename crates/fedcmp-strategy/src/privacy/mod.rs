@@ -1,6 +1,7 @@
-//! Differential privacy for the federation's clients (issue 30): the
-//! accountant of the sampled Gaussian mechanism ([`accountant`]). The
-//! privacy wrapper around a strategy (clipping before aggregation, noise
-//! after it) builds on it.
+//! Differential privacy for the federation's clients: the accountant of
+//! the sampled Gaussian mechanism ([`accountant`]) and DP-FedAvg around a
+//! strategy, clipping before aggregation and noise after it
+//! ([`central`]).
 
 pub mod accountant;
+pub mod central;

@@ -1,13 +1,17 @@
 //! The privacy accountant against Google's dp-accounting (an independent
-//! implementation; `tests/golden/dp_reference.py` made the numbers), and
-//! the closed forms it must reduce to.
+//! implementation; `tests/golden/dp_reference.py` made the numbers) and
+//! the closed forms it must reduce to; DP-FedAvg around a strategy: its
+//! sensitivity, noise, epsilon, resume and what it refuses.
 
+use fedcmp_core::{ClientUpdate, ParamSet};
 use fedcmp_strategy::privacy::accountant::{
     default_orders, epsilon, rdp_sampled_gaussian, RdpAccountant,
 };
+use fedcmp_strategy::privacy::central::{private, CentralDpConfig, Federation};
 use serde::Deserialize;
 
-use crate::common::TestResult;
+use crate::common::{config, shifted, update, wb, TestResult};
+use crate::fedcmp::Gauss;
 
 const REFERENCE: &str = include_str!("../golden/dp_accounting.json");
 
@@ -126,5 +130,210 @@ fn the_accountant_reduces_to_its_closed_forms() -> TestResult {
     let text = serde_json::to_string(&a)?;
     let back: RdpAccountant = serde_json::from_str(&text)?;
     assert_eq!(back, a);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// DP-FedAvg around a strategy.
+
+const FED: Federation = Federation {
+    clients: 10,
+    per_round: 4,
+    seed: 3,
+};
+
+fn dp(clip_norm: f64, noise_multiplier: f64) -> CentralDpConfig {
+    CentralDpConfig {
+        clip_norm,
+        noise_multiplier,
+        delta: 1e-5,
+    }
+}
+
+/// `k` clients with Gaussian deltas of scale `scale`, equal sample counts.
+fn round_of(
+    g: &mut Gauss,
+    global: &ParamSet,
+    k: usize,
+    scale: f64,
+) -> TestResult<Vec<ClientUpdate>> {
+    let n = global.num_values();
+    (0..k)
+        .map(|c| {
+            let d: Vec<f32> = g.vec(n).iter().map(|x| (scale * x) as f32).collect();
+            Ok(update(c as u32, shifted(global, &d)?, 8, 2))
+        })
+        .collect()
+}
+
+fn step(before: &ParamSet, after: &ParamSet) -> Vec<f64> {
+    after
+        .flat()
+        .zip(before.flat())
+        .map(|(a, b)| f64::from(a) - f64::from(b))
+        .collect()
+}
+
+#[test]
+fn with_negligible_noise_and_no_clipping_it_is_the_base_strategy() -> TestResult {
+    // Equal sample counts and m = the round's clients: the unweighted,
+    // fixed-denominator mean is FedAvg's mean, and the server steps agree.
+    let fed = Federation {
+        per_round: 4,
+        ..FED
+    };
+    for json in [
+        r#"{"name": "fedavg", "server-lr": 0.7}"#,
+        r#"{"name": "fedavgm", "momentum": 0.5}"#,
+        r#"{"name": "fedadam", "server-lr": 0.1, "tau": 0.01}"#,
+        r#"{"name": "fedprox", "mu": 0.1}"#,
+    ] {
+        let base = config(json)?;
+        let mut a = private(&base, &dp(1e6, 1e-12), fed)?;
+        let mut b = base.build(10)?;
+        let mut g = Gauss(60);
+        let mut global = wb(3, 4, &[0.1f32; 15])?;
+        for t in 0..3 {
+            let ups = round_of(&mut g, &global, 4, 0.01)?;
+            let x = a.aggregate(t, &global, &ups)?;
+            let y = b.aggregate(t, &global, &ups)?;
+            for (p, q) in x.params.flat().zip(y.params.flat()) {
+                assert!((p - q).abs() <= 1e-6, "{json} round {t}: {p} vs {q}");
+            }
+            assert_eq!(a.configure_round(t, &[]), b.configure_round(t, &[]));
+            global = y.params;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn each_update_counts_for_at_most_the_clipping_norm() -> TestResult {
+    // One client's update, however large, moves the (noise-free) aggregate
+    // times m by at most C.
+    let c = 0.05;
+    let global = wb(3, 4, &[0.0f32; 15])?;
+    let mut g = Gauss(61);
+    let honest = round_of(&mut g, &global, 3, 0.01)?;
+    let fedavg = config(r#"{"name": "fedavg"}"#)?;
+    let run = |ups: &[ClientUpdate]| -> TestResult<(Vec<f64>, f64)> {
+        let mut s = private(&fedavg, &dp(c, 1e-12), FED)?;
+        let a = s.aggregate(0, &global, ups)?;
+        Ok((step(&global, &a.params), a.metrics.scalars["dp_clipped"]))
+    };
+    let (without, _) = run(&honest)?;
+    let mut with = honest.clone();
+    let huge: Vec<f32> = g.vec(15).iter().map(|x| (1e3 * x) as f32).collect();
+    with.push(update(9, shifted(&global, &huge)?, 1_000_000, 2));
+    let (attacked, clipped) = run(&with)?;
+    assert_eq!(clipped, 1.0);
+    let moved: Vec<f64> = attacked
+        .iter()
+        .zip(&without)
+        .map(|(a, b)| (a - b) * 4.0)
+        .collect();
+    assert!(
+        fedcmp_strategy::ops::norm(&moved) <= c * (1.0 + 1e-5),
+        "{moved:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_noise_has_the_stated_size_and_the_epsilon_is_the_accountants() -> TestResult {
+    let (c, z) = (0.5, 1.3);
+    let rows = 100;
+    let global = wb(rows, 100, &vec![0.0f32; rows * 100 + rows])?;
+    let mut s = private(&config(r#"{"name": "fedavg"}"#)?, &dp(c, z), FED)?;
+    // Clients that send the global back: the aggregate is the noise alone.
+    let same: Vec<ClientUpdate> = (0..4).map(|k| update(k, global.clone(), 5, 1)).collect();
+    let mut eps = Vec::new();
+    for t in 0..3 {
+        let a = s.aggregate(t, &global, &same)?;
+        let noise = step(&global, &a.params);
+        let n = noise.len() as f64;
+        let sd = (noise.iter().map(|x| x * x).sum::<f64>() / n).sqrt();
+        let want = z * c / 4.0;
+        assert!(
+            (sd - want).abs() < 0.03 * want,
+            "round {t}: sd {sd} vs {want}"
+        );
+        assert!((a.metrics.scalars["dp_noise_std"] - want).abs() < 1e-15);
+        let mut acc = RdpAccountant::default();
+        acc.compose(0.4, z, t + 1)?;
+        assert_eq!(a.metrics.scalars["dp_epsilon"], acc.epsilon(1e-5).0);
+        eps.push(a.metrics.scalars["dp_epsilon"]);
+    }
+    assert!(eps[0] < eps[1] && eps[1] < eps[2], "{eps:?}");
+    Ok(())
+}
+
+#[test]
+fn a_private_run_resumes_with_the_same_noise() -> TestResult {
+    let base = config(r#"{"name": "fedavgm"}"#)?;
+    let mut a = private(&base, &dp(0.1, 0.8), FED)?;
+    let mut g = Gauss(62);
+    let mut global = wb(3, 4, &[0.1f32; 15])?;
+    for t in 0..2 {
+        let ups = round_of(&mut g, &global, 4, 0.05)?;
+        global = a.aggregate(t, &global, &ups)?.params;
+    }
+    let state = a.state();
+    assert_eq!(state.scalars.get("dp_rounds"), Some(&2.0));
+    let mut b = private(&base, &dp(0.1, 0.8), FED)?;
+    b.load_state(serde_json::from_str(&serde_json::to_string(&state)?)?)?;
+    let ups = round_of(&mut g, &global, 4, 0.05)?;
+    let x = a.aggregate(2, &global, &ups)?;
+    let y = b.aggregate(2, &global, &ups)?;
+    assert_eq!(x.params, y.params);
+    assert_eq!(
+        x.metrics.scalars["dp_epsilon"],
+        y.metrics.scalars["dp_epsilon"]
+    );
+    Ok(())
+}
+
+#[test]
+fn privacy_refuses_what_it_cannot_protect_with_the_reason() -> TestResult {
+    for (json, why) in [
+        (r#"{"name": "fed-cmp"}"#, "CRA"),
+        (r#"{"name": "cra-only"}"#, "CRA"),
+        (r#"{"name": "scaffold"}"#, "control variates"),
+        (r#"{"name": "fednova"}"#, "normalises"),
+        (r#"{"name": "median"}"#, "individual updates"),
+        (r#"{"name": "ties"}"#, "individual updates"),
+    ] {
+        let err = private(&config(json)?, &dp(1.0, 1.0), FED)
+            .err()
+            .ok_or("accepted")?;
+        assert!(err.to_string().contains(why), "{json}: {err}");
+    }
+    for (bad, field) in [
+        (dp(0.0, 1.0), "clip-norm"),
+        (dp(1.0, 0.0), "noise-multiplier"),
+        (
+            CentralDpConfig {
+                delta: 1.0,
+                ..dp(1.0, 1.0)
+            },
+            "delta",
+        ),
+    ] {
+        let err = private(&config(r#"{"name": "fedavg"}"#)?, &bad, FED)
+            .err()
+            .ok_or("accepted")?;
+        assert!(err.to_string().contains(&format!("`{field}`")), "{err}");
+    }
+    let err = private(
+        &config(r#"{"name": "fedavg"}"#)?,
+        &dp(1.0, 1.0),
+        Federation {
+            per_round: 11,
+            ..FED
+        },
+    )
+    .err()
+    .ok_or("accepted")?;
+    assert!(err.to_string().contains("clients per round"), "{err}");
     Ok(())
 }

@@ -1,0 +1,297 @@
+//! Client-level differential privacy on the server: DP-FedAvg (McMahan,
+//! Ramage, Talwar, Zhang 2018, "Learning Differentially Private Recurrent
+//! Language Models", Algorithm 1 with the fixed-denominator estimator),
+//! wrapped around a strategy whose aggregate is a sum of client updates
+//! followed by post-processing.
+//!
+//! With `m` clients sampled per round out of `N` (sampling rate `q = m /
+//! N`), clipping norm `C` and noise multiplier `z`:
+//!
+//! ```text
+//! Delta_k <- Delta_k min(1, C / ||Delta_k||)          (all parameters, one norm)
+//! Delta    = (sum_k Delta_k + N(0, z^2 C^2 I)) / m     (unweighted, fixed denominator)
+//! ```
+//!
+//! then the wrapped strategy's server step (plain, momentum or adaptive:
+//! post-processing, which costs no privacy). One client changes the sum by
+//! at most `C`, so each round is the sampled Gaussian mechanism with noise
+//! multiplier `z`, and [`super::accountant`] gives the epsilon spent after
+//! `t` rounds at the configured delta, reported every round as
+//! `dp_epsilon` (with `dp_clipped`, the updates shortened, and
+//! `dp_noise_std`, the noise's standard deviation per value of `Delta`).
+//! The sum is unweighted: weighting by a client's own sample count would
+//! let one client's update count for more than `C`. Accounting treats the
+//! round's sampling as Poisson with rate `q` (the usual approximation for
+//! sampling a fixed number of clients; dropouts only lower the real rate).
+//!
+//! The noise comes from its own stream per (seed, round), so a resumed run
+//! adds the same noise, and the wrapper's only state is the number of
+//! rounds it has noised (`dp_rounds`).
+//!
+//! Composes with `fedavg`, `fedprox` (its client protocol kept),
+//! `fedavgm`, `fedadagrad`, `fedadam`, `fedyogi` and `opm-only` (whose
+//! momentum at full span is FedAvgM's, ALGORITHMS.md §4, so under privacy
+//! it is FedAvgM's server step); refuses the rest with the reason: CRA's
+//! weights and basis (`cra-only`, `fed-cmp`), TIES' trimming and the
+//! robust rules read individual updates, SCAFFOLD's control variates and
+//! FedNova's step normalisation are client-reported quantities that would
+//! need their own clipping and noise.
+
+use fedcmp_core::metrics::names;
+use fedcmp_core::RoundMetrics;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::accountant::RdpAccountant;
+use crate::compose::{Aggregator, Composed, Plain, ServerOptimizer};
+use crate::config::StrategyConfig;
+use crate::fedprox::Proximal;
+use crate::round::RoundInput;
+use crate::server_opt::{Adaptive, AdaptiveRule, HeavyBall, Sgd};
+use crate::validate::{check, positive};
+use crate::{ops, Result, Strategy, StrategyError, StrategyState};
+
+/// The privacy settings of a federation (`[privacy]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CentralDpConfig {
+    /// `C` (> 0): the L2 norm each client's update is clipped to.
+    pub clip_norm: f64,
+    /// `z` (> 0): the noise's standard deviation on the sum, in units of
+    /// `C`.
+    pub noise_multiplier: f64,
+    /// `delta` in (0, 1) at which epsilon is reported.
+    pub delta: f64,
+}
+
+impl Default for CentralDpConfig {
+    fn default() -> Self {
+        Self {
+            clip_norm: 1.0,
+            noise_multiplier: 1.0,
+            delta: 1e-5,
+        }
+    }
+}
+
+impl CentralDpConfig {
+    pub fn validate(&self) -> Result<()> {
+        positive("clip-norm", self.clip_norm)?;
+        positive("noise-multiplier", self.noise_multiplier)?;
+        check(
+            "delta",
+            self.delta,
+            self.delta > 0.0 && self.delta < 1.0,
+            "in (0, 1)",
+        )
+    }
+
+    /// Epsilon at `delta` after `rounds` rounds with `m` of `n` clients
+    /// sampled per round.
+    pub fn epsilon(&self, m: usize, n: usize, rounds: u64) -> Result<f64> {
+        let mut accountant = RdpAccountant::default();
+        accountant.compose(sampling_rate(m, n), self.noise_multiplier, rounds)?;
+        Ok(accountant.epsilon(self.delta).0)
+    }
+}
+
+fn sampling_rate(m: usize, n: usize) -> f64 {
+    if n == 0 {
+        1.0
+    } else {
+        (m as f64 / n as f64).min(1.0)
+    }
+}
+
+/// The federation a private strategy serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Federation {
+    /// `N`: the clients in the federation.
+    pub clients: usize,
+    /// `m`: the clients sampled per round (the fixed denominator).
+    pub per_round: usize,
+    /// The run's seed (the noise's streams).
+    pub seed: u64,
+}
+
+/// The clipped, noised, unweighted mean of DP-FedAvg.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoisedMean {
+    pub config: CentralDpConfig,
+    pub federation: Federation,
+    /// Rounds noised so far.
+    rounds: u64,
+}
+
+const ROUNDS_KEY: &str = "dp_rounds";
+
+impl NoisedMean {
+    pub fn new(config: CentralDpConfig, federation: Federation) -> Self {
+        Self {
+            config,
+            federation,
+            rounds: 0,
+        }
+    }
+
+    /// Rounds noised so far.
+    pub fn rounds(&self) -> u64 {
+        self.rounds
+    }
+}
+
+/// A standard normal draw (Box-Muller).
+fn gaussian(rng: &mut ChaCha8Rng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+impl Aggregator for NoisedMean {
+    type Output = Vec<f64>;
+
+    fn combine(&mut self, input: &RoundInput<'_>, metrics: &mut RoundMetrics) -> Result<Vec<f64>> {
+        let c = self.config.clip_norm;
+        let mut sum = vec![0.0; input.global_flat.len()];
+        let mut clipped = 0usize;
+        for delta in &input.deltas {
+            let norm = ops::norm(delta);
+            let factor = if norm > c { c / norm } else { 1.0 };
+            clipped += usize::from(norm > c);
+            ops::axpy(factor, delta, &mut sum)?;
+        }
+        let std = self.config.noise_multiplier * c;
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            self.federation.seed
+                ^ 0xd1ff_e7e0_0000_0000
+                ^ input.round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
+        for x in &mut sum {
+            *x += std * gaussian(&mut rng);
+        }
+        let m = self.federation.per_round.max(1) as f64;
+        ops::scale(1.0 / m, &mut sum);
+        self.rounds += 1;
+        let epsilon = self.config.epsilon(
+            self.federation.per_round,
+            self.federation.clients,
+            self.rounds,
+        )?;
+        metrics.set(names::DP_EPSILON, epsilon);
+        metrics.set(names::DP_CLIPPED, clipped as f64);
+        metrics.set(names::DP_NOISE_STD, std / m);
+        Ok(sum)
+    }
+
+    fn save(&self, state: &mut StrategyState) {
+        state
+            .scalars
+            .insert(ROUNDS_KEY.to_string(), self.rounds as f64);
+    }
+
+    fn load(&mut self, state: &mut StrategyState) -> Result<()> {
+        self.rounds = match state.take_scalar(ROUNDS_KEY) {
+            Some(r) if r >= 0.0 && r.fract() == 0.0 => r as u64,
+            None => 0,
+            Some(r) => {
+                return Err(StrategyError::State {
+                    reason: format!("`{ROUNDS_KEY}` must be a count, got {r}"),
+                })
+            }
+        };
+        Ok(())
+    }
+}
+
+fn composed<P, O>(
+    name: &'static str,
+    protocol: P,
+    mean: NoisedMean,
+    optimizer: O,
+) -> Box<dyn Strategy>
+where
+    P: crate::compose::ClientProtocol,
+    O: ServerOptimizer<Vec<f64>>,
+{
+    Box::new(Composed::new(name, protocol, mean, optimizer))
+}
+
+/// `base` under DP-FedAvg: its client protocol and server step around the
+/// clipped, noised mean; refuses strategies that do not aggregate a sum.
+pub fn private(
+    base: &StrategyConfig,
+    config: &CentralDpConfig,
+    federation: Federation,
+) -> Result<Box<dyn Strategy>> {
+    config.validate()?;
+    base.validate(federation.clients)?;
+    if federation.per_round == 0 || federation.per_round > federation.clients {
+        return Err(StrategyError::Config {
+            field: "privacy".to_string(),
+            reason: format!(
+                "needs 1 to {} clients per round, got {}",
+                federation.clients, federation.per_round
+            ),
+        });
+    }
+    let mean = NoisedMean::new(config.clone(), federation);
+    let name = base.name();
+    Ok(match base {
+        StrategyConfig::FedAvg(c) => composed(name, Plain, mean, Sgd::new(c.server_lr)),
+        StrategyConfig::FedProx(c) => {
+            composed(name, Proximal { mu: c.mu }, mean, Sgd::new(c.server_lr))
+        }
+        StrategyConfig::FedAvgM(c) => composed(
+            name,
+            Plain,
+            mean,
+            HeavyBall::with_form(c.server_lr, c.momentum, c.nesterov, c.momentum_form),
+        ),
+        StrategyConfig::OpmOnly(c) => composed(
+            name,
+            Plain,
+            mean,
+            HeavyBall::with_form(c.server_lr, c.beta, c.nesterov, c.momentum_form),
+        ),
+        StrategyConfig::FedAdagrad(c) => composed(
+            name,
+            Plain,
+            mean,
+            Adaptive::new(AdaptiveRule::Adagrad, c.server_lr, c.beta1, 0.0, c.tau),
+        ),
+        StrategyConfig::FedAdam(c) => composed(
+            name,
+            Plain,
+            mean,
+            Adaptive::new(AdaptiveRule::Adam, c.server_lr, c.beta1, c.beta2, c.tau),
+        ),
+        StrategyConfig::FedYogi(c) => composed(
+            name,
+            Plain,
+            mean,
+            Adaptive::new(AdaptiveRule::Yogi, c.server_lr, c.beta1, c.beta2, c.tau),
+        ),
+        other => {
+            let why = match other {
+                StrategyConfig::CraOnly(_) | StrategyConfig::FedCmp(_) => {
+                    "CRA's weights and basis are read from individual updates, not a clipped sum \
+                     (opm-only keeps Fed-CMP's momentum under privacy)"
+                }
+                StrategyConfig::Scaffold(_) => {
+                    "SCAFFOLD's control variates are client updates too and would need their own \
+                     clipping and noise"
+                }
+                StrategyConfig::FedNova(_) => {
+                    "FedNova normalises each update by its client's reported steps, which the \
+                     clipping bound does not cover"
+                }
+                _ => "its aggregate reads individual updates (not a clipped sum)",
+            };
+            return Err(StrategyError::Config {
+                field: "privacy".to_string(),
+                reason: format!("does not compose with `{}`: {why}", other.name()),
+            });
+        }
+    })
+}
