@@ -52,47 +52,140 @@ use crate::server_opt::{Adaptive, AdaptiveRule, HeavyBall, Sgd};
 use crate::validate::{check, positive};
 use crate::{ops, Result, Strategy, StrategyError, StrategyState};
 
-/// The privacy settings of a federation (`[privacy]`).
+/// The privacy settings of a federation (`[privacy]`): the clipping norm,
+/// and either the noise multiplier or the epsilon to stay within.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct CentralDpConfig {
     /// `C` (> 0): the L2 norm each client's update is clipped to.
     pub clip_norm: f64,
     /// `z` (> 0): the noise's standard deviation on the sum, in units of
-    /// `C`.
-    pub noise_multiplier: f64,
-    /// `delta` in (0, 1) at which epsilon is reported.
+    /// `C` ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_multiplier: Option<f64>,
+    /// ... or the epsilon (at `delta`) the whole run must stay within: `z`
+    /// is then the smallest (to 0.1%) that keeps the planned rounds within
+    /// it, and a round that would exceed it is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_epsilon: Option<f64>,
+    /// `delta` in (0, 1) at which epsilon is reported (default 1e-5).
+    #[serde(default = "default_delta")]
     pub delta: f64,
 }
 
-impl Default for CentralDpConfig {
-    fn default() -> Self {
-        Self {
-            clip_norm: 1.0,
-            noise_multiplier: 1.0,
-            delta: 1e-5,
-        }
-    }
+fn default_delta() -> f64 {
+    1e-5
+}
+
+/// Resolved privacy: the noise multiplier known, and the budget if any.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CentralDp {
+    pub clip_norm: f64,
+    pub noise_multiplier: f64,
+    pub delta: f64,
+    /// Rounds whose epsilon would exceed this are refused.
+    pub budget: Option<f64>,
 }
 
 impl CentralDpConfig {
+    /// Checks the fields (naming them), without the federation.
     pub fn validate(&self) -> Result<()> {
         positive("clip-norm", self.clip_norm)?;
-        positive("noise-multiplier", self.noise_multiplier)?;
         check(
             "delta",
             self.delta,
             self.delta > 0.0 && self.delta < 1.0,
             "in (0, 1)",
-        )
+        )?;
+        match (self.noise_multiplier, self.target_epsilon) {
+            (Some(z), None) => positive("noise-multiplier", z),
+            (None, Some(e)) => positive("target-epsilon", e),
+            (Some(_), Some(_)) => Err(StrategyError::Config {
+                field: "noise-multiplier".to_string(),
+                reason: "give it or `target-epsilon`, not both".to_string(),
+            }),
+            (None, None) => Err(StrategyError::Config {
+                field: "noise-multiplier".to_string(),
+                reason: "or `target-epsilon` is needed".to_string(),
+            }),
+        }
     }
 
-    /// Epsilon at `delta` after `rounds` rounds with `m` of `n` clients
-    /// sampled per round.
+    /// The noise multiplier for `rounds` rounds of `m` of `n` clients: the
+    /// configured one, or the smallest that keeps `target-epsilon` (which
+    /// needs the rounds).
+    pub fn resolve(&self, m: usize, n: usize, rounds: Option<u64>) -> Result<CentralDp> {
+        self.validate()?;
+        let noise_multiplier = match (self.noise_multiplier, self.target_epsilon) {
+            (Some(z), _) => z,
+            (None, Some(target)) => {
+                let Some(rounds) = rounds else {
+                    return Err(StrategyError::Config {
+                        field: "target-epsilon".to_string(),
+                        reason: "needs the run's number of rounds (set `rounds`)".to_string(),
+                    });
+                };
+                calibrate(target, self.delta, sampling_rate(m, n), rounds)?
+            }
+            // Refused by `validate` above.
+            (None, None) => {
+                return Err(StrategyError::Config {
+                    field: "noise-multiplier".to_string(),
+                    reason: "or `target-epsilon` is needed".to_string(),
+                })
+            }
+        };
+        Ok(CentralDp {
+            clip_norm: self.clip_norm,
+            noise_multiplier,
+            delta: self.delta,
+            budget: self.target_epsilon,
+        })
+    }
+}
+
+/// Epsilon at `delta` after `rounds` rounds at sampling rate `q` and noise
+/// multiplier `z`.
+pub fn epsilon_after(q: f64, z: f64, delta: f64, rounds: u64) -> Result<f64> {
+    let mut accountant = RdpAccountant::default();
+    accountant.compose(q, z, rounds)?;
+    Ok(accountant.epsilon(delta).0)
+}
+
+/// The smallest `z` (to 0.1%, by bisection on the monotone epsilon) with
+/// `epsilon_after(q, z, delta, rounds) <= target`.
+pub fn calibrate(target: f64, delta: f64, q: f64, rounds: u64) -> Result<f64> {
+    let (mut lo, mut hi) = (1e-3, 1.0);
+    while epsilon_after(q, hi, delta, rounds)? > target {
+        hi *= 2.0;
+        if hi > 1e6 {
+            return Err(StrategyError::Config {
+                field: "target-epsilon".to_string(),
+                reason: format!("{target} cannot be reached over {rounds} rounds"),
+            });
+        }
+    }
+    while hi / lo > 1.001 {
+        let mid = (lo * hi).sqrt();
+        if epsilon_after(q, mid, delta, rounds)? > target {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(hi)
+}
+
+impl CentralDp {
+    /// Epsilon after `rounds` rounds with `m` of `n` clients sampled per
+    /// round.
     pub fn epsilon(&self, m: usize, n: usize, rounds: u64) -> Result<f64> {
-        let mut accountant = RdpAccountant::default();
-        accountant.compose(sampling_rate(m, n), self.noise_multiplier, rounds)?;
-        Ok(accountant.epsilon(self.delta).0)
+        epsilon_after(
+            sampling_rate(m, n),
+            self.noise_multiplier,
+            self.delta,
+            rounds,
+        )
     }
 }
 
@@ -118,7 +211,7 @@ pub struct Federation {
 /// The clipped, noised, unweighted mean of DP-FedAvg.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NoisedMean {
-    pub config: CentralDpConfig,
+    pub config: CentralDp,
     pub federation: Federation,
     /// Rounds noised so far.
     rounds: u64,
@@ -127,7 +220,7 @@ pub struct NoisedMean {
 const ROUNDS_KEY: &str = "dp_rounds";
 
 impl NoisedMean {
-    pub fn new(config: CentralDpConfig, federation: Federation) -> Self {
+    pub fn new(config: CentralDp, federation: Federation) -> Self {
         Self {
             config,
             federation,
@@ -152,6 +245,22 @@ impl Aggregator for NoisedMean {
     type Output = Vec<f64>;
 
     fn combine(&mut self, input: &RoundInput<'_>, metrics: &mut RoundMetrics) -> Result<Vec<f64>> {
+        let rounds = self.rounds + 1;
+        let epsilon =
+            self.config
+                .epsilon(self.federation.per_round, self.federation.clients, rounds)?;
+        if let Some(budget) = self.config.budget {
+            if epsilon > budget * (1.0 + 1e-9) {
+                return Err(StrategyError::RoundRefused {
+                    round: input.round,
+                    reason: format!(
+                        "the privacy budget is spent: this round would bring epsilon to {epsilon:.4} \
+                         (target {budget}) at delta {}",
+                        self.config.delta
+                    ),
+                });
+            }
+        }
         let c = self.config.clip_norm;
         let mut sum = vec![0.0; input.global_flat.len()];
         let mut clipped = 0usize;
@@ -172,12 +281,7 @@ impl Aggregator for NoisedMean {
         }
         let m = self.federation.per_round.max(1) as f64;
         ops::scale(1.0 / m, &mut sum);
-        self.rounds += 1;
-        let epsilon = self.config.epsilon(
-            self.federation.per_round,
-            self.federation.clients,
-            self.rounds,
-        )?;
+        self.rounds = rounds;
         metrics.set(names::DP_EPSILON, epsilon);
         metrics.set(names::DP_CLIPPED, clipped as f64);
         metrics.set(names::DP_NOISE_STD, std / m);
@@ -221,10 +325,11 @@ where
 /// clipped, noised mean; refuses strategies that do not aggregate a sum.
 pub fn private(
     base: &StrategyConfig,
-    config: &CentralDpConfig,
+    config: &CentralDp,
     federation: Federation,
 ) -> Result<Box<dyn Strategy>> {
-    config.validate()?;
+    positive("clip-norm", config.clip_norm)?;
+    positive("noise-multiplier", config.noise_multiplier)?;
     base.validate(federation.clients)?;
     if federation.per_round == 0 || federation.per_round > federation.clients {
         return Err(StrategyError::Config {
@@ -235,7 +340,7 @@ pub fn private(
             ),
         });
     }
-    let mean = NoisedMean::new(config.clone(), federation);
+    let mean = NoisedMean::new(*config, federation);
     let name = base.name();
     Ok(match base {
         StrategyConfig::FedAvg(c) => composed(name, Plain, mean, Sgd::new(c.server_lr)),

@@ -7,7 +7,9 @@ use fedcmp_core::{ClientUpdate, ParamSet};
 use fedcmp_strategy::privacy::accountant::{
     default_orders, epsilon, rdp_sampled_gaussian, RdpAccountant,
 };
-use fedcmp_strategy::privacy::central::{private, CentralDpConfig, Federation};
+use fedcmp_strategy::privacy::central::{
+    calibrate, private, CentralDp, CentralDpConfig, Federation,
+};
 use serde::Deserialize;
 
 use crate::common::{config, shifted, update, wb, TestResult};
@@ -142,11 +144,12 @@ const FED: Federation = Federation {
     seed: 3,
 };
 
-fn dp(clip_norm: f64, noise_multiplier: f64) -> CentralDpConfig {
-    CentralDpConfig {
+fn dp(clip_norm: f64, noise_multiplier: f64) -> CentralDp {
+    CentralDp {
         clip_norm,
         noise_multiplier,
         delta: 1e-5,
+        budget: None,
     }
 }
 
@@ -311,19 +314,42 @@ fn privacy_refuses_what_it_cannot_protect_with_the_reason() -> TestResult {
     for (bad, field) in [
         (dp(0.0, 1.0), "clip-norm"),
         (dp(1.0, 0.0), "noise-multiplier"),
-        (
-            CentralDpConfig {
-                delta: 1.0,
-                ..dp(1.0, 1.0)
-            },
-            "delta",
-        ),
     ] {
         let err = private(&config(r#"{"name": "fedavg"}"#)?, &bad, FED)
             .err()
             .ok_or("accepted")?;
         assert!(err.to_string().contains(&format!("`{field}`")), "{err}");
     }
+    for (json, field) in [
+        (r#"{"clip-norm": 1.0}"#, "noise-multiplier"),
+        (
+            r#"{"clip-norm": 1.0, "noise-multiplier": 1.0, "target-epsilon": 4.0}"#,
+            "noise-multiplier",
+        ),
+        (
+            r#"{"clip-norm": 1.0, "noise-multiplier": 1.0, "delta": 1.0}"#,
+            "delta",
+        ),
+        (
+            r#"{"clip-norm": -1.0, "noise-multiplier": 1.0}"#,
+            "clip-norm",
+        ),
+        (
+            r#"{"clip-norm": 1.0, "target-epsilon": 0.0}"#,
+            "target-epsilon",
+        ),
+    ] {
+        let cfg: CentralDpConfig = serde_json::from_str(json)?;
+        let err = cfg.resolve(4, 10, Some(10)).err().ok_or("accepted")?;
+        assert!(
+            err.to_string().contains(&format!("`{field}`")),
+            "{json}: {err}"
+        );
+    }
+    let needs_rounds: CentralDpConfig =
+        serde_json::from_str(r#"{"clip-norm": 1.0, "target-epsilon": 4.0}"#)?;
+    let err = needs_rounds.resolve(4, 10, None).err().ok_or("accepted")?;
+    assert!(err.to_string().contains("rounds"), "{err}");
     let err = private(
         &config(r#"{"name": "fedavg"}"#)?,
         &dp(1.0, 1.0),
@@ -335,5 +361,42 @@ fn privacy_refuses_what_it_cannot_protect_with_the_reason() -> TestResult {
     .err()
     .ok_or("accepted")?;
     assert!(err.to_string().contains("clients per round"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn a_target_epsilon_sets_the_noise_and_is_never_exceeded() -> TestResult {
+    let cfg: CentralDpConfig =
+        serde_json::from_str(r#"{"clip-norm": 0.5, "target-epsilon": 4.0}"#)?;
+    let resolved = cfg.resolve(4, 10, Some(3))?;
+    let z = resolved.noise_multiplier;
+    assert_eq!(resolved.budget, Some(4.0));
+    // The smallest such z, to 0.1%: epsilon at z within the target, at
+    // 0.998 z beyond it.
+    assert!(resolved.epsilon(4, 10, 3)? <= 4.0);
+    let looser = CentralDp {
+        noise_multiplier: z * 0.998,
+        ..resolved
+    };
+    assert!(looser.epsilon(4, 10, 3)? > 4.0, "z {z} is not the smallest");
+    assert_eq!(calibrate(4.0, 1e-5, 0.4, 3)?, z);
+    // Three rounds fit; the fourth is refused, the state unchanged.
+    let mut s = private(&config(r#"{"name": "fedavg"}"#)?, &resolved, FED)?;
+    let mut g = Gauss(63);
+    let mut global = wb(3, 4, &[0.1f32; 15])?;
+    for t in 0..3 {
+        let ups = round_of(&mut g, &global, 4, 0.05)?;
+        let a = s.aggregate(t, &global, &ups)?;
+        assert!(a.metrics.scalars["dp_epsilon"] <= 4.0);
+        global = a.params;
+    }
+    let before = s.state();
+    let ups = round_of(&mut g, &global, 4, 0.05)?;
+    let err = s
+        .aggregate(3, &global, &ups)
+        .err()
+        .ok_or("a fourth round was aggregated")?;
+    assert!(err.to_string().contains("privacy budget"), "{err}");
+    assert_eq!(s.state(), before);
     Ok(())
 }
