@@ -11,10 +11,13 @@ use anyhow::Result;
 use clap::Args;
 use fedcmp_data::templates::CaptionStyle;
 use fedcmp_experiment::backbones::VisionChoice;
-use fedcmp_experiment::settings::{parse_attack, parse_strategy, ClientsPerPass, TrainingKind};
+use fedcmp_experiment::settings::{
+    parse_attack, parse_privacy, parse_strategy, ClientsPerPass, TrainingKind,
+};
 use fedcmp_experiment::{Layers, RunOptions};
 use fedcmp_runtime::hostile::AttackConfig;
 use fedcmp_strategy::config::StrategyConfig;
+use fedcmp_strategy::privacy::central::CentralDpConfig;
 
 /// A kebab-case enum value, parsed as the settings file would.
 pub(crate) fn kebab<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
@@ -46,6 +49,10 @@ fn strategy(text: &str) -> Result<StrategyConfig, String> {
 
 fn attack(text: &str) -> Result<AttackConfig, String> {
     parse_attack(text).map_err(|e| e.to_string())
+}
+
+fn privacy(text: &str) -> Result<CentralDpConfig, String> {
+    parse_privacy(text).map_err(|e| e.to_string())
 }
 
 /// What every client trains with, and the backbones (shared by `run`,
@@ -196,6 +203,12 @@ pub struct RunArgs {
     /// `std`; `count` drawn from the seed, or `clients = [ids]`).
     #[arg(long, value_parser = attack)]
     pub attack: Option<AttackConfig>,
+    /// Client-level differential privacy (DP-FedAvg around the strategy),
+    /// an inline table: `{ clip-norm = 0.5, noise-multiplier = 1.0 }`, or
+    /// `{ clip-norm = 0.5, target-epsilon = 8.0 }` with `--rounds`;
+    /// `delta` defaults to 1e-5.
+    #[arg(long, value_parser = privacy)]
+    pub privacy: Option<CentralDpConfig>,
     /// Start over even if the run folder holds a checkpoint.
     #[arg(long)]
     pub fresh: bool,
@@ -215,6 +228,7 @@ impl RunArgs {
             scenario: self.scenario.clone(),
             strategy: self.strategy.clone(),
             attack: self.attack.clone(),
+            privacy: self.privacy.clone(),
             training,
             seed: self.seed,
             out: self.out.clone(),

@@ -875,6 +875,7 @@ pub fn run(
     observer: &dyn Observer,
 ) -> Result<Vec<ScenarioResult>> {
     plan.validate()?;
+    refuse_privacy(template)?;
     let mut out = Vec::new();
     for scenario in &plan.scenarios {
         let data = DataSettings {
@@ -888,6 +889,19 @@ pub fn run(
 }
 
 /// The harness on one assembled scenario.
+/// The harness compares aggregation rules on the same updates; privacy
+/// would noise each rule's aggregate differently.
+fn refuse_privacy(template: &RunSettings) -> Result<()> {
+    if template.privacy.is_some() {
+        return Err(ExperimentError::Invalid(
+            "`privacy` is not taken by the harness (it compares aggregation rules on the same \
+             updates); run `fedcmp run` or `compare` for private federations"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 pub fn run_scenario(
     experiment: &Experiment,
     template: &RunSettings,
@@ -895,6 +909,7 @@ pub fn run_scenario(
     observer: &dyn Observer,
 ) -> Result<ScenarioResult> {
     plan.validate()?;
+    refuse_privacy(template)?;
     let started = std::time::Instant::now();
     let name = experiment.scenario.name.clone();
     let dir = plan.out.join(&name);

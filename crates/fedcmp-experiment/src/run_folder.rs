@@ -186,6 +186,23 @@ pub struct TrainedReport {
     /// Client failures over the rounds of this invocation, by kind.
     pub failures: FailureCounts,
     pub retired: Vec<u32>,
+    /// The privacy spent, for a run under differential privacy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyReport>,
+}
+
+/// What a private run spent (DP-FedAvg, see
+/// [`fedcmp_strategy::privacy::central`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct PrivacyReport {
+    pub clip_norm: f64,
+    pub noise_multiplier: f64,
+    /// The per-round sampling rate the accountant used (`m / N`).
+    pub sampling_rate: f64,
+    pub delta: f64,
+    /// Epsilon at `delta` after the rounds aggregated.
+    pub epsilon: f64,
+    pub target_epsilon: Option<f64>,
 }
 
 /// The full held-out suite of the untrained and the final projector.
@@ -447,6 +464,34 @@ pub fn run_on(
         .iter()
         .zip(&shard_sizes)
         .all(|((_, n), size)| *n as usize == *size);
+    let privacy = match &settings.privacy {
+        None => None,
+        Some(p) => {
+            let resolved = p.resolve(
+                per_round,
+                clients.len(),
+                settings.recipe.rounds.map(|r| r.get()),
+            )?;
+            // The last round's own figure; a resumed run that trained no
+            // round counts every round of the run.
+            let epsilon = match trained.records.iter().rev().find_map(|r| {
+                r.metrics
+                    .scalars
+                    .get(fedcmp_core::metrics::names::DP_EPSILON)
+            }) {
+                Some(e) => *e,
+                None => resolved.epsilon(per_round, clients.len(), summary.rounds)?,
+            };
+            Some(PrivacyReport {
+                clip_norm: resolved.clip_norm,
+                noise_multiplier: resolved.noise_multiplier,
+                sampling_rate: (per_round as f64 / clients.len().max(1) as f64).min(1.0),
+                delta: resolved.delta,
+                epsilon,
+                target_epsilon: resolved.budget,
+            })
+        }
+    };
     let report = Measured::Trained(Box::new(TrainedReport {
         federation: facts(experiment, per_round),
         rounds: summary.rounds,
@@ -470,6 +515,7 @@ pub fn run_on(
         one_pass_complete,
         failures,
         retired: summary.retired.iter().map(|c| c.0).collect(),
+        privacy,
     }));
     write_summary(&folder, &report)?;
     Ok(RunReport {

@@ -157,7 +157,9 @@ pub fn serve(
         resumed_after.map_or(String::new(), |r| format!(", resuming after round {r}"))
     )));
     let (scenario, _) = Scenario::load(&settings.data.scenario)?;
-    let mut strategy = strategy_config.build(statuses.len())?;
+    let per_round = crate::training::clients_per_round(&scenario.participation, statuses.len());
+    let mut strategy =
+        crate::training::build_strategy(settings, strategy_config, statuses.len(), per_round)?;
 
     let mut frozen = Frozen::load(options.cache_dir, settings, options.llm, observer)?;
     let (validation, skipped) = match options.validation {

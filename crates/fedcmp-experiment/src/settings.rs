@@ -40,6 +40,7 @@ use std::time::Duration;
 use fedcmp_model::projector::ProjectorKind;
 use fedcmp_runtime::hostile::AttackConfig;
 use fedcmp_strategy::config::StrategyConfig;
+use fedcmp_strategy::privacy::central::{private, CentralDp, CentralDpConfig, Federation};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use fedcmp_data::templates::CaptionStyle;
@@ -156,6 +157,12 @@ pub struct RunOptions {
     /// [`fedcmp_runtime::hostile`]). Federated training only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attack: Option<AttackConfig>,
+    /// Client-level differential privacy (DP-FedAvg around the strategy), a
+    /// table: `{ clip-norm = 0.5, noise-multiplier = 1.0 }` or `{ clip-norm =
+    /// 0.5, target-epsilon = 8 }` (with `rounds`), `delta` (default 1e-5).
+    /// Federated training only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<CentralDpConfig>,
     /// The strategy: a name, or a table with `name` and its options.
     /// Last, since TOML tables follow plain keys.
     #[serde(
@@ -193,7 +200,7 @@ pub fn research_recipe() -> RunOptions {
 }
 
 /// Every option key, in file order.
-pub const KEYS: [&str; 27] = [
+pub const KEYS: [&str; 28] = [
     "scenario",
     "limit",
     "captions",
@@ -220,6 +227,7 @@ pub const KEYS: [&str; 27] = [
     "visual-tokens",
     "out",
     "attack",
+    "privacy",
     "strategy",
 ];
 
@@ -280,6 +288,25 @@ pub fn parse_attack(text: &str) -> Result<AttackConfig> {
     options
         .attack
         .ok_or_else(|| ExperimentError::Invalid(format!("no attack in {text:?}")))
+}
+
+/// Privacy settings from a command-line value: an inline TOML table
+/// (`{ clip-norm = 0.5, noise-multiplier = 1.0 }`).
+pub fn parse_privacy(text: &str) -> Result<CentralDpConfig> {
+    let table = toml::from_str::<toml::Table>(&format!("privacy = {}", text.trim()))
+        .map_err(|e| bad_privacy(text, e))?;
+    let options =
+        RunOptions::deserialize(toml::Value::Table(table)).map_err(|e| bad_privacy(text, e))?;
+    options
+        .privacy
+        .ok_or_else(|| ExperimentError::Invalid(format!("no privacy settings in {text:?}")))
+}
+
+fn bad_privacy(text: &str, e: impl std::fmt::Display) -> ExperimentError {
+    ExperimentError::Invalid(format!(
+        "privacy {text:?} is not a privacy table ({e}); e.g. {{ clip-norm = 0.5, \
+         noise-multiplier = 1.0 }} or {{ clip-norm = 0.5, target-epsilon = 8.0 }}"
+    ))
 }
 
 fn bad_attack(text: &str, e: impl std::fmt::Display) -> ExperimentError {
@@ -646,6 +673,8 @@ pub struct RunSettings {
     pub training: Training,
     /// Simulated hostile clients (federated training only).
     pub attack: Option<AttackConfig>,
+    /// Client-level differential privacy (federated training only).
+    pub privacy: Option<CentralDpConfig>,
     pub seed: u64,
     pub recipe: Recipe,
     pub protocol: Protocol,
@@ -743,6 +772,44 @@ impl RunSettings {
                 ),
             ));
         }
+        if let Some(privacy) = &o.privacy {
+            let Training::Federated(strategy) = &training else {
+                return Err(r.fail(
+                    "privacy",
+                    "[privacy]",
+                    &format!(
+                        "applies to federated training, not {} ({})",
+                        training.method(),
+                        layers.origin("training")
+                    ),
+                ));
+            };
+            privacy
+                .validate()
+                .map_err(|e| r.fail("privacy", "[privacy]", &e.to_string()))?;
+            if privacy.target_epsilon.is_some() && o.rounds.is_none() {
+                return Err(r.fail(
+                    "privacy",
+                    "[privacy]",
+                    "`target-epsilon` needs `rounds` (the noise is set for the planned rounds)",
+                ));
+            }
+            // Whether the strategy composes with privacy, on a stand-in
+            // federation (the real one is known when the run starts).
+            let stand_in = CentralDp {
+                clip_norm: privacy.clip_norm,
+                noise_multiplier: 1.0,
+                delta: privacy.delta,
+                budget: None,
+            };
+            let federation = Federation {
+                clients: 2,
+                per_round: 1,
+                seed: 0,
+            };
+            private(strategy, &stand_in, federation)
+                .map_err(|e| r.fail("privacy", "[privacy]", &e.to_string()))?;
+        }
         let lr = o.lr.unwrap_or(DEFAULT_LR);
         if !(lr.is_finite() && lr > 0.0) {
             return Err(r.fail("lr", lr, "must be a positive number"));
@@ -807,6 +874,7 @@ impl RunSettings {
             },
             training,
             attack: o.attack,
+            privacy: o.privacy,
             seed: o.seed.unwrap_or(0),
             recipe: Recipe {
                 rounds: o.rounds.map(|n| nz_u64("rounds", Some(n), 1)).transpose()?,
@@ -891,6 +959,7 @@ impl RunSettings {
             visual_tokens: data.backbones.visual_tokens,
             out: Some(self.out.clone()),
             attack: self.attack.clone(),
+            privacy: self.privacy.clone(),
             strategy,
         }
     }

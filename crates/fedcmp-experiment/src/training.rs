@@ -30,6 +30,7 @@ use fedcmp_runtime::simulation::{RoundRng, Simulated, Unreliability};
 use fedcmp_runtime::transport::InProcess;
 use fedcmp_runtime::transport::Transport;
 use fedcmp_strategy::config::StrategyConfig;
+use fedcmp_strategy::privacy::central::{private, Federation};
 use fedcmp_strategy::Strategy;
 
 use crate::assembly::Experiment;
@@ -225,9 +226,35 @@ pub fn train(
     storage: Option<Storage<'_>>,
     observe: &mut dyn FnMut(&RoundRecord),
 ) -> Result<Trained> {
-    let (clients, _, strategy_config) = federation_of(experiment, &settings.training)?;
-    let strategy = strategy_config.build(clients.len())?;
+    let (clients, participation, strategy_config) = federation_of(experiment, &settings.training)?;
+    let per_round = clients_per_round(&participation, clients.len());
+    let strategy = build_strategy(settings, &strategy_config, clients.len(), per_round)?;
     train_with(experiment, settings, strategy, storage, observe)
+}
+
+/// The strategy of `settings` for a federation of `clients`, `per_round`
+/// of them per round: `config` as it is, or under DP-FedAvg when the
+/// settings ask for privacy (its noise set for the planned rounds when
+/// they give a target epsilon).
+pub fn build_strategy(
+    settings: &RunSettings,
+    config: &StrategyConfig,
+    clients: usize,
+    per_round: usize,
+) -> Result<Box<dyn Strategy>> {
+    match &settings.privacy {
+        None => Ok(config.build(clients)?),
+        Some(privacy) => {
+            let resolved =
+                privacy.resolve(per_round, clients, settings.recipe.rounds.map(|r| r.get()))?;
+            let federation = Federation {
+                clients,
+                per_round,
+                seed: settings.seed,
+            };
+            Ok(private(config, &resolved, federation)?)
+        }
+    }
 }
 
 /// [`train`] with a strategy built by the caller (e.g. one that records

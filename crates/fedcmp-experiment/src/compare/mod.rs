@@ -358,15 +358,17 @@ struct Scene<'a> {
 
 impl Scene<'_> {
     fn settings(&self, training: Training, seed: u64) -> RunSettings {
-        // An attack is on the federation: the references train without.
-        let attack = match training {
-            Training::Federated(_) => self.template.attack.clone(),
-            Training::Centralized | Training::LocalOnly => None,
+        // An attack and privacy are the federation's: the references
+        // train without.
+        let (attack, privacy) = match training {
+            Training::Federated(_) => (self.template.attack.clone(), self.template.privacy.clone()),
+            Training::Centralized | Training::LocalOnly => (None, None),
         };
         RunSettings {
             data: self.data.clone(),
             training,
             attack,
+            privacy,
             seed,
             ..self.template.clone()
         }

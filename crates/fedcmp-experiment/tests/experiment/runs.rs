@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use fedcmp_experiment::backbones::VisionChoice;
 use fedcmp_experiment::run_folder::{run_on, Measured};
-use fedcmp_experiment::settings::{parse_attack, parse_strategy};
+use fedcmp_experiment::settings::{parse_attack, parse_privacy, parse_strategy};
 use fedcmp_experiment::{Experiment, Layers, RunOptions, RunSettings, Silent};
 use fedcmp_runtime::suite::SuiteConfig;
 
@@ -585,5 +585,83 @@ fn a_federation_with_a_hostile_client_is_paired_with_the_same_without() -> Resul
     });
     let err = centralized.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("attack") && err.contains("federated"), "{err}");
+    Ok(())
+}
+
+/// A private run (DP-FedAvg around FedAvgM): every round reports its
+/// epsilon, summary.json the epsilon spent (the accountant's, at the
+/// run's sampling rate), the settings read back; the settings refuse
+/// privacy for the references, for strategies it does not compose with,
+/// and a target epsilon without the rounds.
+#[test]
+fn a_private_run_reports_the_epsilon_it_spent() -> Result<()> {
+    let w = world()?;
+    let settings = w.settings(RunOptions {
+        strategy: Some(parse_strategy("fedavgm")?),
+        privacy: Some(parse_privacy(
+            "{ clip-norm = 0.5, noise-multiplier = 1.1 }",
+        )?),
+        ..RunOptions::default()
+    })?;
+    let experiment = w.experiment(&settings)?;
+    let report = run_on(&experiment, &settings, false, &Silent)?;
+    let Measured::Trained(r) = &report.measured else {
+        anyhow::bail!("no training");
+    };
+    let lines = metrics_lines(&report.folder.dir)?;
+    let eps: Vec<f64> = lines
+        .iter()
+        .filter_map(|l| l["metrics"]["scalars"]["dp_epsilon"].as_f64())
+        .collect();
+    assert_eq!(eps.len(), lines.len(), "every round reports epsilon");
+    assert!(eps.windows(2).all(|w| w[0] < w[1]), "{eps:?}");
+    let privacy = r.privacy.as_ref().context("no privacy in the summary")?;
+    let q = r.federation.clients_per_round as f64 / r.federation.clients as f64;
+    let mut acc = fedcmp_strategy::privacy::accountant::RdpAccountant::default();
+    acc.compose(q, 1.1, r.rounds)?;
+    assert_eq!(privacy.epsilon, acc.epsilon(1e-5).0);
+    assert_eq!(privacy.epsilon, *eps.last().unwrap_or(&f64::NAN));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.folder.summary())?)?;
+    assert_eq!(summary["privacy"]["epsilon"], privacy.epsilon);
+    let again = RunSettings::resolve(&Layers::new().file(&report.folder.settings())?)?;
+    assert_eq!(again, settings);
+
+    for (options, why) in [
+        (
+            RunOptions {
+                training: Some(fedcmp_experiment::settings::TrainingKind::Centralized),
+                privacy: Some(parse_privacy(
+                    "{ clip-norm = 1.0, noise-multiplier = 1.0 }",
+                )?),
+                ..RunOptions::default()
+            },
+            "federated",
+        ),
+        (
+            RunOptions {
+                strategy: Some(parse_strategy("fed-cmp")?),
+                privacy: Some(parse_privacy(
+                    "{ clip-norm = 1.0, noise-multiplier = 1.0 }",
+                )?),
+                ..RunOptions::default()
+            },
+            "CRA",
+        ),
+        (
+            RunOptions {
+                privacy: Some(parse_privacy("{ clip-norm = 1.0, target-epsilon = 8.0 }")?),
+                ..RunOptions::default()
+            },
+            "rounds",
+        ),
+    ] {
+        let err = w
+            .settings(options)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("privacy") && err.contains(why), "{err}");
+    }
     Ok(())
 }

@@ -56,6 +56,9 @@ fn every_option_key_is_listed_and_maps_to_its_variable() -> Result<()> {
         attack: Some(fedcmp_experiment::settings::parse_attack(
             "{ kind = \"sign-flip\", count = 1 }",
         )?),
+        privacy: Some(fedcmp_experiment::settings::parse_privacy(
+            "{ clip-norm = 1.0, noise-multiplier = 1.0 }",
+        )?),
         strategy: Some(StrategyConfig::default()),
     };
     let table = toml::Table::try_from(&full)?;
@@ -346,6 +349,8 @@ fn a_settings_file_names_every_resolved_value() -> Result<()> {
             "captions",
             "visual-tokens",
             "vision-feature-layer",
+            "attack",
+            "privacy",
         ]
         .contains(&key);
         assert_eq!(table.contains_key(key), !optional, "{key} in\n{text}");
