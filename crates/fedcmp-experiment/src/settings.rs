@@ -805,7 +805,6 @@ impl RunSettings {
             let federation = Federation {
                 clients: 2,
                 per_round: 1,
-                seed: 0,
             };
             private(strategy, &stand_in, federation)
                 .map_err(|e| r.fail("privacy", "[privacy]", &e.to_string()))?;

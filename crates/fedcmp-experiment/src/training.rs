@@ -247,11 +247,7 @@ pub fn build_strategy(
         Some(privacy) => {
             let resolved =
                 privacy.resolve(per_round, clients, settings.recipe.rounds.map(|r| r.get()))?;
-            let federation = Federation {
-                clients,
-                per_round,
-                seed: settings.seed,
-            };
+            let federation = Federation { clients, per_round };
             Ok(private(config, &resolved, federation)?)
         }
     }

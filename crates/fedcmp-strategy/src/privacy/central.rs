@@ -24,9 +24,12 @@
 //! round's sampling as Poisson with rate `q` (the usual approximation for
 //! sampling a fixed number of clients; dropouts only lower the real rate).
 //!
-//! The noise comes from its own stream per (seed, round), so a resumed run
-//! adds the same noise, and the wrapper's only state is the number of
-//! rounds it has noised (`dp_rounds`).
+//! The noise comes from its own stream per round, seeded by a secret the
+//! server draws from the operating system at its first round and keeps in
+//! its state (`dp_secret_hi`, `dp_secret_lo`, with `dp_rounds`, the rounds
+//! noised): a resumed run adds the same noise, and the seed in the
+//! settings (which sites and readers of a run folder see) does not reveal
+//! it.
 //!
 //! Composes with `fedavg`, `fedprox` (its client protocol kept),
 //! `fedavgm`, `fedadagrad`, `fedadam`, `fedyogi` and `opm-only` (whose
@@ -204,8 +207,6 @@ pub struct Federation {
     pub clients: usize,
     /// `m`: the clients sampled per round (the fixed denominator).
     pub per_round: usize,
-    /// The run's seed (the noise's streams).
-    pub seed: u64,
 }
 
 /// The clipped, noised, unweighted mean of DP-FedAvg.
@@ -215,9 +216,13 @@ pub struct NoisedMean {
     pub federation: Federation,
     /// Rounds noised so far.
     rounds: u64,
+    /// The noise's secret seed (drawn at the first round).
+    secret: Option<u64>,
 }
 
 const ROUNDS_KEY: &str = "dp_rounds";
+const SECRET_HI_KEY: &str = "dp_secret_hi";
+const SECRET_LO_KEY: &str = "dp_secret_lo";
 
 impl NoisedMean {
     pub fn new(config: CentralDp, federation: Federation) -> Self {
@@ -225,7 +230,15 @@ impl NoisedMean {
             config,
             federation,
             rounds: 0,
+            secret: None,
         }
+    }
+
+    /// With a given secret instead of one from the operating system
+    /// (tests that need the same noise twice).
+    pub fn with_secret(mut self, secret: u64) -> Self {
+        self.secret = Some(secret);
+        self
     }
 
     /// Rounds noised so far.
@@ -271,11 +284,9 @@ impl Aggregator for NoisedMean {
             ops::axpy(factor, delta, &mut sum)?;
         }
         let std = self.config.noise_multiplier * c;
-        let mut rng = ChaCha8Rng::seed_from_u64(
-            self.federation.seed
-                ^ 0xd1ff_e7e0_0000_0000
-                ^ input.round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-        );
+        let secret = *self.secret.get_or_insert_with(|| rand::rng().random());
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(secret ^ input.round.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         for x in &mut sum {
             *x += std * gaussian(&mut rng);
         }
@@ -292,6 +303,15 @@ impl Aggregator for NoisedMean {
         state
             .scalars
             .insert(ROUNDS_KEY.to_string(), self.rounds as f64);
+        if let Some(secret) = self.secret {
+            // Two 32-bit halves: exact in f64 scalars.
+            state
+                .scalars
+                .insert(SECRET_HI_KEY.to_string(), (secret >> 32) as f64);
+            state
+                .scalars
+                .insert(SECRET_LO_KEY.to_string(), (secret & 0xffff_ffff) as f64);
+        }
     }
 
     fn load(&mut self, state: &mut StrategyState) -> Result<()> {
@@ -301,6 +321,26 @@ impl Aggregator for NoisedMean {
             Some(r) => {
                 return Err(StrategyError::State {
                     reason: format!("`{ROUNDS_KEY}` must be a count, got {r}"),
+                })
+            }
+        };
+        let half = |key: &str, v: f64| -> Result<u64> {
+            if (0.0..=f64::from(u32::MAX)).contains(&v) && v.fract() == 0.0 {
+                Ok(v as u64)
+            } else {
+                Err(StrategyError::State {
+                    reason: format!("`{key}` must be a 32-bit half of the noise's seed, got {v}"),
+                })
+            }
+        };
+        self.secret = match (state.take_scalar(SECRET_HI_KEY), state.take_scalar(SECRET_LO_KEY)) {
+            (Some(hi), Some(lo)) => Some(half(SECRET_HI_KEY, hi)? << 32 | half(SECRET_LO_KEY, lo)?),
+            (None, None) if self.rounds == 0 => None,
+            _ => {
+                return Err(StrategyError::State {
+                    reason: format!(
+                        "a private run's state needs `{SECRET_HI_KEY}` and `{SECRET_LO_KEY}` after its first round"
+                    ),
                 })
             }
         };
@@ -328,6 +368,12 @@ pub fn private(
     config: &CentralDp,
     federation: Federation,
 ) -> Result<Box<dyn Strategy>> {
+    private_with(base, NoisedMean::new(*config, federation))
+}
+
+/// [`private`] around a given mean (e.g. one with a fixed secret).
+pub fn private_with(base: &StrategyConfig, mean: NoisedMean) -> Result<Box<dyn Strategy>> {
+    let (config, federation) = (mean.config, mean.federation);
     positive("clip-norm", config.clip_norm)?;
     positive("noise-multiplier", config.noise_multiplier)?;
     base.validate(federation.clients)?;
@@ -340,7 +386,6 @@ pub fn private(
             ),
         });
     }
-    let mean = NoisedMean::new(*config, federation);
     let name = base.name();
     Ok(match base {
         StrategyConfig::FedAvg(c) => composed(name, Plain, mean, Sgd::new(c.server_lr)),

@@ -8,7 +8,7 @@ use fedcmp_strategy::privacy::accountant::{
     default_orders, epsilon, rdp_sampled_gaussian, RdpAccountant,
 };
 use fedcmp_strategy::privacy::central::{
-    calibrate, private, CentralDp, CentralDpConfig, Federation,
+    calibrate, private, private_with, CentralDp, CentralDpConfig, Federation, NoisedMean,
 };
 use serde::Deserialize;
 
@@ -141,7 +141,6 @@ fn the_accountant_reduces_to_its_closed_forms() -> TestResult {
 const FED: Federation = Federation {
     clients: 10,
     per_round: 4,
-    seed: 3,
 };
 
 fn dp(clip_norm: f64, noise_multiplier: f64) -> CentralDp {
@@ -283,6 +282,16 @@ fn a_private_run_resumes_with_the_same_noise() -> TestResult {
     }
     let state = a.state();
     assert_eq!(state.scalars.get("dp_rounds"), Some(&2.0));
+    assert!(
+        state.scalars.contains_key("dp_secret_hi") && state.scalars.contains_key("dp_secret_lo")
+    );
+    let mut broken = state.clone();
+    broken.scalars.remove("dp_secret_lo");
+    let err = private(&base, &dp(0.1, 0.8), FED)?
+        .load_state(broken)
+        .err()
+        .ok_or("a state without its secret was accepted")?;
+    assert!(err.to_string().contains("dp_secret_lo"), "{err}");
     let mut b = private(&base, &dp(0.1, 0.8), FED)?;
     b.load_state(serde_json::from_str(&serde_json::to_string(&state)?)?)?;
     let ups = round_of(&mut g, &global, 4, 0.05)?;
@@ -398,5 +407,26 @@ fn a_target_epsilon_sets_the_noise_and_is_never_exceeded() -> TestResult {
         .ok_or("a fourth round was aggregated")?;
     assert!(err.to_string().contains("privacy budget"), "{err}");
     assert_eq!(s.state(), before);
+    Ok(())
+}
+
+#[test]
+fn the_noise_is_secret_unless_given() -> TestResult {
+    // Two fresh private strategies draw their own secrets: different
+    // noise on the same round; a given secret repeats it.
+    let base = config(r#"{"name": "fedavg"}"#)?;
+    let global = wb(3, 4, &[0.0f32; 15])?;
+    let same: Vec<ClientUpdate> = (0..4).map(|k| update(k, global.clone(), 5, 1)).collect();
+    let noise = |mut s: Box<dyn fedcmp_strategy::Strategy>| -> TestResult<ParamSet> {
+        Ok(s.aggregate(0, &global, &same)?.params)
+    };
+    let a = noise(private(&base, &dp(1.0, 1.0), FED)?)?;
+    let b = noise(private(&base, &dp(1.0, 1.0), FED)?)?;
+    assert_ne!(a, b);
+    let fixed = || NoisedMean::new(dp(1.0, 1.0), FED).with_secret(42);
+    assert_eq!(
+        noise(private_with(&base, fixed())?)?,
+        noise(private_with(&base, fixed())?)?
+    );
     Ok(())
 }
