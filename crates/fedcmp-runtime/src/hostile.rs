@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use fedcmp_core::{ClientId, ClientStatus, ParamSet, RoundTask};
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -187,20 +187,15 @@ impl Attack {
                 let delta = f64::from(*x) - f64::from(g);
                 let corrupted = match self.kind {
                     AttackKind::SignFlip | AttackKind::Scaled => self.factor * delta,
-                    AttackKind::Random => self.std * gaussian(&mut rng),
+                    AttackKind::Random => {
+                        self.std * fedcmp_strategy::ops::standard_normal(&mut rng)
+                    }
                 };
                 *x = (f64::from(g) + corrupted) as f32;
             }
         }
         Ok(out)
     }
-}
-
-/// A standard normal draw (Box-Muller).
-fn gaussian(rng: &mut ChaCha8Rng) -> f64 {
-    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-    let u2: f64 = rng.random();
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
 /// A transport some of whose clients send corrupted updates.

@@ -18,6 +18,14 @@ use rayon::prelude::*;
 
 use crate::{Result, StrategyError};
 
+/// A standard normal draw (Box-Muller), for the noise of privacy and of
+/// simulated hostile clients.
+pub fn standard_normal(rng: &mut impl rand::Rng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
 /// All values of `set`, widened to f64 and concatenated in order.
 pub fn flatten(set: &ParamSet) -> Vec<f64> {
     set.flat().map(f64::from).collect()

@@ -247,13 +247,6 @@ impl NoisedMean {
     }
 }
 
-/// A standard normal draw (Box-Muller).
-fn gaussian(rng: &mut ChaCha8Rng) -> f64 {
-    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-    let u2: f64 = rng.random();
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-}
-
 impl Aggregator for NoisedMean {
     type Output = Vec<f64>;
 
@@ -288,7 +281,7 @@ impl Aggregator for NoisedMean {
         let mut rng =
             ChaCha8Rng::seed_from_u64(secret ^ input.round.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         for x in &mut sum {
-            *x += std * gaussian(&mut rng);
+            *x += std * ops::standard_normal(&mut rng);
         }
         let m = self.federation.per_round.max(1) as f64;
         ops::scale(1.0 / m, &mut sum);

@@ -6,7 +6,7 @@ use fedcmp_core::ParamSet;
 use fedcmp_strategy::cra::{merge_matrix_history, reliability_with, CraParams, Gain, MergedMatrix};
 use fedcmp_strategy::{ops, Aggregate, Strategy, StrategyConfig};
 
-use crate::common::{bits, config, resumes_bit_for_bit, shifted, update, wb, TestResult};
+use crate::common::{bits, config, resumes_bit_for_bit, shifted, step, update, wb, TestResult};
 use crate::fedcmp::{
     matmul, random_orthogonal, rel_err, round_updates, transpose, weights, Gauss, SHAPES,
 };
@@ -33,15 +33,6 @@ fn run_deltas(
         out.push(a);
     }
     Ok(out)
-}
-
-/// `after - before`, flat, f64.
-fn step(before: &ParamSet, after: &ParamSet) -> Vec<f64> {
-    after
-        .flat()
-        .zip(before.flat())
-        .map(|(a, b)| f64::from(a) - f64::from(b))
-        .collect()
 }
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {

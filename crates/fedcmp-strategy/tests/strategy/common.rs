@@ -175,3 +175,12 @@ pub fn resumes_bit_for_bit(
     assert_eq!(aggregate_bits(&x), aggregate_bits(&y));
     Ok(state)
 }
+
+/// `after - before`, flat, f64.
+pub fn step(before: &ParamSet, after: &ParamSet) -> Vec<f64> {
+    after
+        .flat()
+        .zip(before.flat())
+        .map(|(a, b)| f64::from(a) - f64::from(b))
+        .collect()
+}

@@ -12,7 +12,7 @@ use fedcmp_strategy::privacy::central::{
 };
 use serde::Deserialize;
 
-use crate::common::{config, shifted, update, wb, TestResult};
+use crate::common::{config, shifted, step, update, wb, TestResult};
 use crate::fedcmp::Gauss;
 
 const REFERENCE: &str = include_str!("../golden/dp_accounting.json");
@@ -165,14 +165,6 @@ fn round_of(
             let d: Vec<f32> = g.vec(n).iter().map(|x| (scale * x) as f32).collect();
             Ok(update(c as u32, shifted(global, &d)?, 8, 2))
         })
-        .collect()
-}
-
-fn step(before: &ParamSet, after: &ParamSet) -> Vec<f64> {
-    after
-        .flat()
-        .zip(before.flat())
-        .map(|(a, b)| f64::from(a) - f64::from(b))
         .collect()
 }
 
