@@ -3,8 +3,10 @@
 reported cells (docs/RESULTS.md §5): for every federated method, at the
 setting its tuning chose, the mean over reported seeds of the clients'
 mean delta norm, the server's momentum norm, the server step it implies
-(server lr x momentum norm for momentum methods, server lr x mean delta
-norm otherwise) and that step relative to FedAvg's at server lr 1 (the
+(the recorded `server_step_norm` where the cells hold it, made by
+commits from bfd5e9d's successor on; else server lr x momentum norm for
+momentum methods, server lr x mean delta norm otherwise, which misses
+the EMA form's bias correction) and that step relative to FedAvg's at server lr 1 (the
 mean delta), with OPM's dropped momentum share, CRA's mean reliability
 rho and cross-client share, and the mean pairwise cosine of client deltas.
 
@@ -75,7 +77,12 @@ def main():
                 continue
             delta = mean([d.get("mean_delta_norm") for d in diag])
             momentum = mean([d.get("momentum_norm") for d in diag])
-            step = lr * (momentum if momentum is not None else delta)
+            recorded = mean([d.get("server_step_norm") for d in diag])
+            step = (
+                recorded
+                if recorded is not None
+                else lr * (momentum if momentum is not None else delta)
+            )
             rows.append(
                 (
                     method,

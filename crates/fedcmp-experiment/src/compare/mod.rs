@@ -209,7 +209,7 @@ pub struct Comparison {
 }
 
 /// Diagnostics kept per round in a cell (for the interference plots).
-const DIAGNOSTICS: [&str; 7] = [
+const DIAGNOSTICS: [&str; 11] = [
     names::COSINE_MEAN,
     names::CRA_RHO_MEAN,
     names::MOMENTUM_NORM,
@@ -217,6 +217,10 @@ const DIAGNOSTICS: [&str; 7] = [
     names::MEAN_DELTA_NORM,
     names::CRA_SHARED_SHARE,
     names::CRA_GAIN_MEAN,
+    names::SERVER_STEP_NORM,
+    names::DP_EPSILON,
+    names::DP_CLIPPED,
+    names::ROBUST_CLIPPED,
 ];
 
 /// Per-round keys of a cell for the shrinkage gain's 10%, 50% and 90%
