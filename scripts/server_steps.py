@@ -3,8 +3,8 @@
 reported cells (docs/RESULTS.md §5): for every federated method, at the
 setting its tuning chose, the mean over reported seeds of the clients'
 mean delta norm, the server's momentum norm, the server step it implies
-(the recorded `server_step_norm` where the cells hold it, made by
-commits from bfd5e9d's successor on; else server lr x momentum norm for
+(the recorded `server_step_norm` where the cells hold it, cells made
+by 68ed481 or later; else server lr x momentum norm for
 momentum methods, server lr x mean delta norm otherwise, which misses
 the EMA form's bias correction) and that step relative to FedAvg's at server lr 1 (the
 mean delta), with OPM's dropped momentum share, CRA's mean reliability
