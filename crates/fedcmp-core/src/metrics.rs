@@ -108,4 +108,7 @@ pub mod names {
     pub const DP_EPSILON: &str = "dp_epsilon";
     pub const DP_CLIPPED: &str = "dp_clipped";
     pub const DP_NOISE_STD: &str = "dp_noise_std";
+    /// The clipping norm used this round (it moves under adaptive
+    /// clipping).
+    pub const DP_CLIP_NORM: &str = "dp_clip_norm";
 }

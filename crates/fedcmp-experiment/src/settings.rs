@@ -801,6 +801,7 @@ impl RunSettings {
                 noise_multiplier: 1.0,
                 delta: privacy.delta,
                 budget: None,
+                adaptive: None,
             };
             let federation = Federation {
                 clients: 2,

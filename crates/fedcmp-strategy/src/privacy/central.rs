@@ -24,6 +24,26 @@
 //! round's sampling as Poisson with rate `q` (the usual approximation for
 //! sampling a fixed number of clients; dropouts only lower the real rate).
 //!
+//! Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy 2021,
+//! "Differentially Private Learning with Adaptive Clipping", Algorithm 1),
+//! with `[privacy.adaptive]`: `C` starts at `clip-norm` and follows the
+//! `gamma`-quantile of the update norms, from a noised count of the
+//! updates it did not clip,
+//!
+//! ```text
+//! b_k   = 1 when ||Delta_k|| <= C, else 0
+//! b     = (sum_k (b_k - 1/2) + N(0, sigma_b^2)) / m + 1/2
+//! C    <- C exp(-eta_C (b - gamma))            (after this round's clipping)
+//! z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)      (the update's noise multiplier)
+//! ```
+//!
+//! The count is a second Gaussian mechanism (sensitivity 1/2, noise
+//! `sigma_b`); with the update's noise multiplier lowered to `z_Delta`,
+//! the pair is one Gaussian mechanism of multiplier `z`, which the
+//! accountant charges (the paper's Theorem 1). It needs `z < 2 sigma_b`.
+//! Defaults are the paper's: `gamma` 0.5, `eta_C` 0.2, `sigma_b = m / 20`.
+//! The current `C` is state (`dp_clip_norm`), reported every round.
+//!
 //! The noise comes from its own stream per round, seeded by a secret the
 //! server draws from the operating system at its first round and keeps in
 //! its state (`dp_secret_hi`, `dp_secret_lo`, with `dp_rounds`, the rounds
@@ -74,10 +94,47 @@ pub struct CentralDpConfig {
     /// `delta` in (0, 1) at which epsilon is reported (default 1e-5).
     #[serde(default = "default_delta")]
     pub delta: f64,
+    /// Adaptive clipping: `clip-norm` is then the initial `C`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<AdaptiveClipping>,
 }
 
 fn default_delta() -> f64 {
     1e-5
+}
+
+/// Adaptive clipping's settings (`[privacy.adaptive]`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AdaptiveClipping {
+    /// `gamma` in (0, 1): the quantile of update norms `C` follows.
+    pub target_quantile: f64,
+    /// `eta_C` > 0: the geometric step of `C`.
+    pub learning_rate: f64,
+    /// `sigma_b` > 0: the count's noise (default `m / 20`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count_stddev: Option<f64>,
+}
+
+impl Default for AdaptiveClipping {
+    fn default() -> Self {
+        Self {
+            target_quantile: 0.5,
+            learning_rate: 0.2,
+            count_stddev: None,
+        }
+    }
+}
+
+/// Adaptive clipping, resolved for the federation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveClip {
+    pub target_quantile: f64,
+    pub learning_rate: f64,
+    /// `sigma_b`.
+    pub count_stddev: f64,
+    /// `z_Delta`: the update's noise multiplier.
+    pub update_noise_multiplier: f64,
 }
 
 /// Resolved privacy: the noise multiplier known, and the budget if any.
@@ -88,6 +145,8 @@ pub struct CentralDp {
     pub delta: f64,
     /// Rounds whose epsilon would exceed this are refused.
     pub budget: Option<f64>,
+    /// Adaptive clipping (`clip_norm` is then the initial `C`).
+    pub adaptive: Option<AdaptiveClip>,
 }
 
 impl CentralDpConfig {
@@ -100,6 +159,18 @@ impl CentralDpConfig {
             self.delta > 0.0 && self.delta < 1.0,
             "in (0, 1)",
         )?;
+        if let Some(a) = &self.adaptive {
+            check(
+                "target-quantile",
+                a.target_quantile,
+                a.target_quantile > 0.0 && a.target_quantile < 1.0,
+                "in (0, 1)",
+            )?;
+            positive("learning-rate", a.learning_rate)?;
+            if let Some(s) = a.count_stddev {
+                positive("count-stddev", s)?;
+            }
+        }
         match (self.noise_multiplier, self.target_epsilon) {
             (Some(z), None) => positive("noise-multiplier", z),
             (None, Some(e)) => positive("target-epsilon", e),
@@ -138,11 +209,36 @@ impl CentralDpConfig {
                 })
             }
         };
+        let adaptive = match self.adaptive {
+            None => None,
+            Some(a) => {
+                let count_stddev = a.count_stddev.unwrap_or(m as f64 / 20.0);
+                if noise_multiplier >= 2.0 * count_stddev {
+                    return Err(StrategyError::Config {
+                        field: "count-stddev".to_string(),
+                        reason: format!(
+                            "adaptive clipping needs the noise multiplier {noise_multiplier:.4} \
+                             below 2 x count-stddev = {:.4}; raise count-stddev",
+                            2.0 * count_stddev
+                        ),
+                    });
+                }
+                Some(AdaptiveClip {
+                    target_quantile: a.target_quantile,
+                    learning_rate: a.learning_rate,
+                    count_stddev,
+                    update_noise_multiplier: (noise_multiplier.powi(-2)
+                        - (2.0 * count_stddev).powi(-2))
+                    .powf(-0.5),
+                })
+            }
+        };
         Ok(CentralDp {
             clip_norm: self.clip_norm,
             noise_multiplier,
             delta: self.delta,
             budget: self.target_epsilon,
+            adaptive,
         })
     }
 }
@@ -218,9 +314,13 @@ pub struct NoisedMean {
     rounds: u64,
     /// The noise's secret seed (drawn at the first round).
     secret: Option<u64>,
+    /// The current clipping norm (adaptive clipping; `clip_norm` before the
+    /// first round).
+    clip: f64,
 }
 
 const ROUNDS_KEY: &str = "dp_rounds";
+const CLIP_KEY: &str = "dp_clip_norm";
 const SECRET_HI_KEY: &str = "dp_secret_hi";
 const SECRET_LO_KEY: &str = "dp_secret_lo";
 
@@ -231,6 +331,7 @@ impl NoisedMean {
             federation,
             rounds: 0,
             secret: None,
+            clip: config.clip_norm,
         }
     }
 
@@ -267,7 +368,7 @@ impl Aggregator for NoisedMean {
                 });
             }
         }
-        let c = self.config.clip_norm;
+        let c = self.clip;
         let mut sum = vec![0.0; input.global_flat.len()];
         let mut clipped = 0usize;
         for delta in &input.deltas {
@@ -276,7 +377,11 @@ impl Aggregator for NoisedMean {
             clipped += usize::from(norm > c);
             ops::axpy(factor, delta, &mut sum)?;
         }
-        let std = self.config.noise_multiplier * c;
+        let z = self
+            .config
+            .adaptive
+            .map_or(self.config.noise_multiplier, |a| a.update_noise_multiplier);
+        let std = z * c;
         let secret = *self.secret.get_or_insert_with(|| rand::rng().random());
         let mut rng =
             ChaCha8Rng::seed_from_u64(secret ^ input.round.wrapping_mul(0x9e37_79b9_7f4a_7c15));
@@ -285,6 +390,12 @@ impl Aggregator for NoisedMean {
         }
         let m = self.federation.per_round.max(1) as f64;
         ops::scale(1.0 / m, &mut sum);
+        metrics.set(names::DP_CLIP_NORM, c);
+        if let Some(a) = self.config.adaptive {
+            let unclipped = (input.len() - clipped) as f64 - 0.5 * input.len() as f64;
+            let b = (unclipped + a.count_stddev * ops::standard_normal(&mut rng)) / m + 0.5;
+            self.clip = c * (-a.learning_rate * (b - a.target_quantile)).exp();
+        }
         self.rounds = rounds;
         metrics.set(names::DP_EPSILON, epsilon);
         metrics.set(names::DP_CLIPPED, clipped as f64);
@@ -296,6 +407,9 @@ impl Aggregator for NoisedMean {
         state
             .scalars
             .insert(ROUNDS_KEY.to_string(), self.rounds as f64);
+        if self.config.adaptive.is_some() {
+            state.scalars.insert(CLIP_KEY.to_string(), self.clip);
+        }
         if let Some(secret) = self.secret {
             // Two 32-bit halves: exact in f64 scalars.
             state
@@ -316,6 +430,18 @@ impl Aggregator for NoisedMean {
                     reason: format!("`{ROUNDS_KEY}` must be a count, got {r}"),
                 })
             }
+        };
+        self.clip = match (self.config.adaptive, state.take_scalar(CLIP_KEY)) {
+            (Some(_), Some(c)) if c.is_finite() && c > 0.0 => c,
+            (Some(_), None) if self.rounds == 0 => self.config.clip_norm,
+            (Some(_), other) => {
+                return Err(StrategyError::State {
+                    reason: format!(
+                        "adaptive clipping's state needs `{CLIP_KEY}` > 0 after its first round, got {other:?}"
+                    ),
+                })
+            }
+            (None, _) => self.config.clip_norm,
         };
         let half = |key: &str, v: f64| -> Result<u64> {
             if (0.0..=f64::from(u32::MAX)).contains(&v) && v.fract() == 0.0 {

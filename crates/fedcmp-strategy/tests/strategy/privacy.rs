@@ -149,6 +149,7 @@ fn dp(clip_norm: f64, noise_multiplier: f64) -> CentralDp {
         noise_multiplier,
         delta: 1e-5,
         budget: None,
+        adaptive: None,
     }
 }
 
@@ -420,5 +421,60 @@ fn the_noise_is_secret_unless_given() -> TestResult {
         noise(private_with(&base, fixed())?)?,
         noise(private_with(&base, fixed())?)?
     );
+    Ok(())
+}
+
+#[test]
+fn adaptive_clipping_follows_the_target_quantile_of_the_norms() -> TestResult {
+    // Ten clients of norms 1..10 every round, the count's noise tiny: C
+    // moves geometrically towards the norm that half of them stay under
+    // (between 5 and 6), from 0.1 and from 100 alike.
+    let fed = Federation {
+        clients: 10,
+        per_round: 10,
+    };
+    let global = wb(1, 4, &[0.0f32; 5])?;
+    let updates: Vec<ClientUpdate> = (1..=10u32)
+        .map(|k| {
+            let d = [k as f32, 0.0, 0.0, 0.0, 0.0];
+            Ok(update(k, shifted(&global, &d)?, 3, 1))
+        })
+        .collect::<TestResult<_>>()?;
+    for start in [0.1, 100.0] {
+        let cfg: CentralDpConfig = serde_json::from_str(&format!(
+            r#"{{"clip-norm": {start}, "noise-multiplier": 1e-6,
+                "adaptive": {{"target-quantile": 0.5, "learning-rate": 0.2, "count-stddev": 1e-5}}}}"#
+        ))?;
+        let resolved = cfg.resolve(10, 10, None)?;
+        let a = resolved.adaptive.ok_or("no adaptive clipping")?;
+        // z_Delta^-2 = z^-2 - (2 sigma_b)^-2.
+        let want = (1e-12f64.recip() - (2e-5f64).powi(-2)).powf(-0.5);
+        assert!((a.update_noise_multiplier - want).abs() <= 1e-9 * want);
+        let mut s = private(&config(r#"{"name": "fedavg"}"#)?, &resolved, fed)?;
+        let mut clip = Vec::new();
+        for t in 0..120 {
+            let out = s.aggregate(t, &global, &updates)?;
+            clip.push(out.metrics.scalars["dp_clip_norm"]);
+        }
+        assert_eq!(clip[0], start);
+        let last = clip[clip.len() - 1];
+        assert!((5.0..=6.0).contains(&last), "from {start}: {last}");
+        // The state carries C: a resumed strategy continues from it.
+        let mut resumed = private(&config(r#"{"name": "fedavg"}"#)?, &resolved, fed)?;
+        resumed.load_state(s.state())?;
+        let x = s.aggregate(120, &global, &updates)?;
+        let y = resumed.aggregate(120, &global, &updates)?;
+        assert_eq!(
+            x.metrics.scalars["dp_clip_norm"],
+            y.metrics.scalars["dp_clip_norm"]
+        );
+        assert_ne!(x.metrics.scalars["dp_clip_norm"], start);
+        assert_eq!(x.params, y.params);
+    }
+    // The paper's condition z < 2 sigma_b, named.
+    let bad: CentralDpConfig =
+        serde_json::from_str(r#"{"clip-norm": 1.0, "noise-multiplier": 1.0, "adaptive": {}}"#)?;
+    let err = bad.resolve(8, 10, None).err().ok_or("accepted")?;
+    assert!(err.to_string().contains("`count-stddev`"), "{err}");
     Ok(())
 }
