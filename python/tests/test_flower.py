@@ -8,7 +8,9 @@ SuperNodes running the App in python/app on the generated tiny world.
 - a SuperNode killed mid-round: the round closes with that site failed,
   the restarted site (a new node id) is found again, the run completes;
 - the ServerApp killed after a checkpoint and started again resumes, and
-  its final projector equals an uninterrupted run's.
+  its final projector equals an uninterrupted run's;
+- a federation under differential privacy (DP-FedAvg around FedAvgM)
+  completes and reports the epsilon it spent every round.
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ def simulated(world, tmp_path: Path, rounds: int = 3, strategy: str = '"fed-cmp"
     return projector(Path(fedcmp.simulate(text, str(world["cache"]))))
 
 
-def prepare(world, tmp_path: Path, rounds: int = 3, extra: str = "") -> tuple[dict, Path]:
+def prepare(
+    world, tmp_path: Path, rounds: int = 3, extra: str = "", strategy: str = '"fed-cmp"'
+) -> tuple[dict, Path]:
     """The server's settings file and run-config overrides; the run folder."""
     out = tmp_path / "out"
     settings = tmp_path / "settings.toml"
-    settings.write_text(settings_text(world, out, rounds=rounds, extra=extra))
+    settings.write_text(settings_text(world, out, rounds=rounds, extra=extra, strategy=strategy))
     overrides = {
         "settings": str(settings),
         "cache-dir": str(world["cache"]),
@@ -56,7 +60,8 @@ def prepare(world, tmp_path: Path, rounds: int = 3, extra: str = "") -> tuple[di
         "wait-for-sites": 60,
         "query-timeout": 120,
     }
-    return overrides, out / "sites-fed-cmp-s0"
+    method = strategy.strip('"')
+    return overrides, out / f"sites-{method}-s0"
 
 
 def manifest(world, client: int) -> str:
@@ -187,3 +192,22 @@ def test_a_restarted_serverapp_resumes_and_ends_as_an_uninterrupted_run(world, t
     assert summary["resumed_after"] is not None and summary["resumed_after"] >= 1
     assert [r["round"] for r in records(folder)] == [1, 2, 3]
     assert_bitwise_equal(projector(folder), simulated(world, tmp_path))
+
+
+def test_a_private_federation_reports_its_epsilon_every_round(world, tmp_path):
+    privacy = "[privacy]\nclip-norm = 0.5\nnoise-multiplier = 1.1\n"
+    overrides, folder = prepare(world, tmp_path, rounds=2, extra=privacy, strategy='"fedavgm"')
+    with Federation(tmp_path / "net") as net:
+        net.start_superlink()
+        for client in (0, 1):
+            net.start_site(f"site{client}", client, manifest(world, client), tmp_path / f"state{client}", world["cache"])
+        run = net.run(overrides)
+        status = net.wait(run, timeout=300)
+        assert status == "finished:completed", f"{status}\n{net.run_log(run)}"
+
+    rounds = records(folder)
+    assert [r["round"] for r in rounds] == [1, 2]
+    eps = [r["metrics"]["scalars"]["dp_epsilon"] for r in rounds]
+    assert 0 < eps[0] < eps[1], eps
+    assert all(r["metrics"]["scalars"]["dp_clip_norm"] == 0.5 for r in rounds)
+    assert "[privacy]" in (folder / "settings.toml").read_text()
