@@ -626,6 +626,22 @@ fn a_private_run_reports_the_epsilon_it_spent() -> Result<()> {
     assert_eq!(summary["privacy"]["epsilon"], privacy.epsilon);
     let again = RunSettings::resolve(&Layers::new().file(&report.folder.settings())?)?;
     assert_eq!(again, settings);
+    // The harness compares rules on the same updates: no privacy there.
+    let plan = fedcmp_experiment::harness::HarnessPlan {
+        scenarios: vec!["unused".into()],
+        seeds: std::num::NonZeroU64::MIN,
+        rounds: std::num::NonZeroU64::MIN,
+        score_every: std::num::NonZeroU64::MIN,
+        server_lrs: vec![1.0],
+        rules: fedcmp_experiment::harness::default_rules()?,
+        replay: false,
+        out: w.dir.path().join("harness-private"),
+    };
+    let err = fedcmp_experiment::harness::run_scenario(&experiment, &settings, &plan, &Silent)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("privacy") && err.contains("harness"), "{err}");
 
     for (options, why) in [
         (
