@@ -278,42 +278,41 @@ pub fn parse_strategy(text: &str) -> Result<StrategyConfig> {
         .ok_or_else(|| ExperimentError::Invalid(format!("no strategy in {text:?}")))
 }
 
+/// Options with `key` set from a command-line value, an inline TOML table;
+/// `example` shows the reader one when it is not.
+fn inline_table(key: &str, text: &str, example: &str) -> Result<RunOptions> {
+    let bad = |e: &dyn std::fmt::Display| {
+        ExperimentError::Invalid(format!(
+            "{key} {text:?} is not a {key} table ({e}); e.g. {example}"
+        ))
+    };
+    let table =
+        toml::from_str::<toml::Table>(&format!("{key} = {}", text.trim())).map_err(|e| bad(&e))?;
+    RunOptions::deserialize(toml::Value::Table(table)).map_err(|e| bad(&e))
+}
+
 /// An attack from a command-line value: an inline TOML table
 /// (`{ kind = "sign-flip", count = 2 }`).
 pub fn parse_attack(text: &str) -> Result<AttackConfig> {
-    let table = toml::from_str::<toml::Table>(&format!("attack = {}", text.trim()))
-        .map_err(|e| bad_attack(text, e))?;
-    let options =
-        RunOptions::deserialize(toml::Value::Table(table)).map_err(|e| bad_attack(text, e))?;
-    options
-        .attack
-        .ok_or_else(|| ExperimentError::Invalid(format!("no attack in {text:?}")))
+    inline_table(
+        "attack",
+        text,
+        "{ kind = \"sign-flip\", count = 2 } (kinds sign-flip, scaled with factor, random with std)",
+    )?
+    .attack
+    .ok_or_else(|| ExperimentError::Invalid(format!("no attack in {text:?}")))
 }
 
 /// Privacy settings from a command-line value: an inline TOML table
 /// (`{ clip-norm = 0.5, noise-multiplier = 1.0 }`).
 pub fn parse_privacy(text: &str) -> Result<CentralDpConfig> {
-    let table = toml::from_str::<toml::Table>(&format!("privacy = {}", text.trim()))
-        .map_err(|e| bad_privacy(text, e))?;
-    let options =
-        RunOptions::deserialize(toml::Value::Table(table)).map_err(|e| bad_privacy(text, e))?;
-    options
-        .privacy
-        .ok_or_else(|| ExperimentError::Invalid(format!("no privacy settings in {text:?}")))
-}
-
-fn bad_privacy(text: &str, e: impl std::fmt::Display) -> ExperimentError {
-    ExperimentError::Invalid(format!(
-        "privacy {text:?} is not a privacy table ({e}); e.g. {{ clip-norm = 0.5, \
-         noise-multiplier = 1.0 }} or {{ clip-norm = 0.5, target-epsilon = 8.0 }}"
-    ))
-}
-
-fn bad_attack(text: &str, e: impl std::fmt::Display) -> ExperimentError {
-    ExperimentError::Invalid(format!(
-        "attack {text:?} is not an attack ({e}); e.g. {{ kind = \"sign-flip\", count = 2 }}, \
-         kinds sign-flip, scaled (factor), random (std)"
-    ))
+    inline_table(
+        "privacy",
+        text,
+        "{ clip-norm = 0.5, noise-multiplier = 1.0 } or { clip-norm = 0.5, target-epsilon = 8.0 }",
+    )?
+    .privacy
+    .ok_or_else(|| ExperimentError::Invalid(format!("no privacy settings in {text:?}")))
 }
 
 fn bad_strategy(text: &str, e: impl std::fmt::Display) -> ExperimentError {
