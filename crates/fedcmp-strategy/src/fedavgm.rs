@@ -71,11 +71,18 @@ pub fn fedavgm(config: &FedAvgMConfig) -> Result<FedAvgM> {
         NAME,
         Plain,
         WeightedMean::new(Weighting::Samples),
-        HeavyBall::with_form(
-            config.server_lr,
-            config.momentum,
-            config.nesterov,
-            config.momentum_form,
-        ),
+        config.optimizer(),
     ))
+}
+
+impl FedAvgMConfig {
+    /// FedAvgM's server step (also its server step under privacy).
+    pub(crate) fn optimizer(&self) -> HeavyBall {
+        HeavyBall::with_form(
+            self.server_lr,
+            self.momentum,
+            self.nesterov,
+            self.momentum_form,
+        )
+    }
 }

@@ -112,16 +112,7 @@ fn compose(name: &'static str, optimizer: Adaptive) -> FedOpt {
 /// Builds FedAdagrad after validating `config`.
 pub fn fedadagrad(config: &FedAdagradConfig) -> Result<FedOpt> {
     config.validate()?;
-    Ok(compose(
-        FEDADAGRAD,
-        Adaptive::new(
-            AdaptiveRule::Adagrad,
-            config.server_lr,
-            config.beta1,
-            0.0,
-            config.tau,
-        ),
-    ))
+    Ok(compose(FEDADAGRAD, config.optimizer()))
 }
 
 /// Builds FedAdam after validating `config`.
@@ -136,6 +127,21 @@ pub fn fedyogi(config: &FedAdaptiveConfig) -> Result<FedOpt> {
     Ok(compose(FEDYOGI, adaptive(AdaptiveRule::Yogi, config)))
 }
 
-fn adaptive(rule: AdaptiveRule, c: &FedAdaptiveConfig) -> Adaptive {
+/// The adaptive server step of `rule` configured by `c` (also the server
+/// step of these strategies under privacy).
+pub(crate) fn adaptive(rule: AdaptiveRule, c: &FedAdaptiveConfig) -> Adaptive {
     Adaptive::new(rule, c.server_lr, c.beta1, c.beta2, c.tau)
+}
+
+impl FedAdagradConfig {
+    /// FedAdagrad's server step (no `beta2`).
+    pub(crate) fn optimizer(&self) -> Adaptive {
+        Adaptive::new(
+            AdaptiveRule::Adagrad,
+            self.server_lr,
+            self.beta1,
+            0.0,
+            self.tau,
+        )
+    }
 }

@@ -69,9 +69,10 @@ use serde::{Deserialize, Serialize};
 use super::accountant::RdpAccountant;
 use crate::compose::{Aggregator, Composed, Plain, ServerOptimizer};
 use crate::config::StrategyConfig;
+use crate::fedopt::adaptive;
 use crate::fedprox::Proximal;
 use crate::round::RoundInput;
-use crate::server_opt::{Adaptive, AdaptiveRule, HeavyBall, Sgd};
+use crate::server_opt::{AdaptiveRule, HeavyBall, Sgd};
 use crate::validate::{check, positive};
 use crate::{ops, Result, Strategy, StrategyError, StrategyState};
 
@@ -511,36 +512,16 @@ pub fn private_with(base: &StrategyConfig, mean: NoisedMean) -> Result<Box<dyn S
         StrategyConfig::FedProx(c) => {
             composed(name, Proximal { mu: c.mu }, mean, Sgd::new(c.server_lr))
         }
-        StrategyConfig::FedAvgM(c) => composed(
-            name,
-            Plain,
-            mean,
-            HeavyBall::with_form(c.server_lr, c.momentum, c.nesterov, c.momentum_form),
-        ),
+        StrategyConfig::FedAvgM(c) => composed(name, Plain, mean, c.optimizer()),
         StrategyConfig::OpmOnly(c) => composed(
             name,
             Plain,
             mean,
             HeavyBall::with_form(c.server_lr, c.beta, c.nesterov, c.momentum_form),
         ),
-        StrategyConfig::FedAdagrad(c) => composed(
-            name,
-            Plain,
-            mean,
-            Adaptive::new(AdaptiveRule::Adagrad, c.server_lr, c.beta1, 0.0, c.tau),
-        ),
-        StrategyConfig::FedAdam(c) => composed(
-            name,
-            Plain,
-            mean,
-            Adaptive::new(AdaptiveRule::Adam, c.server_lr, c.beta1, c.beta2, c.tau),
-        ),
-        StrategyConfig::FedYogi(c) => composed(
-            name,
-            Plain,
-            mean,
-            Adaptive::new(AdaptiveRule::Yogi, c.server_lr, c.beta1, c.beta2, c.tau),
-        ),
+        StrategyConfig::FedAdagrad(c) => composed(name, Plain, mean, c.optimizer()),
+        StrategyConfig::FedAdam(c) => composed(name, Plain, mean, adaptive(AdaptiveRule::Adam, c)),
+        StrategyConfig::FedYogi(c) => composed(name, Plain, mean, adaptive(AdaptiveRule::Yogi, c)),
         other => {
             let why = match other {
                 StrategyConfig::CraOnly(_) | StrategyConfig::FedCmp(_) => {
