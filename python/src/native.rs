@@ -185,7 +185,8 @@ impl Site {
     /// Opens the site for the federation whose settings (TOML, as the
     /// server sends them) are `settings`.
     #[new]
-    #[pyo3(signature = (settings, client, manifest, state_dir, cache_dir, llm=None))]
+    #[pyo3(signature = (settings, client, manifest, state_dir, cache_dir, llm=None, misbehave=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         settings: &str,
@@ -194,14 +195,20 @@ impl Site {
         state_dir: PathBuf,
         cache_dir: PathBuf,
         llm: Option<PathBuf>,
+        misbehave: Option<&str>,
     ) -> PyResult<Self> {
         let resolved = settings_from(settings, "the settings the server sent")?;
+        let misbehave = misbehave
+            .map(fedcmp_experiment::settings::parse_attack)
+            .transpose()
+            .map_err(|e| PyValueError::new_err(format!("the site's `misbehave`: {e}")))?;
         let config = SiteConfig {
             client: ClientId(client),
             manifest,
             state_dir,
             cache_dir,
             llm,
+            misbehave,
         };
         let site = py
             .detach(|| SiteNode::open(&resolved, &config, &Silent))

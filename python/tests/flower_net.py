@@ -117,11 +117,13 @@ class Federation:
         if done.returncode != 0:
             raise RuntimeError(f"registering {public_key} failed:\n{done.stdout}\n{done.stderr}")
 
-    def start_site(self, name: str, client: int, manifest: str, state: Path, cache: Path, key: Path | None = None) -> int:
+    def start_site(
+        self, name: str, client: int, manifest: str, state: Path, cache: Path, key: Path | None = None, extra: str = ""
+    ) -> int:
         self.site_states.append(state)
         config = (
             f'client-id={client} manifest="{manifest}" state-dir="{state}" '
-            f'cache-dir="{cache}" site-idle-timeout=300'
+            f'cache-dir="{cache}" site-idle-timeout=300 {extra}'
         )
         cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}"]
         cmd += ["--port", str(free_port()), "--node-config", config]

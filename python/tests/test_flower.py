@@ -10,7 +10,11 @@ SuperNodes running the App in python/app on the generated tiny world.
 - the ServerApp killed after a checkpoint and started again resumes, and
   its final projector equals an uninterrupted run's;
 - a federation under differential privacy (DP-FedAvg around FedAvgM)
-  completes and reports the epsilon it spent every round.
+  completes and reports the epsilon it spent every round;
+- a federation with one site configured to misbehave (sending -10 times
+  its update) completes under the coordinate-wise median, and its final
+  projector is the simulation's with that client attacking, bit for bit
+  (so the site really sent the attack, and nothing else differed).
 """
 
 from __future__ import annotations
@@ -38,9 +42,13 @@ def assert_bitwise_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> 
         assert np.array_equal(a[name].view(np.uint32), b[name].view(np.uint32)), name
 
 
-def simulated(world, tmp_path: Path, rounds: int = 3, strategy: str = '"fed-cmp"') -> dict[str, np.ndarray]:
+def simulated(
+    world, tmp_path: Path, rounds: int = 3, strategy: str = '"fed-cmp"', extra: str = ""
+) -> dict[str, np.ndarray]:
     text = fedcmp.resolve_settings(
-        settings_text(world, tmp_path / "sim", strategy=strategy, rounds=rounds, extra=ONE_CLIENT_PER_PASS)
+        settings_text(
+            world, tmp_path / "sim", strategy=strategy, rounds=rounds, extra=ONE_CLIENT_PER_PASS + "\n" + extra
+        )
     )
     return projector(Path(fedcmp.simulate(text, str(world["cache"]))))
 
@@ -211,3 +219,29 @@ def test_a_private_federation_reports_its_epsilon_every_round(world, tmp_path):
     assert 0 < eps[0] < eps[1], eps
     assert all(r["metrics"]["scalars"]["dp_clip_norm"] == 0.5 for r in rounds)
     assert "[privacy]" in (folder / "settings.toml").read_text()
+
+
+def test_a_misbehaving_site_sends_its_attack_and_the_federation_completes(world, tmp_path):
+    attack = '{ kind = "scaled", factor = -10.0 }'
+    overrides, folder = prepare(world, tmp_path, rounds=2, strategy='"median"')
+    with Federation(tmp_path / "net") as net:
+        net.start_superlink()
+        for client in (0, 1):
+            extra = f"misbehave='{attack}'" if client == 1 else ""
+            net.start_site(
+                f"site{client}", client, manifest(world, client), tmp_path / f"state{client}", world["cache"], extra=extra
+            )
+        run = net.run(overrides)
+        status = net.wait(run, timeout=300)
+        assert status == "finished:completed", f"{status}\n{net.run_log(run)}"
+    rounds = records(folder)
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["answered"] == [0, 1] and r["aggregated"] for r in rounds), rounds
+    assert "misbehave" in (tmp_path / "state1" / "site.log").read_text()
+    across = projector(folder)
+    attacked = simulated(
+        world, tmp_path / "attacked", rounds=2, strategy='"median"', extra="[attack]\nkind = \"scaled\"\nclients = [1]\n"
+    )
+    honest = simulated(world, tmp_path / "honest", rounds=2, strategy='"median"')
+    assert_bitwise_equal(across, attacked)
+    assert any(not np.array_equal(across[k], honest[k]) for k in across)

@@ -66,6 +66,7 @@ pub fn run(args: &ClientStateArgs) -> Result<()> {
             second_moments: params(args.input_dim, args.hidden, 0.2)?,
         }),
         control: Some(params(args.input_dim, args.hidden, 0.3)?),
+        dp_releases: 0,
     };
     let (mut save, mut load, mut raw_write, mut raw_read) = (vec![], vec![], vec![], vec![]);
     let raw = dir.join("raw.bin");

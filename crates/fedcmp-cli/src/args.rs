@@ -17,7 +17,7 @@ use fedcmp_experiment::settings::{
 use fedcmp_experiment::{Layers, RunOptions};
 use fedcmp_runtime::hostile::AttackConfig;
 use fedcmp_strategy::config::StrategyConfig;
-use fedcmp_strategy::privacy::central::CentralDpConfig;
+use fedcmp_strategy::privacy::config::PrivacyConfig;
 
 /// A kebab-case enum value, parsed as the settings file would.
 pub(crate) fn kebab<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
@@ -51,7 +51,7 @@ fn attack(text: &str) -> Result<AttackConfig, String> {
     parse_attack(text).map_err(|e| e.to_string())
 }
 
-fn privacy(text: &str) -> Result<CentralDpConfig, String> {
+fn privacy(text: &str) -> Result<PrivacyConfig, String> {
     parse_privacy(text).map_err(|e| e.to_string())
 }
 
@@ -203,12 +203,13 @@ pub struct RunArgs {
     /// `std`; `count` drawn from the seed, or `clients = [ids]`).
     #[arg(long, value_parser = attack)]
     pub attack: Option<AttackConfig>,
-    /// Client-level differential privacy (DP-FedAvg around the strategy),
-    /// an inline table: `{ clip-norm = 0.5, noise-multiplier = 1.0 }`, or
-    /// `{ clip-norm = 0.5, target-epsilon = 8.0 }` with `--rounds`;
-    /// `delta` defaults to 1e-5.
+    /// Client-level differential privacy, an inline table: `{ clip-norm =
+    /// 0.5, noise-multiplier = 1.0 }`, or `{ clip-norm = 0.5,
+    /// target-epsilon = 8.0 }` with `--rounds`; `delta` defaults to 1e-5;
+    /// `mode = "local"` noises each client's update before it leaves
+    /// (default "central": DP-FedAvg around the strategy).
     #[arg(long, value_parser = privacy)]
-    pub privacy: Option<CentralDpConfig>,
+    pub privacy: Option<PrivacyConfig>,
     /// Start over even if the run folder holds a checkpoint.
     #[arg(long)]
     pub fresh: bool,

@@ -23,8 +23,9 @@ use fedcmp_data::record::SkipReport;
 use fedcmp_model::projector::Projector;
 use fedcmp_runtime::checkpoint;
 use fedcmp_runtime::convert::{load_projector, projector_params, save_params_file};
-use fedcmp_runtime::round_loop::StopReason;
+use fedcmp_runtime::round_loop::{RoundRecord, StopReason};
 use fedcmp_runtime::suite::{evaluate, SuiteConfig, SuiteReport};
+use fedcmp_strategy::privacy::config::{DpMode, PrivacyConfig};
 use serde::Serialize;
 
 use crate::assembly::Experiment;
@@ -192,17 +193,77 @@ pub struct TrainedReport {
 }
 
 /// What a private run spent (DP-FedAvg, see
-/// [`fedcmp_strategy::privacy::central`]).
+/// [`fedcmp_strategy::privacy::central`], or local DP,
+/// [`fedcmp_strategy::privacy::local`]).
 #[derive(Debug, Clone, Serialize)]
 pub struct PrivacyReport {
+    /// `central` (DP-FedAvg at the server) or `local` (at each site).
+    pub mode: DpMode,
     pub clip_norm: f64,
     pub noise_multiplier: f64,
-    /// The per-round sampling rate the accountant used (`m / N`).
+    /// The per-round sampling rate the accountant used (`m / N`; 1 for
+    /// local DP, whose releases are not amplified by sampling).
     pub sampling_rate: f64,
     pub delta: f64,
-    /// Epsilon at `delta` after the rounds aggregated.
+    /// Epsilon at `delta` after the rounds aggregated (local DP: of the
+    /// site that released most often).
     pub epsilon: f64,
     pub target_epsilon: Option<f64>,
+}
+
+/// The newest round's epsilon among `records`.
+pub(crate) fn last_epsilon(records: &[RoundRecord]) -> Option<f64> {
+    records.iter().rev().find_map(|r| {
+        r.metrics
+            .scalars
+            .get(fedcmp_core::metrics::names::DP_EPSILON)
+            .copied()
+    })
+}
+
+/// What a run under privacy spent: the last round's own epsilon; a
+/// resumed run that trained no round counts every round of the run (for
+/// local DP, as if one site had released in each).
+pub(crate) fn privacy_report(
+    p: &PrivacyConfig,
+    per_round: usize,
+    clients: usize,
+    planned: Option<u64>,
+    rounds: u64,
+    last: Option<f64>,
+) -> Result<PrivacyReport> {
+    Ok(match p.mode {
+        DpMode::Central => {
+            let resolved = p.resolve(per_round, clients, planned)?;
+            PrivacyReport {
+                mode: p.mode,
+                clip_norm: resolved.clip_norm,
+                noise_multiplier: resolved.noise_multiplier,
+                sampling_rate: (per_round as f64 / clients.max(1) as f64).min(1.0),
+                delta: resolved.delta,
+                epsilon: match last {
+                    Some(e) => e,
+                    None => resolved.epsilon(per_round, clients, rounds)?,
+                },
+                target_epsilon: resolved.budget,
+            }
+        }
+        DpMode::Local => {
+            let resolved = p.resolve_local(planned)?;
+            PrivacyReport {
+                mode: p.mode,
+                clip_norm: resolved.clip_norm,
+                noise_multiplier: resolved.noise_multiplier,
+                sampling_rate: 1.0,
+                delta: resolved.delta,
+                epsilon: match last {
+                    Some(e) => e,
+                    None => resolved.epsilon(rounds)?,
+                },
+                target_epsilon: resolved.budget,
+            }
+        }
+    })
 }
 
 /// The full held-out suite of the untrained and the final projector.
@@ -466,31 +527,14 @@ pub fn run_on(
         .all(|((_, n), size)| *n as usize == *size);
     let privacy = match &settings.privacy {
         None => None,
-        Some(p) => {
-            let resolved = p.resolve(
-                per_round,
-                clients.len(),
-                settings.recipe.rounds.map(|r| r.get()),
-            )?;
-            // The last round's own figure; a resumed run that trained no
-            // round counts every round of the run.
-            let epsilon = match trained.records.iter().rev().find_map(|r| {
-                r.metrics
-                    .scalars
-                    .get(fedcmp_core::metrics::names::DP_EPSILON)
-            }) {
-                Some(e) => *e,
-                None => resolved.epsilon(per_round, clients.len(), summary.rounds)?,
-            };
-            Some(PrivacyReport {
-                clip_norm: resolved.clip_norm,
-                noise_multiplier: resolved.noise_multiplier,
-                sampling_rate: (per_round as f64 / clients.len().max(1) as f64).min(1.0),
-                delta: resolved.delta,
-                epsilon,
-                target_epsilon: resolved.budget,
-            })
-        }
+        Some(p) => Some(privacy_report(
+            p,
+            per_round,
+            clients.len(),
+            settings.recipe.rounds.map(|r| r.get()),
+            summary.rounds,
+            last_epsilon(&trained.records),
+        )?),
     };
     let report = Measured::Trained(Box::new(TrainedReport {
         federation: facts(experiment, per_round),

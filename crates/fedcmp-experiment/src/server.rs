@@ -32,7 +32,7 @@ use serde::Serialize;
 
 use crate::events::{Event, Observer};
 use crate::files::{append_jsonl, write_atomic};
-use crate::run_folder::{FailureCounts, RunFolder};
+use crate::run_folder::{last_epsilon, privacy_report, FailureCounts, PrivacyReport, RunFolder};
 use crate::settings::{RunSettings, Training};
 use crate::sites::Frozen;
 use crate::training::round_loop_config;
@@ -73,6 +73,9 @@ pub struct ServeSummary {
     pub retired: Vec<u32>,
     pub failures: FailureCounts,
     pub validation_nll: Option<Validation>,
+    /// The privacy spent, for a federation under differential privacy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyReport>,
 }
 
 /// A transport that answers the round loop's first status query with the
@@ -193,6 +196,7 @@ pub fn serve(
     };
     let metrics_path = folder.metrics();
     let mut failures = FailureCounts::default();
+    let mut epsilon = None;
     let mut write_error = None;
     let started = Instant::now();
     let summary = drive(
@@ -204,6 +208,7 @@ pub fn serve(
         &mut |p: &ParamSet| validate(p),
         &mut |record| {
             failures.add(record);
+            epsilon = last_epsilon(std::slice::from_ref(record)).or(epsilon);
             observer.observe(Event::Round(record));
             if let Err(e) = append_jsonl(&mut metrics_file, &metrics_path, record) {
                 write_error.get_or_insert(e);
@@ -240,6 +245,17 @@ pub fn serve(
         validation_nll: init_val
             .zip(final_val)
             .map(|(init, r#final)| Validation { init, r#final }),
+        privacy: match &settings.privacy {
+            None => None,
+            Some(p) => Some(privacy_report(
+                p,
+                per_round,
+                statuses.len(),
+                settings.recipe.rounds.map(|r| r.get()),
+                summary.rounds,
+                epsilon,
+            )?),
+        },
     };
     let text = serde_json::to_string_pretty(&report)
         .map_err(|e| ExperimentError::Internal(format!("cannot encode the summary: {e}")))?;

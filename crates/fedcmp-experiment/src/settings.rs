@@ -40,7 +40,9 @@ use std::time::Duration;
 use fedcmp_model::projector::ProjectorKind;
 use fedcmp_runtime::hostile::AttackConfig;
 use fedcmp_strategy::config::StrategyConfig;
-use fedcmp_strategy::privacy::central::{private, CentralDp, CentralDpConfig, Federation};
+use fedcmp_strategy::privacy::central::{private, CentralDp, Federation};
+use fedcmp_strategy::privacy::config::{DpMode, PrivacyConfig};
+use fedcmp_strategy::privacy::local::{locally_private, LocalDp};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use fedcmp_data::templates::CaptionStyle;
@@ -157,12 +159,13 @@ pub struct RunOptions {
     /// [`fedcmp_runtime::hostile`]). Federated training only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attack: Option<AttackConfig>,
-    /// Client-level differential privacy (DP-FedAvg around the strategy), a
-    /// table: `{ clip-norm = 0.5, noise-multiplier = 1.0 }` or `{ clip-norm =
-    /// 0.5, target-epsilon = 8 }` (with `rounds`), `delta` (default 1e-5).
-    /// Federated training only.
+    /// Client-level differential privacy, a table: `{ clip-norm = 0.5,
+    /// noise-multiplier = 1.0 }` or `{ clip-norm = 0.5, target-epsilon = 8 }`
+    /// (with `rounds`), `delta` (default 1e-5), `mode` (`central`, DP-FedAvg
+    /// around the strategy, or `local`, each client noising its own
+    /// update). Federated training only.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub privacy: Option<CentralDpConfig>,
+    pub privacy: Option<PrivacyConfig>,
     /// The strategy: a name, or a table with `name` and its options.
     /// Last, since TOML tables follow plain keys.
     #[serde(
@@ -305,7 +308,7 @@ pub fn parse_attack(text: &str) -> Result<AttackConfig> {
 
 /// Privacy settings from a command-line value: an inline TOML table
 /// (`{ clip-norm = 0.5, noise-multiplier = 1.0 }`).
-pub fn parse_privacy(text: &str) -> Result<CentralDpConfig> {
+pub fn parse_privacy(text: &str) -> Result<PrivacyConfig> {
     inline_table(
         "privacy",
         text,
@@ -673,7 +676,7 @@ pub struct RunSettings {
     /// Simulated hostile clients (federated training only).
     pub attack: Option<AttackConfig>,
     /// Client-level differential privacy (federated training only).
-    pub privacy: Option<CentralDpConfig>,
+    pub privacy: Option<PrivacyConfig>,
     pub seed: u64,
     pub recipe: Recipe,
     pub protocol: Protocol,
@@ -795,19 +798,32 @@ impl RunSettings {
             }
             // Whether the strategy composes with privacy, on a stand-in
             // federation (the real one is known when the run starts).
-            let stand_in = CentralDp {
-                clip_norm: privacy.clip_norm,
-                noise_multiplier: 1.0,
-                delta: privacy.delta,
-                budget: None,
-                adaptive: None,
+            let composes = match privacy.mode {
+                DpMode::Central => {
+                    let stand_in = CentralDp {
+                        clip_norm: privacy.clip_norm,
+                        noise_multiplier: 1.0,
+                        delta: privacy.delta,
+                        budget: None,
+                        adaptive: None,
+                    };
+                    let federation = Federation {
+                        clients: 2,
+                        per_round: 1,
+                    };
+                    private(strategy, &stand_in, federation).map(drop)
+                }
+                DpMode::Local => {
+                    let stand_in = LocalDp {
+                        clip_norm: privacy.clip_norm,
+                        noise_multiplier: 1.0,
+                        delta: privacy.delta,
+                        budget: None,
+                    };
+                    locally_private(strategy, stand_in, 2).map(drop)
+                }
             };
-            let federation = Federation {
-                clients: 2,
-                per_round: 1,
-            };
-            private(strategy, &stand_in, federation)
-                .map_err(|e| r.fail("privacy", "[privacy]", &e.to_string()))?;
+            composes.map_err(|e| r.fail("privacy", "[privacy]", &e.to_string()))?;
         }
         let lr = o.lr.unwrap_or(DEFAULT_LR);
         if !(lr.is_finite() && lr > 0.0) {

@@ -26,6 +26,7 @@ use fedcmp_model::tokenizer::TextTokenizer;
 use fedcmp_model::vision::VisionEncoder;
 use fedcmp_runtime::client::{ClientData, LocalTrainer, Sample};
 use fedcmp_runtime::eval::Evaluator;
+use fedcmp_runtime::hostile::{Attack, AttackConfig};
 use fedcmp_runtime::node::ClientNode;
 use serde::Serialize;
 
@@ -146,7 +147,7 @@ impl Frozen {
 }
 
 /// Where one site finds its data and keeps its state.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SiteConfig {
     /// The site's stable client id (not the transport's node id, which
     /// changes when a site restarts).
@@ -159,6 +160,10 @@ pub struct SiteConfig {
     pub cache_dir: PathBuf,
     /// The site's copy of the LLM, where the settings name another path.
     pub llm: Option<PathBuf>,
+    /// A site configured to misbehave (testing robust aggregation on a
+    /// real deployment): what it sends in place of its update, as in a
+    /// simulated attack, without `count` or `clients`.
+    pub misbehave: Option<AttackConfig>,
 }
 
 /// One site: its data, its node and its trainer over frozen backbones
@@ -170,6 +175,7 @@ pub struct Site {
     node: ClientNode,
     skipped: SkipReport,
     samples: usize,
+    misbehave: Option<Attack>,
 }
 
 impl Site {
@@ -203,20 +209,35 @@ impl Site {
         )?;
         let store = crate::training::client_store(&config.state_dir, config.client)?;
         let count = samples.len();
-        let node = ClientNode::new(
+        let node = crate::training::client_node(
+            settings,
             ClientData {
                 id: config.client,
                 samples,
             },
             &local,
             Some(store),
-        );
+        )?;
+        let misbehave = config
+            .misbehave
+            .as_ref()
+            .map(|a| a.for_site(config.client, settings.seed))
+            .transpose()?;
+        if let Some(attack) = &misbehave {
+            tracing::warn!(
+                client = config.client.0,
+                kind = ?attack.kind,
+                factor = attack.factor,
+                "this site is configured to misbehave: its updates are replaced"
+            );
+        }
         Ok(Self {
             frozen,
             trainer,
             node,
             skipped,
             samples: count,
+            misbehave,
         })
     }
 
@@ -240,11 +261,16 @@ impl Site {
         Ok(self.node.status(round)?)
     }
 
-    /// Trains for one task and answers it.
+    /// Trains for one task and answers it (with its update replaced when
+    /// the site is configured to misbehave).
     pub fn handle(&mut self, task: &RoundTask) -> Result<ClientReply> {
-        Ok(self
+        let mut reply = self
             .node
-            .handle(&mut self.trainer, &self.frozen.cache, task)?)
+            .handle(&mut self.trainer, &self.frozen.cache, task)?;
+        if let (Some(attack), Some(update)) = (&self.misbehave, reply.update.as_mut()) {
+            update.params = attack.corrupt(task.round(), update.client, &task.global, &update.params)?;
+        }
+        Ok(reply)
     }
 }
 

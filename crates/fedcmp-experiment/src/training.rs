@@ -31,6 +31,8 @@ use fedcmp_runtime::transport::InProcess;
 use fedcmp_runtime::transport::Transport;
 use fedcmp_strategy::config::StrategyConfig;
 use fedcmp_strategy::privacy::central::{private, Federation};
+use fedcmp_strategy::privacy::config::DpMode;
+use fedcmp_strategy::privacy::local::locally_private;
 use fedcmp_strategy::Strategy;
 
 use crate::assembly::Experiment;
@@ -153,6 +155,10 @@ pub fn round_loop_config(
         quorum: protocol.quorum.get(),
         deadline: protocol.round_deadline,
         failure_limit: protocol.failure_limit.get(),
+        losses_withheld: settings
+            .privacy
+            .as_ref()
+            .is_some_and(|p| p.mode == DpMode::Local),
     }
 }
 
@@ -244,6 +250,10 @@ pub fn build_strategy(
 ) -> Result<Box<dyn Strategy>> {
     match &settings.privacy {
         None => Ok(config.build(clients)?),
+        Some(privacy) if privacy.mode == DpMode::Local => {
+            let dp = privacy.resolve_local(settings.recipe.rounds.map(|r| r.get()))?;
+            Ok(locally_private(config, dp, clients)?)
+        }
         Some(privacy) => {
             let resolved =
                 privacy.resolve(per_round, clients, settings.recipe.rounds.map(|r| r.get()))?;
@@ -251,6 +261,23 @@ pub fn build_strategy(
             Ok(private(config, &resolved, federation)?)
         }
     }
+}
+
+/// The node of client `data`, under local DP when the settings ask for it
+/// (the sites' side of `[privacy] mode = "local"`).
+pub fn client_node(
+    settings: &RunSettings,
+    data: ClientData,
+    local: &LocalConfig,
+    store: Option<ClientStore>,
+) -> Result<ClientNode> {
+    let node = ClientNode::new(data, local, store);
+    Ok(match &settings.privacy {
+        Some(privacy) if privacy.mode == DpMode::Local => node.with_local_dp(
+            privacy.resolve_local(settings.recipe.rounds.map(|r| r.get()))?,
+        ),
+        _ => node,
+    })
 }
 
 /// [`train`] with a strategy built by the caller (e.g. one that records
@@ -287,7 +314,7 @@ pub fn train_with(
                 .as_ref()
                 .map(|s| client_store(s.clients, data.id))
                 .transpose()?;
-            Ok(ClientNode::new(data, &local, store))
+            client_node(settings, data, &local, store)
         })
         .collect::<Result<Vec<_>>>()?;
     let ids: Vec<ClientId> = nodes.iter().map(|n| n.id()).collect();

@@ -70,6 +70,8 @@ pub struct ClientState {
     pub optimizer: Option<OptimizerState>,
     /// SCAFFOLD's client control variate c_i.
     pub control: Option<ParamSet>,
+    /// Local DP: updates released so far (what its epsilon counts).
+    pub dp_releases: u64,
 }
 
 /// The shard's sample order in `epoch`.
@@ -97,6 +99,7 @@ impl ClientState {
             consumed: 0,
             optimizer: None,
             control: None,
+            dp_releases: 0,
         }
     }
 

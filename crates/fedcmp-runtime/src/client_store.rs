@@ -1,6 +1,6 @@
 //! A client's own checkpoints, on the client's side: what it keeps between
 //! rounds (shuffle order and cursor, AdamW moments, SCAFFOLD's control
-//! variate) saved after every round it trains, so that a site can stop and
+//! variate, local DP's count of releases) saved after every round it trains, so that a site can stop and
 //! resume on its own and a simulation can resume every client from its run
 //! folder.
 //!
@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use fedcmp_core::{ClientId, ParamSet};
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::client::{ClientState, OptimizerState};
@@ -33,6 +34,7 @@ use crate::{io, Result, RuntimeError};
 const FORMAT: u32 = 1;
 const PREFIX: &str = "round-";
 const SUFFIX: &str = ".safetensors";
+const DP_SECRET: &str = "dp-secret";
 
 /// The small values of a saved state (the safetensors header metadata).
 #[derive(Debug, Serialize, Deserialize)]
@@ -46,8 +48,15 @@ struct Header {
     consumed: u64,
     optimizer_step: Option<u64>,
     has_control: bool,
+    /// Local DP's releases so far (absent without local DP).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    dp_releases: u64,
     /// Parameter names in order (the file's tensors are sorted by name).
     param_names: Vec<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One client's folder of saved states.
@@ -67,6 +76,29 @@ impl ClientStore {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         Ok(Self { dir, client })
+    }
+
+    /// Local DP's secret (see [`fedcmp_strategy::privacy::local`]): read
+    /// from `dp-secret` in this folder, or drawn from the operating system
+    /// and written there (atomically) at its first use, so every release of
+    /// this client, retries and resumes included, uses the same one.
+    pub fn dp_secret(&self) -> Result<u64> {
+        let path = self.dir.join(DP_SECRET);
+        match fs::read_to_string(&path) {
+            Ok(text) => u64::from_str_radix(text.trim(), 16)
+                .map_err(|e| corrupt(&path, format!("expected 16 hex digits: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let secret: u64 = rand::rng().random();
+                let tmp = path.with_extension("partial");
+                let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
+                file.write_all(format!("{secret:016x}\n").as_bytes())
+                    .map_err(io(&tmp))?;
+                file.sync_all().map_err(io(&tmp))?;
+                fs::rename(&tmp, &path).map_err(io(&path))?;
+                Ok(secret)
+            }
+            Err(e) => Err(io(&path)(e)),
+        }
     }
 
     /// The folder of this store.
@@ -136,6 +168,7 @@ impl ClientStore {
             consumed: state.consumed,
             optimizer_step: state.optimizer.as_ref().map(|o| o.step),
             has_control: state.control.is_some(),
+            dp_releases: state.dp_releases,
             param_names: like
                 .map(|l| l.entries().iter().map(|(n, _)| n.clone()).collect())
                 .unwrap_or_default(),
@@ -243,6 +276,7 @@ impl ClientStore {
             consumed: header.consumed,
             optimizer,
             control,
+            dp_releases: header.dp_releases,
         })
     }
 

@@ -87,6 +87,48 @@ fn invalid(reason: String) -> RuntimeError {
 }
 
 impl AttackConfig {
+    /// The attack of one real site on itself (a site configured to
+    /// misbehave, across sites): `count` and `clients` do not apply.
+    pub fn for_site(&self, client: ClientId, seed: u64) -> Result<Attack> {
+        if self.count.is_some() || self.clients.is_some() {
+            return Err(invalid(
+                "a misbehaving site attacks as itself: leave out `count` and `clients`".into(),
+            ));
+        }
+        let (factor, std) = self.strength()?;
+        Ok(Attack {
+            clients: BTreeSet::from([client]),
+            kind: self.kind,
+            factor,
+            std,
+            seed,
+        })
+    }
+
+    /// `scaled`'s factor and `random`'s standard deviation, checked.
+    fn strength(&self) -> Result<(f64, f64)> {
+        let factor = match (self.kind, self.factor) {
+            (AttackKind::Scaled, f) => f.unwrap_or(DEFAULT_FACTOR),
+            (_, Some(_)) => {
+                return Err(invalid("`factor` applies to kind = \"scaled\" only".into()))
+            }
+            (AttackKind::SignFlip, None) => -1.0,
+            (AttackKind::Random, None) => 0.0,
+        };
+        let std = match (self.kind, self.std) {
+            (AttackKind::Random, s) => s.unwrap_or(DEFAULT_STD),
+            (_, Some(_)) => return Err(invalid("`std` applies to kind = \"random\" only".into())),
+            (_, None) => 0.0,
+        };
+        if !factor.is_finite() {
+            return Err(invalid(format!("`factor` must be finite, got {factor}")));
+        }
+        if !(std.is_finite() && std >= 0.0) && self.kind == AttackKind::Random {
+            return Err(invalid(format!("`std` must be >= 0, got {std}")));
+        }
+        Ok((factor, std))
+    }
+
     /// Checks the configuration against the federation's client ids and
     /// picks the hostile clients.
     pub fn resolve(&self, federation: &[ClientId], seed: u64) -> Result<Attack> {
@@ -131,25 +173,7 @@ impl AttackConfig {
                 chosen
             }
         };
-        let factor = match (self.kind, self.factor) {
-            (AttackKind::Scaled, f) => f.unwrap_or(DEFAULT_FACTOR),
-            (_, Some(_)) => {
-                return Err(invalid("`factor` applies to kind = \"scaled\" only".into()))
-            }
-            (AttackKind::SignFlip, None) => -1.0,
-            (AttackKind::Random, None) => 0.0,
-        };
-        let std = match (self.kind, self.std) {
-            (AttackKind::Random, s) => s.unwrap_or(DEFAULT_STD),
-            (_, Some(_)) => return Err(invalid("`std` applies to kind = \"random\" only".into())),
-            (_, None) => 0.0,
-        };
-        if !factor.is_finite() {
-            return Err(invalid(format!("`factor` must be finite, got {factor}")));
-        }
-        if !(std.is_finite() && std >= 0.0) && self.kind == AttackKind::Random {
-            return Err(invalid(format!("`std` must be >= 0, got {std}")));
-        }
+        let (factor, std) = self.strength()?;
         Ok(Attack {
             clients,
             kind: self.kind,

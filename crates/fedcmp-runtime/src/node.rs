@@ -22,12 +22,20 @@
 //! A task delivered again (a retry after a lost reply) trains from the
 //! same state as of the round before, so it gets the same answer and no
 //! sample is consumed twice; that needs a store to go back to.
+//!
+//! Under local DP ([`ClientNode::with_local_dp`]) the node clips and noises
+//! every update before answering (its training loss withheld), counts its
+//! releases in its state and refuses a task that would spend more than its
+//! target epsilon, before training. The noise's secret lives in the store
+//! (or in memory without one), so a retried task releases the same update.
 
 use fedcmp_core::{ClientId, ClientReply, ClientStatus, ClientUpdate, RoundTask};
 use fedcmp_data::cache::FeatureCache;
 
 use crate::client::{ClientData, ClientState, LocalConfig, LocalTrainer};
 use crate::client_store::ClientStore;
+use fedcmp_strategy::privacy::local::LocalDp;
+use rand::Rng;
 use crate::{Result, RuntimeError};
 
 /// One client: its data, its state, its store.
@@ -44,6 +52,10 @@ pub struct ClientNode {
     /// The in-memory state lacks its tensors (saved in the store).
     light: bool,
     store: Option<ClientStore>,
+    /// Local DP applied to every update before it leaves.
+    local_dp: Option<LocalDp>,
+    /// Its noise's secret, once read or drawn.
+    dp_secret: Option<u64>,
 }
 
 impl ClientNode {
@@ -58,7 +70,28 @@ impl ClientNode {
             state: None,
             light: false,
             store,
+            local_dp: None,
+            dp_secret: None,
         }
+    }
+
+    /// This node under local DP: every update it sends is clipped and
+    /// noised by `dp` ([`fedcmp_strategy::privacy::local`]).
+    pub fn with_local_dp(mut self, dp: LocalDp) -> Self {
+        self.local_dp = Some(dp);
+        self
+    }
+
+    fn dp_secret(&mut self) -> Result<u64> {
+        if let Some(secret) = self.dp_secret {
+            return Ok(secret);
+        }
+        let secret = match &self.store {
+            Some(store) => store.dp_secret()?,
+            None => rand::rng().random(),
+        };
+        self.dp_secret = Some(secret);
+        Ok(secret)
     }
 
     /// The client's id.
@@ -158,10 +191,14 @@ impl ClientNode {
             self.state = Some((saved, full));
             self.light = false;
         }
-        match &self.state {
-            Some((_, state)) => Ok(state.clone()),
-            None => Err(RuntimeError::Config("client state missing".into())),
+        let state = match &self.state {
+            Some((_, state)) => state.clone(),
+            None => return Err(RuntimeError::Config("client state missing".into())),
+        };
+        if let Some(dp) = &self.local_dp {
+            dp.check_budget(task.round(), state.dp_releases)?;
         }
+        Ok(state)
     }
 
     /// The client's data (what a trainer trains on).
@@ -173,11 +210,30 @@ impl ClientNode {
     pub fn commit(
         &mut self,
         task: &RoundTask,
-        working: ClientState,
+        mut working: ClientState,
         update: Option<ClientUpdate>,
     ) -> Result<ClientReply> {
         let round = task.round();
         let status = self.status_of(&working);
+        let update = match (self.local_dp, update) {
+            (Some(dp), Some(mut update)) => {
+                let secret = self.dp_secret()?;
+                let release = dp.privatize(&task.global, &update.params, secret, round)?;
+                update.params = release.params;
+                // The loss is a function of the data the noise does not cover.
+                update.mean_loss = 0.0;
+                working.dp_releases += 1;
+                tracing::debug!(
+                    client = self.data.id.0,
+                    round,
+                    norm = release.norm,
+                    clipped = release.clipped,
+                    "update released under local DP"
+                );
+                Some(update)
+            }
+            (_, update) => update,
+        };
         if update.is_some() {
             if let Some(store) = &self.store {
                 store.save(round, &working)?;

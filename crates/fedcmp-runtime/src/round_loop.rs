@@ -54,6 +54,9 @@ pub struct RoundLoopConfig {
     pub deadline: Option<Duration>,
     /// Consecutive failed rounds after which a client is retired.
     pub failure_limit: u32,
+    /// The clients withhold their training loss (local DP): the round's
+    /// `train_loss` is then NaN rather than a mean of placeholders.
+    pub losses_withheld: bool,
 }
 
 impl RoundLoopConfig {
@@ -420,7 +423,7 @@ pub fn drive(
             );
         }
         let round_samples: u64 = updates.iter().map(|u| u.num_samples).sum();
-        let train_loss = if round_samples > 0 {
+        let train_loss = if round_samples > 0 && !config.losses_withheld {
             updates
                 .iter()
                 .map(|u| u.mean_loss * u.num_samples as f64)

@@ -13,7 +13,13 @@ network.
 Run by hand (or let the ClientApp start it)::
 
     python -m fedcmp.site --client-id 0 --manifest site/data.jsonl \\
-        --state-dir site/state [--cache-dir DIR] [--llm FILE] [--idle-timeout 3600]
+        --state-dir site/state [--cache-dir DIR] [--llm FILE] [--idle-timeout 3600] \\
+        [--misbehave '{ kind = "scaled", factor = -10.0 }']
+
+``--misbehave`` (node config ``misbehave``) makes the site replace every
+update it sends, as a simulated attack does (kinds ``sign-flip``,
+``scaled`` with ``factor``, ``random`` with ``std``): for trying robust
+aggregation on a real deployment, never for production.
 
 It exits after ``--idle-timeout`` seconds without a request. Its log is
 ``<state-dir>/site.log`` when started by the ClientApp; ``site-stats.json``
@@ -48,7 +54,7 @@ STATS = "site-stats.json"
 class SiteOptions:
     """Where a site finds its data and keeps its state (the SuperNode's
     node config: ``client-id``, ``manifest``, ``state-dir``, optional
-    ``cache-dir``, ``llm`` and ``site-idle-timeout``)."""
+    ``cache-dir``, ``llm``, ``site-idle-timeout`` and ``misbehave``)."""
 
     client_id: int
     manifest: Path
@@ -56,6 +62,7 @@ class SiteOptions:
     cache_dir: Path
     llm: Path | None = None
     idle_timeout: float = 3600.0
+    misbehave: str | None = None
 
     @staticmethod
     def from_node_config(config: dict[str, Any]) -> "SiteOptions":
@@ -78,6 +85,7 @@ class SiteOptions:
             cache_dir=Path(str(cache)).expanduser().resolve(),
             llm=Path(str(llm)).expanduser().resolve() if llm else None,
             idle_timeout=float(config.get("site-idle-timeout", 3600.0)),
+            misbehave=str(config["misbehave"]) if config.get("misbehave") else None,
         )
 
     def command(self) -> list[str]:
@@ -98,6 +106,8 @@ class SiteOptions:
         ]
         if self.llm is not None:
             cmd += ["--llm", str(self.llm)]
+        if self.misbehave is not None:
+            cmd += ["--misbehave", self.misbehave]
         return cmd
 
 
@@ -134,6 +144,7 @@ class _Server:
                 str(self.options.state_dir),
                 str(self.options.cache_dir),
                 str(self.options.llm) if self.options.llm else None,
+                self.options.misbehave,
             )
             self.loads += 1
             print(
@@ -275,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--llm", type=Path, default=None)
     parser.add_argument("--idle-timeout", type=float, default=3600.0)
+    parser.add_argument("--misbehave", default=None)
     parser.add_argument("--log", default=os.environ.get("RUST_LOG", "info"))
     args = parser.parse_args(argv)
     from fedcmp import init_logging
@@ -288,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
             cache_dir=args.cache_dir.resolve(),
             llm=args.llm.resolve() if args.llm else None,
             idle_timeout=args.idle_timeout,
+            misbehave=args.misbehave,
         )
     )
 

@@ -681,3 +681,86 @@ fn a_private_run_reports_the_epsilon_it_spent() -> Result<()> {
     }
     Ok(())
 }
+
+/// A run under local DP (each client clips and noises its update): it
+/// composes with Fed-CMP (the noise is added before the server reads
+/// anything), every round reports the epsilon of the client that released
+/// most (sampling rate 1, multiplier z / 2), the clients' losses are
+/// withheld (`train_loss` null), summary.json says `local`; a resumed run
+/// continues bit for bit (each client's secret is in its store); SCAFFOLD
+/// is refused.
+#[test]
+fn a_locally_private_run_reports_each_sites_epsilon_and_resumes() -> Result<()> {
+    let w = world()?;
+    let privacy =
+        parse_privacy(r#"{ mode = "local", clip-norm = 0.5, noise-multiplier = 0.02 }"#)?;
+    let options = |checkpoint_every| -> Result<RunOptions> {
+        Ok(RunOptions {
+            strategy: Some(parse_strategy("fed-cmp")?),
+            privacy: Some(privacy.clone()),
+            checkpoint_every,
+            ..RunOptions::default()
+        })
+    };
+    let settings = w.settings(options(Some(1))?)?;
+    let experiment = w.experiment(&settings)?;
+    let report = run_on(&experiment, &settings, false, &Silent)?;
+    let Measured::Trained(r) = &report.measured else {
+        anyhow::bail!("no training");
+    };
+    let lines = metrics_lines(&report.folder.dir)?;
+    for l in &lines {
+        assert!(l["train_loss"].is_null(), "a loss left a client: {l}");
+    }
+    let eps: Vec<f64> = lines
+        .iter()
+        .filter_map(|l| l["metrics"]["scalars"]["dp_epsilon"].as_f64())
+        .collect();
+    assert_eq!(eps.len(), lines.len(), "every round reports epsilon");
+    let privacy = r.privacy.as_ref().context("no privacy in the summary")?;
+    let dp = settings
+        .privacy
+        .as_ref()
+        .context("no privacy")?
+        .resolve_local(None)?;
+    // Full participation here: every client released in every round.
+    assert_eq!(privacy.epsilon, dp.epsilon(r.rounds)?);
+    assert_eq!(privacy.sampling_rate, 1.0);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.folder.summary())?)?;
+    assert_eq!(summary["privacy"]["mode"], "local");
+    assert!(r.test_nll.r#final.is_finite());
+
+    // A kill before the last round's checkpoint was durable: the resumed
+    // run (each client's secret read back from its store) ends with the
+    // same projector, bit for bit.
+    let dir = report.folder.dir.clone();
+    assert!(r.rounds >= 2, "{} rounds", r.rounds);
+    assert!(std::fs::read_dir(dir.join("clients"))?
+        .filter_map(|e| e.ok())
+        .all(|e| e.path().join("dp-secret").exists()));
+    let straight = std::fs::read(dir.join("projector.safetensors"))?;
+    let checkpoints = dir.join("checkpoints");
+    let last = r.rounds;
+    std::fs::remove_dir_all(checkpoints.join(format!("round-{last:06}")))?;
+    std::fs::write(checkpoints.join("LATEST"), format!("round-{:06}", last - 1))?;
+    std::fs::remove_file(dir.join("projector.safetensors"))?;
+    let resumed = run_on(&experiment, &settings, false, &Silent)?;
+    let Measured::Trained(rr) = &resumed.measured else {
+        anyhow::bail!("no training");
+    };
+    assert_eq!(rr.resumed_after, Some(last - 1));
+    assert_eq!(std::fs::read(dir.join("projector.safetensors"))?, straight);
+
+    // SCAFFOLD's control variate would leave a client unnoised.
+    let err = w
+        .settings(RunOptions {
+            strategy: Some(parse_strategy("scaffold")?),
+            ..options(None)?
+        })
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("privacy") && err.contains("control variate"), "{err}");
+    Ok(())
+}

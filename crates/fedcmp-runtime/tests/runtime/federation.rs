@@ -253,6 +253,7 @@ fn run_with(
         quorum: setup.quorum.unwrap_or(1),
         deadline: setup.deadline,
         failure_limit: 3,
+        losses_withheld: false,
     };
     let work = projector(f)?;
     let initial = projector_params(&work)?;

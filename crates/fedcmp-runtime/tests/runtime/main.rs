@@ -4,4 +4,5 @@
 mod common;
 mod federation;
 mod local;
+mod privacy;
 mod suite;

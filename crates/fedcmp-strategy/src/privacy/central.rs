@@ -64,68 +64,16 @@ use fedcmp_core::metrics::names;
 use fedcmp_core::RoundMetrics;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
-
-use super::accountant::RdpAccountant;
+use super::config::{epsilon_after, sampling_rate, DpMode, PrivacyConfig};
 use crate::compose::{Aggregator, Composed, Plain, ServerOptimizer};
 use crate::config::StrategyConfig;
 use crate::fedopt::adaptive;
 use crate::fedprox::Proximal;
 use crate::round::RoundInput;
 use crate::server_opt::{AdaptiveRule, HeavyBall, Sgd};
-use crate::validate::{check, positive};
+use crate::validate::positive;
 use crate::{ops, Result, Strategy, StrategyError, StrategyState};
 
-/// The privacy settings of a federation (`[privacy]`): the clipping norm,
-/// and either the noise multiplier or the epsilon to stay within.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct CentralDpConfig {
-    /// `C` (> 0): the L2 norm each client's update is clipped to.
-    pub clip_norm: f64,
-    /// `z` (> 0): the noise's standard deviation on the sum, in units of
-    /// `C` ...
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub noise_multiplier: Option<f64>,
-    /// ... or the epsilon (at `delta`) the whole run must stay within: `z`
-    /// is then the smallest (to 0.1%) that keeps the planned rounds within
-    /// it, and a round that would exceed it is refused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target_epsilon: Option<f64>,
-    /// `delta` in (0, 1) at which epsilon is reported (default 1e-5).
-    #[serde(default = "default_delta")]
-    pub delta: f64,
-    /// Adaptive clipping: `clip-norm` is then the initial `C`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub adaptive: Option<AdaptiveClipping>,
-}
-
-fn default_delta() -> f64 {
-    1e-5
-}
-
-/// Adaptive clipping's settings (`[privacy.adaptive]`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
-pub struct AdaptiveClipping {
-    /// `gamma` in (0, 1): the quantile of update norms `C` follows.
-    pub target_quantile: f64,
-    /// `eta_C` > 0: the geometric step of `C`.
-    pub learning_rate: f64,
-    /// `sigma_b` > 0: the count's noise (default `m / 20`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub count_stddev: Option<f64>,
-}
-
-impl Default for AdaptiveClipping {
-    fn default() -> Self {
-        Self {
-            target_quantile: 0.5,
-            learning_rate: 0.2,
-            count_stddev: None,
-        }
-    }
-}
 
 /// Adaptive clipping, resolved for the federation.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -150,66 +98,18 @@ pub struct CentralDp {
     pub adaptive: Option<AdaptiveClip>,
 }
 
-impl CentralDpConfig {
-    /// Checks the fields (naming them), without the federation.
-    pub fn validate(&self) -> Result<()> {
-        positive("clip-norm", self.clip_norm)?;
-        check(
-            "delta",
-            self.delta,
-            self.delta > 0.0 && self.delta < 1.0,
-            "in (0, 1)",
-        )?;
-        if let Some(a) = &self.adaptive {
-            check(
-                "target-quantile",
-                a.target_quantile,
-                a.target_quantile > 0.0 && a.target_quantile < 1.0,
-                "in (0, 1)",
-            )?;
-            positive("learning-rate", a.learning_rate)?;
-            if let Some(s) = a.count_stddev {
-                positive("count-stddev", s)?;
-            }
-        }
-        match (self.noise_multiplier, self.target_epsilon) {
-            (Some(z), None) => positive("noise-multiplier", z),
-            (None, Some(e)) => positive("target-epsilon", e),
-            (Some(_), Some(_)) => Err(StrategyError::Config {
-                field: "noise-multiplier".to_string(),
-                reason: "give it or `target-epsilon`, not both".to_string(),
-            }),
-            (None, None) => Err(StrategyError::Config {
-                field: "noise-multiplier".to_string(),
-                reason: "or `target-epsilon` is needed".to_string(),
-            }),
-        }
-    }
-
+impl PrivacyConfig {
     /// The noise multiplier for `rounds` rounds of `m` of `n` clients: the
     /// configured one, or the smallest that keeps `target-epsilon` (which
     /// needs the rounds).
     pub fn resolve(&self, m: usize, n: usize, rounds: Option<u64>) -> Result<CentralDp> {
-        self.validate()?;
-        let noise_multiplier = match (self.noise_multiplier, self.target_epsilon) {
-            (Some(z), _) => z,
-            (None, Some(target)) => {
-                let Some(rounds) = rounds else {
-                    return Err(StrategyError::Config {
-                        field: "target-epsilon".to_string(),
-                        reason: "needs the run's number of rounds (set `rounds`)".to_string(),
-                    });
-                };
-                calibrate(target, self.delta, sampling_rate(m, n), rounds)?
-            }
-            // Refused by `validate` above.
-            (None, None) => {
-                return Err(StrategyError::Config {
-                    field: "noise-multiplier".to_string(),
-                    reason: "or `target-epsilon` is needed".to_string(),
-                })
-            }
-        };
+        if self.mode != DpMode::Central {
+            return Err(StrategyError::Config {
+                field: "mode".to_string(),
+                reason: "local DP is applied by the sites, not by a server-side wrapper".to_string(),
+            });
+        }
+        let noise_multiplier = self.noise_multiplier_for(sampling_rate(m, n), rounds, 1.0)?;
         let adaptive = match self.adaptive {
             None => None,
             Some(a) => {
@@ -244,38 +144,6 @@ impl CentralDpConfig {
     }
 }
 
-/// Epsilon at `delta` after `rounds` rounds at sampling rate `q` and noise
-/// multiplier `z`.
-pub fn epsilon_after(q: f64, z: f64, delta: f64, rounds: u64) -> Result<f64> {
-    let mut accountant = RdpAccountant::default();
-    accountant.compose(q, z, rounds)?;
-    Ok(accountant.epsilon(delta).0)
-}
-
-/// The smallest `z` (to 0.1%, by bisection on the monotone epsilon) with
-/// `epsilon_after(q, z, delta, rounds) <= target`.
-pub fn calibrate(target: f64, delta: f64, q: f64, rounds: u64) -> Result<f64> {
-    let (mut lo, mut hi) = (1e-3, 1.0);
-    while epsilon_after(q, hi, delta, rounds)? > target {
-        hi *= 2.0;
-        if hi > 1e6 {
-            return Err(StrategyError::Config {
-                field: "target-epsilon".to_string(),
-                reason: format!("{target} cannot be reached over {rounds} rounds"),
-            });
-        }
-    }
-    while hi / lo > 1.001 {
-        let mid = (lo * hi).sqrt();
-        if epsilon_after(q, mid, delta, rounds)? > target {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    Ok(hi)
-}
-
 impl CentralDp {
     /// Epsilon after `rounds` rounds with `m` of `n` clients sampled per
     /// round.
@@ -289,13 +157,6 @@ impl CentralDp {
     }
 }
 
-fn sampling_rate(m: usize, n: usize) -> f64 {
-    if n == 0 {
-        1.0
-    } else {
-        (m as f64 / n as f64).min(1.0)
-    }
-}
 
 /// The federation a private strategy serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

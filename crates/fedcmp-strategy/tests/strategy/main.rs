@@ -8,6 +8,7 @@ mod config;
 mod cra_v2;
 mod errors;
 mod fedcmp;
+mod local_dp;
 mod golden;
 mod privacy;
 mod properties;

@@ -8,8 +8,9 @@ use fedcmp_strategy::privacy::accountant::{
     default_orders, epsilon, rdp_sampled_gaussian, RdpAccountant,
 };
 use fedcmp_strategy::privacy::central::{
-    calibrate, private, private_with, CentralDp, CentralDpConfig, Federation, NoisedMean,
+    private, private_with, CentralDp, Federation, NoisedMean,
 };
+use fedcmp_strategy::privacy::config::{calibrate, PrivacyConfig};
 use serde::Deserialize;
 
 use crate::common::{config, shifted, step, update, wb, TestResult};
@@ -154,7 +155,7 @@ fn dp(clip_norm: f64, noise_multiplier: f64) -> CentralDp {
 }
 
 /// `k` clients with Gaussian deltas of scale `scale`, equal sample counts.
-fn round_of(
+pub(crate) fn round_of(
     g: &mut Gauss,
     global: &ParamSet,
     k: usize,
@@ -341,14 +342,14 @@ fn privacy_refuses_what_it_cannot_protect_with_the_reason() -> TestResult {
             "target-epsilon",
         ),
     ] {
-        let cfg: CentralDpConfig = serde_json::from_str(json)?;
+        let cfg: PrivacyConfig = serde_json::from_str(json)?;
         let err = cfg.resolve(4, 10, Some(10)).err().ok_or("accepted")?;
         assert!(
             err.to_string().contains(&format!("`{field}`")),
             "{json}: {err}"
         );
     }
-    let needs_rounds: CentralDpConfig =
+    let needs_rounds: PrivacyConfig =
         serde_json::from_str(r#"{"clip-norm": 1.0, "target-epsilon": 4.0}"#)?;
     let err = needs_rounds.resolve(4, 10, None).err().ok_or("accepted")?;
     assert!(err.to_string().contains("rounds"), "{err}");
@@ -368,7 +369,7 @@ fn privacy_refuses_what_it_cannot_protect_with_the_reason() -> TestResult {
 
 #[test]
 fn a_target_epsilon_sets_the_noise_and_is_never_exceeded() -> TestResult {
-    let cfg: CentralDpConfig =
+    let cfg: PrivacyConfig =
         serde_json::from_str(r#"{"clip-norm": 0.5, "target-epsilon": 4.0}"#)?;
     let resolved = cfg.resolve(4, 10, Some(3))?;
     let z = resolved.noise_multiplier;
@@ -441,7 +442,7 @@ fn adaptive_clipping_follows_the_target_quantile_of_the_norms() -> TestResult {
         })
         .collect::<TestResult<_>>()?;
     for start in [0.1, 100.0] {
-        let cfg: CentralDpConfig = serde_json::from_str(&format!(
+        let cfg: PrivacyConfig = serde_json::from_str(&format!(
             r#"{{"clip-norm": {start}, "noise-multiplier": 1e-6,
                 "adaptive": {{"target-quantile": 0.5, "learning-rate": 0.2, "count-stddev": 1e-5}}}}"#
         ))?;
@@ -472,7 +473,7 @@ fn adaptive_clipping_follows_the_target_quantile_of_the_norms() -> TestResult {
         assert_eq!(x.params, y.params);
     }
     // The paper's condition z < 2 sigma_b, named.
-    let bad: CentralDpConfig =
+    let bad: PrivacyConfig =
         serde_json::from_str(r#"{"clip-norm": 1.0, "noise-multiplier": 1.0, "adaptive": {}}"#)?;
     let err = bad.resolve(8, 10, None).err().ok_or("accepted")?;
     assert!(err.to_string().contains("`count-stddev`"), "{err}");
