@@ -24,7 +24,7 @@ use fedcmp_core::{
     ClientFailure, ClientId, ClientReply, ClientStatus, FailureKind, ParamSet, RoundMetrics,
     RoundTask, WarmupCosine,
 };
-use fedcmp_strategy::Strategy;
+use fedcmp_strategy::{Strategy, StrategyError};
 use rand::seq::IndexedRandom;
 use serde::Serialize;
 
@@ -102,6 +102,10 @@ pub struct RoundRecord {
     pub retired: Vec<u32>,
     /// Whether the updates reached the quorum and were aggregated.
     pub aggregated: bool,
+    /// Why the strategy refused to aggregate this round's updates (e.g.
+    /// Krum with too few of them): the global model stays as it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
     /// Samples consumed in this round and in the whole run so far.
     pub samples: u64,
     pub samples_total: u64,
@@ -432,12 +436,24 @@ pub fn drive(
         } else {
             f64::NAN
         };
-        let aggregated = !updates.is_empty() && updates.len() >= config.quorum;
+        let mut aggregated = !updates.is_empty() && updates.len() >= config.quorum;
         let mut metrics = RoundMetrics::default();
+        let mut refused = None;
         if aggregated {
-            let aggregate = strategy.aggregate(round, &global, &updates)?;
-            global = Arc::new(aggregate.params);
-            metrics = aggregate.metrics;
+            match strategy.aggregate(round, &global, &updates) {
+                Ok(aggregate) => {
+                    global = Arc::new(aggregate.params);
+                    metrics = aggregate.metrics;
+                }
+                // A rule that cannot use this round's updates (and keeps its
+                // state as it was) costs the round, not the run.
+                Err(StrategyError::RoundRefused { reason, .. }) => {
+                    tracing::warn!(round, %reason, "the strategy refused the round: not aggregated");
+                    aggregated = false;
+                    refused = Some(reason);
+                }
+                Err(e) => return Err(e.into()),
+            }
         } else if !updates.is_empty() {
             tracing::warn!(
                 round,
@@ -466,6 +482,7 @@ pub fn drive(
             answered: answered.iter().map(|c| c.0).collect(),
             retired: retired.iter().map(|c| c.0).collect(),
             aggregated,
+            refused,
             samples: round_samples,
             samples_total,
             lr_end: config.schedule.lr_at(samples_total as f64),

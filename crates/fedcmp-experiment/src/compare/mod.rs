@@ -817,6 +817,7 @@ mod diagnostics_tests {
             answered: Vec::new(),
             retired: Vec::new(),
             aggregated: true,
+            refused: None,
             samples: 0,
             samples_total: 7,
             lr_end: 0.0,

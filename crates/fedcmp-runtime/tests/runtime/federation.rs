@@ -345,6 +345,32 @@ fn every_strategy_runs_three_rounds_deterministically() -> Result<()> {
     Ok(())
 }
 
+/// A rule that refuses a round (Multi-Krum keeping 3 updates; one of the
+/// 3 clients fails every round) costs that round, not the run: every
+/// round is recorded as refused with the reason, the model stays the
+/// initial one, and the run ends as planned.
+#[test]
+fn a_refused_round_is_recorded_and_the_run_goes_on() -> Result<()> {
+    let f = fixture()?;
+    let setup = Setup {
+        broken: &[1],
+        ..Setup::default()
+    };
+    let (summary, _) = run_with(&f, r#"{"name": "krum", "byzantine": 0, "keep": 3}"#, 2, setup)?;
+    assert_eq!(summary.rounds, 2);
+    assert_eq!(summary.stop, StopReason::MaxRounds);
+    let records = last_records();
+    assert_eq!(records.len(), 2);
+    for r in &records {
+        assert!(!r.aggregated && r.answered == vec![0, 2], "{r:?}");
+        let why = r.refused.as_deref().unwrap_or_default();
+        assert!(why.contains("only 2 clients answered"), "{why}");
+    }
+    let initial = projector_params(&projector(&f)?)?;
+    assert_eq!(summary.final_params, initial);
+    Ok(())
+}
+
 /// Fed-CMP's interference diagnostics reach the metrics stream every round
 /// (ALGORITHMS.md §6): rank and energy per matrix, rho, e_k per client,
 /// momentum norm and dropped fraction, all within their ranges.
