@@ -11,6 +11,7 @@ use fedcmp_core::{
 use fedcmp_experiment::server::{serve as serve_sites, ServeOptions};
 use fedcmp_experiment::settings::parse_strategy;
 use fedcmp_experiment::sites::{export, Site as SiteNode, SiteConfig};
+use fedcmp_experiment::events::{round_line, Event, Observer};
 use fedcmp_experiment::{Layers, RunSettings, Silent};
 use fedcmp_runtime::transport::{RoundOutcome, Transport};
 use fedcmp_strategy::{StrategyConfig, StrategyState};
@@ -381,11 +382,37 @@ impl Transport for PyTransport {
     }
 }
 
+/// The server's progress as lines (one per round, and its status lines)
+/// handed to a Python callable: written from Python, they reach Python's
+/// stderr, which Flower mirrors into the run's log stream (`flwr run
+/// --stream`, `flwr log`); Rust's own logs go to the process's stderr
+/// directly and are not mirrored.
+struct PyLines {
+    callback: Py<PyAny>,
+}
+
+impl Observer for PyLines {
+    fn observe(&self, event: Event<'_>) {
+        let line = match event {
+            Event::Round(record) => round_line(record),
+            Event::Status(line) | Event::Notice(line) => line,
+            _ => return,
+        };
+        Python::attach(|py| {
+            if let Err(e) = self.callback.call1(py, (line,)) {
+                tracing::warn!(error = %e, "the progress callback failed");
+            }
+        });
+    }
+}
+
 /// Runs (or resumes) the federation of `settings` over `transport` (see
 /// [`PyTransport`]), in the run folder under the settings' `out`; returns
-/// the folder and summary.json's text.
+/// the folder and summary.json's text. `on_line` receives a line per
+/// round and the server's status lines.
 #[pyfunction]
-#[pyo3(signature = (settings, transport, cache_dir, validation=None, llm=None, fresh=false))]
+#[pyo3(signature = (settings, transport, cache_dir, validation=None, llm=None, fresh=false, on_line=None))]
+#[allow(clippy::too_many_arguments)]
 fn serve(
     py: Python<'_>,
     settings: &str,
@@ -394,6 +421,7 @@ fn serve(
     validation: Option<PathBuf>,
     llm: Option<PathBuf>,
     fresh: bool,
+    on_line: Option<Py<PyAny>>,
 ) -> PyResult<(String, String)> {
     let resolved = settings_from(settings, "the server's settings")?;
     let mut transport = PyTransport { object: transport };
@@ -403,8 +431,13 @@ fn serve(
         llm: llm.as_deref(),
         fresh,
     };
+    let lines = on_line.map(|callback| PyLines { callback });
+    let observer: &dyn Observer = match &lines {
+        Some(lines) => lines,
+        None => &Silent,
+    };
     let (folder, summary) = py
-        .detach(|| serve_sites(&resolved, &mut transport, options, &Silent))
+        .detach(|| serve_sites(&resolved, &mut transport, options, observer))
         .map_err(runtime_error)?;
     let text = serde_json::to_string_pretty(&summary).map_err(value_error)?;
     Ok((folder.dir.display().to_string(), text))

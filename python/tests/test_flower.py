@@ -3,7 +3,8 @@ SuperNodes running the App in python/app on the generated tiny world.
 
 - with TLS and SuperNode authentication, the registered sites train 3
   rounds of Fed-CMP and the final projector equals the in-process
-  simulation bit for bit; each site loads its backbones once; a SuperNode
+  simulation bit for bit; each site loads its backbones once and logs its
+  rounds; the ServerApp's line per round reaches `flwr log`; a SuperNode
   with an unregistered key is refused;
 - a SuperNode killed mid-round: the round closes with that site failed,
   the restarted site (a new node id) is found again, the run completes;
@@ -105,7 +106,12 @@ def test_tls_and_node_auth_train_what_the_simulation_trains(world, tmp_path):
         run = net.run(overrides)
         status = net.wait(run, timeout=300)
         print(f"3 rounds across sites in {time.monotonic() - started:.1f} s")
-        assert status == "finished:completed", f"{status}\n{net.run_log(run)}"
+        run_log = net.run_log(run)
+        assert status == "finished:completed", f"{status}\n{run_log}"
+        # The operator's view: one line per round in Flower's log stream.
+        for r in (1, 2, 3):
+            assert f"round {r}: 2 of 2 answered" in run_log, run_log
+        assert "validation NLL" in run_log, run_log
 
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["clients"] == 2
@@ -117,6 +123,8 @@ def test_tls_and_node_auth_train_what_the_simulation_trains(world, tmp_path):
     for client in (0, 1):
         stats = json.loads((tmp_path / f"state{client}" / "site-stats.json").read_text())
         assert stats["loads"] == 1 and stats["requests"] >= 4, stats
+        site_log = (tmp_path / f"state{client}" / "site.log").read_text()
+        assert site_log.count("round trained") == 3, site_log[-3000:]
     assert not (tmp_path / "state-intruder" / "site-stats.json").exists()
 
 

@@ -83,3 +83,110 @@ pub struct Silent;
 impl Observer for Silent {
     fn observe(&self, _event: Event<'_>) {}
 }
+
+/// One line about a finished round, for an operator watching a log:
+/// who answered and who failed (and why), whether it was aggregated, the
+/// training loss (unless the clients withheld it), the validation NLL when
+/// computed, and its seconds.
+pub fn round_line(record: &RoundRecord) -> String {
+    let mut parts = vec![format!(
+        "round {}: {} of {} answered",
+        record.round,
+        record.answered.len(),
+        record.sampled.len()
+    )];
+    if !record.failures.is_empty() {
+        let failed: Vec<String> = record
+            .failures
+            .iter()
+            .map(|f| {
+                let kind = serde_json::to_value(f.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let message: String = f.message.chars().take(120).collect();
+                format!("client {} {kind} ({message})", f.client.0)
+            })
+            .collect();
+        parts.push(format!("failed: {}", failed.join(", ")));
+    }
+    if !record.aggregated {
+        parts.push(match &record.refused {
+            Some(why) => format!("not aggregated: {why}"),
+            None => "not aggregated (too few updates)".to_string(),
+        });
+    }
+    if record.train_loss.is_finite() {
+        parts.push(format!("train loss {:.4}", record.train_loss));
+    }
+    if let Some(v) = record.val_loss {
+        parts.push(format!("validation NLL {v:.4}"));
+    }
+    if let Some(eps) = record
+        .metrics
+        .scalars
+        .get(fedcmp_core::metrics::names::DP_EPSILON)
+    {
+        parts.push(format!("epsilon {eps:.3}"));
+    }
+    if !record.retired.is_empty() {
+        let ids: Vec<String> = record.retired.iter().map(u32::to_string).collect();
+        parts.push(format!("retired: client {}", ids.join(", ")));
+    }
+    parts.push(format!("{:.1} s", record.seconds));
+    parts.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use fedcmp_core::{ClientFailure, ClientId, FailureKind, RoundMetrics};
+
+    use super::*;
+
+    fn record() -> RoundRecord {
+        RoundRecord {
+            round: 4,
+            sampled: vec![0, 1, 2],
+            failures: vec![ClientFailure {
+                client: ClientId(2),
+                kind: FailureKind::Timeout,
+                message: "no answer in 30 s".into(),
+            }],
+            stragglers: Vec::new(),
+            answered: vec![0, 1],
+            retired: Vec::new(),
+            aggregated: true,
+            refused: None,
+            samples: 8,
+            samples_total: 32,
+            lr_end: 0.01,
+            train_loss: 2.5,
+            val_loss: Some(1.25),
+            seconds: 3.04,
+            metrics: RoundMetrics::default(),
+        }
+    }
+
+    #[test]
+    fn a_round_line_says_who_answered_who_failed_and_why() {
+        assert_eq!(
+            round_line(&record()),
+            "round 4: 2 of 3 answered; failed: client 2 timeout (no answer in 30 s); \
+             train loss 2.5000; validation NLL 1.2500; 3.0 s"
+        );
+        let refused = RoundRecord {
+            aggregated: false,
+            refused: Some("krum keeps 3 deltas but only 2 clients answered".into()),
+            train_loss: f64::NAN,
+            val_loss: None,
+            failures: Vec::new(),
+            retired: vec![2],
+            ..record()
+        };
+        assert_eq!(
+            round_line(&refused),
+            "round 4: 2 of 3 answered; not aggregated: krum keeps 3 deltas but only 2 clients \
+             answered; retired: client 2; 3.0 s"
+        );
+    }
+}

@@ -264,11 +264,31 @@ impl Site {
     /// Trains for one task and answers it (with its update replaced when
     /// the site is configured to misbehave).
     pub fn handle(&mut self, task: &RoundTask) -> Result<ClientReply> {
-        let mut reply = self
+        let started = std::time::Instant::now();
+        let answered = self
             .node
-            .handle(&mut self.trainer, &self.frozen.cache, task)?;
+            .handle(&mut self.trainer, &self.frozen.cache, task);
+        let mut reply = match answered {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::warn!(round = task.round(), error = %e, "round failed at this site");
+                return Err(e.into());
+            }
+        };
         if let (Some(attack), Some(update)) = (&self.misbehave, reply.update.as_mut()) {
             update.params = attack.corrupt(task.round(), update.client, &task.global, &update.params)?;
+        }
+        match &reply.update {
+            Some(u) => tracing::info!(
+                round = task.round(),
+                pairs = u.num_samples,
+                steps = u.num_steps,
+                loss = u.mean_loss,
+                left = reply.status.samples_left,
+                secs = format!("{:.1}", started.elapsed().as_secs_f64()),
+                "round trained"
+            ),
+            None => tracing::info!(round = task.round(), "no pair left to train on this round"),
         }
         Ok(reply)
     }

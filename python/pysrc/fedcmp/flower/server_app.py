@@ -73,6 +73,9 @@ def main(grid: Grid, context: Context) -> None:
         validation=_path(config.get("validation")),
         llm=_path(config.get("llm")),
         fresh=bool(config.get("fresh", False)),
+        # One line per round through Python's stderr, which Flower streams
+        # to `flwr run --stream` and `flwr log`.
+        on_line=lambda line: log.info("%s", line),
     )
     log.info("run folder %s\n%s", folder, summary)
     print(f"fedcmp: run folder {folder}", flush=True)
