@@ -11,7 +11,9 @@ SuperNodes running the App in python/app on the generated tiny world.
 - the ServerApp killed after a checkpoint and started again resumes, and
   its final projector equals an uninterrupted run's;
 - a federation under differential privacy (DP-FedAvg around FedAvgM)
-  completes and reports the epsilon it spent every round;
+  completes and reports the epsilon it spent every round and in its
+  summary; a site's malformed records are skipped, shown with file and
+  line in its log and counted in the server's metrics and summary;
 - a federation with one site configured to misbehave (sending -10 times
   its update) completes under the coordinate-wise median, and its final
   projector is the simulation's with that client attacking, bit for bit
@@ -213,13 +215,21 @@ def test_a_restarted_serverapp_resumes_and_ends_as_an_uninterrupted_run(world, t
 def test_a_private_federation_reports_its_epsilon_every_round(world, tmp_path):
     privacy = "[privacy]\nclip-norm = 0.5\nnoise-multiplier = 1.1\n"
     overrides, folder = prepare(world, tmp_path, rounds=2, extra=privacy, strategy='"fedavgm"')
+    # Site 1's manifest with two bad records: they are skipped, counted
+    # and shown (file and line at the site, counts at the server).
+    good = Path(manifest(world, 1))
+    bad = good.with_name("with-bad-lines.jsonl")
+    lines = good.read_text().splitlines()
+    bad.write_text("\n".join(lines + ["not json", '{"image": "images/missing.png", "caption": "a dog"}']) + "\n")
     with Federation(tmp_path / "net") as net:
         net.start_superlink()
-        for client in (0, 1):
-            net.start_site(f"site{client}", client, manifest(world, client), tmp_path / f"state{client}", world["cache"])
+        for client, data in ((0, manifest(world, 0)), (1, str(bad))):
+            net.start_site(f"site{client}", client, data, tmp_path / f"state{client}", world["cache"])
         run = net.run(overrides)
         status = net.wait(run, timeout=300)
-        assert status == "finished:completed", f"{status}\n{net.run_log(run)}"
+        run_log = net.run_log(run)
+        assert status == "finished:completed", f"{status}\n{run_log}"
+        assert "site 1 skipped 2 records" in run_log, run_log
 
     rounds = records(folder)
     assert [r["round"] for r in rounds] == [1, 2]
@@ -227,6 +237,12 @@ def test_a_private_federation_reports_its_epsilon_every_round(world, tmp_path):
     assert 0 < eps[0] < eps[1], eps
     assert all(r["metrics"]["scalars"]["dp_clip_norm"] == 0.5 for r in rounds)
     assert "[privacy]" in (folder / "settings.toml").read_text()
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["privacy"]["epsilon"] == eps[-1], summary
+    assert summary["skipped_per_site"] == {"1": 2}, summary
+    assert all(r["skipped"] == {"1": 2} for r in rounds), rounds
+    site_log = (tmp_path / "state1" / "site.log").read_text()
+    assert f"{bad}:{len(lines) + 1}" in site_log and f"{bad}:{len(lines) + 2}" in site_log, site_log[-3000:]
 
 
 def test_a_misbehaving_site_sends_its_attack_and_the_federation_completes(world, tmp_path):

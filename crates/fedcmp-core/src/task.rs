@@ -58,6 +58,15 @@ pub struct ClientStatus {
     pub samples_left: u64,
     /// Samples it has trained on so far (one pass: its whole shard).
     pub consumed: u64,
+    /// Records of a site's data it skipped (malformed lines, missing or
+    /// corrupt images), so the server can report them per site; 0 in a
+    /// simulation, which reports its own.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A client's answer to a round task.

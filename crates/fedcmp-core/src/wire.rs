@@ -328,6 +328,7 @@ mod tests {
             client: ClientId(7),
             samples_left: 5,
             consumed: 11,
+            skipped: 0,
         };
         let update = ClientUpdate {
             client: ClientId(7),
@@ -400,6 +401,7 @@ mod tests {
             client: ClientId(1),
             samples_left: 0,
             consumed: 0,
+            skipped: 0,
         };
         let mut update = ClientUpdate {
             client: ClientId(2),

@@ -62,6 +62,7 @@ fn round_tasks_and_replies_round_trip_exactly() {
             client: ClientId(3),
             samples_left: 17,
             consumed: 40,
+            skipped: 0,
         },
         update: Some(ClientUpdate {
             client: ClientId(3),

@@ -157,6 +157,7 @@ mod tests {
             retired: Vec::new(),
             aggregated: true,
             refused: None,
+            skipped: Default::default(),
             samples: 8,
             samples_total: 32,
             lr_end: 0.01,

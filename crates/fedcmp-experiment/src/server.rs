@@ -73,6 +73,9 @@ pub struct ServeSummary {
     pub retired: Vec<u32>,
     pub failures: FailureCounts,
     pub validation_nll: Option<Validation>,
+    /// Records each site skipped in its data (by client id; sites that
+    /// skipped none are left out); file and line are in the site's log.
+    pub skipped_per_site: std::collections::BTreeMap<u32, u64>,
     /// The privacy spent, for a federation under differential privacy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacyReport>,
@@ -159,6 +162,12 @@ pub fn serve(
         statuses.len(),
         resumed_after.map_or(String::new(), |r| format!(", resuming after round {r}"))
     )));
+    for s in statuses.iter().filter(|s| s.skipped > 0) {
+        observer.observe(Event::Status(format!(
+            "site {} skipped {} records of its data (file and line in its site.log)",
+            s.client.0, s.skipped
+        )));
+    }
     let (scenario, _) = Scenario::load(&settings.data.scenario)?;
     let per_round = crate::training::clients_per_round(&scenario.participation, statuses.len());
     let mut strategy =
@@ -242,6 +251,11 @@ pub fn serve(
         },
         retired: summary.retired.iter().map(|c| c.0).collect(),
         failures,
+        skipped_per_site: statuses
+            .iter()
+            .filter(|s| s.skipped > 0)
+            .map(|s| (s.client.0, s.skipped))
+            .collect(),
         validation_nll: init_val
             .zip(final_val)
             .map(|(init, r#final)| Validation { init, r#final }),

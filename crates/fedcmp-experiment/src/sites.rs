@@ -190,6 +190,14 @@ impl Site {
         let mut frozen =
             Frozen::load(&config.cache_dir, settings, config.llm.as_deref(), observer)?;
         let (samples, skipped) = frozen.read_manifest(&config.manifest, observer)?;
+        if skipped.total() > 0 {
+            // The counts are complete; file and line are kept for the first
+            // few of each kind.
+            tracing::warn!(
+                manifest = %config.manifest.display(),
+                "{skipped}"
+            );
+        }
         if samples.is_empty() {
             return Err(ExperimentError::File {
                 path: config.manifest.clone(),
@@ -256,9 +264,13 @@ impl Site {
         &self.skipped
     }
 
-    /// What the site has as of the end of `round`.
+    /// What the site has as of the end of `round` (with its count of
+    /// skipped records, for the server's summary).
     pub fn status(&mut self, round: u64) -> Result<ClientStatus> {
-        Ok(self.node.status(round)?)
+        Ok(ClientStatus {
+            skipped: self.skipped.total() as u64,
+            ..self.node.status(round)?
+        })
     }
 
     /// Trains for one task and answers it (with its update replaced when
@@ -275,6 +287,7 @@ impl Site {
                 return Err(e.into());
             }
         };
+        reply.status.skipped = self.skipped.total() as u64;
         if let (Some(attack), Some(update)) = (&self.misbehave, reply.update.as_mut()) {
             update.params = attack.corrupt(task.round(), update.client, &task.global, &update.params)?;
         }

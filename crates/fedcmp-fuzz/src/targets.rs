@@ -406,6 +406,7 @@ impl Seeds {
             client: ClientId(7),
             samples_left: 5,
             consumed: 11,
+            skipped: 0,
         };
         let reply = ClientReply {
             status,

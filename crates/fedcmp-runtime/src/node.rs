@@ -143,6 +143,7 @@ impl ClientNode {
             client: self.data.id,
             samples_left: state.samples_left(self.data.samples.len(), self.epochs),
             consumed: state.consumed,
+            skipped: 0,
         }
     }
 

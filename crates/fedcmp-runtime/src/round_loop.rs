@@ -106,6 +106,10 @@ pub struct RoundRecord {
     /// Krum with too few of them): the global model stays as it was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
+    /// Records of their data the answering sites skipped (a site's whole
+    /// count, by client id; sites only).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub skipped: BTreeMap<u32, u64>,
     /// Samples consumed in this round and in the whole run so far.
     pub samples: u64,
     pub samples_total: u64,
@@ -399,6 +403,7 @@ pub fn drive(
         }
         let mut updates = Vec::with_capacity(outcome.replies.len());
         let mut replied = BTreeSet::new();
+        let mut skipped = BTreeMap::new();
         for reply in outcome.replies {
             if let Some(reason) = update_refusal(&reply, &global, &sampled, &replied) {
                 let client = reply.status.client;
@@ -411,6 +416,9 @@ pub fn drive(
                 continue;
             }
             replied.insert(reply.status.client);
+            if reply.status.skipped > 0 {
+                skipped.insert(reply.status.client.0, reply.status.skipped);
+            }
             book.report(&reply.status);
             updates.extend(reply.update);
         }
@@ -483,6 +491,7 @@ pub fn drive(
             retired: retired.iter().map(|c| c.0).collect(),
             aggregated,
             refused,
+            skipped,
             samples: round_samples,
             samples_total,
             lr_end: config.schedule.lr_at(samples_total as f64),

@@ -818,6 +818,7 @@ mod diagnostics_tests {
             retired: Vec::new(),
             aggregated: true,
             refused: None,
+            skipped: Default::default(),
             samples: 0,
             samples_total: 7,
             lr_end: 0.0,
