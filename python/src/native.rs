@@ -443,6 +443,20 @@ fn serve(
     Ok((folder.dir.display().to_string(), text))
 }
 
+/// The runs whose state a site keeps in `state_dir` (JSON: key, newest
+/// round, bytes).
+#[pyfunction]
+fn site_runs(state_dir: PathBuf) -> PyResult<String> {
+    let runs = fedcmp_experiment::sites::site_runs(&state_dir).map_err(value_error)?;
+    serde_json::to_string(&runs).map_err(value_error)
+}
+
+/// Removes the state of run `key` from a site's `state_dir`.
+#[pyfunction]
+fn remove_site_run(state_dir: PathBuf, key: &str) -> PyResult<()> {
+    fedcmp_experiment::sites::remove_site_run(&state_dir, key).map_err(value_error)
+}
+
 /// `fedcmp run` in process (the simulation): returns the run folder.
 #[pyfunction]
 #[pyo3(signature = (settings, cache_dir, fresh=false))]
@@ -501,5 +515,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(load_params, m)?)?;
     m.add_function(wrap_pyfunction!(tiny_world, m)?)?;
+    m.add_function(wrap_pyfunction!(site_runs, m)?)?;
+    m.add_function(wrap_pyfunction!(remove_site_run, m)?)?;
     Ok(())
 }

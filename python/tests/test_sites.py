@@ -124,3 +124,32 @@ def test_bad_updates_are_refused_with_a_reason_and_training_goes_on(world, tmp_p
     assert "answered as client 0" in reasons[3], reasons[3]
     # Client 0's updates went on being aggregated every round.
     assert all(r["aggregated"] and r["answered"] == [0] for r in records)
+
+
+def test_a_sites_state_belongs_to_one_run_and_can_be_listed_and_removed(world, tmp_path):
+    cache = str(world["cache"])
+    first = fedcmp.resolve_settings(settings_text(world, tmp_path / "first", strategy='"fedavg"', rounds=1))
+    other = fedcmp.resolve_settings(settings_text(world, tmp_path / "other", strategy='"fedavg"', rounds=2))
+    state = tmp_path / "state"
+    fedcmp.serve(first, Loopback(open_sites(world, first, state)), cache)
+    # The same run, reopened: its state after round 1 is there.
+    again = open_sites(world, first, state)
+    assert json.loads(again[0].status(1))["consumed"] > 0
+    # Another run over the same state folders starts from nothing.
+    fresh = open_sites(world, other, state)
+    assert json.loads(fresh[0].status(1))["consumed"] == 0
+    site0 = str(state / "site-0")
+    runs = json.loads(fedcmp.site_runs(site0))
+    assert [r["newest_round"] for r in runs] == [1, None] or [r["newest_round"] for r in runs] == [None, 1], runs
+    assert all(r["key"].startswith("sites-fedavg-s0-") for r in runs), runs
+    done = next(r["key"] for r in runs if r["newest_round"] == 1)
+    fedcmp.remove_site_run(site0, done)
+    assert [r["key"] for r in json.loads(fedcmp.site_runs(site0))] != [] and all(
+        r["key"] != done for r in json.loads(fedcmp.site_runs(site0))
+    )
+    try:
+        fedcmp.remove_site_run(site0, done)
+    except ValueError as e:
+        assert "holds no run" in str(e), e
+    else:
+        raise AssertionError("a removed run was removed again")

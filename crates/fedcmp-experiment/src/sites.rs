@@ -5,7 +5,10 @@
 //! (backbones loaded, every image encoded into the feature cache) and then
 //! answers any number of tasks; its state between rounds lives in its own
 //! state folder, so a retried or repeated round trains from the same state
-//! and consumes no sample twice, and a restarted site resumes.
+//! and consumes no sample twice, and a restarted site resumes. A run's
+//! state lives in a folder keyed by the run ([`run_key`]: its name and a
+//! hash of its settings), so a site never resumes another run's state;
+//! [`site_runs`] lists the runs kept and [`remove_site_run`] removes one.
 //!
 //! [`export`] deals a scenario's data into one folder per site (images and
 //! a manifest in shard order) plus the held-out splits, so that a
@@ -29,6 +32,7 @@ use fedcmp_runtime::eval::Evaluator;
 use fedcmp_runtime::hostile::{Attack, AttackConfig};
 use fedcmp_runtime::node::ClientNode;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::assembly::fresh_projector;
 use crate::backbones::{self, BackboneSettings};
@@ -215,7 +219,8 @@ impl Site {
             frozen.projector(settings.recipe.projector, settings.seed)?,
             local,
         )?;
-        let store = crate::training::client_store(&config.state_dir, config.client)?;
+        let run_dir = open_run_state(&config.state_dir, settings)?;
+        let store = crate::training::client_store(&run_dir, config.client)?;
         let count = samples.len();
         let node = crate::training::client_node(
             settings,
@@ -305,6 +310,123 @@ impl Site {
         }
         Ok(reply)
     }
+}
+
+/// Where a site keeps one run's state: `<state-dir>/runs/<key>/`.
+const RUNS: &str = "runs";
+/// The settings of the run a state folder belongs to.
+const RUN_SETTINGS: &str = "settings.toml";
+
+/// The key of the run of `settings` at a site: the server's run folder
+/// name (`sites-<method>-s<seed>`) and the first 12 hex digits of the
+/// sha256 of the resolved settings, so that a state of another run (other
+/// settings, even under the same name) is never resumed.
+pub fn run_key(settings: &RunSettings) -> Result<String> {
+    let text = settings.to_toml()?;
+    let digest = Sha256::digest(text.as_bytes());
+    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    Ok(format!(
+        "sites-{}-s{}-{hex}",
+        settings.training.method(),
+        settings.seed
+    ))
+}
+
+/// The state folder of the run of `settings` under `state_dir`, created
+/// with the run's settings beside its client states.
+fn open_run_state(state_dir: &Path, settings: &RunSettings) -> Result<PathBuf> {
+    let dir = state_dir.join(RUNS).join(run_key(settings)?);
+    std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+    let pinned = dir.join(RUN_SETTINGS);
+    if !pinned.exists() {
+        write_atomic(&pinned, settings.to_toml()?.as_bytes())?;
+    }
+    let legacy: Vec<String> = std::fs::read_dir(state_dir)
+        .map_err(io_error(state_dir))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("client-"))
+        .collect();
+    if !legacy.is_empty() {
+        tracing::warn!(
+            state_dir = %state_dir.display(),
+            folders = ?legacy,
+            "state of an earlier layout (not bound to a run) is not resumed; remove it once no \
+             run needs it"
+        );
+    }
+    Ok(dir)
+}
+
+/// One run's state kept at a site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SiteRun {
+    /// Its key (the folder under `<state-dir>/runs/`).
+    pub key: String,
+    /// The newest round it saved a state after (None: none yet).
+    pub newest_round: Option<u64>,
+    /// Bytes on disk.
+    pub bytes: u64,
+}
+
+/// The runs whose state a site keeps under `state_dir`, by key.
+pub fn site_runs(state_dir: &Path) -> Result<Vec<SiteRun>> {
+    let root = state_dir.join(RUNS);
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    let mut runs = Vec::new();
+    for entry in std::fs::read_dir(&root).map_err(io_error(&root))? {
+        let entry = entry.map_err(io_error(&root))?;
+        let path = entry.path();
+        if !path.is_dir() {
+            continue;
+        }
+        let (mut newest, mut bytes) = (None::<u64>, 0u64);
+        for client in std::fs::read_dir(&path).map_err(io_error(&path))?.flatten() {
+            let client_path = client.path();
+            if client_path.is_dir() {
+                for file in std::fs::read_dir(&client_path)
+                    .map_err(io_error(&client_path))?
+                    .flatten()
+                {
+                    bytes += file.metadata().map(|m| m.len()).unwrap_or(0);
+                    let name = file.file_name().to_string_lossy().into_owned();
+                    if let Some(r) = name
+                        .strip_prefix("round-")
+                        .and_then(|n| n.strip_suffix(".safetensors"))
+                        .and_then(|n| n.parse::<u64>().ok())
+                    {
+                        newest = Some(newest.map_or(r, |n| n.max(r)));
+                    }
+                }
+            } else {
+                bytes += client.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+        runs.push(SiteRun {
+            key: entry.file_name().to_string_lossy().into_owned(),
+            newest_round: newest,
+            bytes,
+        });
+    }
+    runs.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(runs)
+}
+
+/// Removes the state of run `key` under `state_dir` (refusing a key that
+/// is not one of its runs).
+pub fn remove_site_run(state_dir: &Path, key: &str) -> Result<()> {
+    let known = site_runs(state_dir)?;
+    if !known.iter().any(|r| r.key == key) {
+        let keys: Vec<&str> = known.iter().map(|r| r.key.as_str()).collect();
+        return Err(ExperimentError::Invalid(format!(
+            "{} holds no run {key:?} (its runs: {keys:?})",
+            state_dir.join(RUNS).display()
+        )));
+    }
+    let dir = state_dir.join(RUNS).join(key);
+    std::fs::remove_dir_all(&dir).map_err(io_error(&dir))
 }
 
 /// One exported site folder.

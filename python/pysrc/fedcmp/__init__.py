@@ -19,9 +19,11 @@ from fedcmp._native import (  # noqa: F401  (re-exported)
     export_sites,
     init_logging,
     load_params,
+    remove_site_run,
     resolve_settings,
     serve,
     simulate,
+    site_runs,
     tiny_world,
 )
 
@@ -34,9 +36,11 @@ __all__ = [
     "from_numpy",
     "init_logging",
     "load_params",
+    "remove_site_run",
     "resolve_settings",
     "serve",
     "simulate",
+    "site_runs",
     "tiny_world",
     "to_numpy",
 ]

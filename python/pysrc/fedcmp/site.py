@@ -21,6 +21,13 @@ update it sends, as a simulated attack does (kinds ``sign-flip``,
 ``scaled`` with ``factor``, ``random`` with ``std``): for trying robust
 aggregation on a real deployment, never for production.
 
+The state of each run lives in ``<state-dir>/runs/<key>/`` (the key is
+the run's name and a hash of its settings): a site never resumes another
+run's state. List and remove them::
+
+    python -m fedcmp.site --state-dir site/state --list-runs
+    python -m fedcmp.site --state-dir site/state --remove-run sites-fed-cmp-s0-0123456789ab
+
 It exits after ``--idle-timeout`` seconds without a request. Its log is
 ``<state-dir>/site.log`` when started by the ClientApp; ``site-stats.json``
 counts the requests it answered and how often it loaded the backbones.
@@ -276,9 +283,11 @@ def call_site(options: SiteOptions, request: tuple) -> tuple:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fedcmp.site", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--client-id", type=int, required=True)
-    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--client-id", type=int)
+    parser.add_argument("--manifest", type=Path)
     parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--list-runs", action="store_true", help="list the runs whose state is kept, and exit")
+    parser.add_argument("--remove-run", metavar="KEY", help="remove one run's state, and exit")
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -289,6 +298,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--misbehave", default=None)
     parser.add_argument("--log", default=os.environ.get("RUST_LOG", "info"))
     args = parser.parse_args(argv)
+    if args.list_runs or args.remove_run:
+        from fedcmp import remove_site_run, site_runs
+
+        if args.remove_run:
+            try:
+                remove_site_run(str(args.state_dir), args.remove_run)
+            except ValueError as e:
+                parser.exit(2, f"python -m fedcmp.site: {e}\n")
+            print(f"removed {args.remove_run}")
+        for run in json.loads(site_runs(str(args.state_dir))):
+            newest = "no round yet" if run["newest_round"] is None else f"round {run['newest_round']}"
+            print(f"{run['key']}\t{newest}\t{run['bytes'] / 1e6:.1f} MB")
+        return
+    if args.client_id is None or args.manifest is None:
+        parser.error("--client-id and --manifest are needed to serve")
     from fedcmp import init_logging
 
     init_logging(args.log)
