@@ -17,7 +17,8 @@ SuperNodes running the App in python/app on the generated tiny world.
 - a federation with one site configured to misbehave (sending -10 times
   its update) completes under the coordinate-wise median, and its final
   projector is the simulation's with that client attacking, bit for bit
-  (so the site really sent the attack, and nothing else differed).
+  (so the site really sent the attack, and nothing else differed); a
+  site's process ends with its SuperNode.
 """
 
 from __future__ import annotations
@@ -130,6 +131,18 @@ def test_tls_and_node_auth_train_what_the_simulation_trains(world, tmp_path):
     assert not (tmp_path / "state-intruder" / "site-stats.json").exists()
 
 
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped) counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -151,9 +164,11 @@ def test_a_site_killed_mid_round_fails_that_round_and_the_run_completes(world, t
         run = net.run(overrides)
         # Site 1 has trained round 1 (its state after it is saved): kill its
         # SuperNode now, while its reply may still be on the way, and start
-        # it again (it gets a new node id; its site process and state stay).
-        trained = states[1] / "client-0001" / "round-000001.safetensors"
-        wait_for(trained.exists, 120, "site 1 never trained round 1")
+        # it again (a new SuperNode and site process; its state stays).
+        def trained() -> bool:
+            return any(states[1].glob("runs/*/client-0001/round-000001.safetensors"))
+
+        wait_for(trained, 120, "site 1 never trained round 1")
         stop(net.pids["site1"])
         net.start_site("site1-again", 1, manifest(world, 1), states[1], world["cache"])
         status = net.wait(run, timeout=300)
@@ -258,6 +273,12 @@ def test_a_misbehaving_site_sends_its_attack_and_the_federation_completes(world,
         run = net.run(overrides)
         status = net.wait(run, timeout=300)
         assert status == "finished:completed", f"{status}\n{net.run_log(run)}"
+        # A site's process ends with its SuperNode.
+        site_pid = int((tmp_path / "state0" / "site.pid").read_text())
+        assert alive(site_pid)
+        stop(net.pids["site0"])
+        wait_for(lambda: not alive(site_pid), 30, "the site process outlived its SuperNode")
+        assert "its SuperNode" in (tmp_path / "state0" / "site.log").read_text()
     rounds = records(folder)
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["answered"] == [0, 1] and r["aggregated"] for r in rounds), rounds

@@ -28,7 +28,9 @@ run's state. List and remove them::
     python -m fedcmp.site --state-dir site/state --list-runs
     python -m fedcmp.site --state-dir site/state --remove-run sites-fed-cmp-s0-0123456789ab
 
-It exits after ``--idle-timeout`` seconds without a request. Its log is
+It exits after ``--idle-timeout`` seconds without a request, and (started
+by the ClientApp) within seconds of its SuperNode's end: the ClientApp
+passes the SuperNode's pid (``--supernode-pid``), which the site watches. Its log is
 ``<state-dir>/site.log`` when started by the ClientApp; ``site-stats.json``
 counts the requests it answered and how often it loaded the backbones.
 """
@@ -36,6 +38,7 @@ counts the requests it answered and how often it loaded the backbones.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import os
@@ -70,6 +73,9 @@ class SiteOptions:
     llm: Path | None = None
     idle_timeout: float = 3600.0
     misbehave: str | None = None
+    # The SuperNode the site serves (found by the ClientApp at start-up):
+    # the site process ends with it.
+    supernode_pid: int | None = None
 
     @staticmethod
     def from_node_config(config: dict[str, Any]) -> "SiteOptions":
@@ -115,7 +121,41 @@ class SiteOptions:
             cmd += ["--llm", str(self.llm)]
         if self.misbehave is not None:
             cmd += ["--misbehave", self.misbehave]
+        if self.supernode_pid is not None:
+            cmd += ["--supernode-pid", str(self.supernode_pid)]
         return cmd
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _parent(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    # The command name may hold spaces and parentheses: fields follow the last ')'.
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def find_supernode_pid() -> int | None:
+    """The pid of the SuperNode this process descends from (None outside
+    one, or where /proc is not available)."""
+    pid = os.getppid()
+    while pid > 1:
+        if "flower-supernode" in _cmdline(pid):
+            return pid
+        pid = _parent(pid)
+    return None
+
+
+def _supernode_alive(pid: int) -> bool:
+    # The pid reused by another program counts as gone.
+    return "flower-supernode" in _cmdline(pid)
 
 
 def _key(state_dir: Path, create: bool) -> bytes:
@@ -196,15 +236,23 @@ def run_site(options: SiteOptions) -> None:
     (state / PID).write_text(str(os.getpid()))
     server.write_stats()
 
+    def leave(why: str) -> None:
+        print(f"site {options.client_id}: {why}, exiting", file=sys.stderr, flush=True)
+        try:
+            sock.unlink()
+            (state / PID).unlink(missing_ok=True)
+        finally:
+            os._exit(0)
+
     def watchdog() -> None:
         while True:
             time.sleep(1.0)
-            if not server.busy and time.monotonic() - server.last > options.idle_timeout:
-                print(f"site {options.client_id}: idle, exiting", file=sys.stderr, flush=True)
-                try:
-                    sock.unlink()
-                finally:
-                    os._exit(0)
+            if server.busy:
+                continue
+            if time.monotonic() - server.last > options.idle_timeout:
+                leave("idle")
+            if options.supernode_pid is not None and not _supernode_alive(options.supernode_pid):
+                leave(f"its SuperNode (pid {options.supernode_pid}) has stopped")
 
     threading.Thread(target=watchdog, daemon=True).start()
     while True:
@@ -243,6 +291,8 @@ def ensure_site(options: SiteOptions, start_timeout: float = 300.0):
         pass
     options.state_dir.mkdir(parents=True, exist_ok=True)
     _key(options.state_dir, create=True)
+    if options.supernode_pid is None:
+        options = dataclasses.replace(options, supernode_pid=find_supernode_pid())
     with open(options.state_dir / LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -296,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--llm", type=Path, default=None)
     parser.add_argument("--idle-timeout", type=float, default=3600.0)
     parser.add_argument("--misbehave", default=None)
+    parser.add_argument("--supernode-pid", type=int, default=None, help="exit when this SuperNode stops")
     parser.add_argument("--log", default=os.environ.get("RUST_LOG", "info"))
     args = parser.parse_args(argv)
     if args.list_runs or args.remove_run:
@@ -325,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
             llm=args.llm.resolve() if args.llm else None,
             idle_timeout=args.idle_timeout,
             misbehave=args.misbehave,
+            supernode_pid=args.supernode_pid,
         )
     )
 
