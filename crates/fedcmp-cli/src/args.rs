@@ -200,7 +200,7 @@ pub struct RunArgs {
     pub recipe: RecipeArgs,
     /// Simulated hostile clients, an inline table: `{ kind = "sign-flip",
     /// count = 2 }` (kinds sign-flip, scaled with `factor`, random with
-    /// `std`; `count` drawn from the seed, or `clients = [ids]`).
+    /// `std`, stale; `count` drawn from the seed, or `clients = [ids]`).
     #[arg(long, value_parser = attack)]
     pub attack: Option<AttackConfig>,
     /// Client-level differential privacy, an inline table: `{ clip-norm =

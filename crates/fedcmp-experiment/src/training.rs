@@ -325,10 +325,14 @@ pub fn train_with(
         unreliability(settings, &participation),
     )?;
     let mut transport: Box<dyn Transport + '_> = match &settings.attack {
-        Some(attack) => Box::new(Hostile::new(
-            simulated,
-            attack.resolve(&ids, settings.seed)?,
-        )),
+        Some(attack) => {
+            let hostile = Hostile::new(simulated, attack.resolve(&ids, settings.seed)?);
+            // A stale client's past updates resume with the run.
+            Box::new(match &storage {
+                Some(s) => hostile.with_folder(s.clients.join("hostile")),
+                None => hostile,
+            })
+        }
         None => Box::new(simulated),
     };
     let work = experiment.projector(kind, settings.seed)?;

@@ -11,7 +11,13 @@
 //! - `scaled`: `a(Delta) = factor * Delta` (default -10: reversed and
 //!   boosted; a positive factor is a boosting attack);
 //! - `random`: `a(Delta) = N(0, std^2 I)`, independent of its data
-//!   (Blanchard et al. 2017's Gaussian attack; default std 0.1 per value).
+//!   (Blanchard et al. 2017's Gaussian attack; default std 0.1 per value);
+//! - `stale`: the update it computed the previous time it trained, on
+//!   the current model (`theta_t + Delta_prev`), as a site whose replies
+//!   arrive a round late; the first time it trains it has none and sends
+//!   its update. The wrapper keeps each stale client's last update (in
+//!   memory, and with a folder also on disk, one file per round, so a
+//!   resumed run sends what the uninterrupted one sent).
 //!
 //! Its sample and step counts are left as they were. Which clients are
 //! hostile is fixed for the run: `clients = [..]` by id, or `count = n`
@@ -22,7 +28,8 @@
 //! as the same run without them (paired comparisons), and a resumed run
 //! sends the same values.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,6 +39,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::convert::{read_params_file, save_params_file};
 use crate::transport::{RoundOutcome, Transport};
 use crate::{Result, RuntimeError};
 
@@ -42,6 +50,7 @@ pub enum AttackKind {
     SignFlip,
     Scaled,
     Random,
+    Stale,
 }
 
 /// An attack as configured (`attack = { kind = "sign-flip", count = 2 }`).
@@ -95,6 +104,13 @@ impl AttackConfig {
                 "a misbehaving site attacks as itself: leave out `count` and `clients`".into(),
             ));
         }
+        if self.kind == AttackKind::Stale {
+            return Err(invalid(
+                "`stale` is simulated only (it needs the federation's past rounds); a site can \
+                 misbehave as sign-flip, scaled or random"
+                    .into(),
+            ));
+        }
         let (factor, std) = self.strength()?;
         Ok(Attack {
             clients: BTreeSet::from([client]),
@@ -113,7 +129,7 @@ impl AttackConfig {
                 return Err(invalid("`factor` applies to kind = \"scaled\" only".into()))
             }
             (AttackKind::SignFlip, None) => -1.0,
-            (AttackKind::Random, None) => 0.0,
+            (AttackKind::Random | AttackKind::Stale, None) => 0.0,
         };
         let std = match (self.kind, self.std) {
             (AttackKind::Random, s) => s.unwrap_or(DEFAULT_STD),
@@ -214,6 +230,8 @@ impl Attack {
                     AttackKind::Random => {
                         self.std * fedcmp_strategy::ops::standard_normal(&mut rng)
                     }
+                    // Needs the client's past: `Hostile` does it.
+                    AttackKind::Stale => delta,
                 };
                 *x = (f64::from(g) + corrupted) as f32;
             }
@@ -227,11 +245,96 @@ impl Attack {
 pub struct Hostile<T> {
     inner: T,
     attack: Attack,
+    /// `stale`: each stale client's honest updates by round.
+    past: BTreeMap<ClientId, BTreeMap<u64, ParamSet>>,
+    /// `stale`: where those updates are kept across a resume.
+    past_dir: Option<PathBuf>,
 }
 
 impl<T: Transport> Hostile<T> {
     pub fn new(inner: T, attack: Attack) -> Self {
-        Self { inner, attack }
+        Self {
+            inner,
+            attack,
+            past: BTreeMap::new(),
+            past_dir: None,
+        }
+    }
+
+    /// Keeps the stale clients' past updates in `dir` too (a run folder's),
+    /// so that a resumed run sends what the uninterrupted run sent.
+    pub fn with_folder(mut self, dir: PathBuf) -> Self {
+        self.past_dir = Some(dir);
+        self
+    }
+
+    fn past_file(dir: &Path, client: ClientId, round: u64) -> PathBuf {
+        dir.join(format!("client-{:04}-round-{round:06}.safetensors", client.0))
+    }
+
+    /// The newest honest update of `client` from before `round`.
+    fn past_update(&self, client: ClientId, round: u64, like: &ParamSet) -> Result<Option<ParamSet>> {
+        if let Some((_, delta)) = self
+            .past
+            .get(&client)
+            .and_then(|by_round| by_round.range(..round).next_back())
+        {
+            return Ok(Some(delta.clone()));
+        }
+        let Some(dir) = &self.past_dir else {
+            return Ok(None);
+        };
+        let prefix = format!("client-{:04}-round-", client.0);
+        let mut newest: Option<u64> = None;
+        if dir.exists() {
+            for entry in std::fs::read_dir(dir).map_err(crate::io(dir))?.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(r) = name
+                    .strip_prefix(&prefix)
+                    .and_then(|n| n.strip_suffix(".safetensors"))
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .filter(|r| *r < round)
+                {
+                    newest = Some(newest.map_or(r, |n| n.max(r)));
+                }
+            }
+        }
+        newest
+            .map(|r| read_params_file(&Self::past_file(dir, client, r), like))
+            .transpose()
+    }
+
+    /// What stale `client` sends in `round`: its update from the previous
+    /// time it trained, on `global`; and it remembers this round's.
+    fn stale(
+        &mut self,
+        client: ClientId,
+        round: u64,
+        global: &ParamSet,
+        trained: &ParamSet,
+    ) -> Result<ParamSet> {
+        let mut delta = trained.clone();
+        for (d, (_, g)) in delta.tensors_mut().zip(global.entries()) {
+            for (x, &w) in d.data.iter_mut().zip(&g.data) {
+                *x = (f64::from(*x) - f64::from(w)) as f32;
+            }
+        }
+        let previous = self.past_update(client, round, global)?;
+        if let Some(dir) = &self.past_dir {
+            std::fs::create_dir_all(dir).map_err(crate::io(dir))?;
+            save_params_file(&delta, &Self::past_file(dir, client, round))?;
+        }
+        self.past.entry(client).or_default().insert(round, delta);
+        let Some(previous) = previous else {
+            return Ok(trained.clone());
+        };
+        let mut sent = global.clone();
+        for (x, (_, d)) in sent.tensors_mut().zip(previous.entries()) {
+            for (w, &dv) in x.data.iter_mut().zip(&d.data) {
+                *w = (f64::from(*w) + f64::from(dv)) as f32;
+            }
+        }
+        Ok(sent)
     }
 
     /// The wrapped transport.
@@ -263,9 +366,12 @@ impl<T: Transport> Transport for Hostile<T> {
             if let Some((client, round, global)) =
                 received.iter().find(|(c, _, _)| *c == update.client)
             {
-                update.params = self
-                    .attack
-                    .corrupt(*round, *client, global, &update.params)?;
+                update.params = match self.attack.kind {
+                    AttackKind::Stale => self.stale(*client, *round, global, &update.params)?,
+                    _ => self
+                        .attack
+                        .corrupt(*round, *client, global, &update.params)?,
+                };
             }
         }
         Ok(outcome)
@@ -434,6 +540,113 @@ mod tests {
             mean.abs() < 0.02 && (sd - 0.5).abs() < 0.02,
             "mean {mean}, sd {sd}"
         );
+        Ok(())
+    }
+
+    /// Client `k` moves every value by `(k + 1) * round / 8` (exact in f32).
+    struct Honest;
+
+    impl Transport for Honest {
+        fn status(&mut self, _round: u64) -> Result<Vec<ClientStatus>> {
+            Ok(Vec::new())
+        }
+
+        fn run_round(
+            &mut self,
+            tasks: Vec<RoundTask>,
+            _deadline: Option<Instant>,
+        ) -> Result<RoundOutcome> {
+            let replies = tasks
+                .iter()
+                .map(|t| {
+                    let step = (t.client().0 + 1) as f32 * t.round() as f32 / 8.0;
+                    let moved: Vec<f32> = t.global.flat().map(|x| x + step).collect();
+                    fedcmp_core::ClientReply {
+                        status: ClientStatus {
+                            client: t.client(),
+                            samples_left: 1,
+                            consumed: 1,
+                            skipped: 0,
+                        },
+                        update: Some(fedcmp_core::ClientUpdate {
+                            client: t.client(),
+                            params: set(&moved),
+                            num_samples: 1,
+                            num_steps: 1,
+                            lr_sum: 0.1,
+                            mean_loss: 1.0,
+                            control_delta: None,
+                        }),
+                    }
+                })
+                .collect();
+            Ok(RoundOutcome {
+                replies,
+                failures: Vec::new(),
+                stragglers: Vec::new(),
+                joined: Vec::new(),
+            })
+        }
+    }
+
+    fn round_of(hostile: &mut Hostile<Honest>, round: u64, global: f32) -> Result<Vec<f32>> {
+        let tasks = (0..2)
+            .map(|k| RoundTask {
+                instruction: fedcmp_core::ClientInstruction {
+                    round,
+                    client: ClientId(k),
+                    objective: fedcmp_core::LocalObjective::Plain,
+                    max_local_steps: None,
+                },
+                global: Arc::new(set(&[global, global])),
+                schedule: fedcmp_core::WarmupCosine {
+                    peak_lr: 0.1,
+                    total_samples: 10,
+                    warmup_ratio: 0.0,
+                },
+                samples_before: 0,
+                checkpointed_round: None,
+            })
+            .collect();
+        let outcome = hostile.run_round(tasks, None)?;
+        Ok(outcome
+            .replies
+            .iter()
+            .map(|r| r.update.as_ref().map_or(f32::NAN, |u| u.params.entries()[0].1.data[0]))
+            .collect())
+    }
+
+    #[test]
+    fn a_stale_client_sends_its_previous_update_and_resumes_it() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| invalid(e.to_string()))?;
+        let stale = AttackConfig {
+            count: None,
+            clients: Some(vec![1]),
+            ..config(AttackKind::Stale)
+        }
+        .resolve(&ids(2), 0)?;
+        let mut hostile = Hostile::new(Honest, stale.clone()).with_folder(dir.path().into());
+        // Round 1: nothing earlier, its own update (client 1 moves 2/8).
+        assert_eq!(round_of(&mut hostile, 1, 1.0)?, vec![1.125, 1.25]);
+        // Round 2 on another global: round 1's update (+0.25), not its own
+        // (+0.5); the honest client is untouched.
+        assert_eq!(round_of(&mut hostile, 2, 3.0)?, vec![3.25, 3.25]);
+        // A wrapper started again (a resumed run) reads round 2's update.
+        let mut resumed = Hostile::new(Honest, stale.clone()).with_folder(dir.path().into());
+        assert_eq!(round_of(&mut resumed, 3, 0.0)?, vec![0.375, 0.5]);
+        // Without the folder it would have nothing to send but its own.
+        let mut forgetful = Hostile::new(Honest, stale);
+        assert_eq!(round_of(&mut forgetful, 3, 0.0)?, vec![0.375, 0.75]);
+        // A site cannot be stale: it has no past rounds to replay.
+        let err = AttackConfig {
+            count: None,
+            ..config(AttackKind::Stale)
+        }
+        .for_site(ClientId(0), 0)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("simulated only"), "{err}");
         Ok(())
     }
 }
