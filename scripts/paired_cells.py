@@ -3,7 +3,7 @@
 same method and seed trained two ways (e.g. without and with attackers,
 or without and with privacy), scored on the same test items.
 
-    scripts/paired_cells.py BASE OTHER SCENARIO METHOD[=OTHER_METHOD] ...
+    scripts/paired_cells.py [--recovery REFS] BASE OTHER SCENARIO METHOD[=OTHER_METHOD] ...
 
 For each method: test NLL (macro over domains of NLL per token) and the
 share of greedy captions naming the class, as mean +- sd over seeds in
@@ -14,7 +14,11 @@ replicate draws seeds with replacement and, per domain, test items with
 replacement (the same items for every drawn seed and both sides). Cells
 are `<folder>/cells/<scenario>/<method>/g<setting>-s<seed>.json`; the
 reported cells are the seeds 0, 1, ... (the tuning seed 1000 is skipped),
-at whichever setting each folder chose.
+at whichever setting each folder chose. With `--recovery REFS` (a folder
+holding the `init` and `centralized` cells of the same seeds) it adds
+OTHER's recovery of the centralized gain, (init - NLL) / (init -
+centralized) per seed with init and centralized their means over seeds
+(as `fedcmp compare` takes it), as mean +- sd.
 """
 
 from __future__ import annotations
@@ -82,13 +86,29 @@ def spread(cellset: dict[int, dict], measure: str) -> str:
     return f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0:.3f}"
 
 
+def recovery(refs: Path, scenario: str, cellset: dict[int, dict]) -> str:
+    # As `fedcmp compare` takes it: the means over seeds of the untrained
+    # and the centralized projector's NLL, each seed's NLL of the method.
+    init, central = cells(refs, scenario, "init"), cells(refs, scenario, "centralized")
+    if not init or not central:
+        return "-"
+    i = np.mean([c["suite"]["macro_nll"] for c in init.values()])
+    z = np.mean([c["suite"]["macro_nll"] for c in central.values()])
+    xs = [(i - c["suite"]["macro_nll"]) / (i - z) for c in cellset.values()]
+    return f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0:.3f}"
+
+
 def main(argv: list[str]) -> None:
+    refs = None
+    if argv[:1] == ["--recovery"]:
+        refs, argv = Path(argv[1]), argv[2:]
     if len(argv) < 4:
         sys.exit(__doc__)
     base_dir, other_dir, scenario = Path(argv[0]), Path(argv[1]), argv[2]
     rng = np.random.default_rng(0)
-    print(f"| method | test NLL {base_dir.name} | test NLL {other_dir.name} | difference | captions {base_dir.name} | captions {other_dir.name} | difference |")
-    print("|---|---|---|---|---|---|---|")
+    extra = f" recovery {other_dir.name} |" if refs else ""
+    print(f"| method | test NLL {base_dir.name} | test NLL {other_dir.name} | difference | captions {base_dir.name} | captions {other_dir.name} | difference |{extra}")
+    print("|---|---|---|---|---|---|---|" + ("---|" if refs else ""))
     for spec in argv[3:]:
         base_method, _, other_method = spec.partition("=")
         other_method = other_method or base_method
@@ -104,6 +124,8 @@ def main(argv: list[str]) -> None:
             if low <= 0 <= high:
                 diff = f"no difference ({diff})"
             row += [spread(base, measure), spread(other, measure), f"{diff} (n={n})"]
+        if refs:
+            row.append(recovery(refs, scenario, other))
         print("| " + " | ".join(row) + " |")
 
 
