@@ -11,6 +11,7 @@ use fedcmp_core::{
 use fedcmp_experiment::server::{serve as serve_sites, ServeOptions};
 use fedcmp_experiment::settings::parse_strategy;
 use fedcmp_experiment::sites::{export, Site as SiteNode, SiteConfig};
+use fedcmp_experiment::backbones::BackboneDigests;
 use fedcmp_experiment::events::{round_line, Event, Observer};
 use fedcmp_experiment::{Layers, RunSettings, Silent};
 use fedcmp_runtime::transport::{RoundOutcome, Transport};
@@ -186,7 +187,7 @@ impl Site {
     /// Opens the site for the federation whose settings (TOML, as the
     /// server sends them) are `settings`.
     #[new]
-    #[pyo3(signature = (settings, client, manifest, state_dir, cache_dir, llm=None, misbehave=None))]
+    #[pyo3(signature = (settings, client, manifest, state_dir, cache_dir, llm=None, misbehave=None, expected=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -197,8 +198,14 @@ impl Site {
         cache_dir: PathBuf,
         llm: Option<PathBuf>,
         misbehave: Option<&str>,
+        expected: Option<&str>,
     ) -> PyResult<Self> {
         let resolved = settings_from(settings, "the settings the server sent")?;
+        let expected: Option<BackboneDigests> = expected
+            .filter(|text| !text.is_empty())
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| PyValueError::new_err(format!("the backbones the server announced: {e}")))?;
         let misbehave = misbehave
             .map(fedcmp_experiment::settings::parse_attack)
             .transpose()
@@ -212,7 +219,7 @@ impl Site {
             misbehave,
         };
         let site = py
-            .detach(|| SiteNode::open(&resolved, &config, &Silent))
+            .detach(|| SiteNode::open(&resolved, &config, expected.as_ref(), &Silent))
             .map_err(value_error)?;
         Ok(Self {
             inner: Mutex::new(site),
@@ -443,6 +450,28 @@ fn serve(
     Ok((folder.dir.display().to_string(), text))
 }
 
+/// The digests of the backbones `settings` name (`llm`: the server's copy
+/// of the decoder instead), as JSON, for the server to announce to its
+/// sites.
+#[pyfunction]
+#[pyo3(signature = (settings, cache_dir, llm=None))]
+fn backbone_digests(
+    py: Python<'_>,
+    settings: &str,
+    cache_dir: PathBuf,
+    llm: Option<PathBuf>,
+) -> PyResult<String> {
+    let resolved = settings_from(settings, "the server's settings")?;
+    let wanted = fedcmp_experiment::backbones::BackboneSettings {
+        llm: llm.or(resolved.data.backbones.llm.clone()),
+        ..resolved.data.backbones.clone()
+    };
+    let digests = py
+        .detach(|| fedcmp_experiment::backbones::digests(&cache_dir, &wanted, &Silent))
+        .map_err(runtime_error)?;
+    serde_json::to_string(&digests).map_err(value_error)
+}
+
 /// The runs whose state a site keeps in `state_dir` (JSON: key, newest
 /// round, bytes).
 #[pyfunction]
@@ -516,6 +545,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load_params, m)?)?;
     m.add_function(wrap_pyfunction!(tiny_world, m)?)?;
     m.add_function(wrap_pyfunction!(site_runs, m)?)?;
+    m.add_function(wrap_pyfunction!(backbone_digests, m)?)?;
     m.add_function(wrap_pyfunction!(remove_site_run, m)?)?;
     Ok(())
 }

@@ -14,6 +14,9 @@ SuperNodes running the App in python/app on the generated tiny world.
   completes and reports the epsilon it spent every round and in its
   summary; a site's malformed records are skipped, shown with file and
   line in its log and counted in the server's metrics and summary;
+- a site whose decoder differs from the server's (by sha256) refuses
+  before it trains, with its reason in the run's log, and the federation
+  goes on without it;
 - a federation with one site configured to misbehave (sending -10 times
   its update) completes under the coordinate-wise median, and its final
   projector is the simulation's with that client attacking, bit for bit
@@ -258,6 +261,24 @@ def test_a_private_federation_reports_its_epsilon_every_round(world, tmp_path):
     assert all(r["skipped"] == {"1": 2} for r in rounds), rounds
     site_log = (tmp_path / "state1" / "site.log").read_text()
     assert f"{bad}:{len(lines) + 1}" in site_log and f"{bad}:{len(lines) + 2}" in site_log, site_log[-3000:]
+
+
+def test_a_site_with_another_decoder_refuses_before_training(world, tmp_path):
+    # Site 1's copy of the decoder differs from the server's by one byte.
+    other = tmp_path / "other.gguf"
+    other.write_bytes(Path(world["gguf"]).read_bytes() + b"\0")
+    overrides, folder = prepare(world, tmp_path, rounds=2)
+    with Federation(tmp_path / "net") as net:
+        net.start_superlink()
+        net.start_site("site0", 0, manifest(world, 0), tmp_path / "state0", world["cache"])
+        net.start_site("site1", 1, manifest(world, 1), tmp_path / "state1", world["cache"], extra=f'llm="{other}"')
+        run = net.run(overrides)
+        status = net.wait(run, timeout=300)
+        run_log = net.run_log(run)
+        assert status == "finished:completed", f"{status}\n{run_log}"
+    assert "site 1 refuses the task" in run_log and "its decoder" in run_log, run_log
+    assert all(r["answered"] == [0] for r in records(folder)), records(folder)
+    assert not any((tmp_path / "state1").glob("runs/*/client-*/round-*.safetensors"))
 
 
 def test_a_misbehaving_site_sends_its_attack_and_the_federation_completes(world, tmp_path):

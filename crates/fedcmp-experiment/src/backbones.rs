@@ -135,6 +135,83 @@ fn load_llm(path: &Path) -> Result<(FrozenDecoder, TextTokenizer)> {
     }
 }
 
+/// What a run's frozen backbones are, by content: the sha256 of the
+/// decoder's file (or of its folder's files) and of the vision encoder's
+/// weights (`patch-means` has none). A server announces its own, and a site
+/// whose files differ refuses to train (a projector aligns one decoder with
+/// one encoder; trained against others its updates are noise).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackboneDigests {
+    pub llm: String,
+    pub vision: String,
+}
+
+/// The decoder file or folder of `settings` under `root`.
+pub fn llm_path(root: &Path, settings: &BackboneSettings) -> PathBuf {
+    settings
+        .llm
+        .clone()
+        .unwrap_or_else(|| asset_path(root, LLM_ASSET.0, LLM_ASSET.1))
+}
+
+/// The sha256 (hex) of a file, or of a folder's files (their names and
+/// contents, in name order, subfolders included).
+pub fn sha256_of(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    fn feed(hasher: &mut Sha256, base: &Path, path: &Path) -> Result<()> {
+        if path.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(crate::io_error(path))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            entries.sort();
+            for entry in entries {
+                feed(hasher, base, &entry)?;
+            }
+        } else {
+            let name = path.strip_prefix(base).unwrap_or(path);
+            hasher.update(name.to_string_lossy().as_bytes());
+            hasher.update([0]);
+            let mut file = std::fs::File::open(path).map_err(crate::io_error(path))?;
+            std::io::copy(&mut file, hasher).map_err(crate::io_error(path))?;
+        }
+        Ok(())
+    }
+    let mut hasher = Sha256::new();
+    feed(&mut hasher, path, path)?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// The digests of the backbones `settings` name (default assets fetched
+/// into `root` when missing), without loading them.
+pub fn digests(
+    root: &Path,
+    settings: &BackboneSettings,
+    observer: &dyn Observer,
+) -> Result<BackboneDigests> {
+    let mut needed = Vec::new();
+    if settings.vision == VisionChoice::MobilenetV2 {
+        needed.push(VISION_ASSET.0);
+    }
+    if settings.llm.is_none() {
+        needed.push(LLM_ASSET.0);
+    }
+    crate::assets::ensure(root, &needed, observer)?;
+    let vision = match &settings.vision {
+        VisionChoice::MobilenetV2 => sha256_of(&asset_path(root, VISION_ASSET.0, VISION_ASSET.1))?,
+        VisionChoice::PatchMeans => "patch-means".to_string(),
+        VisionChoice::Folder(folder) => sha256_of(folder)?,
+    };
+    Ok(BackboneDigests {
+        llm: sha256_of(&llm_path(root, settings))?,
+        vision,
+    })
+}
+
 /// Loads the decoder and the vision encoder, fetching default assets
 /// into the cache under `root` when missing.
 pub fn load(
@@ -154,10 +231,7 @@ pub fn load(
     // own decoder uses one already fetched (or a system one).
     open_blas(root, settings.llm.is_none(), observer)?;
     let started = Instant::now();
-    let llm_path = settings
-        .llm
-        .clone()
-        .unwrap_or_else(|| asset_path(root, LLM_ASSET.0, LLM_ASSET.1));
+    let llm_path = llm_path(root, settings);
     let (decoder, tokenizer) = load_llm(&llm_path).map_err(|e| {
         e.context(format!(
             "loading the decoder LLM from {}",

@@ -35,7 +35,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::assembly::fresh_projector;
-use crate::backbones::{self, BackboneSettings};
+use crate::backbones::{self, BackboneDigests, BackboneSettings};
 use crate::events::Observer;
 use crate::files::write_atomic;
 use crate::settings::RunSettings;
@@ -53,6 +53,8 @@ pub struct Frozen {
     pub template: CaptionTemplate,
     /// Where assets and features are cached.
     pub cache_dir: PathBuf,
+    /// What the backbones are, by content.
+    pub digests: BackboneDigests,
 }
 
 impl Frozen {
@@ -70,6 +72,7 @@ impl Frozen {
                 .or(settings.data.backbones.llm.clone()),
             ..settings.data.backbones.clone()
         };
+        let digests = backbones::digests(cache_dir, &wanted, observer)?;
         let loaded = backbones::load(cache_dir, &wanted, observer)?;
         let cache =
             backbones::served_cache(cache_dir, loaded.encoder.as_ref(), wanted.visual_tokens)?;
@@ -83,6 +86,7 @@ impl Frozen {
                 ..CaptionTemplate::plain()
             },
             cache_dir: cache_dir.to_path_buf(),
+            digests,
         })
     }
 
@@ -184,15 +188,51 @@ pub struct Site {
 
 impl Site {
     /// Opens the site for the federation of `settings`: loads the
-    /// backbones, reads and encodes its manifest, and finds its saved
-    /// state (if any) in its state folder.
+    /// backbones (refusing, before any training, when they are not the
+    /// `expected` ones the server announced), reads and encodes its
+    /// manifest, and finds its saved state (if any) in its state folder.
     pub fn open(
         settings: &RunSettings,
         config: &SiteConfig,
+        expected: Option<&BackboneDigests>,
         observer: &dyn Observer,
     ) -> Result<Self> {
         let mut frozen =
             Frozen::load(&config.cache_dir, settings, config.llm.as_deref(), observer)?;
+        if let Some(expected) = expected {
+            let ours = &frozen.digests;
+            let mut differ = Vec::new();
+            if ours.llm != expected.llm {
+                let path = backbones::llm_path(
+                    &config.cache_dir,
+                    &BackboneSettings {
+                        llm: config.llm.clone().or(settings.data.backbones.llm.clone()),
+                        ..settings.data.backbones.clone()
+                    },
+                );
+                differ.push(format!(
+                    "its decoder {} has sha256 {}, the server's {}",
+                    path.display(),
+                    ours.llm,
+                    expected.llm
+                ));
+            }
+            if ours.vision != expected.vision {
+                differ.push(format!(
+                    "its vision encoder has sha256 {}, the server's {}",
+                    ours.vision, expected.vision
+                ));
+            }
+            if !differ.is_empty() {
+                return Err(ExperimentError::Invalid(format!(
+                    "site {} refuses the task: {} (a projector trained against other backbones \
+                     is of no use to the federation; give the site a copy of the server's files, \
+                     e.g. node config `llm`)",
+                    config.client.0,
+                    differ.join("; ")
+                )));
+            }
+        }
         let (samples, skipped) = frozen.read_manifest(&config.manifest, observer)?;
         if skipped.total() > 0 {
             // The counts are complete; file and line are kept for the first

@@ -16,6 +16,7 @@ import numpy as np
 from fedcmp._native import (  # noqa: F401  (re-exported)
     Site,
     Strategy,
+    backbone_digests,
     export_sites,
     init_logging,
     load_params,
@@ -32,6 +33,7 @@ WireArray = tuple[str, Sequence[int], bytes]
 __all__ = [
     "Site",
     "Strategy",
+    "backbone_digests",
     "export_sites",
     "from_numpy",
     "init_logging",

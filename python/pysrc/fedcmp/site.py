@@ -178,12 +178,14 @@ class _Server:
         self.requests = 0
         self.last = time.monotonic()
         self.busy = False
+        self.backbones = ""
 
-    def _site_for(self, settings: str):
-        if self.site is None or self.site.settings != settings:
+    def _site_for(self, settings: str, backbones: str = ""):
+        if self.site is None or self.site.settings != settings or self.backbones != backbones:
             from fedcmp import Site
 
             self.site = None
+            self.backbones = backbones
             self.site = Site(
                 settings,
                 self.options.client_id,
@@ -192,6 +194,7 @@ class _Server:
                 str(self.options.cache_dir),
                 str(self.options.llm) if self.options.llm else None,
                 self.options.misbehave,
+                backbones or None,
             )
             self.loads += 1
             print(
@@ -205,11 +208,11 @@ class _Server:
     def answer(self, request: tuple) -> tuple:
         kind = request[0]
         if kind == "status":
-            _, settings, round_ = request
-            return ("ok", self._site_for(settings).status(int(round_)))
+            _, settings, round_, *rest = request
+            return ("ok", self._site_for(settings, *rest).status(int(round_)))
         if kind == "train":
-            _, settings, header, arrays = request
-            reply_header, reply_arrays = self._site_for(settings).handle(header, arrays)
+            _, settings, header, arrays, *rest = request
+            reply_header, reply_arrays = self._site_for(settings, *rest).handle(header, arrays)
             return ("ok", reply_header, reply_arrays)
         if kind == "ping":
             return ("ok", os.getpid())

@@ -24,7 +24,8 @@ app = ClientApp()
 def query(msg: Message, context: Context) -> Message:
     options = SiteOptions.from_node_config(dict(context.node_config))
     config = msg.content.config_records[CONFIG]
-    (status,) = call_site(options, ("status", str(config["settings"]), int(config["round"])))
+    backbones = str(config.get("backbones", ""))
+    (status,) = call_site(options, ("status", str(config["settings"]), int(config["round"]), backbones))
     return Message(RecordDict({CONFIG: ConfigRecord({"status": status})}), reply_to=msg)
 
 
@@ -32,7 +33,8 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     options = SiteOptions.from_node_config(dict(context.node_config))
     config, arrays = from_records(msg.content)
+    backbones = str(config.get("backbones", ""))
     header, reply_arrays = call_site(
-        options, ("train", str(config["settings"]), str(config["header"]), arrays)
+        options, ("train", str(config["settings"]), str(config["header"]), arrays, backbones)
     )
     return Message(to_records({"header": header}, reply_arrays), reply_to=msg)

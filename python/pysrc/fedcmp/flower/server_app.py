@@ -58,6 +58,10 @@ def main(grid: Grid, context: Context) -> None:
         "FEDCMP_CACHE_DIR", str(Path.home() / ".cache" / "fedcmp")
     )
     timeout = float(config.get("round-timeout", 0) or 0)
+    # What the backbones are, by content: every site checks its own files
+    # against these before it trains.
+    backbones = fedcmp.backbone_digests(settings, cache_dir, _path(config.get("llm")))
+    log.info("backbones: %s", backbones)
     transport = FlowerTransport(
         grid,
         settings,
@@ -65,6 +69,7 @@ def main(grid: Grid, context: Context) -> None:
         wait_for_sites=float(config.get("wait-for-sites", 300)),
         query_timeout=float(config.get("query-timeout", 300)),
         round_timeout=timeout if timeout > 0 else None,
+        backbones=backbones,
     )
     folder, summary = fedcmp.serve(
         settings,

@@ -36,9 +36,13 @@ class FlowerTransport:
         wait_for_sites: float = 300.0,
         query_timeout: float = 300.0,
         round_timeout: float | None = None,
+        backbones: str = "",
     ) -> None:
         self.grid = grid
         self.settings = settings
+        # The server's backbone digests (``fedcmp.backbone_digests``), sent
+        # with every message: a site whose files differ refuses to train.
+        self.backbones = backbones
         self.min_sites = min_sites
         self.wait_for_sites = wait_for_sites
         self.query_timeout = query_timeout
@@ -49,7 +53,9 @@ class FlowerTransport:
     def _query(self, node_ids: list[int], round_: int) -> list[str]:
         messages = [
             Message(
-                RecordDict({CONFIG: ConfigRecord({"settings": self.settings, "round": round_})}),
+                RecordDict(
+                    {CONFIG: ConfigRecord({"settings": self.settings, "round": round_, "backbones": self.backbones})}
+                ),
                 dst_node_id=node,
                 message_type=MessageType.QUERY,
             )
@@ -106,7 +112,7 @@ class FlowerTransport:
                 failures.append((client, "error", "no site with this client id is connected"))
                 continue
             message = Message(
-                to_records({"settings": self.settings, "header": header}, arrays),
+                to_records({"settings": self.settings, "header": header, "backbones": self.backbones}, arrays),
                 dst_node_id=node,
                 message_type=MessageType.TRAIN,
                 group_id=str(round_),
