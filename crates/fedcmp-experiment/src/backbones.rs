@@ -186,13 +186,12 @@ pub fn sha256_of(path: &Path) -> Result<String> {
         .collect())
 }
 
-/// The digests of the backbones `settings` name (default assets fetched
-/// into `root` when missing), without loading them.
-pub fn digests(
+/// Fetches the registry backbones `settings` use into `root` when missing.
+fn ensure_default_assets(
     root: &Path,
     settings: &BackboneSettings,
     observer: &dyn Observer,
-) -> Result<BackboneDigests> {
+) -> Result<()> {
     let mut needed = Vec::new();
     if settings.vision == VisionChoice::MobilenetV2 {
         needed.push(VISION_ASSET.0);
@@ -201,6 +200,17 @@ pub fn digests(
         needed.push(LLM_ASSET.0);
     }
     crate::assets::ensure(root, &needed, observer)?;
+    Ok(())
+}
+
+/// The digests of the backbones `settings` name (default assets fetched
+/// into `root` when missing), without loading them.
+pub fn digests(
+    root: &Path,
+    settings: &BackboneSettings,
+    observer: &dyn Observer,
+) -> Result<BackboneDigests> {
+    ensure_default_assets(root, settings, observer)?;
     let vision = match &settings.vision {
         VisionChoice::MobilenetV2 => sha256_of(&asset_path(root, VISION_ASSET.0, VISION_ASSET.1))?,
         VisionChoice::PatchMeans => "patch-means".to_string(),
@@ -219,14 +229,7 @@ pub fn load(
     settings: &BackboneSettings,
     observer: &dyn Observer,
 ) -> Result<Backbones> {
-    let mut needed = Vec::new();
-    if settings.vision == VisionChoice::MobilenetV2 {
-        needed.push(VISION_ASSET.0);
-    }
-    if settings.llm.is_none() {
-        needed.push(LLM_ASSET.0);
-    }
-    crate::assets::ensure(root, &needed, observer)?;
+    ensure_default_assets(root, settings, observer)?;
     // The registry's BLAS comes with the registry's backbones; a run on its
     // own decoder uses one already fetched (or a system one).
     open_blas(root, settings.llm.is_none(), observer)?;
