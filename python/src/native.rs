@@ -8,11 +8,11 @@ use fedcmp_core::wire::{self, WireMessage};
 use fedcmp_core::{
     ClientFailure, ClientId, ClientStatus, FailureKind, ParamSet, ParamTensor, RoundTask,
 };
+use fedcmp_experiment::backbones::BackboneDigests;
+use fedcmp_experiment::events::{round_line, Event, Observer};
 use fedcmp_experiment::server::{serve as serve_sites, ServeOptions};
 use fedcmp_experiment::settings::parse_strategy;
 use fedcmp_experiment::sites::{export, Site as SiteNode, SiteConfig};
-use fedcmp_experiment::backbones::BackboneDigests;
-use fedcmp_experiment::events::{round_line, Event, Observer};
 use fedcmp_experiment::{Layers, RunSettings, Silent};
 use fedcmp_runtime::transport::{RoundOutcome, Transport};
 use fedcmp_strategy::{StrategyConfig, StrategyState};
@@ -205,7 +205,9 @@ impl Site {
             .filter(|text| !text.is_empty())
             .map(serde_json::from_str)
             .transpose()
-            .map_err(|e| PyValueError::new_err(format!("the backbones the server announced: {e}")))?;
+            .map_err(|e| {
+                PyValueError::new_err(format!("the backbones the server announced: {e}"))
+            })?;
         let misbehave = misbehave
             .map(fedcmp_experiment::settings::parse_attack)
             .transpose()

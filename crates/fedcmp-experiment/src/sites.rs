@@ -334,7 +334,8 @@ impl Site {
         };
         reply.status.skipped = self.skipped.total() as u64;
         if let (Some(attack), Some(update)) = (&self.misbehave, reply.update.as_mut()) {
-            update.params = attack.corrupt(task.round(), update.client, &task.global, &update.params)?;
+            update.params =
+                attack.corrupt(task.round(), update.client, &task.global, &update.params)?;
         }
         match &reply.update {
             Some(u) => tracing::info!(

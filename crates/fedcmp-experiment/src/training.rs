@@ -273,9 +273,9 @@ pub fn client_node(
 ) -> Result<ClientNode> {
     let node = ClientNode::new(data, local, store);
     Ok(match &settings.privacy {
-        Some(privacy) if privacy.mode == DpMode::Local => node.with_local_dp(
-            privacy.resolve_local(settings.recipe.rounds.map(|r| r.get()))?,
-        ),
+        Some(privacy) if privacy.mode == DpMode::Local => {
+            node.with_local_dp(privacy.resolve_local(settings.recipe.rounds.map(|r| r.get()))?)
+        }
         _ => node,
     })
 }

@@ -269,11 +269,19 @@ impl<T: Transport> Hostile<T> {
     }
 
     fn past_file(dir: &Path, client: ClientId, round: u64) -> PathBuf {
-        dir.join(format!("client-{:04}-round-{round:06}.safetensors", client.0))
+        dir.join(format!(
+            "client-{:04}-round-{round:06}.safetensors",
+            client.0
+        ))
     }
 
     /// The newest honest update of `client` from before `round`.
-    fn past_update(&self, client: ClientId, round: u64, like: &ParamSet) -> Result<Option<ParamSet>> {
+    fn past_update(
+        &self,
+        client: ClientId,
+        round: u64,
+        like: &ParamSet,
+    ) -> Result<Option<ParamSet>> {
         if let Some((_, delta)) = self
             .past
             .get(&client)
@@ -612,7 +620,11 @@ mod tests {
         Ok(outcome
             .replies
             .iter()
-            .map(|r| r.update.as_ref().map_or(f32::NAN, |u| u.params.entries()[0].1.data[0]))
+            .map(|r| {
+                r.update
+                    .as_ref()
+                    .map_or(f32::NAN, |u| u.params.entries()[0].1.data[0])
+            })
             .collect())
     }
 
@@ -643,9 +655,9 @@ mod tests {
             ..config(AttackKind::Stale)
         }
         .for_site(ClientId(0), 0)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
         assert!(err.contains("simulated only"), "{err}");
         Ok(())
     }

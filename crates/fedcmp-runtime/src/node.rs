@@ -34,9 +34,9 @@ use fedcmp_data::cache::FeatureCache;
 
 use crate::client::{ClientData, ClientState, LocalConfig, LocalTrainer};
 use crate::client_store::ClientStore;
+use crate::{Result, RuntimeError};
 use fedcmp_strategy::privacy::local::LocalDp;
 use rand::Rng;
-use crate::{Result, RuntimeError};
 
 /// One client: its data, its state, its store.
 #[derive(Debug)]

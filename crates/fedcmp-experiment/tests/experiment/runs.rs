@@ -692,8 +692,7 @@ fn a_private_run_reports_the_epsilon_it_spent() -> Result<()> {
 #[test]
 fn a_locally_private_run_reports_each_sites_epsilon_and_resumes() -> Result<()> {
     let w = world()?;
-    let privacy =
-        parse_privacy(r#"{ mode = "local", clip-norm = 0.5, noise-multiplier = 0.02 }"#)?;
+    let privacy = parse_privacy(r#"{ mode = "local", clip-norm = 0.5, noise-multiplier = 0.02 }"#)?;
     let options = |checkpoint_every| -> Result<RunOptions> {
         Ok(RunOptions {
             strategy: Some(parse_strategy("fed-cmp")?),
@@ -761,6 +760,9 @@ fn a_locally_private_run_reports_each_sites_epsilon_and_resumes() -> Result<()> 
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
-    assert!(err.contains("privacy") && err.contains("control variate"), "{err}");
+    assert!(
+        err.contains("privacy") && err.contains("control variate"),
+        "{err}"
+    );
     Ok(())
 }

@@ -356,7 +356,12 @@ fn a_refused_round_is_recorded_and_the_run_goes_on() -> Result<()> {
         broken: &[1],
         ..Setup::default()
     };
-    let (summary, _) = run_with(&f, r#"{"name": "krum", "byzantine": 0, "keep": 3}"#, 2, setup)?;
+    let (summary, _) = run_with(
+        &f,
+        r#"{"name": "krum", "byzantine": 0, "keep": 3}"#,
+        2,
+        setup,
+    )?;
     assert_eq!(summary.rounds, 2);
     assert_eq!(summary.stop, StopReason::MaxRounds);
     let records = last_records();

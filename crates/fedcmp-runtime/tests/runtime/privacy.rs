@@ -120,7 +120,12 @@ fn a_node_releases_only_privatized_updates_the_same_on_retry() -> Result<()> {
         .commit(&t2, state, Some(trained(&first.params, 0.1)?))?
         .update
         .context("no update")?;
-    let want = dp.privatize(&first.params, &trained(&first.params, 0.1)?.params, secret, 2)?;
+    let want = dp.privatize(
+        &first.params,
+        &trained(&first.params, 0.1)?.params,
+        secret,
+        2,
+    )?;
     assert_eq!(second.params, want.params);
     assert_eq!(store.load(2)?.dp_releases, 2);
 

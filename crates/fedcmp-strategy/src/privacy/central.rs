@@ -60,10 +60,6 @@
 //! FedNova's step normalisation are client-reported quantities that would
 //! need their own clipping and noise.
 
-use fedcmp_core::metrics::names;
-use fedcmp_core::RoundMetrics;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use super::config::{epsilon_after, sampling_rate, DpMode, PrivacyConfig};
 use crate::compose::{Aggregator, Composed, Plain, ServerOptimizer};
 use crate::config::StrategyConfig;
@@ -73,7 +69,10 @@ use crate::round::RoundInput;
 use crate::server_opt::{AdaptiveRule, HeavyBall, Sgd};
 use crate::validate::positive;
 use crate::{ops, Result, Strategy, StrategyError, StrategyState};
-
+use fedcmp_core::metrics::names;
+use fedcmp_core::RoundMetrics;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 /// Adaptive clipping, resolved for the federation.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -106,7 +105,8 @@ impl PrivacyConfig {
         if self.mode != DpMode::Central {
             return Err(StrategyError::Config {
                 field: "mode".to_string(),
-                reason: "local DP is applied by the sites, not by a server-side wrapper".to_string(),
+                reason: "local DP is applied by the sites, not by a server-side wrapper"
+                    .to_string(),
             });
         }
         let noise_multiplier = self.noise_multiplier_for(sampling_rate(m, n), rounds, 1.0)?;
@@ -156,7 +156,6 @@ impl CentralDp {
         )
     }
 }
-
 
 /// The federation a private strategy serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

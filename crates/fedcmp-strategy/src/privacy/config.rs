@@ -130,7 +130,12 @@ impl PrivacyConfig {
     /// `target-epsilon` over `rounds` rounds of the sampled Gaussian
     /// mechanism at rate `q`, whose sensitivity is `sensitivity` times
     /// `C` (the accountant's multiplier is then `z / sensitivity`).
-    pub fn noise_multiplier_for(&self, q: f64, rounds: Option<u64>, sensitivity: f64) -> Result<f64> {
+    pub fn noise_multiplier_for(
+        &self,
+        q: f64,
+        rounds: Option<u64>,
+        sensitivity: f64,
+    ) -> Result<f64> {
         self.validate()?;
         match (self.noise_multiplier, self.target_epsilon) {
             (Some(z), _) => Ok(z),

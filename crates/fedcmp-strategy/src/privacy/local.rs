@@ -206,7 +206,9 @@ impl Strategy for LocalDpLedger {
             *self.releases.entry(u.client).or_default() += 1;
         }
         aggregate.metrics.set(names::DP_EPSILON, self.epsilon()?);
-        aggregate.metrics.set(names::DP_NOISE_STD, self.dp.noise_std());
+        aggregate
+            .metrics
+            .set(names::DP_NOISE_STD, self.dp.noise_std());
         Ok(aggregate)
     }
 

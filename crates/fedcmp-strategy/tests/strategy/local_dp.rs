@@ -37,9 +37,17 @@ fn a_release_is_the_clipped_update_with_negligible_noise() -> TestResult {
         // Closed form: delta min(1, C / ||delta||), to f32 rounding.
         let factor = (c / norm).min(1.0);
         for (sent, want) in step(&global, &r.params).iter().zip(&delta) {
-            assert!((sent - factor * want).abs() < 1e-6, "{sent} vs {}", factor * want);
+            assert!(
+                (sent - factor * want).abs() < 1e-6,
+                "{sent} vs {}",
+                factor * want
+            );
         }
-        let sent_norm = step(&global, &r.params).iter().map(|x| x * x).sum::<f64>().sqrt();
+        let sent_norm = step(&global, &r.params)
+            .iter()
+            .map(|x| x * x)
+            .sum::<f64>()
+            .sqrt();
         assert!(sent_norm <= c * (1.0 + 1e-6), "{sent_norm} > {c}");
     }
     Ok(())
@@ -99,7 +107,10 @@ fn a_sites_epsilon_is_the_gaussian_mechanisms_at_sensitivity_two_c() -> TestResu
     let got = dp.epsilon(4)?;
     // The accountant's orders are a subset of the grid's reach: never
     // below the grid's optimum, and within 2% of it.
-    assert!(got >= best * (1.0 - 1e-9) && got < best * 1.02, "{got} vs {best}");
+    assert!(
+        got >= best * (1.0 - 1e-9) && got < best * 1.02,
+        "{got} vs {best}"
+    );
     Ok(())
 }
 
@@ -112,7 +123,10 @@ fn a_target_epsilon_sets_the_noise_for_a_site_in_every_round() -> TestResult {
     let eps = dp.epsilon(16)?;
     assert!(eps <= 8.0 && eps > 8.0 * 0.99, "{eps}");
     dp.check_budget(16, 15)?;
-    let err = dp.check_budget(17, 16).err().ok_or("a 17th release was allowed")?;
+    let err = dp
+        .check_budget(17, 16)
+        .err()
+        .ok_or("a 17th release was allowed")?;
     assert!(err.to_string().contains("budget"), "{err}");
     // The planned rounds are needed; central settings are not local ones.
     assert!(cfg.resolve_local(None).is_err());
@@ -168,7 +182,10 @@ fn the_ledger_aggregates_as_its_strategy_and_counts_each_sites_releases() -> Tes
         let x = ledger.aggregate(4, &global, &ups)?;
         let y = resumed.aggregate(4, &global, &ups)?;
         assert_eq!(x.params, y.params);
-        assert_eq!(x.metrics.scalars["dp_epsilon"], y.metrics.scalars["dp_epsilon"]);
+        assert_eq!(
+            x.metrics.scalars["dp_epsilon"],
+            y.metrics.scalars["dp_epsilon"]
+        );
         assert_eq!(x.metrics.scalars["dp_epsilon"], dp.epsilon(4)?);
         let mut broken = state.clone();
         broken.scalars.insert("dp_releases_x".into(), 1.0);

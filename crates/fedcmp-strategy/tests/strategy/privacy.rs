@@ -7,9 +7,7 @@ use fedcmp_core::{ClientUpdate, ParamSet};
 use fedcmp_strategy::privacy::accountant::{
     default_orders, epsilon, rdp_sampled_gaussian, RdpAccountant,
 };
-use fedcmp_strategy::privacy::central::{
-    private, private_with, CentralDp, Federation, NoisedMean,
-};
+use fedcmp_strategy::privacy::central::{private, private_with, CentralDp, Federation, NoisedMean};
 use fedcmp_strategy::privacy::config::{calibrate, PrivacyConfig};
 use serde::Deserialize;
 
@@ -371,8 +369,7 @@ fn privacy_refuses_what_it_cannot_protect_with_the_reason() -> TestResult {
 
 #[test]
 fn a_target_epsilon_sets_the_noise_and_is_never_exceeded() -> TestResult {
-    let cfg: PrivacyConfig =
-        serde_json::from_str(r#"{"clip-norm": 0.5, "target-epsilon": 4.0}"#)?;
+    let cfg: PrivacyConfig = serde_json::from_str(r#"{"clip-norm": 0.5, "target-epsilon": 4.0}"#)?;
     let resolved = cfg.resolve(4, 10, Some(3))?;
     let z = resolved.noise_multiplier;
     assert_eq!(resolved.budget, Some(4.0));
