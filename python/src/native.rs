@@ -185,9 +185,12 @@ impl Site {
 #[pymethods]
 impl Site {
     /// Opens the site for the federation whose settings (TOML, as the
-    /// server sends them) are `settings`.
+    /// server sends them) are `settings`, with its own decoder `llm` (None:
+    /// the registry's in `cache_dir`) and, where the federation's encoder
+    /// is a CLIP/SigLIP folder, its own copy `vision`; no path in the
+    /// settings is opened. `expected`: the server's backbone digests.
     #[new]
-    #[pyo3(signature = (settings, client, manifest, state_dir, cache_dir, llm=None, misbehave=None, expected=None))]
+    #[pyo3(signature = (settings, client, manifest, state_dir, cache_dir, llm=None, misbehave=None, expected=None, vision=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -199,6 +202,7 @@ impl Site {
         llm: Option<PathBuf>,
         misbehave: Option<&str>,
         expected: Option<&str>,
+        vision: Option<PathBuf>,
     ) -> PyResult<Self> {
         let resolved = settings_from(settings, "the settings the server sent")?;
         let expected: Option<BackboneDigests> = expected
@@ -218,6 +222,7 @@ impl Site {
             state_dir,
             cache_dir,
             llm,
+            vision,
             misbehave,
         };
         let site = py
@@ -464,14 +469,21 @@ fn backbone_digests(
     llm: Option<PathBuf>,
 ) -> PyResult<String> {
     let resolved = settings_from(settings, "the server's settings")?;
-    let wanted = fedcmp_experiment::backbones::BackboneSettings {
-        llm: llm.or(resolved.data.backbones.llm.clone()),
-        ..resolved.data.backbones.clone()
-    };
+    let wanted = resolved.data.backbones.with_llm(llm.as_deref());
     let digests = py
         .detach(|| fedcmp_experiment::backbones::digests(&cache_dir, &wanted, &Silent))
         .map_err(runtime_error)?;
     serde_json::to_string(&digests).map_err(value_error)
+}
+
+/// The settings (TOML) the server sends its sites: `settings` less every
+/// path on the server's disk (see `sites::settings_for_sites`).
+#[pyfunction]
+fn settings_for_sites(settings: &str) -> PyResult<String> {
+    let resolved = settings_from(settings, "the server's settings")?;
+    fedcmp_experiment::sites::settings_for_sites(&resolved)
+        .to_toml()
+        .map_err(value_error)
 }
 
 /// The runs whose state a site keeps in `state_dir` (JSON: key, newest
@@ -549,5 +561,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(site_runs, m)?)?;
     m.add_function(wrap_pyfunction!(backbone_digests, m)?)?;
     m.add_function(wrap_pyfunction!(remove_site_run, m)?)?;
+    m.add_function(wrap_pyfunction!(settings_for_sites, m)?)?;
     Ok(())
 }

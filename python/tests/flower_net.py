@@ -58,6 +58,9 @@ class Federation:
     port: int = field(default_factory=free_port)
     pids: dict[str, int] = field(default_factory=dict)
     site_states: list[Path] = field(default_factory=list)
+    # Every site's own decoder (node config `llm`): sites never load the
+    # path the server's settings name.
+    site_llm: str | None = None
 
     def __post_init__(self) -> None:
         self.home = self.dir / "flwr-home"
@@ -118,13 +121,24 @@ class Federation:
             raise RuntimeError(f"registering {public_key} failed:\n{done.stdout}\n{done.stderr}")
 
     def start_site(
-        self, name: str, client: int, manifest: str, state: Path, cache: Path, key: Path | None = None, extra: str = ""
+        self,
+        name: str,
+        client: int,
+        manifest: str,
+        state: Path,
+        cache: Path,
+        key: Path | None = None,
+        extra: str = "",
+        llm: str | None = None,
     ) -> int:
         self.site_states.append(state)
+        llm = llm or self.site_llm
         config = (
             f'client-id={client} manifest="{manifest}" state-dir="{state}" '
             f'cache-dir="{cache}" site-idle-timeout=300 {extra}'
         )
+        if llm:
+            config += f' llm="{llm}"'
         cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}"]
         cmd += ["--port", str(free_port()), "--node-config", config]
         if self.tls:

@@ -89,7 +89,7 @@ def records(folder: Path) -> list[dict]:
 
 def test_tls_and_node_auth_train_what_the_simulation_trains(world, tmp_path):
     overrides, folder = prepare(world, tmp_path)
-    with Federation(tmp_path / "net", tls=True) as net:
+    with Federation(tmp_path / "net", tls=True, site_llm=world["gguf"]) as net:
         net.start_superlink()
         keys = [tmp_path / f"node{i}" for i in range(3)]
         for k in keys:
@@ -160,7 +160,7 @@ def test_a_site_killed_mid_round_fails_that_round_and_the_run_completes(world, t
     # while site 0 goes on alone (rounds of ~4 s).
     overrides, folder = prepare(world, tmp_path, rounds=6)
     states = [tmp_path / f"state{c}" for c in (0, 1)]
-    with Federation(tmp_path / "net") as net:
+    with Federation(tmp_path / "net", site_llm=world["gguf"]) as net:
         net.start_superlink()
         for client in (0, 1):
             net.start_site(f"site{client}", client, manifest(world, client), states[client], world["cache"])
@@ -202,7 +202,7 @@ def test_a_site_killed_mid_round_fails_that_round_and_the_run_completes(world, t
 
 def test_a_restarted_serverapp_resumes_and_ends_as_an_uninterrupted_run(world, tmp_path):
     overrides, folder = prepare(world, tmp_path)
-    with Federation(tmp_path / "net") as net:
+    with Federation(tmp_path / "net", site_llm=world["gguf"]) as net:
         net.start_superlink()
         for client in (0, 1):
             net.start_site(f"site{client}", client, manifest(world, client), tmp_path / f"state{client}", world["cache"])
@@ -239,7 +239,7 @@ def test_a_private_federation_reports_its_epsilon_every_round(world, tmp_path):
     bad = good.with_name("with-bad-lines.jsonl")
     lines = good.read_text().splitlines()
     bad.write_text("\n".join(lines + ["not json", '{"image": "images/missing.png", "caption": "a dog"}']) + "\n")
-    with Federation(tmp_path / "net") as net:
+    with Federation(tmp_path / "net", site_llm=world["gguf"]) as net:
         net.start_superlink()
         for client, data in ((0, manifest(world, 0)), (1, str(bad))):
             net.start_site(f"site{client}", client, data, tmp_path / f"state{client}", world["cache"])
@@ -268,10 +268,10 @@ def test_a_site_with_another_decoder_refuses_before_training(world, tmp_path):
     other = tmp_path / "other.gguf"
     other.write_bytes(Path(world["gguf"]).read_bytes() + b"\0")
     overrides, folder = prepare(world, tmp_path, rounds=2)
-    with Federation(tmp_path / "net") as net:
+    with Federation(tmp_path / "net", site_llm=world["gguf"]) as net:
         net.start_superlink()
         net.start_site("site0", 0, manifest(world, 0), tmp_path / "state0", world["cache"])
-        net.start_site("site1", 1, manifest(world, 1), tmp_path / "state1", world["cache"], extra=f'llm="{other}"')
+        net.start_site("site1", 1, manifest(world, 1), tmp_path / "state1", world["cache"], llm=str(other))
         run = net.run(overrides)
         status = net.wait(run, timeout=300)
         run_log = net.run_log(run)
@@ -279,12 +279,22 @@ def test_a_site_with_another_decoder_refuses_before_training(world, tmp_path):
     assert "site 1 refuses the task" in run_log and "its decoder" in run_log, run_log
     assert all(r["answered"] == [0] for r in records(folder)), records(folder)
     assert not any((tmp_path / "state1").glob("runs/*/client-*/round-*.safetensors"))
+    # Asked again every round, the refusing site answered from its first
+    # attempt instead of reloading its backbones each time.
+    stats = json.loads((tmp_path / "state1" / "site-stats.json").read_text())
+    assert stats["opens"] == 1 and stats["loads"] == 0 and stats["requests"] >= 2, stats
+    # What site 0 received (pinned beside its state) names no path of the
+    # server's: not its run folder, decoder or scenario file.
+    (received,) = (tmp_path / "state0").glob("runs/*/settings.toml")
+    text = received.read_text()
+    for server_path in (str(tmp_path / "out"), world["gguf"], world["scenario"]):
+        assert server_path not in text, (server_path, text)
 
 
 def test_a_misbehaving_site_sends_its_attack_and_the_federation_completes(world, tmp_path):
     attack = '{ kind = "scaled", factor = -10.0 }'
     overrides, folder = prepare(world, tmp_path, rounds=2, strategy='"median"')
-    with Federation(tmp_path / "net") as net:
+    with Federation(tmp_path / "net", site_llm=world["gguf"]) as net:
         net.start_superlink()
         for client in (0, 1):
             extra = f"misbehave='{attack}'" if client == 1 else ""

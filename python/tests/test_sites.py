@@ -40,8 +40,15 @@ class Loopback:
 
 def open_sites(world, settings, state: Path) -> dict[int, fedcmp.Site]:
     return {
+        # As a server sends them (no path of its disk), each site with its
+        # own decoder.
         s["client"]: fedcmp.Site(
-            settings, s["client"], s["manifest"], str(state / f"site-{s['client']}"), str(world["cache"])
+            fedcmp.settings_for_sites(settings),
+            s["client"],
+            s["manifest"],
+            str(state / f"site-{s['client']}"),
+            str(world["cache"]),
+            llm=world["gguf"],
         )
         for s in world["exported"]["sites"]
     }

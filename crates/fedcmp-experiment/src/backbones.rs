@@ -118,6 +118,17 @@ pub struct BackboneSettings {
     pub visual_tokens: Option<usize>,
 }
 
+impl BackboneSettings {
+    /// These backbones with the decoder at `llm` instead, where given (a
+    /// machine's own copy of the file the settings name).
+    pub fn with_llm(&self, llm: Option<&Path>) -> Self {
+        Self {
+            llm: llm.map(Path::to_path_buf).or_else(|| self.llm.clone()),
+            ..self.clone()
+        }
+    }
+}
+
 /// The frozen decoder with its tokenizer, and the frozen vision encoder.
 #[derive(Debug)]
 pub struct Backbones {

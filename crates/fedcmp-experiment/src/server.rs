@@ -173,7 +173,8 @@ pub fn serve(
     let mut strategy =
         crate::training::build_strategy(settings, strategy_config, statuses.len(), per_round)?;
 
-    let mut frozen = Frozen::load(options.cache_dir, settings, options.llm, observer)?;
+    let wanted = settings.data.backbones.with_llm(options.llm);
+    let mut frozen = Frozen::load(options.cache_dir, settings, &wanted, observer)?;
     let (validation, skipped) = match options.validation {
         Some(path) => frozen.read_manifest(path, observer)?,
         None => (Vec::new(), SkipReport::default()),

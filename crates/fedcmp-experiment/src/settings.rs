@@ -668,6 +668,9 @@ pub struct DataSettings {
     pub backbones: BackboneSettings,
 }
 
+/// Where run folders go when `out` is unset.
+pub const DEFAULT_OUT: &str = "runs";
+
 /// Resolved, validated settings of one run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunSettings {
@@ -909,7 +912,7 @@ impl RunSettings {
                     .ok_or_else(|| r.fail("failure-limit", 0, "must be at least 1"))?,
                 clients_per_pass: o.clients_per_pass.unwrap_or(ClientsPerPass::All),
             },
-            out: o.out.unwrap_or_else(|| PathBuf::from("runs")),
+            out: o.out.unwrap_or_else(|| PathBuf::from(DEFAULT_OUT)),
         })
     }
 

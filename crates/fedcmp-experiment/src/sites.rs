@@ -35,7 +35,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::assembly::fresh_projector;
-use crate::backbones::{self, BackboneDigests, BackboneSettings};
+use crate::backbones::{self, BackboneDigests, BackboneSettings, VisionChoice};
 use crate::events::Observer;
 use crate::files::write_atomic;
 use crate::settings::RunSettings;
@@ -58,22 +58,16 @@ pub struct Frozen {
 }
 
 impl Frozen {
-    /// Loads the backbones of `settings` (the LLM at `llm` instead, when
-    /// given) with assets and features cached under `cache_dir`.
+    /// Loads the backbones `wanted` (for the run of `settings`) with
+    /// assets and features cached under `cache_dir`.
     pub fn load(
         cache_dir: &Path,
         settings: &RunSettings,
-        llm: Option<&Path>,
+        wanted: &BackboneSettings,
         observer: &dyn Observer,
     ) -> Result<Self> {
-        let wanted = BackboneSettings {
-            llm: llm
-                .map(Path::to_path_buf)
-                .or(settings.data.backbones.llm.clone()),
-            ..settings.data.backbones.clone()
-        };
-        let digests = backbones::digests(cache_dir, &wanted, observer)?;
-        let loaded = backbones::load(cache_dir, &wanted, observer)?;
+        let digests = backbones::digests(cache_dir, wanted, observer)?;
+        let loaded = backbones::load(cache_dir, wanted, observer)?;
         let cache =
             backbones::served_cache(cache_dir, loaded.encoder.as_ref(), wanted.visual_tokens)?;
         Ok(Self {
@@ -166,8 +160,13 @@ pub struct SiteConfig {
     pub state_dir: PathBuf,
     /// Assets and the feature cache.
     pub cache_dir: PathBuf,
-    /// The site's copy of the LLM, where the settings name another path.
+    /// The site's decoder (a .gguf file or a Hugging Face folder); None:
+    /// the registry's SmolLM2 in its cache. Never a path the server names.
     pub llm: Option<PathBuf>,
+    /// The site's copy of the CLIP or SigLIP folder, for a federation
+    /// whose vision encoder is one (the built-in encoders come from its
+    /// cache).
+    pub vision: Option<PathBuf>,
     /// A site configured to misbehave (testing robust aggregation on a
     /// real deployment): what it sends in place of its update, as in a
     /// simulated attack, without `count` or `clients`.
@@ -197,37 +196,30 @@ impl Site {
         expected: Option<&BackboneDigests>,
         observer: &dyn Observer,
     ) -> Result<Self> {
-        let mut frozen =
-            Frozen::load(&config.cache_dir, settings, config.llm.as_deref(), observer)?;
+        let wanted = site_backbones(settings, config)?;
+        let mut frozen = Frozen::load(&config.cache_dir, settings, &wanted, observer)?;
         if let Some(expected) = expected {
             let ours = &frozen.digests;
             let mut differ = Vec::new();
             if ours.llm != expected.llm {
-                let path = backbones::llm_path(
-                    &config.cache_dir,
-                    &BackboneSettings {
-                        llm: config.llm.clone().or(settings.data.backbones.llm.clone()),
-                        ..settings.data.backbones.clone()
-                    },
-                );
                 differ.push(format!(
                     "its decoder {} has sha256 {}, the server's {}",
-                    path.display(),
+                    backbones::llm_path(&config.cache_dir, &wanted).display(),
                     ours.llm,
                     expected.llm
                 ));
             }
             if ours.vision != expected.vision {
                 differ.push(format!(
-                    "its vision encoder has sha256 {}, the server's {}",
-                    ours.vision, expected.vision
+                    "its vision encoder {} has sha256 {}, the server's {}",
+                    wanted.vision, ours.vision, expected.vision
                 ));
             }
             if !differ.is_empty() {
                 return Err(ExperimentError::Invalid(format!(
                     "site {} refuses the task: {} (a projector trained against other backbones \
-                     is of no use to the federation; give the site a copy of the server's files, \
-                     e.g. node config `llm`)",
+                     is of no use to the federation; give the site a copy of the server's files \
+                     with node config `llm` / `vision`)",
                     config.client.0,
                     differ.join("; ")
                 )));
@@ -351,6 +343,67 @@ impl Site {
         }
         Ok(reply)
     }
+}
+
+/// The backbones a site loads for the run of `settings`: what they are
+/// (encoder kind, image size, feature layer, visual tokens) comes from the
+/// settings, where they are on disk only from the site's own `config` or
+/// cache. A path in the settings is never opened: a server does not decide
+/// which files on a site's disk are read.
+fn site_backbones(settings: &RunSettings, config: &SiteConfig) -> Result<BackboneSettings> {
+    let vision = match (&settings.data.backbones.vision, &config.vision) {
+        (VisionChoice::Folder(_), Some(own)) => VisionChoice::Folder(own.clone()),
+        (VisionChoice::Folder(name), None) => {
+            return Err(ExperimentError::Invalid(format!(
+                "site {}: the federation's vision encoder is a CLIP/SigLIP folder ({}); give the \
+                 site its own copy with node config `vision` (a folder on the site's disk)",
+                config.client.0,
+                name.display()
+            )))
+        }
+        (built_in, own) => {
+            if let Some(own) = own {
+                tracing::warn!(
+                    vision = %built_in,
+                    unused = %own.display(),
+                    "the federation uses a built-in vision encoder; node config `vision` is not used"
+                );
+            }
+            built_in.clone()
+        }
+    };
+    Ok(BackboneSettings {
+        llm: config.llm.clone(),
+        vision,
+        ..settings.data.backbones.clone()
+    })
+}
+
+/// The settings a site receives: the run's, less every path on the
+/// server's disk. The run folder and the server's decoder path are
+/// dropped (a site loads its own decoder: node config `llm`, or the
+/// registry's in its cache); a CLIP/SigLIP folder and a scenario file are
+/// named by their file names only (a site loads its copy of the folder from
+/// node config `vision` and never reads the scenario). What the backbones
+/// are travels beside them, as digests ([`backbones::digests`]).
+pub fn settings_for_sites(settings: &RunSettings) -> RunSettings {
+    fn file_name(path: &Path, otherwise: &str) -> PathBuf {
+        path.file_name()
+            .map_or_else(|| PathBuf::from(otherwise), PathBuf::from)
+    }
+    let mut sent = settings.clone();
+    sent.out = PathBuf::from(crate::settings::DEFAULT_OUT);
+    sent.data.backbones.llm = None;
+    if let VisionChoice::Folder(folder) = &settings.data.backbones.vision {
+        sent.data.backbones.vision = VisionChoice::Folder(file_name(folder, "vision-folder"));
+    }
+    let scenario = Path::new(&settings.data.scenario);
+    if scenario.components().count() > 1 {
+        sent.data.scenario = file_name(scenario, "scenario")
+            .to_string_lossy()
+            .into_owned();
+    }
+    sent
 }
 
 /// Where a site keeps one run's state: `<state-dir>/runs/<key>/`.
@@ -584,4 +637,96 @@ pub fn export(
         validation,
         test,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::Layers;
+
+    fn settings(text: &str) -> RunSettings {
+        RunSettings::resolve(&Layers::new().text("test", text).unwrap()).unwrap()
+    }
+
+    fn site(llm: Option<&str>, vision: Option<&str>) -> SiteConfig {
+        SiteConfig {
+            client: ClientId(3),
+            manifest: PathBuf::from("/site/data.jsonl"),
+            state_dir: PathBuf::from("/site/state"),
+            cache_dir: PathBuf::from("/site/cache"),
+            llm: llm.map(PathBuf::from),
+            vision: vision.map(PathBuf::from),
+            misbehave: None,
+        }
+    }
+
+    const SERVER: &str = r#"
+        scenario = "/srv/fedcmp/scenarios/hospitals.toml"
+        llm = "/srv/fedcmp/models/decoder.gguf"
+        vision = "/srv/fedcmp/models/clip-vit-base-patch16"
+        out = "/srv/fedcmp/runs"
+        seed = 7
+    "#;
+
+    #[test]
+    fn the_settings_sent_to_sites_hold_no_server_path() {
+        let server = settings(SERVER);
+        let sent = settings_for_sites(&server);
+        let text = sent.to_toml().unwrap();
+        assert!(!text.contains("/srv"), "{text}");
+        assert_eq!(sent.data.backbones.llm, None);
+        assert_eq!(
+            sent.data.backbones.vision,
+            VisionChoice::Folder(PathBuf::from("clip-vit-base-patch16"))
+        );
+        assert_eq!(sent.data.scenario, "hospitals.toml");
+        // What the sites train by is unchanged, and it reads back as itself.
+        assert_eq!(sent.recipe, server.recipe);
+        assert_eq!(sent.seed, 7);
+        assert_eq!(
+            sent.data.backbones.feature_layer,
+            server.data.backbones.feature_layer
+        );
+        assert_eq!(settings(&text), sent);
+        // Built-in names pass as they are.
+        let plain = settings("scenario = \"iid\"\nvision = \"mobilenet-v2\"");
+        let sent = settings_for_sites(&plain);
+        assert_eq!(sent.data.scenario, "iid");
+        assert_eq!(sent.data.backbones.vision, VisionChoice::MobilenetV2);
+    }
+
+    #[test]
+    fn a_site_opens_only_its_own_backbone_paths() {
+        // Even settings that still name the server's paths (an older server)
+        // open nothing of them.
+        let server = settings(SERVER);
+        let wanted = site_backbones(
+            &server,
+            &site(Some("/site/decoder.gguf"), Some("/site/clip")),
+        )
+        .unwrap();
+        assert_eq!(wanted.llm, Some(PathBuf::from("/site/decoder.gguf")));
+        assert_eq!(
+            wanted.vision,
+            VisionChoice::Folder(PathBuf::from("/site/clip"))
+        );
+        assert_eq!(wanted.feature_layer, server.data.backbones.feature_layer);
+        // No decoder of its own: the registry's, in its cache.
+        let wanted = site_backbones(&server, &site(None, Some("/site/clip"))).unwrap();
+        assert_eq!(wanted.llm, None);
+        assert!(backbones::llm_path(Path::new("/site/cache"), &wanted).starts_with("/site/cache"));
+        // A folder encoder and no folder of its own: refused, naming the key.
+        let refused = site_backbones(&server, &site(None, None))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("site 3") && refused.contains("`vision`"),
+            "{refused}"
+        );
+        assert!(refused.contains("clip-vit-base-patch16"), "{refused}");
+        // A built-in encoder: the site's folder is not used.
+        let built_in = settings("vision = \"patch-means\"");
+        let wanted = site_backbones(&built_in, &site(None, Some("/site/clip"))).unwrap();
+        assert_eq!(wanted.vision, VisionChoice::PatchMeans);
+    }
 }

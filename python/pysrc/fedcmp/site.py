@@ -13,8 +13,15 @@ network.
 Run by hand (or let the ClientApp start it)::
 
     python -m fedcmp.site --client-id 0 --manifest site/data.jsonl \\
-        --state-dir site/state [--cache-dir DIR] [--llm FILE] [--idle-timeout 3600] \\
-        [--misbehave '{ kind = "scaled", factor = -10.0 }']
+        --state-dir site/state [--cache-dir DIR] [--llm FILE] [--vision DIR] \\
+        [--idle-timeout 3600] [--misbehave '{ kind = "scaled", factor = -10.0 }']
+
+The site's backbones are its own: the decoder ``--llm`` (node config
+``llm``; default the registry's SmolLM2 in its cache) and, when the
+federation uses a CLIP/SigLIP encoder, its copy of that folder
+``--vision`` (node config ``vision``). No path the server sends is ever
+opened; the server announces its backbones' sha256 and a site whose
+files differ refuses to train.
 
 ``--misbehave`` (node config ``misbehave``) makes the site replace every
 update it sends, as a simulated attack does (kinds ``sign-flip``,
@@ -32,7 +39,8 @@ It exits after ``--idle-timeout`` seconds without a request, and (started
 by the ClientApp) within seconds of its SuperNode's end: the ClientApp
 passes the SuperNode's pid (``--supernode-pid``), which the site watches. Its log is
 ``<state-dir>/site.log`` when started by the ClientApp; ``site-stats.json``
-counts the requests it answered and how often it loaded the backbones.
+counts the requests it answered, how often it tried to open the site
+(``opens``) and how often that loaded the backbones (``loads``).
 """
 
 from __future__ import annotations
@@ -58,19 +66,25 @@ PID = "site.pid"
 LOCK = "site.lock"
 LOG = "site.log"
 STATS = "site-stats.json"
+# Seconds a site that could not open (other backbones, no usable data)
+# answers with the same reason before it tries again: a fixed file is
+# picked up by then, or at once when its SuperNode is restarted.
+REOPEN_AFTER = 300.0
 
 
 @dataclass(frozen=True)
 class SiteOptions:
     """Where a site finds its data and keeps its state (the SuperNode's
     node config: ``client-id``, ``manifest``, ``state-dir``, optional
-    ``cache-dir``, ``llm``, ``site-idle-timeout`` and ``misbehave``)."""
+    ``cache-dir``, ``llm``, ``vision``, ``site-idle-timeout`` and
+    ``misbehave``)."""
 
     client_id: int
     manifest: Path
     state_dir: Path
     cache_dir: Path
     llm: Path | None = None
+    vision: Path | None = None
     idle_timeout: float = 3600.0
     misbehave: str | None = None
     # The SuperNode the site serves (found by the ClientApp at start-up):
@@ -91,12 +105,14 @@ class SiteOptions:
             Path.home() / ".cache" / "fedcmp"
         )
         llm = config.get("llm") or None
+        vision = config.get("vision") or None
         return SiteOptions(
             client_id=int(config["client-id"]),
             manifest=Path(str(config["manifest"])).expanduser().resolve(),
             state_dir=Path(str(config["state-dir"])).expanduser().resolve(),
             cache_dir=Path(str(cache)).expanduser().resolve(),
             llm=Path(str(llm)).expanduser().resolve() if llm else None,
+            vision=Path(str(vision)).expanduser().resolve() if vision else None,
             idle_timeout=float(config.get("site-idle-timeout", 3600.0)),
             misbehave=str(config["misbehave"]) if config.get("misbehave") else None,
         )
@@ -119,6 +135,8 @@ class SiteOptions:
         ]
         if self.llm is not None:
             cmd += ["--llm", str(self.llm)]
+        if self.vision is not None:
+            cmd += ["--vision", str(self.vision)]
         if self.misbehave is not None:
             cmd += ["--misbehave", self.misbehave]
         if self.supernode_pid is not None:
@@ -175,27 +193,36 @@ class _Server:
         self.options = options
         self.site = None
         self.loads = 0
+        self.opens = 0
         self.requests = 0
         self.last = time.monotonic()
         self.busy = False
         self.backbones = ""
+        # The last failure to open the site (its settings and backbones,
+        # when, why): a site that refuses (other backbones, no data) is asked
+        # again every round, and reloading its backbones each time to fail
+        # the same way would cost seconds per round.
+        self.refusal: tuple[str, str, float, str] | None = None
 
     def _site_for(self, settings: str, backbones: str = ""):
         if self.site is None or self.site.settings != settings or self.backbones != backbones:
             from fedcmp import Site
 
+            if self.refusal is not None:
+                refused_settings, refused_backbones, when, why = self.refusal
+                fresh = time.monotonic() - when < REOPEN_AFTER
+                if fresh and (refused_settings, refused_backbones) == (settings, backbones):
+                    raise RuntimeError(why)
             self.site = None
             self.backbones = backbones
-            self.site = Site(
-                settings,
-                self.options.client_id,
-                str(self.options.manifest),
-                str(self.options.state_dir),
-                str(self.options.cache_dir),
-                str(self.options.llm) if self.options.llm else None,
-                self.options.misbehave,
-                backbones or None,
-            )
+            try:
+                self.site = self._open(Site, settings, backbones)
+            except Exception as e:
+                why = str(e)
+                self.refusal = (settings, backbones, time.monotonic(), why)
+                print(f"site {self.options.client_id}: cannot take part: {why}", file=sys.stderr, flush=True)
+                raise RuntimeError(why) from e
+            self.refusal = None
             self.loads += 1
             print(
                 f"site {self.options.client_id}: backbones loaded (load {self.loads}), "
@@ -204,6 +231,20 @@ class _Server:
                 flush=True,
             )
         return self.site
+
+    def _open(self, Site, settings: str, backbones: str):
+        self.opens += 1
+        return Site(
+            settings,
+            self.options.client_id,
+            str(self.options.manifest),
+            str(self.options.state_dir),
+            str(self.options.cache_dir),
+            str(self.options.llm) if self.options.llm else None,
+            self.options.misbehave,
+            backbones or None,
+            str(self.options.vision) if self.options.vision else None,
+        )
 
     def answer(self, request: tuple) -> tuple:
         kind = request[0]
@@ -219,7 +260,7 @@ class _Server:
         return ("error", f"unknown request {kind!r}")
 
     def write_stats(self) -> None:
-        stats = {"pid": os.getpid(), "loads": self.loads, "requests": self.requests}
+        stats = {"pid": os.getpid(), "loads": self.loads, "opens": self.opens, "requests": self.requests}
         path = self.options.state_dir / STATS
         tmp = path.with_suffix(".partial")
         tmp.write_text(json.dumps(stats))
@@ -346,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         default=Path(os.environ.get("FEDCMP_CACHE_DIR", Path.home() / ".cache" / "fedcmp")),
     )
-    parser.add_argument("--llm", type=Path, default=None)
+    parser.add_argument("--llm", type=Path, default=None, help="the site's decoder (default: SmolLM2 in its cache)")
+    parser.add_argument("--vision", type=Path, default=None, help="the site's CLIP/SigLIP folder, where the run uses one")
     parser.add_argument("--idle-timeout", type=float, default=3600.0)
     parser.add_argument("--misbehave", default=None)
     parser.add_argument("--supernode-pid", type=int, default=None, help="exit when this SuperNode stops")
@@ -377,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
             state_dir=args.state_dir.resolve(),
             cache_dir=args.cache_dir.resolve(),
             llm=args.llm.resolve() if args.llm else None,
+            vision=args.vision.resolve() if args.vision else None,
             idle_timeout=args.idle_timeout,
             misbehave=args.misbehave,
             supernode_pid=args.supernode_pid,

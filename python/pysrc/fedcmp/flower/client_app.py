@@ -5,8 +5,10 @@ ClientApp process per message; this one only moves bytes.
 
 Node config (``flower-supernode --node-config``): ``client-id`` (the
 site's stable id), ``manifest`` (its pairs, JSONL or CSV), ``state-dir``
-(its state between rounds), optional ``cache-dir``, ``llm`` and
-``site-idle-timeout``.
+(its state between rounds), optional ``cache-dir``, ``llm`` (its decoder;
+default the registry's SmolLM2 in its cache), ``vision`` (its CLIP/SigLIP
+folder, where the run uses one), ``site-idle-timeout`` and ``misbehave``.
+Backbones are never loaded from a path the server sends.
 """
 
 from __future__ import annotations

@@ -64,7 +64,9 @@ def main(grid: Grid, context: Context) -> None:
     log.info("backbones: %s", backbones)
     transport = FlowerTransport(
         grid,
-        settings,
+        # Sites receive the settings without the server's paths; they load
+        # their backbones from their own node config and check the digests.
+        fedcmp.settings_for_sites(settings),
         min_sites=int(config.get("min-sites", 1)),
         wait_for_sites=float(config.get("wait-for-sites", 300)),
         query_timeout=float(config.get("query-timeout", 300)),
