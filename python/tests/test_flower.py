@@ -200,6 +200,37 @@ def test_a_site_killed_mid_round_fails_that_round_and_the_run_completes(world, t
     assert consumed[0] == 12
 
 
+def test_a_federation_waits_for_its_only_site_to_come_back(world, tmp_path):
+    # One site: once it is gone no task can be sent. The round loop waits
+    # for it (Flower refuses a restarted SuperNode for a while) instead of
+    # failing round after round until the site is retired with its data
+    # unused.
+    overrides, folder = prepare(world, tmp_path, rounds=4)
+    overrides["min-sites"] = 1
+    state = tmp_path / "state0"
+    with Federation(tmp_path / "net", site_llm=world["gguf"]) as net:
+        net.start_superlink()
+        net.start_site("site0", 0, manifest(world, 0), state, world["cache"])
+        run = net.run(overrides)
+        wait_for(
+            lambda: any(state.glob("runs/*/client-0000/round-000001.safetensors")), 120, "the site never trained round 1"
+        )
+        stop(net.pids["site0"])
+        net.start_site("site0-again", 0, manifest(world, 0), state, world["cache"])
+        status = net.wait(run, timeout=300)
+        run_log = net.run_log(run)
+        assert status == "finished:completed", f"{status}\n{run_log}"
+    rounds = records(folder)
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4], run_log
+    # At most the round it was stopped in failed; the site trained after
+    # it and was never retired.
+    assert sum(1 for r in rounds if r["failures"]) <= 1, rounds
+    assert rounds[-1]["answered"] == [0], rounds
+    print("waited for the site:", "waiting up to" in run_log)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["retired"] == [], summary
+
+
 def test_a_restarted_serverapp_resumes_and_ends_as_an_uninterrupted_run(world, tmp_path):
     overrides, folder = prepare(world, tmp_path)
     with Federation(tmp_path / "net", site_llm=world["gguf"]) as net:
@@ -223,11 +254,22 @@ def test_a_restarted_serverapp_resumes_and_ends_as_an_uninterrupted_run(world, t
         status = net.wait(second, timeout=300)
         assert status == "finished:completed", f"{status}\n{net.run_log(second)}"
         assert net.status(first) != "finished:completed"
+        # Another run (other settings) on the same sites and state dirs:
+        # the state of the run above is kept apart, never resumed.
+        (tmp_path / "again").mkdir()
+        other, other_folder = prepare(world, tmp_path / "again", rounds=2)
+        third = net.run(other)
+        status = net.wait(third, timeout=300)
+        assert status == "finished:completed", f"{status}\n{net.run_log(third)}"
 
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["resumed_after"] is not None and summary["resumed_after"] >= 1
     assert [r["round"] for r in records(folder)] == [1, 2, 3]
     assert_bitwise_equal(projector(folder), simulated(world, tmp_path))
+    assert json.loads((other_folder / "summary.json").read_text())["resumed_after"] is None
+    assert_bitwise_equal(projector(other_folder), simulated(world, tmp_path / "again", rounds=2))
+    for client in (0, 1):
+        assert len(list((tmp_path / f"state{client}").glob("runs/*/settings.toml"))) == 2
 
 
 def test_a_private_federation_reports_its_epsilon_every_round(world, tmp_path):

@@ -92,6 +92,33 @@ class FlowerTransport:
             log.warning("%d of %d sites connected; going on with those", len(nodes), self.min_sites)
         return self._query(nodes, round_)
 
+    def _await_any(self, clients: list[int], round_: int) -> tuple[set[int], list[str]]:
+        """Waits up to ``wait_for_sites`` seconds for one of ``clients`` to
+        be connected (a restarted SuperNode is refused by Flower for up to a
+        minute after a crash): without this, a round whose every site is
+        away would fail at once, and the next ones too, until the sites are
+        retired and the run ends with their data unused. Returns the live
+        nodes and the statuses of sites found meanwhile."""
+        log.info(
+            "round %s: none of sites %s is connected; waiting up to %.0f s for one to come back",
+            round_,
+            clients,
+            self.wait_for_sites,
+        )
+        deadline = time.monotonic() + self.wait_for_sites
+        found: list[str] = []
+        live = set(self.grid.get_node_ids())
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            live = set(self.grid.get_node_ids())
+            unknown = sorted(live - set(self.node_of.values()))
+            if unknown:
+                found += self._query(unknown, max(round_ - 1, 0))
+            if any(self.node_of.get(client) in live for client in clients):
+                log.info("round %s: a site is back after waiting", round_)
+                break
+        return live, found
+
     def run_round(
         self, tasks: list[tuple[int, str, list[WireArray]]], timeout: float | None
     ) -> tuple[list[tuple[int, str, list[WireArray]]], list[tuple[int, str, str]], list[str]]:
@@ -102,6 +129,9 @@ class FlowerTransport:
         live = set(self.grid.get_node_ids())
         unknown = sorted(live - set(self.node_of.values()))
         joined = self._query(unknown, max(round_ - 1, 0)) if unknown else []
+        if tasks and not any(self.node_of.get(client) in live for client, _, _ in tasks):
+            live, found = self._await_any([client for client, _, _ in tasks], round_)
+            joined += found
         failures: list[tuple[int, str, str]] = []
         messages = []
         sent: list[tuple[Message, int]] = []
