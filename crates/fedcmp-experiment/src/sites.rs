@@ -644,8 +644,8 @@ mod tests {
     use super::*;
     use crate::settings::Layers;
 
-    fn settings(text: &str) -> RunSettings {
-        RunSettings::resolve(&Layers::new().text("test", text).unwrap()).unwrap()
+    fn settings(text: &str) -> Result<RunSettings> {
+        RunSettings::resolve(&Layers::new().text("test", text)?)
     }
 
     fn site(llm: Option<&str>, vision: Option<&str>) -> SiteConfig {
@@ -669,10 +669,10 @@ mod tests {
     "#;
 
     #[test]
-    fn the_settings_sent_to_sites_hold_no_server_path() {
-        let server = settings(SERVER);
+    fn the_settings_sent_to_sites_hold_no_server_path() -> Result<()> {
+        let server = settings(SERVER)?;
         let sent = settings_for_sites(&server);
-        let text = sent.to_toml().unwrap();
+        let text = sent.to_toml()?;
         assert!(!text.contains("/srv"), "{text}");
         assert_eq!(sent.data.backbones.llm, None);
         assert_eq!(
@@ -687,24 +687,24 @@ mod tests {
             sent.data.backbones.feature_layer,
             server.data.backbones.feature_layer
         );
-        assert_eq!(settings(&text), sent);
+        assert_eq!(settings(&text)?, sent);
         // Built-in names pass as they are.
-        let plain = settings("scenario = \"iid\"\nvision = \"mobilenet-v2\"");
+        let plain = settings("scenario = \"iid\"\nvision = \"mobilenet-v2\"")?;
         let sent = settings_for_sites(&plain);
         assert_eq!(sent.data.scenario, "iid");
         assert_eq!(sent.data.backbones.vision, VisionChoice::MobilenetV2);
+        Ok(())
     }
 
     #[test]
-    fn a_site_opens_only_its_own_backbone_paths() {
+    fn a_site_opens_only_its_own_backbone_paths() -> Result<()> {
         // Even settings that still name the server's paths (an older server)
         // open nothing of them.
-        let server = settings(SERVER);
+        let server = settings(SERVER)?;
         let wanted = site_backbones(
             &server,
             &site(Some("/site/decoder.gguf"), Some("/site/clip")),
-        )
-        .unwrap();
+        )?;
         assert_eq!(wanted.llm, Some(PathBuf::from("/site/decoder.gguf")));
         assert_eq!(
             wanted.vision,
@@ -712,21 +712,23 @@ mod tests {
         );
         assert_eq!(wanted.feature_layer, server.data.backbones.feature_layer);
         // No decoder of its own: the registry's, in its cache.
-        let wanted = site_backbones(&server, &site(None, Some("/site/clip"))).unwrap();
+        let wanted = site_backbones(&server, &site(None, Some("/site/clip")))?;
         assert_eq!(wanted.llm, None);
         assert!(backbones::llm_path(Path::new("/site/cache"), &wanted).starts_with("/site/cache"));
         // A folder encoder and no folder of its own: refused, naming the key.
-        let refused = site_backbones(&server, &site(None, None))
-            .unwrap_err()
-            .to_string();
+        let refused = match site_backbones(&server, &site(None, None)) {
+            Err(e) => e.to_string(),
+            Ok(wanted) => panic!("a site without its own vision folder opened {wanted:?}"),
+        };
         assert!(
             refused.contains("site 3") && refused.contains("`vision`"),
             "{refused}"
         );
         assert!(refused.contains("clip-vit-base-patch16"), "{refused}");
         // A built-in encoder: the site's folder is not used.
-        let built_in = settings("vision = \"patch-means\"");
-        let wanted = site_backbones(&built_in, &site(None, Some("/site/clip"))).unwrap();
+        let built_in = settings("vision = \"patch-means\"")?;
+        let wanted = site_backbones(&built_in, &site(None, Some("/site/clip")))?;
         assert_eq!(wanted.vision, VisionChoice::PatchMeans);
+        Ok(())
     }
 }
